@@ -1,0 +1,55 @@
+//! Helpers shared by the parity tests: fixture paths, case tensors, error metrics.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+/// `tests/fixtures` of this checkout.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A tiny diffusers-made model directory, e.g. `model("tiny-w0")`.
+pub fn model(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+/// A refcheck case directory, e.g. `case_dir("t2i_64x64")`.
+pub fn case_dir(name: &str) -> PathBuf {
+    fixtures().join("cases").join(name)
+}
+
+/// Every tensor recorded by diffusers for a case (floats in the case's compute dtype, ids i64,
+/// image u8).
+pub fn case_tensors(name: &str) -> HashMap<String, Tensor> {
+    let path = case_dir(name).join("tensors.safetensors");
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+}
+
+/// `case.json` of a case.
+pub fn case_json(name: &str) -> serde_json::Value {
+    let path = case_dir(name).join("case.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// max |a - b| / max |b|: the error relative to the reference tensor's largest magnitude.
+pub fn max_rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
+    assert_eq!(ours.dims(), reference.dims(), "shape mismatch");
+    let a = ours.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let b = reference.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let diff = (a - &b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let scale = b.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    diff / scale.max(f32::MIN_POSITIVE)
+}
+
+/// Asserts `max_rel_err(ours, reference) <= tol`, naming the tensor.
+pub fn assert_close(name: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
+    let err = max_rel_err(ours, reference);
+    eprintln!("{name}: max rel err {err:.3e} (tol {tol:.0e})");
+    assert!(err <= tol, "{name}: max rel err {err:.3e} > {tol:.0e}");
+}
