@@ -1,1 +1,294 @@
-//! (work in progress)
+//! Where the weights come from: a Hugging Face repo id (through hf-hub, with the standard cache,
+//! `HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE`) or a local directory, both in the diffusers layout:
+//!
+//! ```text
+//! model_index.json
+//! scheduler/scheduler_config.json
+//! text_encoder/config.json + model.safetensors | model.safetensors.index.json (+ shards)
+//! tokenizer/tokenizer.json
+//! transformer/config.json + diffusion_pytorch_model.safetensors | *.safetensors.index.json
+//! vae/config.json + diffusion_pytorch_model.safetensors
+//! ```
+//!
+//! Every shape comes from the json configs, so variants (klein base, 9B) load the same way.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// The default model: the distilled 4B klein checkpoint in diffusers layout.
+pub const DEFAULT_MODEL: &str = "black-forest-labs/FLUX.2-klein-4B";
+
+/// `model_index.json`: only the keys the pipeline reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelIndex {
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    /// Distilled checkpoints (klein 4B/9B) never run CFG; base checkpoints do (spec §8).
+    #[serde(default)]
+    pub is_distilled: bool,
+}
+
+enum Source {
+    Local(PathBuf),
+    Hub {
+        repo: hf_hub::api::sync::ApiRepo,
+        cache: hf_hub::CacheRepo,
+        offline: bool,
+    },
+}
+
+/// A resolved model: local directory or hub repo. Files are fetched (and cached) on first use.
+pub struct ModelDir {
+    source: Source,
+    /// What the user asked for (repo id or path), for messages and image metadata.
+    pub id: String,
+    /// The revision asked for (hub only).
+    pub revision: Option<String>,
+    pub index: ModelIndex,
+}
+
+impl std::fmt::Debug for ModelDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelDir")
+            .field("id", &self.id)
+            .field("revision", &self.revision)
+            .field("index", &self.index)
+            .finish()
+    }
+}
+
+impl ModelDir {
+    /// `model` is a local directory if one exists at that path, else a hub repo id.
+    pub fn resolve(model: &str, revision: Option<&str>) -> Result<Self> {
+        let path = Path::new(model);
+        if path.is_dir() {
+            if revision.is_some() {
+                bail!("--revision only applies to hub repos, but {model} is a local directory");
+            }
+            return Self::open_local(path);
+        }
+        if path.exists() {
+            bail!("model {model} is a file; pass the directory that holds model_index.json");
+        }
+        if looks_like_path(model) {
+            bail!(
+                "model directory {model} does not exist; pass a local diffusers-layout directory \
+                 or a Hugging Face repo id such as {DEFAULT_MODEL}"
+            );
+        }
+        Self::open_hub(model, revision)
+    }
+
+    /// A local directory in the diffusers layout.
+    pub fn open_local(root: &Path) -> Result<Self> {
+        let index_path = root.join("model_index.json");
+        if !index_path.is_file() {
+            bail!(
+                "{} has no model_index.json: pass a directory in the diffusers layout (or a hub repo id)",
+                root.display()
+            );
+        }
+        let index = read_json(&index_path)?;
+        Ok(Self {
+            source: Source::Local(root.to_path_buf()),
+            id: root.display().to_string(),
+            revision: None,
+            index,
+        })
+    }
+
+    fn open_hub(repo_id: &str, revision: Option<&str>) -> Result<Self> {
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .map(|v| v != "0" && !v.is_empty())
+            .unwrap_or(false);
+        let token = std::env::var("HF_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| hf_hub::Cache::from_env().token());
+        let api = hf_hub::api::sync::ApiBuilder::from_env()
+            .with_token(token)
+            .with_progress(false)
+            .build()
+            .context("setting up the Hugging Face hub client")?;
+        let repo_spec = match revision {
+            Some(rev) => {
+                hf_hub::Repo::with_revision(repo_id.into(), hf_hub::RepoType::Model, rev.into())
+            }
+            None => hf_hub::Repo::model(repo_id.into()),
+        };
+        let cache = hf_hub::Cache::from_env().repo(repo_spec.clone());
+        let mut dir = Self {
+            source: Source::Hub {
+                repo: api.repo(repo_spec),
+                cache,
+                offline,
+            },
+            id: repo_id.to_string(),
+            revision: revision.map(str::to_string),
+            index: ModelIndex {
+                class_name: None,
+                is_distilled: true,
+            },
+        };
+        let index_path = dir.file("model_index.json")?;
+        dir.index = read_json(&index_path)?;
+        Ok(dir)
+    }
+
+    /// Local root directory (None for hub repos).
+    pub fn local_root(&self) -> Option<&Path> {
+        match &self.source {
+            Source::Local(p) => Some(p),
+            Source::Hub { .. } => None,
+        }
+    }
+
+    /// Path of one file of the model (downloaded into the HF cache when needed).
+    pub fn file(&self, rel: &str) -> Result<PathBuf> {
+        match &self.source {
+            Source::Local(root) => {
+                let p = root.join(rel);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    bail!("{} is missing from the model directory {}", rel, root.display())
+                }
+            }
+            Source::Hub {
+                repo,
+                cache,
+                offline,
+            } => {
+                if let Some(p) = cache.get(rel) {
+                    return Ok(p);
+                }
+                if *offline {
+                    bail!(
+                        "{rel} of {} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; \
+                         download it first or pass a local directory with --model DIR",
+                        self.id
+                    );
+                }
+                repo.get(rel).map_err(|e| hub_error(&self.id, rel, e))
+            }
+        }
+    }
+
+    /// Whether a file exists (locally or in the repo). Used to choose between a single file and
+    /// a sharded index.
+    fn has_file(&self, rel: &str) -> bool {
+        match &self.source {
+            Source::Local(root) => root.join(rel).is_file(),
+            Source::Hub { .. } => self.file(rel).is_ok(),
+        }
+    }
+
+    /// Parses `{component}/{config_name}` into `T`; the error names the file.
+    pub fn config<T: DeserializeOwned>(&self, component: &str) -> Result<T> {
+        let name = if component == "scheduler" {
+            "scheduler/scheduler_config.json".to_string()
+        } else {
+            format!("{component}/config.json")
+        };
+        let path = self.file(&name)?;
+        read_json(&path)
+    }
+
+    /// The safetensors files of a component: the single file, or every shard named by the
+    /// `*.safetensors.index.json`.
+    pub fn weights(&self, component: &str) -> Result<Vec<PathBuf>> {
+        let stems = ["diffusion_pytorch_model", "model"];
+        for stem in stems {
+            let single = format!("{component}/{stem}.safetensors");
+            if self.has_file(&single) {
+                return Ok(vec![self.file(&single)?]);
+            }
+        }
+        for stem in stems {
+            let index = format!("{component}/{stem}.safetensors.index.json");
+            if self.has_file(&index) {
+                let path = self.file(&index)?;
+                let shards = shard_names(&path)?;
+                return shards
+                    .iter()
+                    .map(|s| self.file(&format!("{component}/{s}")))
+                    .collect();
+            }
+        }
+        bail!(
+            "no weights for {component} in {}: expected {component}/diffusion_pytorch_model.safetensors, \
+             {component}/model.safetensors or a *.safetensors.index.json with its shards",
+            self.id
+        )
+    }
+
+    /// The tokenizer of the text encoder.
+    pub fn tokenizer(&self) -> Result<PathBuf> {
+        self.file("tokenizer/tokenizer.json")
+    }
+}
+
+/// The distinct shard file names listed in a `*.safetensors.index.json` weight map.
+fn shard_names(index_path: &Path) -> Result<Vec<String>> {
+    #[derive(Deserialize)]
+    struct Index {
+        weight_map: std::collections::HashMap<String, String>,
+    }
+    let index: Index = read_json(index_path)?;
+    let set: BTreeSet<String> = index.weight_map.into_values().collect();
+    if set.is_empty() {
+        bail!("{} lists no shards", index_path.display());
+    }
+    Ok(set.into_iter().collect())
+}
+
+/// Reads and parses a json file; the error names the file and what is wrong.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow!("{} is not a valid config: {e}", path.display()))
+}
+
+fn looks_like_path(s: &str) -> bool {
+    s.starts_with('.')
+        || s.starts_with('/')
+        || s.starts_with('~')
+        || s.matches('/').count() != 1
+        || s.contains('\\')
+}
+
+fn hub_error(id: &str, rel: &str, e: hf_hub::api::sync::ApiError) -> anyhow::Error {
+    let msg = e.to_string();
+    let hint = if msg.contains("401") || msg.contains("403") {
+        "the repo may be gated: accept its licence on huggingface.co and set HF_TOKEN (or run `huggingface-cli login`)"
+    } else if msg.contains("404") {
+        "check the repo id and --revision"
+    } else {
+        "no network? download the model once, or pass a local diffusers-layout directory with --model DIR (or FLUX2_KLEIN_MODEL=DIR)"
+    };
+    anyhow!("cannot fetch {rel} of {id} from the Hugging Face hub ({msg}); {hint}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_heuristics() {
+        assert!(!looks_like_path("black-forest-labs/FLUX.2-klein-4B"));
+        assert!(looks_like_path("./models/x"));
+        assert!(looks_like_path("/abs/dir"));
+        assert!(looks_like_path("a/b/c"));
+        assert!(looks_like_path("plainname"));
+    }
+
+    #[test]
+    fn missing_local_dir_is_a_clear_error() {
+        let err = ModelDir::resolve("/nonexistent/klein", None).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+}
