@@ -20,3 +20,6 @@ pub mod scheduler;
 pub mod text_encoder;
 pub mod transformer;
 pub mod vae;
+
+#[cfg(feature = "cuda")]
+pub mod cuda;

@@ -1,0 +1,1 @@
+//! Our own CUDA kernels (fused attention), compiled at run time with NVRTC. (work in progress)
