@@ -1,0 +1,352 @@
+//! Image input and output of the pipeline: reference images in (spec §4), the result out (§6.4).
+//!
+//! Reference images go through the same steps as in the reference harness
+//! (`refcheck/make_case.py`: `Image.open(p).convert("RGB")`, then `Flux2KleinPipeline`):
+//!
+//! 1. decode ([`load_image`]), then Pillow's `convert("RGB")` ([`to_rgb_like_pillow`]);
+//! 2. `check_image_input`: each side ≥ 64 px, aspect ratio ≤ 8 ([`check_reference_size`]);
+//! 3. above 1024² pixels: `s = sqrt(1048576 / (w·h))`, LANCZOS to `(int(w·s), int(h·s))`
+//!    ([`resize_lanczos`], a bit-exact port of Pillow's resampler);
+//! 4. centre crop to multiples of 16 (`resize_mode="crop"` only crops);
+//! 5. `x / 255` then `2x - 1` in f32 ([`rgb_to_tensor`]).
+//!
+//! Converting to RGB *first* is what the harness (and diffusers' own `load_image` helper) does.
+//! A caller who hands diffusers a raw RGBA / LA / P image larger than 1024² would get a
+//! different resize (Pillow premultiplies alpha for RGBA/LA and uses NEAREST for P); for
+//! RGB, L and 16-bit RGB sources both orders give the same bytes.
+
+mod lanczos;
+
+pub use lanczos::resize_lanczos_u8;
+
+use std::fs;
+use std::io::{BufWriter, Cursor, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, ImageFormat, RgbImage};
+use sha2::{Digest, Sha256};
+
+/// diffusers `Flux2ImageProcessor.check_image_input(min_side_length=64)`.
+pub const MIN_REFERENCE_SIDE: u32 = 64;
+/// diffusers `Flux2ImageProcessor.check_image_input(max_aspect_ratio=8)`.
+pub const MAX_REFERENCE_ASPECT: f64 = 8.0;
+/// The pipeline shrinks references above this many pixels (spec §4 step 1).
+pub const MAX_REFERENCE_AREA: u64 = 1024 * 1024;
+/// `vae_scale_factor * 2`: references are cropped to multiples of this (spec §4 step 2).
+pub const REFERENCE_MULTIPLE: u32 = 16;
+/// JPEG quality of [`save_image`] (Pillow's default would be 75; 95 keeps generated detail).
+pub const JPEG_QUALITY: u8 = 95;
+
+/// Decodes a PNG, JPEG or WebP file, recognised by its content (not its extension).
+///
+/// The pixels are what Pillow's decoder yields, in `image`'s layout: 16-bit PNGs stay 16-bit,
+/// a PNG `tRNS` colour key or a palette with transparency becomes an alpha channel (Pillow keeps
+/// those as info/palette; [`to_rgb_like_pillow`] drops the alpha again, as `convert("RGB")`
+/// would). JPEG goes through `image`'s decoder (zune-jpeg), which is close to but not always
+/// bit-identical with Pillow's libjpeg-turbo (see `tests/parity_image_io.rs`).
+pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
+    let path = path.as_ref();
+    let bytes =
+        fs::read(path).map_err(|e| anyhow!("cannot read image file {}: {e}", path.display()))?;
+    let reader = image::ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| anyhow!("cannot read image file {}: {e}", path.display()))?;
+    match reader.format() {
+        Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP) => {}
+        Some(f) => bail!(
+            "cannot decode image file {}: {f:?} is not supported (use PNG, JPEG or WebP)",
+            path.display()
+        ),
+        None => bail!(
+            "cannot decode image file {}: not a PNG, JPEG or WebP file",
+            path.display()
+        ),
+    }
+    reader
+        .decode()
+        .map_err(|e| anyhow!("cannot decode image file {}: {e}", path.display()))
+}
+
+/// Pillow's `Image.convert("RGB")` of the image Pillow would have opened for the same file.
+///
+/// * L / LA → the grey value in all three channels; RGBA → alpha dropped (not composited);
+/// * 16-bit RGB(A) and grey+alpha PNGs: Pillow opens them as 8-bit `RGB`/`RGBA` keeping the high
+///   byte (`RGB;16B`, `RGBA;16B`, `LA;16B` raw modes), so `v >> 8`;
+/// * 16-bit grey PNG: Pillow's mode `I;16`, whose conversion to RGB saturates at 255
+///   (`min(v, 255)`), it does not rescale.
+pub fn to_rgb_like_pillow(img: &DynamicImage) -> Result<RgbImage> {
+    let (w, h) = (img.width(), img.height());
+    let grey = |v: u8| [v, v, v];
+    let data: Vec<u8> = match img {
+        DynamicImage::ImageRgb8(im) => return Ok(im.clone()),
+        DynamicImage::ImageLuma8(im) => im.as_raw().iter().flat_map(|&v| grey(v)).collect(),
+        DynamicImage::ImageLumaA8(im) => im.as_raw().chunks_exact(2).flat_map(|p| grey(p[0])).collect(),
+        DynamicImage::ImageRgba8(im) => im
+            .as_raw()
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
+        DynamicImage::ImageLuma16(im) => im
+            .as_raw()
+            .iter()
+            .flat_map(|&v| grey(v.min(255) as u8))
+            .collect(),
+        DynamicImage::ImageLumaA16(im) => im
+            .as_raw()
+            .chunks_exact(2)
+            .flat_map(|p| grey((p[0] >> 8) as u8))
+            .collect(),
+        DynamicImage::ImageRgb16(im) => im.as_raw().iter().map(|&v| (v >> 8) as u8).collect(),
+        DynamicImage::ImageRgba16(im) => im
+            .as_raw()
+            .chunks_exact(4)
+            .flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8])
+            .collect(),
+        other => bail!(
+            "unsupported pixel format {:?} for a reference image (expected 8/16-bit grey, grey+alpha, RGB or RGBA)",
+            other.color()
+        ),
+    };
+    RgbImage::from_raw(w, h, data).ok_or_else(|| anyhow!("internal: RGB buffer size for {w}×{h}"))
+}
+
+/// diffusers `Flux2ImageProcessor.check_image_input`: each side at least 64 px and
+/// `max(w/h, h/w) <= 8` (computed in f64 as Python does).
+pub fn check_reference_size(width: u32, height: u32) -> Result<()> {
+    if width < MIN_REFERENCE_SIDE || height < MIN_REFERENCE_SIDE {
+        bail!(
+            "reference image is {width}×{height} px: too small, both sides must be at least \
+             {MIN_REFERENCE_SIDE} px"
+        );
+    }
+    let (w, h) = (width as f64, height as f64);
+    let aspect = (w / h).max(h / w);
+    if aspect > MAX_REFERENCE_ASPECT {
+        bail!(
+            "reference image is {width}×{height} px: aspect ratio {aspect:.1}:1 is too extreme, \
+             at most {MAX_REFERENCE_ASPECT}:1 is allowed"
+        );
+    }
+    Ok(())
+}
+
+/// `PIL.Image.resize((width, height), Image.LANCZOS)` of an RGB image, bit-exact.
+pub fn resize_lanczos(img: &RgbImage, width: u32, height: u32) -> Result<RgbImage> {
+    let data = resize_lanczos_u8(
+        img.as_raw(),
+        img.width() as usize,
+        img.height() as usize,
+        3,
+        width as usize,
+        height as usize,
+    )?;
+    RgbImage::from_raw(width, height, data)
+        .ok_or_else(|| anyhow!("internal: RGB buffer size for {width}×{height}"))
+}
+
+/// The size a reference of `width×height` is LANCZOS-resized to before cropping (spec §4
+/// step 1), or `None` when it is at most 1024² pixels. Python: `s = math.sqrt(1048576 / (w*h))`,
+/// `(int(w*s), int(h*s))`, all in f64 with truncation.
+pub fn reference_resize_target(width: u32, height: u32) -> Option<(u32, u32)> {
+    let area = width as u64 * height as u64;
+    if area <= MAX_REFERENCE_AREA {
+        return None;
+    }
+    let s = (MAX_REFERENCE_AREA as f64 / area as f64).sqrt();
+    Some(((width as f64 * s) as u32, (height as f64 * s) as u32))
+}
+
+/// The preprocessed reference image that diffusers feeds to the VAE (spec §4 steps 1-3), as
+/// 8-bit RGB: convert to RGB (as the harness does before calling the pipeline), size check,
+/// LANCZOS shrink above 1024², centre crop to multiples of 16.
+pub fn prepare_reference(img: &DynamicImage) -> Result<RgbImage> {
+    check_reference_size(img.width(), img.height())?;
+    let mut rgb = to_rgb_like_pillow(img)?;
+    if let Some((w, h)) = reference_resize_target(rgb.width(), rgb.height()) {
+        rgb = resize_lanczos(&rgb, w, h)?;
+    }
+    let (w, h) = (rgb.width(), rgb.height());
+    let (cw, ch) = (
+        w / REFERENCE_MULTIPLE * REFERENCE_MULTIPLE,
+        h / REFERENCE_MULTIPLE * REFERENCE_MULTIPLE,
+    );
+    if (cw, ch) == (w, h) {
+        return Ok(rgb);
+    }
+    // Flux2ImageProcessor._resize_and_crop: left = (w - W')//2, top = (h - H')//2.
+    let (left, top) = ((w - cw) / 2, (h - ch) / 2);
+    Ok(image::imageops::crop_imm(&rgb, left, top, cw, ch).to_image())
+}
+
+/// `[1, 3, h, w]` f32 in [-1, 1] on `device`, as `VaeImageProcessor.preprocess`:
+/// `np.array(img).astype(float32) / 255.0`, then `2.0 * x - 1.0` (each op rounded in f32; the
+/// division is a true division, not a multiplication by 1/255, which would differ in the last
+/// bit). The values are computed on the host so that they are the same on every device.
+pub fn rgb_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut planar = vec![0f32; 3 * h * w];
+    for (i, px) in img.as_raw().chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            let x = px[c] as f32 / 255.0f32;
+            planar[c * h * w + i] = 2.0f32 * x - 1.0f32;
+        }
+    }
+    Tensor::from_vec(planar, (1, 3, h, w), &Device::Cpu)?
+        .to_device(device)
+        .context("moving the reference image tensor to the device")
+}
+
+/// Output formats [`save_image`] writes, by lower-case extension.
+pub const SUPPORTED_OUTPUT_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
+
+/// Writes `img` to `path`, format from the extension: PNG (with `metadata` as tEXt chunks, iTXt
+/// for text that is not Latin-1), JPEG (quality 95) or WebP (lossless). JPEG and WebP carry no
+/// metadata. The file is encoded in memory, written to a temporary file in the same folder and
+/// renamed, so a failure never leaves a partial file behind.
+pub fn save_image(
+    path: impl AsRef<Path>,
+    img: &RgbImage,
+    metadata: &[(String, String)],
+) -> Result<()> {
+    let path = path.as_ref();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    let bytes = match ext.as_str() {
+        "png" => encode_png(img, metadata),
+        "jpg" | "jpeg" => {
+            let mut buf = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, JPEG_QUALITY)
+                .encode_image(img)
+                .map(|_| buf)
+                .map_err(anyhow::Error::from)
+        }
+        "webp" => {
+            let mut buf = Vec::new();
+            image::codecs::webp::WebPEncoder::new_lossless(&mut buf)
+                .encode(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+                .map(|_| buf)
+                .map_err(anyhow::Error::from)
+        }
+        _ => bail!(
+            "cannot write {}: unsupported output extension '{}' (supported: .png, .jpg, .jpeg, .webp)",
+            path.display(),
+            ext
+        ),
+    }
+    .with_context(|| format!("encoding {}", path.display()))?;
+    write_atomically(path, &bytes)
+}
+
+fn encode_png(img: &RgbImage, metadata: &[(String, String)]) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut buf, img.width(), img.height());
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for (key, value) in metadata {
+            let latin1 = value.chars().all(|c| (c as u32) < 256);
+            let res = if latin1 {
+                enc.add_text_chunk(key.clone(), value.clone())
+            } else {
+                enc.add_itxt_chunk(key.clone(), value.clone())
+            };
+            res.with_context(|| {
+                format!("PNG text chunk with keyword {key:?} (1-79 Latin-1 characters)")
+            })?;
+        }
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(img.as_raw())?;
+        writer.finish()?;
+    }
+    Ok(buf)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("cannot write {}: not a file path", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> Result<()> {
+        let file = fs::File::create(&tmp)?;
+        let mut w = BufWriter::new(file);
+        w.write_all(bytes)?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The text chunks of a PNG file as `(keyword, text)`: tEXt, then zTXt, then iTXt chunks, each
+/// group in file order.
+pub fn read_png_text(path: impl AsRef<Path>) -> Result<Vec<(String, String)>> {
+    let path = path.as_ref();
+    let file = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .with_context(|| format!("cannot read PNG {}", path.display()))?;
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| anyhow!("PNG {} is too large to decode", path.display()))?;
+    let mut buf = vec![0; size];
+    reader
+        .next_frame(&mut buf)
+        .with_context(|| format!("cannot read PNG {}", path.display()))?;
+    let info = reader.info();
+    let mut out = Vec::new();
+    for c in &info.uncompressed_latin1_text {
+        out.push((c.keyword.clone(), c.text.clone()));
+    }
+    for c in &info.compressed_latin1_text {
+        let text = c
+            .get_text()
+            .with_context(|| format!("zTXt {:?} in {}", c.keyword, path.display()))?;
+        out.push((c.keyword.clone(), text));
+    }
+    for c in &info.utf8_text {
+        let text = c
+            .get_text()
+            .with_context(|| format!("iTXt {:?} in {}", c.keyword, path.display()))?;
+        out.push((c.keyword.clone(), text));
+    }
+    Ok(out)
+}
+
+/// Lower-case hex SHA-256 of a file's bytes (the CLI records each reference's digest).
+pub fn sha256_file(path: impl AsRef<Path>) -> Result<String> {
+    let path = path.as_ref();
+    let mut file =
+        fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
