@@ -108,7 +108,16 @@ def noise_fixture():
                 xf = x.double().flatten()
                 out.append(dict(seed=seed, shape=shape, dtype=name, sha256=hashlib.sha256(raw).hexdigest(),
                                 sum=float(xf.sum()), first=[float(v) for v in xf[:16]]))
-    return dict(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(), cases=out)
+    # diffusers' randn_tensor with a list of CPU generators (one per batch sample).
+    from diffusers.utils.torch_utils import randn_tensor
+    per_sample = []
+    for seeds, shape in (([0, 42], [2, 128, 4, 8]), ([7, 7, 123456789], [3, 16, 4, 4])):
+        for name, dt in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+            x = randn_tensor(tuple(shape), generator=gens, device=torch.device("cpu"), dtype=dt)
+            per_sample.append(dict(seeds=seeds, shape=shape, dtype=name, sha256=hashlib.sha256(x.float().numpy().astype("<f4").tobytes()).hexdigest()))
+    return dict(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(), cases=out,
+                per_sample=per_sample)
 
 
 def bn_fixture():

@@ -393,6 +393,31 @@ pub fn randn_tensor_with(
         .with_context(|| format!("randn_tensor: moving the {shape:?} noise to {device:?}"))
 }
 
+/// diffusers' `randn_tensor` with a **list** of CPU generators (spec §3.2): sample `b` is
+/// `randn((1, ...rest), generator=seeds[b])`, concatenated on dim 0. `shape[0]` must equal
+/// `seeds.len()`.
+pub fn randn_tensor_per_sample(
+    seeds: &[u64],
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    if shape.first() != Some(&seeds.len()) {
+        bail!(
+            "randn_tensor_per_sample: {} seeds for a batch of {:?} (one seed per sample)",
+            seeds.len(),
+            shape.first()
+        );
+    }
+    let mut one = shape.to_vec();
+    one[0] = 1;
+    let parts = seeds
+        .iter()
+        .map(|&s| randn_tensor(s, &one, dtype, device))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,10 @@ use flux2_klein::latents::{
     batch_ids, bn_denormalize, bn_normalize, image_ids, latent_grid, pack, patchify, reference_ids,
     reference_time, text_ids, unpack, unpatchify, BnStats,
 };
-use flux2_klein::noise::{randn_tensor, randn_tensor_with, torch_randn, Bf16Noise, TorchGenerator};
+use flux2_klein::noise::{
+    randn_tensor, randn_tensor_per_sample, randn_tensor_with, torch_randn, Bf16Noise,
+    TorchGenerator,
+};
 use flux2_klein::scheduler::{
     compute_empirical_mu, euler_step, model_timestep, Schedule, SchedulerConfig,
 };
@@ -342,6 +345,51 @@ fn noise_matches_torch_fixture() {
         cases.len(),
         fx["torch"].as_str().unwrap(),
         fx["cpu_capability"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn noise_per_sample_generators_match_diffusers() {
+    let fx = foundation_json("noise.json");
+    let cases = fx["per_sample"].as_array().unwrap();
+    for c in cases {
+        let seeds: Vec<u64> = c["seeds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        let shape: Vec<usize> = c["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        let dtype = if c["dtype"] == "bf16" {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let t = randn_tensor_per_sample(&seeds, &shape, dtype, &CPU).unwrap();
+        assert_eq!(t.dtype(), dtype);
+        let v = t
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(
+            format!("{:x}", Sha256::digest(&bytes)),
+            c["sha256"].as_str().unwrap(),
+            "seeds {seeds:?} {shape:?} {dtype:?}"
+        );
+    }
+    assert!(randn_tensor_per_sample(&[1, 2], &[3, 16, 1, 1], DType::F32, &CPU).is_err());
+    eprintln!(
+        "noise: {} per-sample generator lists equal to diffusers' randn_tensor",
+        cases.len()
     );
 }
 
