@@ -1,0 +1,325 @@
+//! The command line, as clap derive structs. Only parsing and range checks live here; anything
+//! that needs the file system (reference images, output directory, model) is checked in
+//! `generate`/`bench` before the model loads.
+//!
+//! Range errors caught here (a width below 64, zero steps, a malformed `--size`) are usage
+//! errors: clap prints them and exits with status 2.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use flux2_klein::model_dir::DEFAULT_MODEL;
+
+/// The smallest image side the model accepts: diffusers' `check_image_input` rejects
+/// references below 64 px, and we hold outputs to the same bound (4×4 packed latent patches).
+pub const MIN_SIDE: u32 = 64;
+
+/// FLUX.2 [klein] text-to-image and multi-reference editing on candle.
+#[derive(Debug, Parser)]
+#[command(
+    name = "flux2-klein",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "Examples:\n  \
+        flux2-klein generate -p \"a red fox in the snow\" -o fox.png\n  \
+        flux2-klein generate -p \"make it night\" -r day.png -o night.png --seed 7\n  \
+        flux2-klein bench --size 512x512 --size 1024x1024 --runs 3\n\n\
+        The image path is the only thing written to stdout; progress, warnings and errors go \
+        to stderr."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Only warnings and errors on stderr (the output path still goes to stdout).
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        display_order = 900
+    )]
+    pub quiet: bool,
+
+    /// Per-stage timings, per-step log lines and peak device memory.
+    #[arg(short, long, global = true, display_order = 901)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make one image from a prompt, optionally edited from / conditioned on reference images.
+    Generate(GenerateArgs),
+    /// Time the pipeline (loaded once, kept resident) over sizes and reference counts.
+    Bench(BenchArgs),
+}
+
+/// Where the prompts come from. Its own struct so that a `--prompt-file` (one prompt per
+/// line, batch mode) can join `--prompt` later (`required_unless_present`), with `prompts()`
+/// returning all of them.
+#[derive(Debug, Clone, Args)]
+pub struct PromptArgs {
+    /// The prompt.
+    #[arg(short, long, value_name = "TEXT", required = true)]
+    pub prompt: Option<String>,
+}
+
+impl PromptArgs {
+    /// The prompts to run, in order (one for now).
+    pub fn prompts(&self) -> Vec<String> {
+        self.prompt.iter().cloned().collect()
+    }
+}
+
+/// Which weights, on which device, in which dtype.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Hugging Face repo id or local directory in the diffusers layout
+    /// (model_index.json, text_encoder/, tokenizer/, transformer/, vae/).
+    #[arg(
+        short,
+        long,
+        value_name = "REPO_OR_DIR",
+        env = "FLUX2_KLEIN_MODEL",
+        default_value = DEFAULT_MODEL
+    )]
+    pub model: String,
+
+    /// Hub revision (branch, tag or commit) of the model repo.
+    #[arg(long, value_name = "REV")]
+    pub revision: Option<String>,
+
+    /// auto (CUDA when built with `--features cuda` and a GPU is present, else CPU), cpu,
+    /// cuda or cuda:N.
+    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceArg,
+
+    /// Compute dtype of the text encoder and transformer [default: bf16 on CUDA, f32 on CPU].
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    pub dtype: Option<DTypeArg>,
+
+    /// VAE dtype [default: the --dtype].
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    pub vae_dtype: Option<DTypeArg>,
+
+    /// Tiled VAE with tiles of N latent pixels (lower memory for large images).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub vae_tile: Option<u32>,
+}
+
+impl ModelArgs {
+    /// The model to resolve; an empty value (e.g. `FLUX2_KLEIN_MODEL=` in a CI config) means
+    /// the default, as if unset.
+    pub fn model_id(&self) -> &str {
+        match self.model.trim() {
+            "" => DEFAULT_MODEL,
+            m => m,
+        }
+    }
+}
+
+/// Sampling options shared by `generate` and `bench`.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Denoising steps [default: 4 for distilled checkpoints, 50 for base ones].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub steps: Option<u32>,
+
+    /// Classifier-free guidance scale [default: 1.0 distilled, 4.0 base]; distilled
+    /// checkpoints never run CFG, so values above 1 are ignored there (with a warning).
+    #[arg(long, value_name = "SCALE", value_parser = parse_guidance)]
+    pub guidance: Option<f64>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+
+    /// Reference image (repeatable; the order gives T = 10, 20, …). The model was trained
+    /// with up to 4.
+    #[arg(short = 'r', long = "ref", value_name = "PATH")]
+    pub refs: Vec<PathBuf>,
+
+    /// Output width in pixels, floored to a multiple of 16 [default: the first reference's
+    /// cropped width, else 1024].
+    #[arg(short = 'W', long, value_name = "PX", value_parser = parse_side)]
+    pub width: Option<u32>,
+
+    /// Output height in pixels, floored to a multiple of 16 [default: the first reference's
+    /// cropped height, else 1024].
+    #[arg(short = 'H', long, value_name = "PX", value_parser = parse_side)]
+    pub height: Option<u32>,
+
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+
+    /// Seed of the (torch-compatible CPU) noise generator [default: random, printed].
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+
+    /// Output image: .png (with the parameters as text chunks), .jpg/.jpeg or .webp
+    /// (lossless). `{seed}` in the path is replaced by the seed. [default: flux2-klein-{seed}.png]
+    #[arg(short, long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// The prompt used for every run.
+    #[arg(
+        short,
+        long,
+        value_name = "TEXT",
+        default_value = "a photo of a red fox sitting in fresh snow, golden hour"
+    )]
+    pub prompt: String,
+
+    /// Output size WxH (repeatable).
+    #[arg(long = "size", value_name = "WxH", value_parser = parse_size, default_value = "1024x1024")]
+    pub sizes: Vec<Size>,
+
+    /// Reference images used by every run (repeatable).
+    #[arg(short = 'r', long = "ref", value_name = "PATH")]
+    pub refs: Vec<PathBuf>,
+
+    /// Timed runs per size.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub runs: u32,
+
+    /// Untimed runs before the first size (loads every component).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub warmup: u32,
+
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+
+    /// Seed of every run.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub seed: u64,
+
+    /// One JSON object (every run, per-stage times) on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::fmt::Display for DeviceArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceArg::Auto => write!(f, "auto"),
+            DeviceArg::Cpu => write!(f, "cpu"),
+            DeviceArg::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// `--dtype`, `--vae-dtype`: the two dtypes the spec's dtype rules (§1) cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    #[value(alias = "bfloat16")]
+    Bf16,
+    #[value(alias = "float32")]
+    F32,
+}
+
+/// `--size WxH`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size {
+    pub width: u32,
+    pub height: u32,
+}
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+fn parse_device(s: &str) -> Result<DeviceArg, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    match lower.as_str() {
+        "auto" => return Ok(DeviceArg::Auto),
+        "cpu" => return Ok(DeviceArg::Cpu),
+        "cuda" | "gpu" => return Ok(DeviceArg::Cuda(0)),
+        _ => {}
+    }
+    if let Some(n) = lower.strip_prefix("cuda:") {
+        if let Ok(n) = n.parse() {
+            return Ok(DeviceArg::Cuda(n));
+        }
+    }
+    Err("expected auto, cpu, cuda or cuda:N (N = GPU index)".into())
+}
+
+fn parse_side(s: &str) -> Result<u32, String> {
+    let v: u32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a number of pixels, got {s:?}"))?;
+    if v < MIN_SIDE {
+        return Err(format!(
+            "{v} px is too small: sides must be at least {MIN_SIDE} px"
+        ));
+    }
+    Ok(v)
+}
+
+fn parse_size(s: &str) -> Result<Size, String> {
+    let (w, h) = s
+        .split_once(['x', 'X', '×'])
+        .ok_or_else(|| format!("expected WIDTHxHEIGHT such as 1024x1024, got {s:?}"))?;
+    Ok(Size {
+        width: parse_side(w)?,
+        height: parse_side(h)?,
+    })
+}
+
+fn parse_guidance(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(g) if g.is_finite() && g >= 0.0 => Ok(g),
+        _ => Err(format!("expected a number ≥ 0, got {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parsers() {
+        assert_eq!(parse_device("cuda:1"), Ok(DeviceArg::Cuda(1)));
+        assert_eq!(parse_device("CUDA"), Ok(DeviceArg::Cuda(0)));
+        assert!(parse_device("metal").is_err());
+        assert_eq!(
+            parse_size("512x768"),
+            Ok(Size {
+                width: 512,
+                height: 768
+            })
+        );
+        assert!(parse_size("40x512").is_err());
+        assert!(parse_side("63").is_err());
+        assert!(parse_guidance("nan").is_err());
+    }
+}

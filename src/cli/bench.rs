@@ -1,0 +1,355 @@
+//! `flux2-klein bench` (in the spirit of llama-bench): the pipeline is loaded once with every
+//! component kept resident, `--warmup` untimed runs load the weights, then `--runs` timed
+//! generations per `--size`. Results go to stdout as a markdown table (mean ± sample standard
+//! deviation over the runs) or, with `--json`, as one JSON object with every run.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use flux2_klein::model_dir::ModelDir;
+use flux2_klein::pipeline::{Event, Pipeline, Request, Timings};
+use serde_json::json;
+
+use super::args::{BenchArgs, Size};
+use super::device::{device_name, dtype_name, pipeline_options};
+use super::generate::{warn_ignored_guidance, warn_many_refs};
+use super::progress::{fmt_bytes, fmt_duration, Reporter, Verbosity};
+use super::references::load_references;
+
+/// One timed generation.
+struct Run {
+    size: Size,
+    run: u32,
+    timings: Timings,
+    peak: Option<u64>,
+}
+
+pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
+    // --- Cheap checks. ---
+    let references = load_references(&args.refs)?;
+    warn_many_refs(references.len(), reporter);
+    let mut sizes = Vec::new();
+    for s in &args.sizes {
+        // Floored like diffusers (spec §8), so the table shows the size actually made.
+        let size = Size {
+            width: s.width / 16 * 16,
+            height: s.height / 16 * 16,
+        };
+        if size != *s {
+            reporter.warn(&format!("--size {s} is not a multiple of 16; using {size}"));
+        }
+        if !sizes.contains(&size) {
+            sizes.push(size);
+        }
+    }
+    let options = pipeline_options(&args.model, true)?;
+
+    // --- Model, loaded once. ---
+    let model = ModelDir::resolve(args.model.model_id(), args.model.revision.as_deref())?;
+    let mut pipeline = Pipeline::load(model, options)?;
+    let steps = args
+        .sampling
+        .steps
+        .map(|s| s as usize)
+        .unwrap_or_else(|| pipeline.default_steps());
+    let guidance = args
+        .sampling
+        .guidance
+        .unwrap_or_else(|| pipeline.default_guidance());
+    warn_ignored_guidance(&pipeline, guidance, reporter);
+
+    let request = |size: Size| Request {
+        prompt: args.prompt.clone(),
+        references: references.clone(),
+        width: Some(size.width as usize),
+        height: Some(size.height as usize),
+        steps: Some(steps),
+        guidance: Some(guidance),
+        seed: args.seed,
+    };
+    let verbose = reporter.verbosity() >= Verbosity::Verbose;
+    let generate = |pipeline: &mut Pipeline, reporter: &mut Reporter, size: Size| {
+        let req = request(size);
+        let result = pipeline.generate(&req, &mut |e| match e {
+            Event::Warning(_) => reporter.event(e),
+            _ if verbose => reporter.event(e),
+            _ => {}
+        });
+        reporter.finish();
+        result.with_context(|| format!("bench run at {size} failed"))
+    };
+
+    for i in 0..args.warmup {
+        let size = sizes[0];
+        let g = generate(&mut pipeline, reporter, size)?;
+        reporter.info(&format!(
+            "warmup {}/{} at {size}: {}",
+            i + 1,
+            args.warmup,
+            fmt_duration(g.timings.total)
+        ));
+    }
+    let mut runs = Vec::new();
+    for &size in &sizes {
+        for r in 0..args.runs {
+            let g = generate(&mut pipeline, reporter, size)?;
+            reporter.info(&format!(
+                "{size} run {}/{}: {}",
+                r + 1,
+                args.runs,
+                fmt_duration(g.timings.total)
+            ));
+            runs.push(Run {
+                size: Size {
+                    width: g.width as u32,
+                    height: g.height as u32,
+                },
+                run: r,
+                timings: g.timings,
+                peak: pipeline.peak_device_memory(),
+            });
+        }
+    }
+
+    let text = if args.json {
+        let v = to_json(args, &pipeline, steps, guidance, &sizes, &runs);
+        serde_json::to_string_pretty(&v)? + "\n"
+    } else {
+        table(args, &pipeline, steps, guidance, &sizes, &runs)
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn mean_step_ms(t: &Timings) -> f64 {
+    if t.steps.is_empty() {
+        0.0
+    } else {
+        t.steps.iter().map(|d| ms(*d)).sum::<f64>() / t.steps.len() as f64
+    }
+}
+
+/// Mean and sample standard deviation.
+fn stats(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+fn runs_of<'a>(runs: &'a [Run], size: &Size) -> Vec<&'a Run> {
+    runs.iter().filter(|r| r.size == *size).collect()
+}
+
+/// The per-stage quantities of the table and summary, by column.
+const COLUMNS: [(&str, fn(&Timings) -> f64); 5] = [
+    ("text_encode_ms", |t| ms(t.text_encode)),
+    ("reference_encode_ms", |t| ms(t.reference_encode)),
+    ("mean_step_ms", mean_step_ms),
+    ("vae_decode_ms", |t| ms(t.vae_decode)),
+    ("total_ms", |t| ms(t.total)),
+];
+
+fn header(args: &BenchArgs, pipeline: &Pipeline, steps: usize, guidance: f64) -> String {
+    let o = &pipeline.options;
+    format!(
+        "model: {}{}, device: {}, dtype: {} (VAE {}), steps: {steps}, guidance: {guidance}, \
+         runs: {} (+{} warmup), seed: {}",
+        pipeline.model.id,
+        pipeline
+            .model
+            .revision
+            .as_deref()
+            .map(|r| format!("@{r}"))
+            .unwrap_or_default(),
+        device_name(&o.device),
+        dtype_name(o.dtype),
+        dtype_name(o.vae_dtype.unwrap_or(o.dtype)),
+        args.runs,
+        args.warmup,
+        args.seed,
+    )
+}
+
+fn table(
+    args: &BenchArgs,
+    pipeline: &Pipeline,
+    steps: usize,
+    guidance: f64,
+    sizes: &[Size],
+    runs: &[Run],
+) -> String {
+    let with_refs = !args.refs.is_empty();
+    let mut head = vec!["size", "refs", "steps", "text encode ms"];
+    if with_refs {
+        head.push("ref encode ms");
+    }
+    head.extend(["step ms", "VAE ms", "total ms", "peak mem"]);
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for size in sizes {
+        let rs = runs_of(runs, size);
+        if rs.is_empty() {
+            continue;
+        }
+        let mut row = vec![
+            size.to_string(),
+            args.refs.len().to_string(),
+            steps.to_string(),
+        ];
+        for (name, f) in COLUMNS {
+            if name == "reference_encode_ms" && !with_refs {
+                continue;
+            }
+            let xs: Vec<f64> = rs.iter().map(|r| f(&r.timings)).collect();
+            let (m, s) = stats(&xs);
+            row.push(format!("{m:.1} ± {s:.1}"));
+        }
+        row.push(
+            rs.last()
+                .and_then(|r| r.peak)
+                .map(fmt_bytes)
+                .unwrap_or_else(|| "n/a".into()),
+        );
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..head.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([head[i].chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        let cells: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                let pad = w - c.chars().count();
+                if i == 0 {
+                    format!(" {c}{} ", " ".repeat(pad))
+                } else {
+                    format!(" {}{c} ", " ".repeat(pad))
+                }
+            })
+            .collect();
+        format!("|{}|\n", cells.join("|"))
+    };
+    let mut out = header(args, pipeline, steps, guidance) + "\n\n";
+    out += &line(head.iter().map(|s| s.to_string()).collect());
+    out += &line(
+        widths
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                if i == 0 {
+                    "-".repeat(*w)
+                } else {
+                    format!("{}:", "-".repeat(w - 1))
+                }
+            })
+            .collect(),
+    );
+    for row in rows {
+        out += &line(row);
+    }
+    out
+}
+
+fn to_json(
+    args: &BenchArgs,
+    pipeline: &Pipeline,
+    steps: usize,
+    guidance: f64,
+    sizes: &[Size],
+    runs: &[Run],
+) -> serde_json::Value {
+    let o = &pipeline.options;
+    let run_objs: Vec<_> = runs
+        .iter()
+        .map(|r| {
+            let t = &r.timings;
+            json!({
+                "width": r.size.width,
+                "height": r.size.height,
+                "refs": args.refs.len(),
+                "run": r.run,
+                "load_ms": ms(t.load),
+                "text_encode_ms": ms(t.text_encode),
+                "reference_encode_ms": ms(t.reference_encode),
+                "step_ms": t.steps.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+                "mean_step_ms": mean_step_ms(t),
+                "vae_decode_ms": ms(t.vae_decode),
+                "total_ms": ms(t.total),
+                "peak_device_memory_bytes": r.peak,
+            })
+        })
+        .collect();
+    let summary: Vec<_> = sizes
+        .iter()
+        .filter_map(|size| {
+            let rs = runs_of(runs, size);
+            if rs.is_empty() {
+                return None;
+            }
+            let mut obj = serde_json::Map::new();
+            obj.insert("width".into(), json!(size.width));
+            obj.insert("height".into(), json!(size.height));
+            obj.insert("refs".into(), json!(args.refs.len()));
+            obj.insert("runs".into(), json!(rs.len()));
+            for (name, f) in COLUMNS {
+                let xs: Vec<f64> = rs.iter().map(|r| f(&r.timings)).collect();
+                let (m, s) = stats(&xs);
+                obj.insert(name.into(), json!({ "mean": m, "std": s }));
+            }
+            obj.insert(
+                "peak_device_memory_bytes".into(),
+                json!(rs.last().and_then(|r| r.peak)),
+            );
+            Some(serde_json::Value::Object(obj))
+        })
+        .collect();
+    json!({
+        "model": pipeline.model.id,
+        "revision": pipeline.model.revision,
+        "device": device_name(&o.device),
+        "dtype": dtype_name(o.dtype),
+        "vae_dtype": dtype_name(o.vae_dtype.unwrap_or(o.dtype)),
+        "vae_tile": o.vae_tile,
+        "prompt": args.prompt,
+        "references": args.refs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "steps": steps,
+        "guidance": guidance,
+        "seed": args.seed,
+        "warmup": args.warmup,
+        "runs_per_size": args.runs,
+        "software": format!("flux2-klein {}", env!("CARGO_PKG_VERSION")),
+        "runs": run_objs,
+        "summary": summary,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_stats() {
+        let (m, s) = stats(&[1.0, 2.0, 3.0]);
+        assert!((m - 2.0).abs() < 1e-12 && (s - 1.0).abs() < 1e-12);
+        assert_eq!(stats(&[5.0]), (5.0, 0.0));
+    }
+}

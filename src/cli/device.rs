@@ -1,0 +1,100 @@
+//! `--device` / `--dtype` / `--vae-dtype` / `--vae-tile` → `PipelineOptions`.
+
+use anyhow::{anyhow, bail, Result};
+use candle_core::{DType, Device};
+use flux2_klein::pipeline::PipelineOptions;
+
+use super::args::{DTypeArg, DeviceArg, ModelArgs};
+
+/// The pipeline options for the model arguments. Fails (before any weights load) when CUDA is
+/// asked for and this build or machine cannot provide it.
+pub fn pipeline_options(args: &ModelArgs, keep_resident: bool) -> Result<PipelineOptions> {
+    let device = resolve_device(args.device)?;
+    // Spec §1: the reference pipeline runs in bf16; on CPU f32 is the default because candle's
+    // CPU bf16 kernels are slow and f32 matches diffusers' f32 run to ~1e-5.
+    let dtype = match args.dtype {
+        Some(d) => to_dtype(d),
+        None if device.is_cuda() => DType::BF16,
+        None => DType::F32,
+    };
+    Ok(PipelineOptions {
+        device,
+        dtype,
+        vae_dtype: args.vae_dtype.map(to_dtype),
+        keep_resident,
+        vae_tile: args.vae_tile.map(|t| t as usize),
+    })
+}
+
+fn to_dtype(d: DTypeArg) -> DType {
+    match d {
+        DTypeArg::Bf16 => DType::BF16,
+        DTypeArg::F32 => DType::F32,
+    }
+}
+
+/// Short human name of a device ("cpu", "cuda:0").
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        _ => "other",
+    }
+}
+
+fn resolve_device(arg: DeviceArg) -> Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda(n) => {
+            if !cfg!(feature = "cuda") {
+                bail!(
+                    "--device {arg} asks for CUDA, but this flux2-klein was built without CUDA \
+                     support — rebuild with `cargo build --release --features cuda`, or use \
+                     --device cpu"
+                );
+            }
+            open_cuda(n).map_err(|e| {
+                anyhow!(
+                    "cannot open CUDA device {n} ({e}) — check `nvidia-smi` and the driver, pick \
+                     another GPU with --device cuda:N, or use --device cpu"
+                )
+            })
+        }
+        DeviceArg::Auto => {
+            if cfg!(feature = "cuda") {
+                if let Ok(d) = open_cuda(0) {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+    }
+}
+
+/// `Device::new_cuda`, with a panic inside the driver loader (no libcuda) turned into an error.
+fn open_cuda(n: usize) -> Result<Device> {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(|| Device::new_cuda(n));
+    std::panic::set_hook(previous);
+    match result {
+        Ok(r) => Ok(r?),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the CUDA driver could not be loaded".into());
+            bail!("{msg}")
+        }
+    }
+}

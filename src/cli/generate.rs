@@ -1,0 +1,206 @@
+//! `flux2-klein generate`: check everything cheap (output path and format, reference images,
+//! sizes, device), then resolve the model, run the pipeline once per prompt, and write each
+//! image atomically at the very end.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use flux2_klein::model_dir::ModelDir;
+use flux2_klein::pipeline::{Generated, Pipeline, Request};
+
+use super::args::GenerateArgs;
+use super::device::{device_name, dtype_name, pipeline_options};
+use super::output::{check_output, output_path, save_image};
+use super::progress::{fmt_bytes, fmt_duration, Reporter};
+use super::references::{load_references, TRAINED_MAX_REFS};
+
+pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
+    // --- Cheap checks, before any weights are touched. ---
+    let seed = args.seed.unwrap_or_else(random_seed);
+    let output = output_path(args.output.as_deref(), seed);
+    check_output(&output)?;
+    let prompts = args.prompt.prompts();
+    let references = load_references(&args.refs)?;
+    warn_many_refs(references.len(), reporter);
+    let width = floor_to_16("width", args.width, reporter);
+    let height = floor_to_16("height", args.height, reporter);
+    // Batch mode (several prompts) keeps every component resident between images.
+    let options = pipeline_options(&args.model, prompts.len() > 1)?;
+
+    // --- Model. ---
+    let model = ModelDir::resolve(args.model.model_id(), args.model.revision.as_deref())?;
+    let mut pipeline = Pipeline::load(model, options)?;
+    let steps = args
+        .sampling
+        .steps
+        .map(|s| s as usize)
+        .unwrap_or_else(|| pipeline.default_steps());
+    let guidance = args
+        .sampling
+        .guidance
+        .unwrap_or_else(|| pipeline.default_guidance());
+    warn_ignored_guidance(&pipeline, guidance, reporter);
+
+    if args.seed.is_none() {
+        reporter.info(&format!("seed {seed}"));
+    }
+    reporter.detail(&format!(
+        "model {}{} ({}), device {}, dtype {} (VAE {}), {steps} steps, guidance {guidance}",
+        pipeline.model.id,
+        pipeline
+            .model
+            .revision
+            .as_deref()
+            .map(|r| format!("@{r}"))
+            .unwrap_or_default(),
+        if pipeline.is_distilled() {
+            "distilled"
+        } else {
+            "base"
+        },
+        device_name(&pipeline.options.device),
+        dtype_name(pipeline.options.dtype),
+        dtype_name(pipeline.options.vae_dtype.unwrap_or(pipeline.options.dtype)),
+    ));
+
+    for prompt in prompts {
+        let request = Request {
+            prompt,
+            references: references.clone(),
+            width,
+            height,
+            steps: Some(steps),
+            guidance: Some(guidance),
+            seed,
+        };
+        let generated = pipeline.generate(&request, &mut |e| reporter.event(e))?;
+        reporter.finish();
+        save_image(
+            &output,
+            &generated.image,
+            &metadata(&pipeline, &request, &generated),
+        )?;
+        summarize(&pipeline, &generated, reporter);
+        print_path(&output);
+    }
+    Ok(())
+}
+
+/// Seeds a user can type back: 0 ..= u32::MAX (any u64 is accepted by `--seed`).
+fn random_seed() -> u64 {
+    rand::random::<u32>() as u64
+}
+
+pub(super) fn warn_many_refs(n: usize, reporter: &mut Reporter) {
+    if n > TRAINED_MAX_REFS {
+        reporter.warn(&format!(
+            "{n} reference images given; FLUX.2 [klein] was trained with up to \
+             {TRAINED_MAX_REFS}, so results may degrade"
+        ));
+    }
+}
+
+/// diffusers floors sizes to multiples of 16 (vae_scale_factor·2) with a warning (spec §8);
+/// we floor up front so the warning names the option and the size actually used.
+pub(super) fn floor_to_16(
+    name: &str,
+    value: Option<u32>,
+    reporter: &mut Reporter,
+) -> Option<usize> {
+    value.map(|v| {
+        let floored = v / 16 * 16;
+        if floored != v {
+            reporter.warn(&format!(
+                "--{name} {v} is not a multiple of 16; using {floored}"
+            ));
+        }
+        floored as usize
+    })
+}
+
+/// diffusers: "Guidance scale {g} is ignored for step-wise distilled models." (spec §8).
+pub(super) fn warn_ignored_guidance(pipeline: &Pipeline, guidance: f64, reporter: &mut Reporter) {
+    if pipeline.is_distilled() && guidance > 1.0 {
+        reporter.warn(&format!(
+            "--guidance {guidance} is ignored: {} is a step-wise distilled model, which never \
+             runs classifier-free guidance",
+            pipeline.model.id
+        ));
+    }
+}
+
+/// The parameters needed to reproduce the image (PNG text chunks).
+fn metadata(
+    pipeline: &Pipeline,
+    request: &Request,
+    generated: &Generated,
+) -> Vec<(String, String)> {
+    let mut meta = vec![
+        ("prompt".to_string(), request.prompt.clone()),
+        ("seed".to_string(), generated.seed.to_string()),
+        ("steps".to_string(), generated.steps.to_string()),
+        ("guidance".to_string(), generated.guidance.to_string()),
+        (
+            "size".to_string(),
+            format!("{}x{}", generated.width, generated.height),
+        ),
+        ("model".to_string(), pipeline.model.id.clone()),
+    ];
+    if let Some(rev) = &pipeline.model.revision {
+        meta.push(("revision".to_string(), rev.clone()));
+    }
+    if !request.references.is_empty() {
+        let names: Vec<&str> = request.references.iter().map(|r| r.name.as_str()).collect();
+        meta.push(("references".to_string(), names.join("\n")));
+    }
+    let o = &pipeline.options;
+    meta.push(("device".to_string(), device_name(&o.device)));
+    meta.push(("dtype".to_string(), dtype_name(o.dtype).to_string()));
+    if let Some(v) = o.vae_dtype {
+        meta.push(("vae_dtype".to_string(), dtype_name(v).to_string()));
+    }
+    meta.push((
+        "software".to_string(),
+        format!("flux2-klein {}", env!("CARGO_PKG_VERSION")),
+    ));
+    meta
+}
+
+fn summarize(pipeline: &Pipeline, g: &Generated, reporter: &Reporter) {
+    let t = &g.timings;
+    reporter.info(&format!(
+        "{}×{}, {} steps, seed {}, {}",
+        g.width,
+        g.height,
+        g.steps,
+        g.seed,
+        fmt_duration(t.total)
+    ));
+    let denoise: std::time::Duration = t.steps.iter().sum();
+    let per_step = if t.steps.is_empty() {
+        String::new()
+    } else {
+        format!(" ({}/step)", fmt_duration(denoise / t.steps.len() as u32))
+    };
+    reporter.detail(&format!(
+        "timings: load {}, text encode {}, references {}, denoise {}{per_step}, VAE decode {}, total {}",
+        fmt_duration(t.load),
+        fmt_duration(t.text_encode),
+        fmt_duration(t.reference_encode),
+        fmt_duration(denoise),
+        fmt_duration(t.vae_decode),
+        fmt_duration(t.total),
+    ));
+    if let Some(peak) = pipeline.peak_device_memory() {
+        reporter.detail(&format!("peak device memory: {}", fmt_bytes(peak)));
+    }
+}
+
+/// The output path on stdout, the only thing written there (scripts capture it). A closed
+/// stdout is not an error: the image is already written.
+fn print_path(path: &PathBuf) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", path.display());
+    let _ = out.flush();
+}

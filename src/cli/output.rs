@@ -1,0 +1,248 @@
+//! The output file: its format (from the extension, checked before any work), its default
+//! name, and an atomic write (temp file in the same directory, then rename) so that a failed
+//! or interrupted run never leaves a partial image behind.
+//!
+//! `save_image` has the signature of `image_io::save_image`; once that lands, this module's
+//! writer can forward to it.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use image::RgbImage;
+
+/// Image formats we write, chosen by the output file's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Lossless, with the generation parameters as text chunks.
+    Png,
+    /// Quality 95, no metadata.
+    Jpeg,
+    /// Lossless WebP (the only WebP encoder in `image` 0.25), no metadata.
+    WebP,
+}
+
+impl Format {
+    /// The format for a path's extension (case-insensitive), or an error naming it.
+    pub fn from_path(path: &Path) -> Result<Self> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match ext.as_deref() {
+            Some("png") => Ok(Format::Png),
+            Some("jpg") | Some("jpeg") => Ok(Format::Jpeg),
+            Some("webp") => Ok(Format::WebP),
+            Some(other) => bail!(
+                "unsupported output extension .{other} in {} — use .png, .jpg, .jpeg or .webp",
+                path.display()
+            ),
+            None => bail!(
+                "output path {} has no extension — end it in .png, .jpg, .jpeg or .webp",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// The output path: `--output` with `{seed}` replaced, or `flux2-klein-{seed}.png`.
+pub fn output_path(arg: Option<&Path>, seed: u64) -> PathBuf {
+    match arg {
+        Some(p) => match p.to_str() {
+            Some(s) if s.contains("{seed}") => {
+                PathBuf::from(s.replace("{seed}", &seed.to_string()))
+            }
+            _ => p.to_path_buf(),
+        },
+        None => PathBuf::from(format!("flux2-klein-{seed}.png")),
+    }
+}
+
+/// Everything about the output that can fail cheaply, checked before the model loads: the
+/// format, that the directory exists and that we may create files in it.
+pub fn check_output(path: &Path) -> Result<Format> {
+    let format = Format::from_path(path)?;
+    if path.is_dir() {
+        bail!(
+            "output {} is a directory — pass a file name such as {}/image.png",
+            path.display(),
+            path.display()
+        );
+    }
+    let dir = parent_dir(path);
+    if !dir.is_dir() {
+        bail!(
+            "output directory {} does not exist — create it first (mkdir -p {})",
+            dir.display(),
+            dir.display()
+        );
+    }
+    // Probe that the directory is writable, with the same temp name the final write uses.
+    let probe = temp_path(path);
+    File::create(&probe).with_context(|| {
+        format!(
+            "cannot create files in {} — check its permissions or choose another --output",
+            dir.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(format)
+}
+
+/// Writes `image` to `path` atomically in the format of its extension. PNG files get
+/// `metadata` as text chunks (tEXt for ASCII values, iTXt otherwise); JPEG and WebP carry none.
+pub fn save_image(path: &Path, image: &RgbImage, metadata: &[(String, String)]) -> Result<()> {
+    let format = Format::from_path(path)?;
+    let tmp = temp_path(path);
+    let result = write_file(&tmp, format, image, metadata).and_then(|()| {
+        std::fs::rename(&tmp, path).with_context(|| {
+            format!(
+                "cannot move {} into place at {}",
+                tmp.display(),
+                path.display()
+            )
+        })
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn write_file(
+    tmp: &Path,
+    format: Format,
+    image: &RgbImage,
+    metadata: &[(String, String)],
+) -> Result<()> {
+    let file = File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut w = BufWriter::new(file);
+    match format {
+        Format::Png => write_png(&mut w, image, metadata)?,
+        Format::Jpeg => {
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut w, 95)
+                .encode_image(image)
+                .context("JPEG encoding failed")?;
+        }
+        Format::WebP => {
+            image::codecs::webp::WebPEncoder::new_lossless(&mut w)
+                .encode(
+                    image.as_raw(),
+                    image.width(),
+                    image.height(),
+                    image::ExtendedColorType::Rgb8,
+                )
+                .context("WebP encoding failed")?;
+        }
+    }
+    let file = w
+        .into_inner()
+        .map_err(|e| anyhow!("cannot write {}: {}", tmp.display(), e.error()))?;
+    // Durable before the rename makes it visible.
+    file.sync_all()
+        .with_context(|| format!("cannot flush {}", tmp.display()))?;
+    Ok(())
+}
+
+fn write_png<W: Write>(w: W, image: &RgbImage, metadata: &[(String, String)]) -> Result<()> {
+    let mut enc = png::Encoder::new(w, image.width(), image.height());
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    for (key, value) in metadata {
+        if value.is_ascii() {
+            enc.add_text_chunk(key.clone(), value.clone())
+        } else {
+            enc.add_itxt_chunk(key.clone(), value.clone())
+        }
+        .with_context(|| format!("cannot store the {key:?} PNG text chunk"))?;
+    }
+    let mut writer = enc.write_header().context("PNG encoding failed")?;
+    writer
+        .write_image_data(image.as_raw())
+        .context("PNG encoding failed")?;
+    writer.finish().context("PNG encoding failed")?;
+    Ok(())
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `dir/.name.tmp-<pid>`: hidden, in the same directory (so the rename is atomic), unique per
+/// process.
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    parent_dir(path).join(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_and_names() {
+        assert_eq!(Format::from_path(Path::new("a.PNG")).unwrap(), Format::Png);
+        assert_eq!(
+            Format::from_path(Path::new("a.jpeg")).unwrap(),
+            Format::Jpeg
+        );
+        assert_eq!(
+            Format::from_path(Path::new("a.webp")).unwrap(),
+            Format::WebP
+        );
+        let err = Format::from_path(Path::new("a.gif"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(".gif"), "{err}");
+        assert!(Format::from_path(Path::new("a")).is_err());
+        assert_eq!(output_path(None, 7), PathBuf::from("flux2-klein-7.png"));
+        assert_eq!(
+            output_path(Some(Path::new("out/x-{seed}.jpg")), 3),
+            PathBuf::from("out/x-3.jpg")
+        );
+    }
+
+    #[test]
+    fn png_round_trip_with_text_chunks() {
+        let dir = std::env::temp_dir().join(format!("flux2-klein-output-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.png");
+        let img = RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8, y as u8, 9]));
+        let meta = vec![
+            ("prompt".to_string(), "un café ☕".to_string()),
+            ("seed".to_string(), "42".to_string()),
+        ];
+        check_output(&path).unwrap();
+        save_image(&path, &img, &meta).unwrap();
+        let back = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(back, img);
+        let dec = png::Decoder::new(std::io::BufReader::new(File::open(&path).unwrap()));
+        let reader = dec.read_info().unwrap();
+        let info = reader.info();
+        assert_eq!(info.uncompressed_latin1_text[0].text, "42");
+        assert_eq!(info.utf8_text[0].get_text().unwrap(), "un café ☕");
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty());
+        for name in ["t.jpg", "t.JPEG", "t.webp"] {
+            let path = dir.join(name);
+            save_image(&path, &img, &meta).unwrap();
+            let back = image::open(&path).unwrap().to_rgb8();
+            assert_eq!(back.dimensions(), img.dimensions(), "{name}");
+            if name.ends_with("webp") {
+                assert_eq!(back, img, "lossless WebP");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

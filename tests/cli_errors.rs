@@ -1,0 +1,381 @@
+//! The `flux2-klein` binary's failure paths: each must fail fast (before any model loads where
+//! the problem is in the arguments), with one `error: …` line on stderr that names the bad
+//! argument and says what to do, exit status 2 for usage errors and 1 for everything else,
+//! nothing on stdout, and no output file left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flux2-klein");
+
+/// A fresh, empty directory for one test (removed when dropped).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("flux2-klein-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+
+    /// Names of the entries in the directory, sorted.
+    fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Fails clearly when `BIN` is not this CLI (a target directory shared between checkouts can
+/// hold another checkout's build of the same binary).
+fn check_binary() {
+    let o = Command::new(BIN)
+        .arg("--version")
+        .output()
+        .expect("running flux2-klein");
+    let v = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        v.starts_with("flux2-klein "),
+        "{BIN} is not the flux2-klein CLI (`--version` printed {v:?}); rebuild it"
+    );
+}
+
+/// Runs the binary in `dir` with a clean model environment (no `FLUX2_KLEIN_MODEL`, an empty
+/// offline HF cache) so that nothing can reach the network or a real model.
+fn run_in(dir: &Path, args: &[&str]) -> Output {
+    check_binary();
+    let hf_home = dir.join(".hf-home");
+    std::fs::create_dir_all(&hf_home).unwrap();
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("FLUX2_KLEIN_MODEL")
+        .env_remove("HF_TOKEN")
+        .env("HF_HOME", &hf_home)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("running flux2-klein")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a runtime failure: exit 1, nothing on stdout, exactly one `error:` line (warnings
+/// may precede it) that contains every needle; returns that line.
+fn assert_runtime_error(o: &Output, needles: &[&str]) -> String {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "exit status; stderr:\n{err}");
+    assert!(o.stdout.is_empty(), "stdout must stay empty on failure");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("warning: "))
+        .collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got:\n{err}");
+    let line = lines[0];
+    assert!(line.starts_with("error: "), "{line}");
+    for n in needles {
+        assert!(line.contains(n), "{n:?} missing from: {line}");
+    }
+    line.to_string()
+}
+
+/// Only the temp HF home (created by `run_in`) and the given inputs may be in `dir`.
+fn assert_no_output(dir: &TempDir, inputs: &[&str]) {
+    let mut expected: Vec<String> = inputs.iter().map(|s| s.to_string()).collect();
+    expected.push(".hf-home".into());
+    expected.sort();
+    assert_eq!(
+        dir.entries(),
+        expected,
+        "no output or temp file may be left"
+    );
+}
+
+fn write_png(path: &Path, w: u32, h: u32) {
+    image::RgbImage::from_pixel(w, h, image::Rgb([120, 60, 30]))
+        .save(path)
+        .unwrap();
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let dir = TempDir::new("usage");
+    for args in [
+        &["generate"][..],                       // no prompt
+        &["generate", "-p", "x", "--bogus"][..], // unknown option
+        &["generate", "-p", "x", "--steps", "0"][..],
+        &["generate", "-p", "x", "--seed", "-1"][..],
+        &["generate", "-p", "x", "--device", "tpu"][..],
+        &["generate", "-p", "x", "--dtype", "f8"][..],
+        &["bench", "--size", "1024"][..],
+        &["frobnicate"][..],
+    ] {
+        let o = run_in(dir.path(), args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).starts_with("error: "),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+        assert!(o.stdout.is_empty());
+    }
+    assert_no_output(&dir, &[]);
+}
+
+#[test]
+fn help_lists_the_options() {
+    let dir = TempDir::new("help");
+    let o = run_in(dir.path(), &["generate", "--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&o.stdout);
+    for opt in [
+        "--prompt",
+        "--ref",
+        "--width",
+        "--height",
+        "--steps",
+        "--guidance",
+        "--seed",
+        "--output",
+        "--model",
+        "FLUX2_KLEIN_MODEL",
+        "black-forest-labs/FLUX.2-klein-4B",
+        "--revision",
+        "--device",
+        "--dtype",
+        "--vae-dtype",
+        "--vae-tile",
+        "--quiet",
+        "--verbose",
+    ] {
+        assert!(help.contains(opt), "generate --help lacks {opt}:\n{help}");
+    }
+    let o = run_in(dir.path(), &["bench", "--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&o.stdout);
+    for opt in [
+        "--size", "--runs", "--warmup", "--ref", "--json", "--steps", "--model", "--device",
+    ] {
+        assert!(help.contains(opt), "bench --help lacks {opt}:\n{help}");
+    }
+    let o = run_in(dir.path(), &["--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        help.contains("generate") && help.contains("bench"),
+        "{help}"
+    );
+}
+
+#[test]
+fn unknown_output_extension_fails_before_anything_else() {
+    let dir = TempDir::new("ext");
+    // The model does not exist either: the extension must be reported first (cheap checks run
+    // before the model is resolved).
+    let o = run_in(
+        dir.path(),
+        &["generate", "-p", "a cat", "-o", "out.gif", "-m", "./nope"],
+    );
+    assert_runtime_error(&o, &[".gif", ".png"]);
+    assert_no_output(&dir, &[]);
+
+    let o = run_in(dir.path(), &["generate", "-p", "a cat", "-o", "out"]);
+    assert_runtime_error(&o, &["no extension"]);
+    assert_no_output(&dir, &[]);
+}
+
+#[test]
+fn missing_output_directory() {
+    let dir = TempDir::new("outdir");
+    let o = run_in(
+        dir.path(),
+        &[
+            "generate",
+            "-p",
+            "a cat",
+            "-o",
+            "missing/out.png",
+            "-m",
+            "./nope",
+        ],
+    );
+    assert_runtime_error(&o, &["missing", "does not exist"]);
+    assert_no_output(&dir, &[]);
+}
+
+#[test]
+fn missing_reference_file() {
+    let dir = TempDir::new("noref");
+    let o = run_in(
+        dir.path(),
+        &[
+            "generate", "-p", "a cat", "-r", "nope.png", "-o", "out.png", "-m", "./nope",
+        ],
+    );
+    assert_runtime_error(&o, &["nope.png", "does not exist", "--ref"]);
+    assert_no_output(&dir, &[]);
+}
+
+#[test]
+fn undecodable_reference_file() {
+    let dir = TempDir::new("badref");
+    std::fs::write(dir.join("bad.png"), b"this is not an image").unwrap();
+    let o = run_in(
+        dir.path(),
+        &["generate", "-p", "a cat", "-r", "bad.png", "-o", "out.png"],
+    );
+    assert_runtime_error(&o, &["bad.png", "cannot decode"]);
+    assert_no_output(&dir, &["bad.png"]);
+}
+
+#[test]
+fn too_small_reference() {
+    let dir = TempDir::new("smallref");
+    write_png(&dir.join("ok.png"), 64, 64);
+    write_png(&dir.join("small.png"), 40, 56);
+    let o = run_in(
+        dir.path(),
+        &[
+            "generate",
+            "-p",
+            "a cat",
+            "-r",
+            "ok.png",
+            "-r",
+            "small.png",
+            "-o",
+            "out.png",
+        ],
+    );
+    assert_runtime_error(&o, &["small.png", "40×56", "64 px"]);
+    assert_no_output(&dir, &["ok.png", "small.png"]);
+}
+
+#[test]
+fn too_elongated_reference() {
+    let dir = TempDir::new("longref");
+    write_png(&dir.join("long.png"), 520, 64);
+    let o = run_in(
+        dir.path(),
+        &["generate", "-p", "a cat", "-r", "long.png", "-o", "out.png"],
+    );
+    assert_runtime_error(&o, &["long.png", "aspect ratio", "8:1"]);
+    assert_no_output(&dir, &["long.png"]);
+}
+
+#[test]
+fn width_below_minimum_is_a_usage_error() {
+    let dir = TempDir::new("width");
+    let o = run_in(dir.path(), &["generate", "-p", "a cat", "--width", "40"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--width") && err.contains("40") && err.contains("64"),
+        "{err}"
+    );
+    assert_no_output(&dir, &[]);
+}
+
+#[test]
+fn nonexistent_local_model_directory() {
+    let dir = TempDir::new("nomodel");
+    let o = run_in(
+        dir.path(),
+        &[
+            "generate", "-p", "a cat", "-m", "./nope", "--device", "cpu", "-o", "out.png",
+        ],
+    );
+    assert_runtime_error(&o, &["./nope", "does not exist"]);
+    assert_no_output(&dir, &[]);
+}
+
+#[test]
+fn model_from_environment_variable() {
+    let dir = TempDir::new("envmodel");
+    let o = Command::new(BIN)
+        .args([
+            "generate", "-p", "a cat", "--device", "cpu", "-o", "out.png",
+        ])
+        .current_dir(dir.path())
+        .env("FLUX2_KLEIN_MODEL", "./nope-from-env")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert_runtime_error(&o, &["./nope-from-env"]);
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_device_on_a_cpu_only_build() {
+    let dir = TempDir::new("cuda");
+    for dev in ["cuda", "cuda:1"] {
+        let o = run_in(
+            dir.path(),
+            &["generate", "-p", "a cat", "--device", dev, "-o", "out.png"],
+        );
+        assert_runtime_error(&o, &["--features cuda", "--device cpu"]);
+    }
+    assert_no_output(&dir, &[]);
+}
+
+#[test]
+fn offline_without_a_model_says_how_to_use_a_local_directory() {
+    let dir = TempDir::new("offline");
+    let o = run_in(
+        dir.path(),
+        &[
+            "generate", "-p", "a cat", "--device", "cpu", "-o", "out.png",
+        ],
+    );
+    assert_runtime_error(&o, &["black-forest-labs/FLUX.2-klein-4B", "--model DIR"]);
+    assert_no_output(&dir, &[]);
+}
+
+#[test]
+fn quiet_still_prints_warnings_and_errors() {
+    let dir = TempDir::new("quiet");
+    let o = run_in(
+        dir.path(),
+        &[
+            "-q", "generate", "-p", "a cat", "-W", "1000", "-m", "./nope", "-o", "out.png",
+        ],
+    );
+    let line = assert_runtime_error(&o, &["./nope"]);
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning: --width 1000 is not a multiple of 16; using 992"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 2, "only the warning and {line}");
+    assert_no_output(&dir, &[]);
+}
+
+#[test]
+fn bench_checks_arguments_before_loading() {
+    let dir = TempDir::new("bench");
+    let o = run_in(dir.path(), &["bench", "-r", "nope.png", "-m", "./nope"]);
+    assert_runtime_error(&o, &["nope.png"]);
+    let o = run_in(dir.path(), &["bench", "--size", "512x512", "-m", "./nope"]);
+    assert_runtime_error(&o, &["./nope"]);
+    assert_no_output(&dir, &[]);
+}
