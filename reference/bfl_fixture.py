@@ -1,5 +1,11 @@
-"""Writes tests/fixtures/transformer/tiny-w0-bfl.safetensors: the tiny-w0 transformer under the
-original Black Forest Labs single-file names (as in `flux-2-klein-4b.safetensors`).
+"""Transformer fixtures, in tests/fixtures/transformer/:
+
+1. `tiny-w0-bfl.safetensors`: the tiny-w0 transformer under the original Black Forest Labs
+   single-file names (as in `flux-2-klein-4b.safetensors`).
+2. `tiny-guidance/`: a tiny `Flux2Transformer2DModel` with `guidance_embeds=True` (the
+   FLUX.2 [dev]-style guidance embedder, absent from klein) saved by diffusers
+   (`config.json`, `diffusion_pytorch_model.safetensors`, f32) and `io.safetensors` with
+   random inputs and the diffusers outputs with and without a guidance value.
 
 The map is the inverse of diffusers' `convert_flux2_transformer_checkpoint_to_diffusers`
 (loaders/single_file_utils.py, same as scripts/convert_flux2_to_diffusers.py), written here by
@@ -119,5 +125,45 @@ def main():
     print(f"wrote {OUT}: {len(bfl)} tensors (from {len(sd)} diffusers tensors), round trip exact")
 
 
+def guidance_fixture():
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=256,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+    ).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or "norm_added" in name:
+                p.copy_(3.0 * (1.0 + 0.2 * torch.randn_like(p)))
+    out_dir = os.path.join(OUT_DIR, "tiny-guidance")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    g = torch.Generator().manual_seed(1)
+    n, l = 12, 8
+    img_ids = torch.tensor([[0, h, w, 0] for h in range(3) for w in range(4)], dtype=torch.int64)[None]
+    txt_ids = torch.tensor([[0, 0, 0, i] for i in range(l)], dtype=torch.int64)[None]
+    io = {
+        "hidden_states": torch.randn(1, n, 16, generator=g),
+        "encoder_hidden_states": torch.randn(1, l, 24, generator=g),
+        "timestep": torch.tensor([0.7]),
+        "guidance": torch.tensor([4.0]),
+        "img_ids": img_ids,
+        "txt_ids": txt_ids,
+    }
+    with torch.no_grad():
+        args = {k: io[k] for k in ("hidden_states", "encoder_hidden_states", "timestep", "img_ids", "txt_ids")}
+        io["output"] = model(**args, guidance=io["guidance"], return_dict=False)[0]
+        io["output_no_guidance"] = model(**args, guidance=None, return_dict=False)[0]
+    save_file({k: v.contiguous() for k, v in io.items()}, os.path.join(out_dir, "io.safetensors"))
+    print(f"wrote {out_dir}: guidance changes the output by "
+          f"{(io['output'] - io['output_no_guidance']).abs().max().item():.3e}")
+
+
 if __name__ == "__main__":
     main()
+    guidance_fixture()
+    for dirpath, _, files in os.walk(OUT_DIR):
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o644)

@@ -161,6 +161,49 @@ fn bfl_single_file_matches_diffusers_names() {
     }
 }
 
+/// A checkpoint with `guidance_embeds=True` (FLUX.2 [dev]-style; made by diffusers in
+/// `reference/bfl_fixture.py`): the guidance embedder loads and is added to the timestep
+/// embedding, and a missing guidance value is ignored, as in diffusers.
+#[test]
+fn guidance_embedder_matches_diffusers() {
+    let dir = fixtures().join("transformer/tiny-guidance");
+    let cfg = Flux2TransformerConfig::from_file(dir.join("config.json")).unwrap();
+    assert!(cfg.guidance_embeds);
+    let weights = dir.join("diffusion_pytorch_model.safetensors");
+    let m =
+        Flux2Transformer::load_safetensors(&[&weights], &cfg, DType::F32, &Device::Cpu).unwrap();
+    let io = candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu).unwrap();
+    let run = |g: Option<&Tensor>| {
+        m.forward(
+            &io["hidden_states"],
+            &io["encoder_hidden_states"],
+            &io["timestep"],
+            &io["img_ids"],
+            &io["txt_ids"],
+            g,
+        )
+        .unwrap()
+    };
+    assert_close(
+        "guidance output",
+        &run(Some(&io["guidance"])),
+        &io["output"],
+        F32_TOL,
+    );
+    assert_close(
+        "no-guidance output",
+        &run(None),
+        &io["output_no_guidance"],
+        F32_TOL,
+    );
+    let stored: u64 = candle_core::safetensors::load(&weights, &Device::Cpu)
+        .unwrap()
+        .values()
+        .map(|t| t.elem_count() as u64)
+        .sum();
+    assert_eq!(cfg.parameter_count(), stored);
+}
+
 /// Parameter counts from the config alone: the real klein-4B value (spec §0/§5.1) and the
 /// element counts of the tiny safetensors files.
 #[test]
