@@ -1,1 +1,20 @@
-//! (work in progress)
+//! FLUX.2 transformer: diffusers' `Flux2Transformer2DModel` (spec §5), in any dtype the
+//! weights are loaded in (f32 for parity tests, bf16 for inference, spec §1 dtype rules).
+//!
+//! * [`config`]: `transformer/config.json` and the parameter count;
+//! * [`embed`]: timestep/guidance embedding and the RoPE tables;
+//! * [`attention`]: the attention kernel (one function, to be replaced by a fused kernel);
+//! * [`blocks`]: modulation, norms, feed-forward, double- and single-stream blocks;
+//! * [`model`]: the whole model ([`Flux2Transformer`]);
+//! * [`bfl`]: loading the original BFL single-file checkpoint.
+
+pub mod attention;
+pub mod bfl;
+pub mod blocks;
+pub mod config;
+pub mod embed;
+pub mod model;
+
+pub use config::Flux2TransformerConfig;
+pub use embed::RopeTables;
+pub use model::{Flux2Transformer, Trace};

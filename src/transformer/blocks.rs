@@ -1,0 +1,338 @@
+//! Modulation, normalisations, feed-forward and the double-/single-stream blocks
+//! (spec §5.2 steps 2, 5, 6).
+//!
+//! Dtype rules (spec §1): in bf16 every elementwise op rounds to bf16 — `(1+scale)` is
+//! rounded, then `·norm`, then `+shift` — which candle's bf16 binary ops do as well. The ops
+//! that torch evaluates internally in f32 with a single final rounding (LayerNorm, the q/k
+//! RMSNorm *including its weight*, SiLU, RoPE, the attention softmax) are done the same way.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{linear_no_bias, Linear, Module, VarBuilder};
+
+use super::attention::attention;
+use super::config::Flux2TransformerConfig;
+use super::embed::RopeTables;
+
+/// SiLU with torch's rounding: computed in f32 and rounded once to the input dtype (candle's
+/// native bf16 SiLU rounds `exp`, `1+exp` and the quotient separately).
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 || dtype == DType::F64 {
+        Ok(x.silu()?)
+    } else {
+        Ok(x.to_dtype(DType::F32)?.silu()?.to_dtype(dtype)?)
+    }
+}
+
+/// `nn.LayerNorm(dim, elementwise_affine=False)`: statistics and normalisation in f32, one
+/// rounding to the input dtype (spec §1). `candle_nn::ops::layer_norm` is that computation
+/// (its weight/bias here are the constants 1 and 0, which change nothing).
+#[derive(Debug, Clone)]
+pub struct PlainLayerNorm {
+    ones: Tensor,
+    zeros: Tensor,
+    eps: f32,
+}
+
+impl PlainLayerNorm {
+    pub fn new(dim: usize, eps: f64, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self {
+            ones: Tensor::ones(dim, dtype, device)?,
+            zeros: Tensor::zeros(dim, dtype, device)?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &self.ones,
+            &self.zeros,
+            self.eps,
+        )?)
+    }
+}
+
+/// `torch.nn.RMSNorm(head_dim)` on the q/k heads: `x·rsqrt(mean(x²)+eps)·w` evaluated in f32
+/// **with the weight applied in f32** and a single rounding (spec §1, unlike Qwen3's RMSNorm).
+/// `candle_nn::ops::rms_norm` on f32 inputs is that computation.
+#[derive(Debug, Clone)]
+pub struct QkRmsNorm {
+    weight_f32: Tensor,
+    eps: f32,
+}
+
+impl QkRmsNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?;
+        Ok(Self {
+            weight_f32: weight.to_dtype(DType::F32)?,
+            eps: eps as f32,
+        })
+    }
+
+    /// `x` [..., head_dim] (contiguous or not).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?.contiguous()?;
+        Ok(candle_nn::ops::rms_norm(&xf, &self.weight_f32, self.eps)?.to_dtype(dtype)?)
+    }
+}
+
+/// shift, scale, gate chunks, each `[B, 1, D]` (a view into the modulation output).
+#[derive(Debug, Clone)]
+pub struct ModParams {
+    pub shift: Tensor,
+    pub scale: Tensor,
+    pub gate: Tensor,
+}
+
+impl ModParams {
+    /// `(1 + scale) * x + shift`, each op rounded in the model dtype (spec §1).
+    pub fn modulate(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.broadcast_mul(&(&self.scale + 1.0)?)?
+            .broadcast_add(&self.shift)?)
+    }
+}
+
+/// diffusers' `Flux2Modulation`: `linear(silu(temb))` → `[B, 3·sets·D]`.
+#[derive(Debug, Clone)]
+pub struct Modulation {
+    linear: Linear,
+    sets: usize,
+}
+
+impl Modulation {
+    pub fn load(vb: VarBuilder, dim: usize, sets: usize) -> Result<Self> {
+        Ok(Self {
+            linear: linear_no_bias(dim, dim * 3 * sets, vb.pp("linear"))?,
+            sets,
+        })
+    }
+
+    /// Raw modulation vector `[B, 3·sets·D]` (what diffusers' module returns).
+    pub fn forward(&self, temb: &Tensor) -> Result<Tensor> {
+        Ok(self.linear.forward(&silu(temb)?)?)
+    }
+
+    /// `Flux2Modulation.split`: `sets` groups of (shift, scale, gate), each `[B, 1, D]`.
+    pub fn split(&self, m: &Tensor) -> Result<Vec<ModParams>> {
+        let m = m.unsqueeze(1)?;
+        let chunks = m.chunk(3 * self.sets, D::Minus1)?;
+        Ok(chunks
+            .chunks(3)
+            .map(|c| ModParams {
+                shift: c[0].clone(),
+                scale: c[1].clone(),
+                gate: c[2].clone(),
+            })
+            .collect())
+    }
+}
+
+/// SwiGLU on a fused `[gate | value]` projection: `silu(u[..., :F]) * u[..., F:]`.
+fn swiglu(u: &Tensor) -> Result<Tensor> {
+    let f = u.dim(D::Minus1)? / 2;
+    Ok((silu(&u.narrow(D::Minus1, 0, f)?)? * u.narrow(D::Minus1, f, f)?)?)
+}
+
+/// `Flux2FeedForward`: `linear_out(swiglu(linear_in(x)))`.
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    linear_in: Linear,
+    linear_out: Linear,
+}
+
+impl FeedForward {
+    pub fn load(vb: VarBuilder, dim: usize, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            linear_in: linear_no_bias(dim, 2 * hidden, vb.pp("linear_in"))?,
+            linear_out: linear_no_bias(hidden, dim, vb.pp("linear_out"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let u = self.linear_in.forward(x)?;
+        Ok(self.linear_out.forward(&swiglu(&u)?)?)
+    }
+}
+
+/// `[B, S, H·hd]` → `[B, S, H, hd]`.
+fn heads(x: &Tensor, n_heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (b, s, _) = x.dims3()?;
+    Ok(x.reshape((b, s, n_heads, head_dim))?)
+}
+
+/// Joint attention on `[B, S, H, hd]` q/k/v (already normed): RoPE on q and k, attention,
+/// back to `[B, S, H·hd]`.
+fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &RopeTables) -> Result<Tensor> {
+    let (b, s, h, hd) = q.dims4()?;
+    let q = rope.apply(&q.transpose(1, 2)?)?;
+    let k = rope.apply(&k.transpose(1, 2)?)?;
+    let v = v.transpose(1, 2)?.contiguous()?;
+    let o = attention(&q, &k, &v)?; // [B, H, S, hd]
+    Ok(o.transpose(1, 2)?.reshape((b, s, h * hd))?)
+}
+
+/// `Flux2TransformerBlock` (double stream): separate weights for the image and text tokens,
+/// one joint attention over `[txt, img]`.
+#[derive(Debug, Clone)]
+pub struct DoubleStreamBlock {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    norm_q: QkRmsNorm,
+    norm_k: QkRmsNorm,
+    to_out: Linear,
+    add_q_proj: Linear,
+    add_k_proj: Linear,
+    add_v_proj: Linear,
+    norm_added_q: QkRmsNorm,
+    norm_added_k: QkRmsNorm,
+    to_add_out: Linear,
+    ff: FeedForward,
+    ff_context: FeedForward,
+    norm: PlainLayerNorm,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl DoubleStreamBlock {
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &Flux2TransformerConfig,
+        norm: PlainLayerNorm,
+    ) -> Result<Self> {
+        let d = cfg.inner_dim();
+        let hd = cfg.attention_head_dim;
+        let a = vb.pp("attn");
+        Ok(Self {
+            to_q: linear_no_bias(d, d, a.pp("to_q"))?,
+            to_k: linear_no_bias(d, d, a.pp("to_k"))?,
+            to_v: linear_no_bias(d, d, a.pp("to_v"))?,
+            norm_q: QkRmsNorm::load(a.pp("norm_q"), hd, cfg.eps)?,
+            norm_k: QkRmsNorm::load(a.pp("norm_k"), hd, cfg.eps)?,
+            to_out: linear_no_bias(d, d, a.pp("to_out").pp("0"))?,
+            add_q_proj: linear_no_bias(d, d, a.pp("add_q_proj"))?,
+            add_k_proj: linear_no_bias(d, d, a.pp("add_k_proj"))?,
+            add_v_proj: linear_no_bias(d, d, a.pp("add_v_proj"))?,
+            norm_added_q: QkRmsNorm::load(a.pp("norm_added_q"), hd, cfg.eps)?,
+            norm_added_k: QkRmsNorm::load(a.pp("norm_added_k"), hd, cfg.eps)?,
+            to_add_out: linear_no_bias(d, d, a.pp("to_add_out"))?,
+            ff: FeedForward::load(vb.pp("ff"), d, cfg.mlp_hidden_dim())?,
+            ff_context: FeedForward::load(vb.pp("ff_context"), d, cfg.mlp_hidden_dim())?,
+            norm,
+            heads: cfg.num_attention_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// `img` [B, N, D], `txt` [B, L, D]; `mod_img`/`mod_txt`: the (attention, MLP) parameter
+    /// sets; `rope`: the joint `[txt, img]` table. Returns `(txt, img)`.
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        mod_img: &[ModParams],
+        mod_txt: &[ModParams],
+        rope: &RopeTables,
+    ) -> Result<(Tensor, Tensor)> {
+        let (hh, hd) = (self.heads, self.head_dim);
+        let l = txt.dim(1)?;
+        let n = img.dim(1)?;
+
+        let ni = mod_img[0].modulate(&self.norm.forward(img)?)?;
+        let nc = mod_txt[0].modulate(&self.norm.forward(txt)?)?;
+
+        let q = self
+            .norm_q
+            .forward(&heads(&self.to_q.forward(&ni)?, hh, hd)?)?;
+        let k = self
+            .norm_k
+            .forward(&heads(&self.to_k.forward(&ni)?, hh, hd)?)?;
+        let v = heads(&self.to_v.forward(&ni)?, hh, hd)?;
+        let qc = self
+            .norm_added_q
+            .forward(&heads(&self.add_q_proj.forward(&nc)?, hh, hd)?)?;
+        let kc = self
+            .norm_added_k
+            .forward(&heads(&self.add_k_proj.forward(&nc)?, hh, hd)?)?;
+        let vc = heads(&self.add_v_proj.forward(&nc)?, hh, hd)?;
+
+        // Text tokens first (spec §5.2 step 5).
+        let o = rope_attention(
+            &Tensor::cat(&[&qc, &q], 1)?,
+            &Tensor::cat(&[&kc, &k], 1)?,
+            &Tensor::cat(&[&vc, &v], 1)?,
+            rope,
+        )?;
+        let attn_txt = self.to_add_out.forward(&o.narrow(1, 0, l)?)?;
+        let attn_img = self.to_out.forward(&o.narrow(1, l, n)?)?;
+
+        let img = (img + attn_img.broadcast_mul(&mod_img[0].gate)?)?;
+        let ff = self
+            .ff
+            .forward(&mod_img[1].modulate(&self.norm.forward(&img)?)?)?;
+        let img = (img + ff.broadcast_mul(&mod_img[1].gate)?)?;
+
+        let txt = (txt + attn_txt.broadcast_mul(&mod_txt[0].gate)?)?;
+        let ff = self
+            .ff_context
+            .forward(&mod_txt[1].modulate(&self.norm.forward(&txt)?)?)?;
+        let txt = (txt + ff.broadcast_mul(&mod_txt[1].gate)?)?;
+        Ok((txt, img))
+    }
+}
+
+/// `Flux2SingleTransformerBlock`: one fused projection for q, k, v and the MLP input, one
+/// fused output projection for the attention and MLP outputs (a "parallel" block).
+#[derive(Debug, Clone)]
+pub struct SingleStreamBlock {
+    to_qkv_mlp_proj: Linear,
+    norm_q: QkRmsNorm,
+    norm_k: QkRmsNorm,
+    to_out: Linear,
+    norm: PlainLayerNorm,
+    heads: usize,
+    head_dim: usize,
+    mlp_hidden: usize,
+}
+
+impl SingleStreamBlock {
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &Flux2TransformerConfig,
+        norm: PlainLayerNorm,
+    ) -> Result<Self> {
+        let d = cfg.inner_dim();
+        let f = cfg.mlp_hidden_dim();
+        let hd = cfg.attention_head_dim;
+        let a = vb.pp("attn");
+        Ok(Self {
+            to_qkv_mlp_proj: linear_no_bias(d, 3 * d + 2 * f, a.pp("to_qkv_mlp_proj"))?,
+            norm_q: QkRmsNorm::load(a.pp("norm_q"), hd, cfg.eps)?,
+            norm_k: QkRmsNorm::load(a.pp("norm_k"), hd, cfg.eps)?,
+            to_out: linear_no_bias(d + f, d, a.pp("to_out"))?,
+            norm,
+            heads: cfg.num_attention_heads,
+            head_dim: hd,
+            mlp_hidden: f,
+        })
+    }
+
+    /// `z` [B, L+N, D] (text then image tokens), one parameter set, joint RoPE table.
+    pub fn forward(&self, z: &Tensor, m: &ModParams, rope: &RopeTables) -> Result<Tensor> {
+        let (hh, hd, f) = (self.heads, self.head_dim, self.mlp_hidden);
+        let d = hh * hd;
+        let n = m.modulate(&self.norm.forward(z)?)?;
+        let u = self.to_qkv_mlp_proj.forward(&n)?;
+        let q = self.norm_q.forward(&heads(&u.narrow(2, 0, d)?, hh, hd)?)?;
+        let k = self.norm_k.forward(&heads(&u.narrow(2, d, d)?, hh, hd)?)?;
+        let v = heads(&u.narrow(2, 2 * d, d)?, hh, hd)?;
+        let o = rope_attention(&q, &k, &v, rope)?;
+        let g = swiglu(&u.narrow(2, 3 * d, 2 * f)?)?;
+        let out = self.to_out.forward(&Tensor::cat(&[&o, &g], 2)?)?;
+        Ok((z + out.broadcast_mul(&m.gate)?).context("single-stream residual")?)
+    }
+}

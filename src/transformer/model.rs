@@ -1,0 +1,371 @@
+//! `Flux2Transformer2DModel` (spec §5.2): embeddings, 5 double-stream blocks, 20
+//! single-stream blocks, adaptive output norm and projection (klein 4B numbers).
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{linear_no_bias, Linear, Module, VarBuilder};
+
+use super::blocks::{silu, DoubleStreamBlock, Modulation, PlainLayerNorm, SingleStreamBlock};
+use super::config::Flux2TransformerConfig;
+use super::embed::{RopeTables, TimestepGuidanceEmbeddings};
+
+/// Named intermediate activations of one forward pass, in computation order, under the
+/// names the refcheck cases record after `step.0.cond.blk.` (e.g. `double.0.img`).
+pub type Trace = Vec<(String, Tensor)>;
+
+/// diffusers' `AdaLayerNormContinuous(D, D, elementwise_affine=False, bias=False)`:
+/// `LN(x)·(1+scale) + shift` with `[scale, shift] = linear(silu(temb))` — note the
+/// (scale, shift) order, opposite to the block modulations (spec §5.2 step 7).
+#[derive(Debug, Clone)]
+struct AdaLayerNormContinuous {
+    linear: Linear,
+    norm: PlainLayerNorm,
+}
+
+impl AdaLayerNormContinuous {
+    fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let emb = self.linear.forward(&silu(temb)?)?.unsqueeze(1)?;
+        let d = emb.dim(2)? / 2;
+        let scale = emb.narrow(2, 0, d)?;
+        let shift = emb.narrow(2, d, d)?;
+        Ok(self
+            .norm
+            .forward(x)?
+            .broadcast_mul(&(scale + 1.0)?)?
+            .broadcast_add(&shift)?)
+    }
+}
+
+/// The FLUX.2 transformer (diffusers `Flux2Transformer2DModel`).
+#[derive(Debug, Clone)]
+pub struct Flux2Transformer {
+    cfg: Flux2TransformerConfig,
+    dtype: DType,
+    device: Device,
+    time_guidance_embed: TimestepGuidanceEmbeddings,
+    double_stream_modulation_img: Modulation,
+    double_stream_modulation_txt: Modulation,
+    single_stream_modulation: Modulation,
+    x_embedder: Linear,
+    context_embedder: Linear,
+    transformer_blocks: Vec<DoubleStreamBlock>,
+    single_transformer_blocks: Vec<SingleStreamBlock>,
+    norm_out: AdaLayerNormContinuous,
+    proj_out: Linear,
+}
+
+impl Flux2Transformer {
+    /// Builds the model from a `VarBuilder` over diffusers-named weights
+    /// (`transformer_blocks.{i}.attn.to_q.weight`, …). The model computes in `vb.dtype()`.
+    pub fn load(vb: VarBuilder, cfg: &Flux2TransformerConfig) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.inner_dim();
+        let dtype = vb.dtype();
+        let device = vb.device().clone();
+        let norm = PlainLayerNorm::new(d, cfg.eps, dtype, &device)?;
+        let transformer_blocks = (0..cfg.num_layers)
+            .map(|i| {
+                DoubleStreamBlock::load(vb.pp("transformer_blocks").pp(i), cfg, norm.clone())
+                    .with_context(|| format!("loading transformer_blocks.{i}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let single_transformer_blocks = (0..cfg.num_single_layers)
+            .map(|i| {
+                SingleStreamBlock::load(vb.pp("single_transformer_blocks").pp(i), cfg, norm.clone())
+                    .with_context(|| format!("loading single_transformer_blocks.{i}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            time_guidance_embed: TimestepGuidanceEmbeddings::load(
+                vb.pp("time_guidance_embed"),
+                cfg.timestep_guidance_channels,
+                d,
+                cfg.guidance_embeds,
+            )
+            .context("loading time_guidance_embed")?,
+            double_stream_modulation_img: Modulation::load(
+                vb.pp("double_stream_modulation_img"),
+                d,
+                2,
+            )?,
+            double_stream_modulation_txt: Modulation::load(
+                vb.pp("double_stream_modulation_txt"),
+                d,
+                2,
+            )?,
+            single_stream_modulation: Modulation::load(vb.pp("single_stream_modulation"), d, 1)?,
+            x_embedder: linear_no_bias(cfg.in_channels, d, vb.pp("x_embedder"))?,
+            context_embedder: linear_no_bias(
+                cfg.joint_attention_dim,
+                d,
+                vb.pp("context_embedder"),
+            )?,
+            transformer_blocks,
+            single_transformer_blocks,
+            norm_out: AdaLayerNormContinuous {
+                linear: linear_no_bias(d, 2 * d, vb.pp("norm_out").pp("linear"))?,
+                norm,
+            },
+            proj_out: linear_no_bias(
+                d,
+                cfg.patch_size * cfg.patch_size * cfg.out_channels(),
+                vb.pp("proj_out"),
+            )?,
+            cfg: cfg.clone(),
+            dtype,
+            device,
+        })
+    }
+
+    /// Loads `diffusion_pytorch_model.safetensors` (or its shards) in `dtype` on `device`.
+    pub fn load_safetensors(
+        paths: &[impl AsRef<std::path::Path>],
+        cfg: &Flux2TransformerConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let names: Vec<_> = paths
+            .iter()
+            .map(|p| p.as_ref().display().to_string())
+            .collect();
+        // SAFETY: the files are memory-mapped read-only and not modified while loading.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }
+            .with_context(|| format!("opening transformer weights {names:?}"))?;
+        Self::load(vb, cfg).with_context(|| format!("loading transformer weights {names:?}"))
+    }
+
+    pub fn config(&self) -> &Flux2TransformerConfig {
+        &self.cfg
+    }
+
+    /// The dtype the model computes in (that of its weights).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The joint `[txt, img]` RoPE tables. Like diffusers, only batch element 0 of 3-D ids is
+    /// used. Compute once per generation: the ids do not change across denoising steps.
+    pub fn rope(&self, img_ids: &Tensor, txt_ids: &Tensor) -> Result<RopeTables> {
+        let (img, txt) = self.rope_parts(img_ids, txt_ids)?;
+        RopeTables::concat(&txt, &img)
+    }
+
+    fn rope_parts(&self, img_ids: &Tensor, txt_ids: &Tensor) -> Result<(RopeTables, RopeTables)> {
+        let first = |ids: &Tensor, what: &str| -> Result<Tensor> {
+            match ids.rank() {
+                3 => Ok(ids.get(0)?),
+                2 => Ok(ids.clone()),
+                _ => bail!("{what} must be [B, S, 4] or [S, 4], got {:?}", ids.dims()),
+            }
+        };
+        let (axes, theta) = (&self.cfg.axes_dims_rope, self.cfg.rope_theta);
+        let img = RopeTables::from_ids(&first(img_ids, "img_ids")?, axes, theta)
+            .context("RoPE tables for img_ids")?;
+        let txt = RopeTables::from_ids(&first(txt_ids, "txt_ids")?, axes, theta)
+            .context("RoPE tables for txt_ids")?;
+        Ok((img, txt))
+    }
+
+    /// One transformer call (spec §5.2).
+    ///
+    /// * `hidden_states` [B, N, in_channels], `encoder_hidden_states` [B, L, joint_attention_dim],
+    ///   both in the model dtype;
+    /// * `timestep` [B] = t/1000 (the pipeline's value; cast to the model dtype and ×1000
+    ///   inside, in that dtype, spec §1);
+    /// * `img_ids` [B, N, 4], `txt_ids` [B, L, 4] (i64; batch element 0 is used);
+    /// * `guidance` [B]: only used by checkpoints with `guidance_embeds` (ignored otherwise,
+    ///   as diffusers does).
+    ///
+    /// Returns [B, N, out_channels] in the model dtype.
+    pub fn forward(
+        &self,
+        hidden_states: &Tensor,
+        encoder_hidden_states: &Tensor,
+        timestep: &Tensor,
+        img_ids: &Tensor,
+        txt_ids: &Tensor,
+        guidance: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let rope = self.rope(img_ids, txt_ids)?;
+        self.forward_with_rope(
+            hidden_states,
+            encoder_hidden_states,
+            timestep,
+            &rope,
+            guidance,
+        )
+    }
+
+    /// [`forward`](Self::forward) with precomputed [`rope`](Self::rope) tables.
+    pub fn forward_with_rope(
+        &self,
+        hidden_states: &Tensor,
+        encoder_hidden_states: &Tensor,
+        timestep: &Tensor,
+        rope: &RopeTables,
+        guidance: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.run(
+            hidden_states,
+            encoder_hidden_states,
+            timestep,
+            rope,
+            guidance,
+            None,
+        )
+    }
+
+    /// [`forward`](Self::forward) that also returns the named intermediates recorded by the
+    /// refcheck cases (`time_guidance_embed`, `double_stream_modulation_img`, …,
+    /// `pos_embed.img.cos`, `double.{j}.txt`, `double.{j}.img`, `single.{j}`, `norm_out`).
+    pub fn forward_traced(
+        &self,
+        hidden_states: &Tensor,
+        encoder_hidden_states: &Tensor,
+        timestep: &Tensor,
+        img_ids: &Tensor,
+        txt_ids: &Tensor,
+        guidance: Option<&Tensor>,
+    ) -> Result<(Tensor, Trace)> {
+        let mut trace = Trace::new();
+        let (img, txt) = self.rope_parts(img_ids, txt_ids)?;
+        for (name, t) in [("img", &img), ("txt", &txt)] {
+            let (cos, sin) = t.interleaved()?;
+            trace.push((format!("pos_embed.{name}.cos"), cos));
+            trace.push((format!("pos_embed.{name}.sin"), sin));
+        }
+        let rope = RopeTables::concat(&txt, &img)?;
+        let out = self.run(
+            hidden_states,
+            encoder_hidden_states,
+            timestep,
+            &rope,
+            guidance,
+            Some(&mut trace),
+        )?;
+        Ok((out, trace))
+    }
+
+    fn check_inputs(
+        &self,
+        hidden_states: &Tensor,
+        encoder_hidden_states: &Tensor,
+        timestep: &Tensor,
+    ) -> Result<()> {
+        let (b, _, c) = hidden_states
+            .dims3()
+            .context("hidden_states must be [B, N, in_channels]")?;
+        let (bc, _, j) = encoder_hidden_states
+            .dims3()
+            .context("encoder_hidden_states must be [B, L, joint_attention_dim]")?;
+        if c != self.cfg.in_channels {
+            bail!(
+                "hidden_states has {c} channels, the model expects in_channels = {}",
+                self.cfg.in_channels
+            );
+        }
+        if j != self.cfg.joint_attention_dim {
+            bail!(
+                "encoder_hidden_states has {j} channels, the model expects joint_attention_dim = {}",
+                self.cfg.joint_attention_dim
+            );
+        }
+        let bt = timestep.dims1().context("timestep must be [B]")?;
+        if bc != b || bt != b {
+            bail!(
+                "batch sizes differ: hidden_states {b}, encoder_hidden_states {bc}, timestep {bt}"
+            );
+        }
+        for (name, t) in [
+            ("hidden_states", hidden_states),
+            ("encoder_hidden_states", encoder_hidden_states),
+        ] {
+            if t.dtype() != self.dtype {
+                bail!(
+                    "{name} is {:?} but the transformer computes in {:?}; cast it with to_dtype first",
+                    t.dtype(),
+                    self.dtype
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn run(
+        &self,
+        hidden_states: &Tensor,
+        encoder_hidden_states: &Tensor,
+        timestep: &Tensor,
+        rope: &RopeTables,
+        guidance: Option<&Tensor>,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
+        self.check_inputs(hidden_states, encoder_hidden_states, timestep)?;
+        let n = hidden_states.dim(1)?;
+        let l = encoder_hidden_states.dim(1)?;
+        if rope.len() != l + n {
+            bail!(
+                "RoPE tables cover {} tokens but txt + img = {l} + {n}",
+                rope.len()
+            );
+        }
+        let mut record = |name: &str, t: &Tensor| {
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.push((name.to_string(), t.clone()));
+            }
+        };
+
+        // 1. Timestep (and guidance) embedding: `t.to(dtype) * 1000` in the model dtype.
+        let t = (timestep.to_dtype(self.dtype)? * 1000.0)?;
+        let g = match guidance {
+            Some(g) => Some((g.to_dtype(self.dtype)? * 1000.0)?),
+            None => None,
+        };
+        let temb = self.time_guidance_embed.forward(&t, g.as_ref())?;
+        record("time_guidance_embed", &temb);
+
+        // 2. Modulations, shared by all blocks of a kind.
+        let m_img = self.double_stream_modulation_img.forward(&temb)?;
+        record("double_stream_modulation_img", &m_img);
+        let m_txt = self.double_stream_modulation_txt.forward(&temb)?;
+        record("double_stream_modulation_txt", &m_txt);
+        let m_single = self.single_stream_modulation.forward(&temb)?;
+        record("single_stream_modulation", &m_single);
+        let mod_img = self.double_stream_modulation_img.split(&m_img)?;
+        let mod_txt = self.double_stream_modulation_txt.split(&m_txt)?;
+        let mod_single = self.single_stream_modulation.split(&m_single)?;
+
+        // 3. Input projections.
+        let mut img = self.x_embedder.forward(hidden_states)?;
+        record("x_embedder", &img);
+        let mut txt = self.context_embedder.forward(encoder_hidden_states)?;
+        record("context_embedder", &txt);
+
+        // 5. Double-stream blocks.
+        for (j, block) in self.transformer_blocks.iter().enumerate() {
+            (txt, img) = block
+                .forward(&img, &txt, &mod_img, &mod_txt, rope)
+                .with_context(|| format!("transformer_blocks.{j}"))?;
+            record(&format!("double.{j}.txt"), &txt);
+            record(&format!("double.{j}.img"), &img);
+        }
+
+        // 6. Single-stream blocks on `[txt, img]`.
+        let mut z = Tensor::cat(&[&txt, &img], 1)?;
+        for (j, block) in self.single_transformer_blocks.iter().enumerate() {
+            z = block
+                .forward(&z, &mod_single[0], rope)
+                .with_context(|| format!("single_transformer_blocks.{j}"))?;
+            record(&format!("single.{j}"), &z);
+        }
+
+        // 7. Drop the text tokens, adaptive norm, projection.
+        let z = self.norm_out.forward(&z.narrow(1, l, n)?, &temb)?;
+        record("norm_out", &z);
+        Ok(self.proj_out.forward(&z)?)
+    }
+}
