@@ -155,7 +155,11 @@ impl ModelDir {
                 if p.is_file() {
                     Ok(p)
                 } else {
-                    bail!("{} is missing from the model directory {}", rel, root.display())
+                    bail!(
+                        "{} is missing from the model directory {}",
+                        rel,
+                        root.display()
+                    )
                 }
             }
             Source::Hub {
@@ -248,9 +252,10 @@ fn shard_names(index_path: &Path) -> Result<Vec<String>> {
 
 /// Reads and parses a json file; the error names the file and what is wrong.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| anyhow!("{} is not a valid config: {e}", path.display()))
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{} is not a valid config: {e}", path.display()))
 }
 
 fn looks_like_path(s: &str) -> bool {

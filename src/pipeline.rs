@@ -1,14 +1,35 @@
 //! `Pipeline::load` then `generate(Request)`: the whole of diffusers' `Flux2KleinPipeline.__call__`
 //! (spec §1, §8), with component lifetimes managed for low peak memory.
 //!
-//! (API skeleton; the implementation lands with the components.)
+//! Order of work for one request (each stage loads its component only when needed, and frees
+//! it afterwards unless `keep_resident` is set):
+//!
+//! 1. references → `image_io::prepare_reference` (size checks, Lanczos cap, centre crop)
+//! 2. prompt (+ the empty negative prompt for CFG) → Qwen3 → `prompt_embeds`
+//! 3. references → VAE encoder (mean) → patchify → BN normalise → packed tokens, T = 10, 20, …
+//! 4. seeded noise (torch's CPU generator) → packed latents; ids; sigmas
+//! 5. transformer + Euler steps (CFG on base checkpoints)
+//! 6. unpack → BN de-normalise → unpatchify → VAE decoder → uint8 image
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
-use candle_core::{DType, Device};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
+use crate::image_io;
+use crate::latents;
 use crate::model_dir::ModelDir;
+use crate::noise;
+use crate::scheduler::{self, Schedule, SchedulerConfig};
+use crate::text_encoder::{self, PromptTokenizer, Qwen3Config, Qwen3TextEncoder};
+use crate::transformer::{Flux2Transformer, Flux2TransformerConfig};
+use crate::vae::{self, AutoencoderKLFlux2, AutoencoderKLFlux2Config, TileOptions, VaeParts};
+
+/// Token length of every prompt (diffusers' `max_sequence_length`).
+pub const MAX_SEQUENCE_LENGTH: usize = 512;
+/// The model was trained with up to this many reference images.
+pub const MAX_TRAINED_REFERENCES: usize = 4;
 
 /// How the pipeline runs.
 #[derive(Debug, Clone)]
@@ -23,6 +44,28 @@ pub struct PipelineOptions {
     pub keep_resident: bool,
     /// Tiled VAE decode/encode (latent tile size in latent pixels); `None` = untiled.
     pub vae_tile: Option<usize>,
+    /// Qwen3 hidden states stacked into the prompt embedding (diffusers'
+    /// `text_encoder_out_layers`).
+    pub text_layers: Vec<usize>,
+}
+
+impl PipelineOptions {
+    /// Defaults for a device: bf16 on CUDA, f32 on CPU; components freed after use.
+    pub fn for_device(device: Device) -> Self {
+        let dtype = if device.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        Self {
+            device,
+            dtype,
+            vae_dtype: None,
+            keep_resident: false,
+            vae_tile: None,
+            text_layers: text_encoder::DEFAULT_LAYERS.to_vec(),
+        }
+    }
 }
 
 /// One image to make.
@@ -41,6 +84,20 @@ pub struct Request {
     pub seed: u64,
 }
 
+impl Request {
+    pub fn new(prompt: impl Into<String>, seed: u64) -> Self {
+        Self {
+            prompt: prompt.into(),
+            references: Vec::new(),
+            width: None,
+            height: None,
+            steps: None,
+            guidance: None,
+            seed,
+        }
+    }
+}
+
 /// A reference image with the name it came from (for metadata and messages).
 #[derive(Debug, Clone)]
 pub struct Reference {
@@ -57,7 +114,11 @@ pub enum Event {
     /// A stage ended, with its wall time.
     StageEnd(&'static str, Duration),
     /// Denoising step `index` (0-based) of `total` finished.
-    Step { index: usize, total: usize, elapsed: Duration },
+    Step {
+        index: usize,
+        total: usize,
+        elapsed: Duration,
+    },
     /// Something the user should know (truncated prompt, floored size, ignored guidance, …).
     Warning(String),
 }
@@ -65,6 +126,7 @@ pub enum Event {
 /// Wall time per stage of one `generate` call.
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
+    /// Loading weights (all components, summed).
     pub load: Duration,
     pub text_encode: Duration,
     pub reference_encode: Duration,
@@ -85,16 +147,58 @@ pub struct Generated {
     pub timings: Timings,
 }
 
+/// Output size for a request: explicit, else the first reference's cropped size, else 1024²;
+/// floored to multiples of 16 as diffusers does (with a warning).
+pub fn resolve_size(
+    width: Option<usize>,
+    height: Option<usize>,
+    first_reference: Option<(usize, usize)>,
+    warn: &mut dyn FnMut(String),
+) -> Result<(usize, usize)> {
+    let (dw, dh) = first_reference.unwrap_or((1024, 1024));
+    let (w, h) = (width.unwrap_or(dw), height.unwrap_or(dh));
+    if w < 64 || h < 64 {
+        bail!("output size {w}x{h} is too small: width and height must be at least 64 pixels");
+    }
+    let (fw, fh) = (w / 16 * 16, h / 16 * 16);
+    if (fw, fh) != (w, h) {
+        warn(format!(
+            "{w}x{h} is not a multiple of 16; the image will be {fw}x{fh} (as diffusers does)"
+        ));
+    }
+    Ok((fw, fh))
+}
+
 /// The FLUX.2 [klein] pipeline.
 pub struct Pipeline {
     pub model: ModelDir,
     pub options: PipelineOptions,
+    scheduler_config: SchedulerConfig,
+    tokenizer: PromptTokenizer,
+    text_encoder: Option<Qwen3TextEncoder>,
+    transformer: Option<Flux2Transformer>,
+    vae_encoder: Option<AutoencoderKLFlux2>,
+    vae_decoder: Option<AutoencoderKLFlux2>,
 }
 
 impl Pipeline {
     /// Resolves configs and the tokenizer; components are loaded when first needed.
     pub fn load(model: ModelDir, options: PipelineOptions) -> Result<Self> {
-        Ok(Self { model, options })
+        if options.text_layers.is_empty() {
+            bail!("at least one text encoder layer must be requested");
+        }
+        let scheduler_config: SchedulerConfig = model.config("scheduler")?;
+        let tokenizer = PromptTokenizer::from_file(&model.tokenizer()?, MAX_SEQUENCE_LENGTH)?;
+        Ok(Self {
+            model,
+            options,
+            scheduler_config,
+            tokenizer,
+            text_encoder: None,
+            transformer: None,
+            vae_encoder: None,
+            vae_decoder: None,
+        })
     }
 
     /// Distilled checkpoints never run CFG (spec §8).
@@ -118,17 +222,310 @@ impl Pipeline {
         }
     }
 
+    fn vae_dtype(&self) -> DType {
+        self.options.vae_dtype.unwrap_or(self.options.dtype)
+    }
+
+    fn var_builder(&self, component: &str, dtype: DType) -> Result<VarBuilder<'static>> {
+        let files = self.model.weights(component)?;
+        // SAFETY: the weight files are memory-mapped read-only and not modified while mapped.
+        unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &self.options.device) }
+            .with_context(|| format!("loading the {component} weights of {}", self.model.id))
+    }
+
+    fn load_text_encoder(&self) -> Result<Qwen3TextEncoder> {
+        let cfg: Qwen3Config = self.model.config("text_encoder")?;
+        let deepest = *self.options.text_layers.iter().max().unwrap_or(&0);
+        if deepest > cfg.num_hidden_layers {
+            bail!(
+                "text layer {deepest} was requested but the text encoder has {} layers",
+                cfg.num_hidden_layers
+            );
+        }
+        let vb = self.var_builder("text_encoder", self.options.dtype)?;
+        Qwen3TextEncoder::load(vb, &cfg, deepest)
+    }
+
+    fn load_transformer(&self) -> Result<Flux2Transformer> {
+        let cfg: Flux2TransformerConfig = self.model.config("transformer")?;
+        let vb = self.var_builder("transformer", self.options.dtype)?;
+        Flux2Transformer::load(vb, &cfg)
+    }
+
+    fn load_vae(&self, parts: VaeParts) -> Result<AutoencoderKLFlux2> {
+        let cfg: AutoencoderKLFlux2Config = self.model.config("vae")?;
+        let vb = self.var_builder("vae", self.vae_dtype())?;
+        AutoencoderKLFlux2::load(vb, &cfg, parts)
+    }
+
     /// Runs one request.
     pub fn generate(
         &mut self,
-        _request: &Request,
-        _events: &mut dyn FnMut(Event),
+        request: &Request,
+        events: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
-        bail!("the pipeline is not implemented yet")
+        let t_start = Instant::now();
+        let mut timings = Timings::default();
+        let device = self.options.device.clone();
+        let dtype = self.options.dtype;
+        let resident = self.options.keep_resident;
+
+        // Settings (spec §8): CFG only for base checkpoints with guidance > 1.
+        let steps = request.steps.unwrap_or_else(|| self.default_steps());
+        if steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        let guidance = request.guidance.unwrap_or_else(|| self.default_guidance());
+        let do_cfg = guidance > 1.0 && !self.is_distilled();
+        if guidance > 1.0 && self.is_distilled() {
+            events(Event::Warning(format!(
+                "guidance {guidance} is ignored: {} is a distilled checkpoint (no CFG), as in diffusers",
+                self.model.id
+            )));
+        }
+        if request.references.len() > MAX_TRAINED_REFERENCES {
+            events(Event::Warning(format!(
+                "{} reference images given; the model was trained with up to {MAX_TRAINED_REFERENCES}",
+                request.references.len()
+            )));
+        }
+
+        // 1. Reference preprocessing (cheap; fails before any model work on bad input).
+        let mut prepared = Vec::with_capacity(request.references.len());
+        for r in &request.references {
+            let rgb = image_io::prepare_reference(&r.image)
+                .with_context(|| format!("reference image {}", r.name))?;
+            prepared.push(rgb);
+        }
+        let first = prepared
+            .first()
+            .map(|im| (im.width() as usize, im.height() as usize));
+        let (width, height) = resolve_size(request.width, request.height, first, &mut |w| {
+            events(Event::Warning(w))
+        })?;
+        let (grid_h, grid_w) = latents::latent_grid(height, width)?;
+
+        // 2. Prompt embeddings.
+        if self.text_encoder.is_none() {
+            let t = stage(events, "load text encoder");
+            self.text_encoder = Some(self.load_text_encoder()?);
+            timings.load += end(events, "load text encoder", t);
+        }
+        let t = stage(events, "encode prompt");
+        let mut prompts = vec![request.prompt.as_str()];
+        if do_cfg {
+            prompts.push("");
+        }
+        let encoded = text_encoder::encode_prompts(
+            &self.tokenizer,
+            self.text_encoder.as_ref().expect("loaded above"),
+            &prompts,
+            &self.options.text_layers,
+        )?;
+        if let Some(&dropped) = encoded.truncated.first() {
+            if dropped > 0 {
+                events(Event::Warning(format!(
+                    "the prompt is longer than {MAX_SEQUENCE_LENGTH} tokens: the last {dropped} tokens were dropped"
+                )));
+            }
+        }
+        let prompt_embeds = encoded.embeds.narrow(0, 0, 1)?;
+        let negative_embeds = if do_cfg {
+            Some(encoded.embeds.narrow(0, 1, 1)?)
+        } else {
+            None
+        };
+        timings.text_encode = end(events, "encode prompt", t);
+        if !resident {
+            self.text_encoder = None;
+        }
+        let txt_len = prompt_embeds.dim(1)?;
+        let txt_ids = latents::text_ids(txt_len, &device)?.unsqueeze(0)?;
+
+        // 3. Reference tokens.
+        let mut ref_tokens: Vec<Tensor> = Vec::new();
+        let mut ref_ids: Vec<Tensor> = Vec::new();
+        if !prepared.is_empty() {
+            if self.vae_encoder.is_none() {
+                let t = stage(events, "load vae encoder");
+                self.vae_encoder = Some(self.load_vae(VaeParts {
+                    encoder: true,
+                    decoder: false,
+                })?);
+                timings.load += end(events, "load vae encoder", t);
+            }
+            let t = stage(events, "encode references");
+            let vae = self.vae_encoder.as_ref().expect("loaded above");
+            for (i, rgb) in prepared.iter().enumerate() {
+                let pixels = image_io::rgb_to_tensor(rgb, &device)?.to_dtype(self.vae_dtype())?;
+                let mean = match self.options.vae_tile {
+                    Some(tile) => {
+                        vae.encode_mean_tiled(&pixels, TileOptions::with_default_overlap(tile))?
+                    }
+                    None => vae.encode_mean(&pixels)?,
+                };
+                let z = latents::patchify(&mean)?;
+                let z = latents::bn_normalize(
+                    &z,
+                    vae.bn_running_mean(),
+                    vae.bn_running_var(),
+                    vae.bn_eps(),
+                )?;
+                let (_, _, rh, rw) = z.dims4()?;
+                ref_tokens.push(latents::pack(&z)?.to_dtype(dtype)?);
+                let t_ref = latents::reference_time(i);
+                ref_ids.push(latents::image_ids(t_ref, rh, rw, &device)?);
+            }
+            timings.reference_encode = end(events, "encode references", t);
+            if !resident {
+                self.vae_encoder = None;
+            }
+        }
+
+        // 4. Noise, ids, schedule.
+        let in_channels = self.transformer_in_channels()?;
+        let noise = noise::randn_tensor(
+            request.seed,
+            &[1, in_channels, grid_h, grid_w],
+            dtype,
+            &device,
+        )?;
+        let mut latents_packed = latents::pack(&noise)?;
+        let n_target = grid_h * grid_w;
+        let target_ids = latents::image_ids(0, grid_h, grid_w, &device)?;
+        let img_ids = if ref_ids.is_empty() {
+            target_ids
+        } else {
+            let mut all = vec![target_ids];
+            all.extend(ref_ids);
+            Tensor::cat(&all, 0)?
+        }
+        .unsqueeze(0)?;
+        let image_latents = if ref_tokens.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&ref_tokens, 1)?)
+        };
+        let schedule = Schedule::new(&self.scheduler_config, steps, n_target)?;
+
+        // 5. Denoising loop.
+        if self.transformer.is_none() {
+            let t = stage(events, "load transformer");
+            self.transformer = Some(self.load_transformer()?);
+            timings.load += end(events, "load transformer", t);
+        }
+        let transformer = self.transformer.as_ref().expect("loaded above");
+        let rope = transformer.rope(&img_ids, &txt_ids)?;
+        let t_denoise = stage(events, "denoise");
+        for i in 0..steps {
+            let t_step = Instant::now();
+            let x_in = match &image_latents {
+                Some(refs) => Tensor::cat(&[&latents_packed, refs], 1)?,
+                None => latents_packed.clone(),
+            };
+            let timestep = scheduler::model_timestep(schedule.timesteps[i], 1, dtype, &device)?;
+            let cond = transformer
+                .forward_with_rope(&x_in, &prompt_embeds, &timestep, &rope, None)?
+                .narrow(1, 0, n_target)?;
+            let velocity = match &negative_embeds {
+                Some(neg) => {
+                    let uncond = transformer
+                        .forward_with_rope(&x_in, neg, &timestep, &rope, None)?
+                        .narrow(1, 0, n_target)?;
+                    classifier_free_guidance(&cond, &uncond, guidance)?
+                }
+                None => cond,
+            };
+            latents_packed = scheduler::euler_step(
+                &latents_packed,
+                &velocity,
+                schedule.sigmas[i],
+                schedule.sigmas[i + 1],
+            )?;
+            // Make the step's time real on asynchronous devices before reporting it.
+            device.synchronize()?;
+            let elapsed = t_step.elapsed();
+            timings.steps.push(elapsed);
+            events(Event::Step {
+                index: i,
+                total: steps,
+                elapsed,
+            });
+        }
+        end(events, "denoise", t_denoise);
+        if !resident {
+            self.transformer = None;
+        }
+
+        // 6. Decode.
+        if self.vae_decoder.is_none() {
+            let t = stage(events, "load vae decoder");
+            self.vae_decoder = Some(self.load_vae(VaeParts {
+                encoder: false,
+                decoder: true,
+            })?);
+            timings.load += end(events, "load vae decoder", t);
+        }
+        let t = stage(events, "decode");
+        let vae = self.vae_decoder.as_ref().expect("loaded above");
+        let vae_dtype = self.vae_dtype();
+        let z = latents::unpack(&latents_packed.to_dtype(vae_dtype)?, grid_h, grid_w)?;
+        let z = latents::bn_denormalize(
+            &z,
+            vae.bn_running_mean(),
+            vae.bn_running_var(),
+            vae.bn_eps(),
+        )?;
+        let z = latents::unpatchify(&z)?;
+        let decoded = match self.options.vae_tile {
+            Some(tile) => vae.decode_tiled(&z, TileOptions::with_default_overlap(tile))?,
+            None => vae.decode(&z)?,
+        };
+        let mut images = vae::to_rgb8(&decoded)?;
+        timings.vae_decode = end(events, "decode", t);
+        if !resident {
+            self.vae_decoder = None;
+        }
+        timings.total = t_start.elapsed();
+        Ok(Generated {
+            image: images.remove(0),
+            width,
+            height,
+            steps,
+            guidance,
+            seed: request.seed,
+            timings,
+        })
+    }
+
+    fn transformer_in_channels(&self) -> Result<usize> {
+        let cfg: Flux2TransformerConfig = self.model.config("transformer")?;
+        Ok(cfg.in_channels)
     }
 
     /// Peak device memory in bytes since the last reset, where the device can tell (CUDA).
     pub fn peak_device_memory(&self) -> Option<u64> {
         None
     }
+}
+
+/// `neg + g·(cond − neg)` with torch's rounding: the subtraction and the addition round in the
+/// model dtype, and a python-float scale multiplies in f32 then rounds once (torch keeps the
+/// scalar in f32 for `mul`).
+fn classifier_free_guidance(cond: &Tensor, uncond: &Tensor, guidance: f64) -> Result<Tensor> {
+    let dtype = cond.dtype();
+    let diff = (cond - uncond)?;
+    let scaled = (diff.to_dtype(DType::F32)? * guidance)?.to_dtype(dtype)?;
+    Ok((uncond + scaled)?)
+}
+
+fn stage(events: &mut dyn FnMut(Event), name: &'static str) -> Instant {
+    events(Event::StageStart(name));
+    Instant::now()
+}
+
+fn end(events: &mut dyn FnMut(Event), name: &'static str, t: Instant) -> Duration {
+    let d = t.elapsed();
+    events(Event::StageEnd(name, d));
+    d
 }

@@ -12,18 +12,14 @@ pub fn pipeline_options(args: &ModelArgs, keep_resident: bool) -> Result<Pipelin
     let device = resolve_device(args.device)?;
     // Spec §1: the reference pipeline runs in bf16; on CPU f32 is the default because candle's
     // CPU bf16 kernels are slow and f32 matches diffusers' f32 run to ~1e-5.
-    let dtype = match args.dtype {
-        Some(d) => to_dtype(d),
-        None if device.is_cuda() => DType::BF16,
-        None => DType::F32,
-    };
-    Ok(PipelineOptions {
-        device,
-        dtype,
-        vae_dtype: args.vae_dtype.map(to_dtype),
-        keep_resident,
-        vae_tile: args.vae_tile.map(|t| t as usize),
-    })
+    let mut options = PipelineOptions::for_device(device);
+    if let Some(d) = args.dtype {
+        options.dtype = to_dtype(d);
+    }
+    options.vae_dtype = args.vae_dtype.map(to_dtype);
+    options.keep_resident = keep_resident;
+    options.vae_tile = args.vae_tile.map(|t| t as usize);
+    Ok(options)
 }
 
 fn to_dtype(d: DTypeArg) -> DType {

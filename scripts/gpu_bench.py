@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""diffusers side of the GPU benchmark (scripts/gpu.sh runs it; needs torch + CUDA + diffusers).
+
+    gpu_bench.py make-model DIR          random full-size klein-4B (bf16) in diffusers layout
+    gpu_bench.py refs DIR                the two reference images of the edit workload
+    gpu_bench.py diffusers DIR OUTDIR    warm per-stage timings + images (same noise as --seed)
+    gpu_bench.py cold DIR OUT.png        one fresh-process run (from_pretrained + call)
+    gpu_bench.py psnr A.png B.png        PSNR and max difference of two images
+
+Noise: diffusers gets `latents=` drawn from the CPU generator in float32 and rounded to bf16,
+which is exactly what `flux2-klein --seed N` uses (spec §10: torch 2.11 on the GPU machines
+would otherwise draw bf16 noise with its legacy algorithm).
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "tokenizer")
+PROMPT = 'A cat holding a sign that says "Gifu AI Study Group"'
+SEED = 0
+
+
+def klein4b_configs():
+    text = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                attention_bias=False, hidden_act="silu")
+    transformer = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20,
+                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
+                       timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+                       rope_theta=2000, eps=1e-6, guidance_embeds=False)
+    vae = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+               layers_per_block=2, latent_channels=32, norm_num_groups=32, sample_size=1024,
+               use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
+               batch_norm_eps=1e-4, batch_norm_momentum=0.1, patch_size=(2, 2))
+    return text, transformer, vae
+
+
+def randomize_(module, seed, qk_scale=3.0):
+    """N(0, 1/fan_in) matrices, 1+N(0,0.2²) norm scales (q/k norms ×3), N(0,0.1²) biases: the
+    tiny fixtures' recipe, so activations stay O(1) through all layers."""
+    import torch
+    g = torch.Generator("cuda").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                std = 1.0 if "embed_tokens" in name else 1.0 / math.sqrt(p[0].numel())
+                p.copy_(torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32).mul_(std))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g, device="cuda") * 0.1)
+            else:
+                s = qk_scale if any(k in name for k in ("norm_q.", "norm_k.", "norm_added_q.", "norm_added_k.", "q_norm.", "k_norm.")) else 1.0
+                p.copy_(s * (1.0 + torch.randn(p.shape, generator=g, device="cuda") * 0.2))
+
+
+def make_model(out):
+    import shutil
+    import torch
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
+    from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    t0 = time.time()
+    text_cfg, tr_cfg, vae_cfg = klein4b_configs()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        te = Qwen3ForCausalLM(Qwen3Config(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                          **text_cfg)).eval()
+        randomize_(te, 1)
+        tr = Flux2Transformer2DModel(**tr_cfg).eval()
+        randomize_(tr, 2)
+        torch.set_default_dtype(torch.float32)
+        vae = AutoencoderKLFlux2(**vae_cfg).eval()
+        randomize_(vae, 3, qk_scale=1.0)
+        g = torch.Generator("cuda").manual_seed(4)
+        with torch.no_grad():
+            vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=g, device="cuda") * 0.5)
+            vae.bn.running_var.copy_(0.5 + 1.5 * torch.rand(vae.bn.running_var.shape, generator=g, device="cuda"))
+            z = torch.randn((1, 32, 16, 16), generator=g, device="cuda")
+            o = vae.decode(z, return_dict=False)[0]
+            s = 0.45 / float(o.std())
+            vae.decoder.conv_out.weight.mul_(s)
+            vae.decoder.conv_out.bias.mul_(s)
+            vae.decoder.conv_out.bias.sub_(float(vae.decode(z, return_dict=False)[0].mean()))
+        vae = vae.to(torch.bfloat16)
+    sched = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096, invert_sigmas=False, shift_terminal=None,
+        use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
+        time_shift_type="exponential", stochastic_sampling=False)
+    tok = Qwen2TokenizerFast.from_pretrained(TOKENIZER)
+    pipe = Flux2KleinPipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, transformer=tr,
+                              is_distilled=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(os.path.join(out, "tokenizer"))
+    os.makedirs(os.path.join(out, "tokenizer"))
+    for n in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(TOKENIZER, n), os.path.join(out, "tokenizer", n))
+    print(json.dumps({"make_model_s": round(time.time() - t0, 1)}))
+
+
+def make_refs(out):
+    import numpy as np
+    from PIL import Image
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(605, 807), (1500, 1000)]):
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x / w, y / h, (x + y) / (w + h)], -1) * 200
+        img = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(out, f"ref{i}.png"))
+
+
+def noise_latents(h, w):
+    import torch
+    g = torch.Generator("cpu").manual_seed(SEED)
+    x = torch.randn((1, 128, h // 16, w // 16), generator=g, dtype=torch.float32)
+    return x.to(torch.bfloat16).to("cuda")
+
+
+def load_pipe(model):
+    import torch
+    from diffusers import Flux2KleinPipeline
+    return Flux2KleinPipeline.from_pretrained(model, torch_dtype=torch.bfloat16).to("cuda")
+
+
+def run_once(pipe, w, h, refs):
+    """One call with per-stage times (text encode, each step, VAE decode), synchronised."""
+    import torch
+    times = {}
+    sync = torch.cuda.synchronize
+    orig_encode = pipe.encode_prompt
+    orig_decode = pipe.vae.decode
+
+    def enc(*a, **k):
+        sync(); t = time.perf_counter(); r = orig_encode(*a, **k); sync()
+        times["text_encode_ms"] = (time.perf_counter() - t) * 1e3
+        return r
+
+    def dec(*a, **k):
+        sync(); t = time.perf_counter(); r = orig_decode(*a, **k); sync()
+        times["vae_decode_ms"] = (time.perf_counter() - t) * 1e3
+        return r
+
+    steps = []
+    last = [None]
+
+    def cb(p, i, t, kw):
+        sync(); now = time.perf_counter()
+        steps.append((now - last[0]) * 1e3)
+        last[0] = now
+        return {}
+
+    pipe.encode_prompt, pipe.vae.decode = enc, dec
+    try:
+        sync(); t0 = time.perf_counter()
+        kwargs = {}
+        if refs:
+            from PIL import Image
+            kwargs["image"] = [Image.open(r).convert("RGB") for r in refs]
+        # the first step's clock starts after the text encoder and reference encoding
+        orig_prepare = pipe.prepare_latents
+
+        def prep(*a, **k):
+            r = orig_prepare(*a, **k); sync(); last[0] = time.perf_counter(); return r
+        pipe.prepare_latents = prep
+        img = pipe(prompt=PROMPT, height=h, width=w, num_inference_steps=4, guidance_scale=1.0,
+                   latents=noise_latents(h, w), callback_on_step_end=cb, **kwargs).images[0]
+        sync()
+        times["total_ms"] = (time.perf_counter() - t0) * 1e3
+        pipe.prepare_latents = orig_prepare
+    finally:
+        pipe.encode_prompt, pipe.vae.decode = orig_encode, orig_decode
+    times["step_ms"] = steps
+    return img, times
+
+
+def diffusers_bench(model, outdir, refdir):
+    import torch
+    os.makedirs(outdir, exist_ok=True)
+    t0 = time.time()
+    pipe = load_pipe(model)
+    load_s = time.time() - t0
+    results = {"load_s": load_s}
+    workloads = [("t2i_1024", 1024, 1024, []), ("t2i_512", 512, 512, []),
+                 ("edit2_1024", 1024, 1024, [os.path.join(refdir, "ref0.png"), os.path.join(refdir, "ref1.png")])]
+    for name, w, h, refs in workloads:
+        run_once(pipe, w, h, refs)  # warm-up
+        torch.cuda.reset_peak_memory_stats()
+        runs = []
+        for _ in range(3):
+            img, t = run_once(pipe, w, h, refs)
+            runs.append(t)
+        img.save(os.path.join(outdir, f"diffusers_{name}.png"))
+        results[name] = {"runs": runs, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        print(name, json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in runs[-1].items()}), flush=True)
+    json.dump(results, open(os.path.join(outdir, "diffusers.json"), "w"), indent=1)
+
+
+def cold(model, out):
+    pipe = load_pipe(model)
+    img, _ = run_once(pipe, 1024, 1024, [])
+    img.save(out)
+
+
+def psnr(a, b):
+    import numpy as np
+    from PIL import Image
+    x = np.asarray(Image.open(a).convert("RGB"), dtype=np.float64)
+    y = np.asarray(Image.open(b).convert("RGB"), dtype=np.float64)
+    if x.shape != y.shape:
+        print(json.dumps({"error": f"shapes differ {x.shape} {y.shape}"}))
+        return
+    mse = float(((x - y) ** 2).mean())
+    p = float("inf") if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+    print(json.dumps({"a": a, "b": b, "psnr_db": round(p, 2), "max_diff": int(abs(x - y).max()),
+                      "mean_diff": round(float(abs(x - y).mean()), 4)}))
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    {"make-model": make_model, "refs": make_refs, "diffusers": diffusers_bench, "cold": cold,
+     "psnr": psnr}[cmd](*args)
