@@ -1,0 +1,291 @@
+//! `flux2-klein generate` end to end on the tiny diffusers-made models: the PNG written by the
+//! binary equals diffusers' image for the same model, seed and settings (max per-pixel
+//! difference ≤ 1 in f32; PSNR ≥ 30 dB in bf16), and the run is deterministic.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+const GIFU: &str = "A cat holding a sign that says \"Gifu AI Study Group\"";
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_flux2-klein"))
+}
+
+fn tmp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flux2-klein-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `generate` with `args` (plus `-q -o out`), returns the written RGB image.
+fn generate(name: &str, args: &[&str]) -> (image::RgbImage, PathBuf) {
+    let out = tmp_dir(name).join("out.png");
+    let result = bin()
+        .arg("-q")
+        .arg("generate")
+        .args(args)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .expect("running flux2-klein");
+    assert!(
+        result.status.success(),
+        "{name}: exit {:?}\nstderr: {}",
+        result.status,
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert_eq!(
+        stdout.trim(),
+        out.display().to_string(),
+        "stdout is the output path"
+    );
+    (image::open(&out).unwrap().to_rgb8(), out)
+}
+
+/// (max, mean) absolute per-channel difference.
+fn diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
+    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
+    let mut max = 0u8;
+    let mut sum = 0u64;
+    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+        let d = x.abs_diff(*y);
+        max = max.max(d);
+        sum += d as u64;
+    }
+    (max, sum as f64 / a.as_raw().len() as f64)
+}
+
+fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    let mse: f64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum::<f64>()
+        / a.as_raw().len() as f64;
+    10.0 * (255.0f64 * 255.0 / mse).log10()
+}
+
+fn golden(case: &str) -> image::RgbImage {
+    image::open(common::case_dir(case).join("image.png"))
+        .unwrap()
+        .to_rgb8()
+}
+
+fn model(name: &str) -> String {
+    common::model(name).display().to_string()
+}
+
+fn case_ref(case: &str, k: usize) -> String {
+    common::case_dir(case)
+        .join(format!("ref_{k}.png"))
+        .display()
+        .to_string()
+}
+
+fn assert_matches_diffusers(case: &str, args: &[&str]) {
+    let (ours, _) = generate(case, args);
+    let (max, mean) = diff(&ours, &golden(case));
+    eprintln!("{case}: max |diff| {max}, mean {mean:.5} (uint8)");
+    assert!(max <= 1, "{case}: max per-pixel difference {max} > 1");
+}
+
+#[test]
+fn text_to_image_square() {
+    assert_matches_diffusers(
+        "t2i_64x64",
+        &[
+            "-m",
+            &model("tiny-w0"),
+            "-p",
+            GIFU,
+            "--seed",
+            "0",
+            "-W",
+            "64",
+            "-H",
+            "64",
+        ],
+    );
+}
+
+#[test]
+fn text_to_image_non_square() {
+    assert_matches_diffusers(
+        "t2i_64x128",
+        &[
+            "-m",
+            &model("tiny-w0"),
+            "-p",
+            GIFU,
+            "--seed",
+            "0",
+            "-W",
+            "128",
+            "-H",
+            "64",
+        ],
+    );
+}
+
+#[test]
+fn text_to_image_seed_7_128px() {
+    assert_matches_diffusers(
+        "t2i_128x128_s7",
+        &[
+            "-m",
+            &model("tiny-w0"),
+            "-p",
+            GIFU,
+            "--seed",
+            "7",
+            "-W",
+            "128",
+            "-H",
+            "128",
+        ],
+    );
+}
+
+#[test]
+fn edit_with_two_references() {
+    let (r0, r1) = (case_ref("edit2_64x64", 0), case_ref("edit2_64x64", 1));
+    assert_matches_diffusers(
+        "edit2_64x64",
+        &[
+            "-m",
+            &model("tiny-w0"),
+            "-p",
+            GIFU,
+            "--seed",
+            "0",
+            "-W",
+            "64",
+            "-H",
+            "64",
+            "-r",
+            &r0,
+            "-r",
+            &r1,
+        ],
+    );
+}
+
+#[test]
+fn second_model_shape_with_one_reference() {
+    let r0 = case_ref("tiny2_edit_64x128", 0);
+    assert_matches_diffusers(
+        "tiny2_edit_64x128",
+        &[
+            "-m",
+            &model("tiny2-w0"),
+            "-p",
+            "a red fox in snow",
+            "--seed",
+            "42",
+            "-W",
+            "128",
+            "-H",
+            "64",
+            "-r",
+            &r0,
+        ],
+    );
+}
+
+#[test]
+fn cfg_on_a_base_model() {
+    // tiny-base-w0: tiny-w0's weights with is_distilled = false → CFG with the '' prompt.
+    assert_matches_diffusers(
+        "t2i_64x64_cfg4",
+        &[
+            "-m",
+            &model("tiny-base-w0"),
+            "-p",
+            GIFU,
+            "--seed",
+            "0",
+            "-W",
+            "64",
+            "-H",
+            "64",
+            "--steps",
+            "4",
+            "--guidance",
+            "4",
+        ],
+    );
+}
+
+#[test]
+fn bf16_on_cpu_is_within_30_db() {
+    let (ours, _) = generate(
+        "bf16",
+        &[
+            "-m",
+            &model("tiny-w0"),
+            "-p",
+            GIFU,
+            "--seed",
+            "0",
+            "-W",
+            "64",
+            "-H",
+            "64",
+            "--dtype",
+            "bf16",
+        ],
+    );
+    let reference = golden("t2i_64x64_bf16");
+    let p = psnr(&ours, &reference);
+    let (max, mean) = diff(&ours, &reference);
+    eprintln!("t2i_64x64_bf16: PSNR {p:.2} dB, max |diff| {max}, mean {mean:.4}");
+    assert!(p >= 30.0, "bf16 PSNR {p:.2} dB < 30 dB");
+}
+
+#[test]
+fn same_command_twice_gives_identical_pixels_and_metadata() {
+    let args = [
+        "-m",
+        &model("tiny-w0"),
+        "-p",
+        "a lighthouse at dusk",
+        "--seed",
+        "1234",
+        "-W",
+        "80",
+        "-H",
+        "64",
+    ];
+    let (a, path_a) = generate("twice-a", &args);
+    let (b, _) = generate("twice-b", &args);
+    assert_eq!(
+        a.as_raw(),
+        b.as_raw(),
+        "pixels differ between two identical runs"
+    );
+    let text = flux2_klein::image_io::read_png_text(&path_a).unwrap();
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("PNG metadata has no {k}: {text:?}"))
+    };
+    assert_eq!(get("prompt"), "a lighthouse at dusk");
+    assert_eq!(get("seed"), "1234");
+}
+
+#[test]
+fn default_size_comes_from_the_first_reference() {
+    // ref_0 of edit2 is 72x88 → centre-cropped to 64x80; no -W/-H given.
+    let r0 = case_ref("edit2_64x64", 0);
+    let (img, _) = generate(
+        "refsize",
+        &["-m", &model("tiny-w0"), "-p", "x", "--seed", "3", "-r", &r0],
+    );
+    assert_eq!(img.dimensions(), (64, 80));
+}
