@@ -28,8 +28,6 @@ use crate::vae::{self, AutoencoderKLFlux2, AutoencoderKLFlux2Config, TileOptions
 
 /// Token length of every prompt (diffusers' `max_sequence_length`).
 pub const MAX_SEQUENCE_LENGTH: usize = 512;
-/// The model was trained with up to this many reference images.
-pub const MAX_TRAINED_REFERENCES: usize = 4;
 
 /// How the pipeline runs.
 #[derive(Debug, Clone)]
@@ -277,18 +275,8 @@ impl Pipeline {
         }
         let guidance = request.guidance.unwrap_or_else(|| self.default_guidance());
         let do_cfg = guidance > 1.0 && !self.is_distilled();
-        if guidance > 1.0 && self.is_distilled() {
-            events(Event::Warning(format!(
-                "guidance {guidance} is ignored: {} is a distilled checkpoint (no CFG), as in diffusers",
-                self.model.id
-            )));
-        }
-        if request.references.len() > MAX_TRAINED_REFERENCES {
-            events(Event::Warning(format!(
-                "{} reference images given; the model was trained with up to {MAX_TRAINED_REFERENCES}",
-                request.references.len()
-            )));
-        }
+        // Distilled checkpoints ignore guidance > 1 (diffusers only logs a warning); front ends
+        // warn before loading anything, see `cli::generate`.
 
         // 1. Reference preprocessing (cheap; fails before any model work on bad input).
         let mut prepared = Vec::with_capacity(request.references.len());

@@ -11,9 +11,10 @@ use flux2_klein::pipeline::{Generated, Pipeline, Request};
 
 use super::args::GenerateArgs;
 use super::device::{device_name, dtype_name, pipeline_options};
-use super::output::{check_output, output_path, save_image};
+use super::output::{check_output, output_path};
 use super::progress::{fmt_bytes, fmt_duration, Reporter};
 use super::references::{load_references, TRAINED_MAX_REFS};
+use flux2_klein::image_io::save_image;
 
 pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     // --- Cheap checks, before any weights are touched. ---

@@ -2,15 +2,12 @@
 //! name, and an atomic write (temp file in the same directory, then rename) so that a failed
 //! or interrupted run never leaves a partial image behind.
 //!
-//! `save_image` has the signature of `image_io::save_image`; once that lands, this module's
-//! writer can forward to it.
+//! The write itself is `flux2_klein::image_io::save_image` (atomic, PNG text metadata).
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
-use image::RgbImage;
+use anyhow::{bail, Context, Result};
 
 /// Image formats we write, chosen by the output file's extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,81 +87,6 @@ pub fn check_output(path: &Path) -> Result<Format> {
     Ok(format)
 }
 
-/// Writes `image` to `path` atomically in the format of its extension. PNG files get
-/// `metadata` as text chunks (tEXt for ASCII values, iTXt otherwise); JPEG and WebP carry none.
-pub fn save_image(path: &Path, image: &RgbImage, metadata: &[(String, String)]) -> Result<()> {
-    let format = Format::from_path(path)?;
-    let tmp = temp_path(path);
-    let result = write_file(&tmp, format, image, metadata).and_then(|()| {
-        std::fs::rename(&tmp, path).with_context(|| {
-            format!(
-                "cannot move {} into place at {}",
-                tmp.display(),
-                path.display()
-            )
-        })
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn write_file(
-    tmp: &Path,
-    format: Format,
-    image: &RgbImage,
-    metadata: &[(String, String)],
-) -> Result<()> {
-    let file = File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let mut w = BufWriter::new(file);
-    match format {
-        Format::Png => write_png(&mut w, image, metadata)?,
-        Format::Jpeg => {
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut w, 95)
-                .encode_image(image)
-                .context("JPEG encoding failed")?;
-        }
-        Format::WebP => {
-            image::codecs::webp::WebPEncoder::new_lossless(&mut w)
-                .encode(
-                    image.as_raw(),
-                    image.width(),
-                    image.height(),
-                    image::ExtendedColorType::Rgb8,
-                )
-                .context("WebP encoding failed")?;
-        }
-    }
-    let file = w
-        .into_inner()
-        .map_err(|e| anyhow!("cannot write {}: {}", tmp.display(), e.error()))?;
-    // Durable before the rename makes it visible.
-    file.sync_all()
-        .with_context(|| format!("cannot flush {}", tmp.display()))?;
-    Ok(())
-}
-
-fn write_png<W: Write>(w: W, image: &RgbImage, metadata: &[(String, String)]) -> Result<()> {
-    let mut enc = png::Encoder::new(w, image.width(), image.height());
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    for (key, value) in metadata {
-        if value.is_ascii() {
-            enc.add_text_chunk(key.clone(), value.clone())
-        } else {
-            enc.add_itxt_chunk(key.clone(), value.clone())
-        }
-        .with_context(|| format!("cannot store the {key:?} PNG text chunk"))?;
-    }
-    let mut writer = enc.write_header().context("PNG encoding failed")?;
-    writer
-        .write_image_data(image.as_raw())
-        .context("PNG encoding failed")?;
-    writer.finish().context("PNG encoding failed")?;
-    Ok(())
-}
-
 fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -208,6 +130,9 @@ mod tests {
             PathBuf::from("out/x-3.jpg")
         );
     }
+
+    use flux2_klein::image_io::save_image;
+    use image::RgbImage;
 
     #[test]
     fn png_round_trip_with_text_chunks() {
