@@ -11,6 +11,7 @@
 //! Every module reproduces diffusers 0.42.1 `Flux2KleinPipeline`; the dtype rules that make
 //! the numbers match live next to the op they govern and cite the spec section.
 
+pub mod device_memory;
 pub mod image_io;
 pub mod latents;
 pub mod model_dir;

@@ -491,9 +491,15 @@ impl Pipeline {
         Ok(cfg.in_channels)
     }
 
-    /// Peak device memory in bytes since the last reset, where the device can tell (CUDA).
+    /// Peak device memory in bytes since the last reset (or process start), where the device
+    /// can tell (CUDA: live tensor memory, like torch's `max_memory_allocated`).
     pub fn peak_device_memory(&self) -> Option<u64> {
-        None
+        crate::device_memory::peak(&self.options.device)
+    }
+
+    /// Starts a new peak-memory measurement (`bench` does this per workload).
+    pub fn reset_peak_device_memory(&self) {
+        crate::device_memory::reset_peak(&self.options.device)
     }
 }
 

@@ -80,18 +80,20 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
         result.with_context(|| format!("bench run at {size} failed"))
     };
 
-    for i in 0..args.warmup {
-        let size = sizes[0];
-        let g = generate(&mut pipeline, reporter, size)?;
-        reporter.info(&format!(
-            "warmup {}/{} at {size}: {}",
-            i + 1,
-            args.warmup,
-            fmt_duration(g.timings.total)
-        ));
-    }
     let mut runs = Vec::new();
     for &size in &sizes {
+        // Warm up every size (first-use kernel compilation, allocator growth), then measure the
+        // peak of the timed runs alone (resident weights included).
+        for i in 0..args.warmup {
+            let g = generate(&mut pipeline, reporter, size)?;
+            reporter.info(&format!(
+                "warmup {}/{} at {size}: {}",
+                i + 1,
+                args.warmup,
+                fmt_duration(g.timings.total)
+            ));
+        }
+        pipeline.reset_peak_device_memory();
         for r in 0..args.runs {
             let g = generate(&mut pipeline, reporter, size)?;
             reporter.info(&format!(

@@ -1,0 +1,58 @@
+//! Peak device memory, for `-v` and `bench`.
+//!
+//! candle's CUDA backend allocates through cudarc's stream-ordered allocator
+//! (`cuMemAllocAsync`), i.e. from the device's default memory pool, so the pool's
+//! `USED_MEM_HIGH` watermark is the peak of live tensor memory — the same quantity as
+//! PyTorch's `torch.cuda.max_memory_allocated()` that diffusers' numbers use. Other devices
+//! report nothing.
+
+use candle_core::Device;
+
+/// Peak bytes of device memory in use since the last [`reset_peak`], where the device can tell.
+pub fn peak(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return cuda::pool_attribute(dev, false);
+    }
+    let _ = device;
+    None
+}
+
+/// Starts a new peak measurement.
+pub fn reset_peak(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        let _ = cuda::pool_attribute(dev, true);
+    }
+    let _ = device;
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::CudaDevice;
+
+    /// Reads (or, with `reset`, zeroes) the default pool's `USED_MEM_HIGH` attribute.
+    pub fn pool_attribute(dev: &CudaDevice, reset: bool) -> Option<u64> {
+        let stream = dev.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread().ok()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: plain driver queries on a valid device handle with out-pointers we own.
+        unsafe {
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+                != sys::CUresult::CUDA_SUCCESS
+            {
+                return None;
+            }
+            let mut value: u64 = 0;
+            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+            let ok = if reset {
+                sys::cuMemPoolSetAttribute(pool, attr, &mut value as *mut u64 as *mut _)
+            } else {
+                sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut _)
+            };
+            (ok == sys::CUresult::CUDA_SUCCESS).then_some(value)
+        }
+    }
+}
