@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# GPU check and benchmark, flux2-klein vs diffusers on the same card, in one run (< 10 min).
+#
+# Runs on a GPU machine with python3 + torch + transformers (diffusers may come as a wheel in
+# .whl/). Needs the CUDA binary, built elsewhere with scripts/build-cuda.sh and carried as
+# carry/flux2-klein.xz (strip + xz), and optionally carry/cuda_attention.xz (the test
+# executable of tests/cuda_attention.rs). Writes logs, JSON and images under $OUT.
+#
+#   scripts/gpu.sh                 # everything
+#   GPU_SKIP_FULL=1 scripts/gpu.sh # only the tiny-model correctness checks
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/flux2-gpu-out}"; mkdir -p "$OUT"
+LOG="$OUT/gpu.log"
+log() { echo "[gpu.sh $(date +%T)] $*" | tee -a "$LOG"; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$LOG"
+
+# Runtime libraries of the binary: PyTorch's bundled CUDA 13 libraries.
+NV="$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')"
+export LD_LIBRARY_PATH="$NV:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+BIN=/tmp/flux2-klein
+xz -dc carry/flux2-klein.xz > "$BIN" && chmod +x "$BIN" || { log "no carried binary"; exit 1; }
+"$BIN" --version | tee -a "$LOG"
+
+# 1. Tiny fixtures on CUDA in f32: equal to the CPU/diffusers image within 1/255.
+GIFU='A cat holding a sign that says "Gifu AI Study Group"'
+M=tests/fixtures/models; C=tests/fixtures/cases
+tiny() {  # name, golden, args...
+  local name="$1" golden="$2"; shift 2
+  "$BIN" -q generate "$@" --device cuda --dtype f32 -o "$OUT/$name.png" >>"$LOG" 2>&1 \
+    && python3 scripts/gpu_bench.py psnr "$golden" "$OUT/$name.png" | tee -a "$LOG"
+}
+tiny cuda_f32_t2i_64x64 $C/t2i_64x64/image.png -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64
+tiny cuda_f32_edit2_64x64 $C/edit2_64x64/image.png -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64 \
+  -r $C/edit2_64x64/ref_0.png -r $C/edit2_64x64/ref_1.png
+tiny cuda_f32_tiny2_edit $C/tiny2_edit_64x128/image.png -m $M/tiny2-w0 -p "a red fox in snow" --seed 42 \
+  -W 128 -H 64 -r $C/tiny2_edit_64x128/ref_0.png
+"$BIN" -q generate -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64 --device cuda --dtype bf16 -o "$OUT/cuda_bf16_t2i.png" >>"$LOG" 2>&1 \
+  && python3 scripts/gpu_bench.py psnr $C/t2i_64x64_bf16/image.png "$OUT/cuda_bf16_t2i.png" | tee -a "$LOG"
+
+# 2. The fused attention kernel against the naive path.
+if [ -f carry/cuda_attention.xz ]; then
+  xz -dc carry/cuda_attention.xz > /tmp/cuda_attention && chmod +x /tmp/cuda_attention
+  timeout 120 /tmp/cuda_attention --nocapture --test-threads 1 2>&1 | tail -40 | tee -a "$LOG"
+fi
+[ -n "${GPU_SKIP_FULL:-}" ] && exit 0
+
+# 3. Full-size random klein-4B: diffusers vs flux2-klein, same weights, same noise.
+MODEL=/tmp/klein4b-random; REFS=/tmp/refs
+log "writing the random full-size checkpoint"
+python3 scripts/gpu_bench.py make-model "$MODEL" 2>&1 | tail -3 | tee -a "$LOG"
+python3 scripts/gpu_bench.py refs "$REFS"
+du -sh "$MODEL" | tee -a "$LOG"
+
+log "flux2-klein: cold generate 1024² (process start to file written)"
+t0=$(date +%s.%N)
+"$BIN" -v generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$OUT/ours_t2i_1024.png" 2>&1 | tail -4 | tee -a "$LOG"
+t1=$(date +%s.%N); log "ours cold: $(python3 -c "print(round($t1-$t0,2))") s"
+
+log "flux2-klein bench (warm, everything resident)"
+timeout 200 "$BIN" bench -m "$MODEL" --size 1024x1024 --size 512x512 --runs 3 --warmup 1 --json > "$OUT/ours_bench.json" 2>>"$LOG"
+timeout 150 "$BIN" bench -m "$MODEL" --size 1024x1024 -r $REFS/ref0.png -r $REFS/ref1.png --runs 3 --warmup 1 --json > "$OUT/ours_bench_edit.json" 2>>"$LOG"
+python3 -c "
+import json,sys
+for f in ['$OUT/ours_bench.json','$OUT/ours_bench_edit.json']:
+    try: d=json.load(open(f))
+    except Exception as e: print(f, 'unreadable', e); continue
+    print(json.dumps(d.get('summary', d), indent=None)[:1500])
+" | tee -a "$LOG"
+
+log "diffusers: warm per-stage timings"
+timeout 240 python3 scripts/gpu_bench.py diffusers "$MODEL" "$OUT" "$REFS" 2>&1 | grep -v Warning | tail -8 | tee -a "$LOG"
+python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024.png" | tee -a "$LOG"
+
+log "diffusers: cold (fresh process, from_pretrained + call)"
+t0=$(date +%s.%N)
+timeout 120 python3 scripts/gpu_bench.py cold "$MODEL" "$OUT/diffusers_cold.png" >/dev/null 2>&1
+t1=$(date +%s.%N); log "diffusers cold: $(python3 -c "print(round($t1-$t0,2))") s"
+log "done"
