@@ -41,8 +41,19 @@ pub fn case_json(name: &str) -> serde_json::Value {
 pub fn max_rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
     assert_eq!(ours.dims(), reference.dims(), "shape mismatch");
     let a = ours.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = reference.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let diff = (a - &b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let b = reference
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    let diff = (a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     let scale = b.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     diff / scale.max(f32::MIN_POSITIVE)
 }
