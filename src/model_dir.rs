@@ -35,7 +35,7 @@ pub struct ModelIndex {
 enum Source {
     Local(PathBuf),
     Hub {
-        repo: hf_hub::api::sync::ApiRepo,
+        repo: Box<hf_hub::api::sync::ApiRepo>,
         cache: hf_hub::CacheRepo,
         offline: bool,
     },
@@ -123,7 +123,7 @@ impl ModelDir {
         let cache = hf_hub::Cache::from_env().repo(repo_spec.clone());
         let mut dir = Self {
             source: Source::Hub {
-                repo: api.repo(repo_spec),
+                repo: Box::new(api.repo(repo_spec)),
                 cache,
                 offline,
             },

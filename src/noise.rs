@@ -20,6 +20,8 @@
 //! native-bf16 path is available as [`Bf16Noise::LegacyNative`].
 //!
 //! The numbers are produced on the CPU (as torch does) and then moved to the target device.
+// The Cephes constants below are copied digit for digit from avx_mathfun.h (see above).
+#![allow(clippy::excessive_precision, clippy::approx_constant)]
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -97,7 +99,8 @@ fn uniform_f64(r: u64) -> f64 {
     (r & ((1u64 << 53) - 1)) as f64 * (1.0 / 9_007_199_254_740_992.0)
 }
 
-// Cephes / avx_mathfun.h constants, all f32 (spec §3.3).
+// Cephes / avx_mathfun.h constants, all f32 (spec §3.3), written exactly as in the C source so
+// they can be checked against it; rustc rounds them to the same f32 values.
 const LOG_P: [f32; 9] = [
     7.037_683_6e-2,
     -1.151_461_031_0e-1,
@@ -270,7 +273,7 @@ impl TorchGenerator {
         let mut buf: Vec<f32> = (0..n).map(|_| uniform_f32(self.mt.next_u32())).collect();
         let full = n / 16 * 16;
         box_muller_blocks(&mut buf[..full]);
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut buf[n - 16..];
             for v in tail.iter_mut() {
                 *v = uniform_f32(self.mt.next_u32());
@@ -284,7 +287,7 @@ impl TorchGenerator {
     /// (also float16): uniforms are drawn block by block, so the tail block (n % 16 != 0) uses
     /// the draws right after the complete blocks (TORCH_RANDN.md §4b).
     fn randn_reduced_f32(&mut self, n: usize) -> Vec<f32> {
-        if n < 16 || n % 16 == 0 {
+        if n < 16 || n.is_multiple_of(16) {
             return self.randn_f32(n);
         }
         let full = n / 16 * 16;
@@ -341,7 +344,7 @@ impl TorchGenerator {
         let mut buf: Vec<f32> = (0..n).map(|_| draw(&mut self.mt)).collect();
         let full = n / 16 * 16;
         buf[..full].chunks_exact_mut(16).for_each(block);
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = &mut buf[n - 16..];
             for v in tail.iter_mut() {
                 *v = draw(&mut self.mt);

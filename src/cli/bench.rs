@@ -155,7 +155,8 @@ fn runs_of<'a>(runs: &'a [Run], size: &Size) -> Vec<&'a Run> {
 }
 
 /// The per-stage quantities of the table and summary, by column.
-const COLUMNS: [(&str, fn(&Timings) -> f64); 5] = [
+type Column = (&'static str, fn(&Timings) -> f64);
+const COLUMNS: [Column; 5] = [
     ("text_encode_ms", |t| ms(t.text_encode)),
     ("reference_encode_ms", |t| ms(t.reference_encode)),
     ("mean_step_ms", mean_step_ms),

@@ -3,7 +3,7 @@
 //! image atomically at the very end.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::Path;
 
 use anyhow::Result;
 use flux2_klein::model_dir::ModelDir;
@@ -200,7 +200,7 @@ fn summarize(pipeline: &Pipeline, g: &Generated, reporter: &Reporter) {
 
 /// The output path on stdout, the only thing written there (scripts capture it). A closed
 /// stdout is not an error: the image is already written.
-fn print_path(path: &PathBuf) {
+fn print_path(path: &Path) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{}", path.display());
     let _ = out.flush();

@@ -333,6 +333,6 @@ impl SingleStreamBlock {
         let o = rope_attention(&q, &k, &v, rope)?;
         let g = swiglu(&u.narrow(2, 3 * d, 2 * f)?)?;
         let out = self.to_out.forward(&Tensor::cat(&[&o, &g], 2)?)?;
-        Ok((z + out.broadcast_mul(&m.gate)?).context("single-stream residual")?)
+        (z + out.broadcast_mul(&m.gate)?).context("single-stream residual")
     }
 }

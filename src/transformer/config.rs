@@ -100,7 +100,7 @@ impl Flux2TransformerConfig {
         if self.axes_dims_rope.iter().any(|d| d % 2 != 0) {
             bail!("axes_dims_rope {:?} must all be even", self.axes_dims_rope);
         }
-        if self.timestep_guidance_channels % 2 != 0 {
+        if !self.timestep_guidance_channels.is_multiple_of(2) {
             bail!(
                 "timestep_guidance_channels {} must be even",
                 self.timestep_guidance_channels

@@ -256,7 +256,9 @@ mod tests {
         let proj = TimestepProjection::new(256, &Device::Cpu)?;
         let t = Tensor::new(&[1000f32], &Device::Cpu)?;
         let e = proj.forward(&t)?.squeeze(0)?.to_vec1::<f32>()?;
+        #[allow(clippy::excessive_precision)]
         let cos = [0.562_379_06f32, 0.789_626_66, 0.439_927_88];
+        #[allow(clippy::excessive_precision)]
         let sin = [0.826_879_56f32, 0.613_587_62, -0.898_033_08];
         for k in 0..3 {
             assert!((e[k] - cos[k]).abs() < 1e-7, "cos {k}: {}", e[k]);
