@@ -26,8 +26,8 @@
 //   * The output tile is staged through the warp's own (no longer needed) Q rows in shared
 //     memory so that global stores are 16-byte and coalesced.
 //
-// Requirements checked on the host: the last dim is contiguous, every other stride and the
-// start offset are multiples of 8 elements (16-byte aligned chunks), head dim % 8 == 0.
+// Requirements checked on the host: scale > 0; the last dim is contiguous; every other stride
+// and the start offset are multiples of 8 elements (16-byte aligned chunks); head dim % 8 == 0.
 //
 // No #include: NVRTC must not need the toolkit headers on the machine that runs it; bf16/f16
 // values are handled as raw 16-bit words and all conversions / tensor-core ops are inline PTX.
@@ -238,15 +238,17 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                float mx = row_max[mt][r];
+                // Max of the raw scores, scaled once: max(c*s) = c*max(s) because the host
+                // only launches with scale > 0.
+                float raw = s[mt][0][2 * r];
 #pragma unroll
                 for (int n = 0; n < NK; ++n) {
-                    mx = fmaxf(mx, s[mt][n][2 * r] * scale_log2);
-                    mx = fmaxf(mx, s[mt][n][2 * r + 1] * scale_log2);
+                    raw = fmaxf(raw, fmaxf(s[mt][n][2 * r], s[mt][n][2 * r + 1]));
                 }
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // mx is finite: key t*BN < sk is always valid.
+                raw = fmaxf(raw, __shfl_xor_sync(0xffffffffu, raw, 1));
+                raw = fmaxf(raw, __shfl_xor_sync(0xffffffffu, raw, 2));
+                // Finite: key t*BN < sk is always valid, so every row has a real score.
+                const float mx = fmaxf(row_max[mt][r], raw * scale_log2);
                 const float alpha = fast_exp2(row_max[mt][r] - mx);
                 row_max[mt][r] = mx;
                 float sum = 0.f;
@@ -351,13 +353,13 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
 FA_KERNELS(16, 4, 1, 64)
 FA_KERNELS(32, 4, 1, 64)
 FA_KERNELS(64, 4, 1, 64)
-FA_KERNELS(128, 4, 1, 64)
+FA_KERNELS(128, 4, 2, 64)
 FA_KERNELS(256, 4, 1, 32)
 
 #ifdef FA_BENCH_VARIANTS
 // Extra D = 128 tilings, only compiled by the benchmark script (scripts/gpu_attention_check.sh).
 FA_KERNEL(bf16, true, 128, 8, 1, 64)
-FA_KERNEL(bf16, true, 128, 4, 2, 64)
+FA_KERNEL(bf16, true, 128, 4, 1, 64)
 FA_KERNEL(bf16, true, 128, 4, 1, 32)
 FA_KERNEL(bf16, true, 128, 8, 1, 32)
 FA_KERNEL(bf16, true, 128, 4, 2, 32)
