@@ -16,7 +16,9 @@ fn cuda_device() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {
-            println!("no CUDA device: skipped ({e})");
+            let why = e.to_string();
+            let why = why.lines().next().unwrap_or("");
+            println!("no CUDA device: skipped ({why})");
             None
         }
     }
@@ -188,7 +190,10 @@ fn flash_attention_matches_naive() -> Result<()> {
             ));
         }
     }
-    assert!(failures.is_empty(), "flash attention mismatches: {failures:#?}");
+    assert!(
+        failures.is_empty(),
+        "flash attention mismatches: {failures:#?}"
+    );
     Ok(())
 }
 
@@ -259,6 +264,9 @@ fn flash_attention_timing() -> Result<()> {
         )?,
     )?;
     println!("  flash max abs err vs f32 naive: {err:.3e}");
-    assert!(err < 1e-2, "flash attention error {err} on the timing shape");
+    assert!(
+        err < 1e-2,
+        "flash attention error {err} on the timing shape"
+    );
     Ok(())
 }

@@ -170,21 +170,24 @@ struct FlashAttn {
 }
 
 /// (batch, heads, seq, head_dim) and the element strides (batch, heads, seq) of one tensor.
-fn dims_and_strides(
-    what: &str,
-    l: &Layout,
-    layout: AttnLayout,
-) -> Result<([usize; 4], [i64; 3])> {
+fn dims_and_strides(what: &str, l: &Layout, layout: AttnLayout) -> Result<([usize; 4], [i64; 3])> {
     let dims = l.dims();
     let stride = l.stride();
     if dims.len() != 4 {
-        bail!("flash attention: {what} must have rank 4, got shape {:?}", l.shape())
+        bail!(
+            "flash attention: {what} must have rank 4, got shape {:?}",
+            l.shape()
+        )
     }
     let (b, s, h, d) = match layout {
         AttnLayout::Bhsd => (0, 2, 1, 3),
         AttnLayout::Bshd => (0, 1, 2, 3),
     };
-    if stride[d] != 1 || [stride[b], stride[h], stride[s]].iter().any(|&x| x % 8 != 0) {
+    if stride[d] != 1
+        || [stride[b], stride[h], stride[s]]
+            .iter()
+            .any(|&x| x % 8 != 0)
+    {
         bail!(
             "flash attention: {what} needs a contiguous last dim and other strides that are \
              multiples of 8, got strides {stride:?} (call .contiguous())"
@@ -286,7 +289,10 @@ impl CustomOp3 for FlashAttn {
             )
         }
         if !(self.scale > 0.0 && self.scale.is_finite()) {
-            bail!("flash attention: the kernel needs a finite scale > 0, got {}", self.scale)
+            bail!(
+                "flash attention: the kernel needs a finite scale > 0, got {}",
+                self.scale
+            )
         }
         if sk == 0 || d % 8 != 0 || d > MAX_HEAD_DIM {
             bail!("flash attention: needs Sk > 0 and a head dim that is a multiple of 8 up to {MAX_HEAD_DIM}, got Sk={sk}, D={d}")
@@ -332,7 +338,9 @@ impl CustomOp3 for FlashAttn {
         let storage = match dtype {
             DType::BF16 => launch_args.run::<half::bf16>(&func, launch, &dev, inputs)?,
             DType::F16 => launch_args.run::<half::f16>(&func, launch, &dev, inputs)?,
-            dt => bail!("flash attention: dtype {dt:?} not supported by the kernel (bf16/f16 only)"),
+            dt => {
+                bail!("flash attention: dtype {dt:?} not supported by the kernel (bf16/f16 only)")
+            }
         };
         Ok((storage, out_shape))
     }
@@ -374,10 +382,8 @@ pub fn available() -> bool {
 fn kernel_ready(t: &Tensor) -> Result<Tensor> {
     let l = t.layout();
     let s = l.stride();
-    let ok = s.len() == 4
-        && s[3] == 1
-        && s[..3].iter().all(|x| x % 8 == 0)
-        && l.start_offset() % 8 == 0;
+    let ok =
+        s.len() == 4 && s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && l.start_offset() % 8 == 0;
     if ok {
         Ok(t.clone())
     } else {
