@@ -1,0 +1,366 @@
+// Flash-attention style forward kernel (no mask) for bf16 / f16 on sm_80+ (built for sm_90 at
+// run time with NVRTC, see flash_attn.rs).
+//
+//   O[b,h,i,:] = sum_j softmax_j(scale * <Q[b,h,i,:], K[b,h,j,:]>) * V[b,h,j,:]
+//
+// Algorithm (FlashAttention-2 forward, Dao 2023):
+//   * One thread block owns BM = 16*MT*NW query rows of one (batch, head); each of its NW warps
+//     owns 16*MT of those rows, so the softmax statistics of a row never leave its warp.
+//   * K/V are streamed through shared memory in tiles of BN keys, double buffered with
+//     cp.async (the next tile is in flight while the current one is used).
+//   * S = Q K^T and O += P V run on the tensor cores: mma.sync m16n8k16 (bf16/f16 inputs,
+//     f32 accumulate); fragments are read from shared memory with ldmatrix (.trans for V).
+//   * Online softmax: each row keeps its running max m and running sum l (f32). For a new
+//     tile, m' = max(m, rowmax(S)); O and l are rescaled by 2^(m - m'), and P = 2^(S - m').
+//     This never materialises the Sq x Sk score matrix (O(S) memory instead of O(S^2)) and
+//     reads K/V once per query block. Scores are pre-multiplied by scale*log2(e) so that
+//     exp() becomes a single ex2.approx instruction.
+//   * P is rounded to the input dtype for the P V product (as FlashAttention does); all
+//     sums, the max and the final 1/l normalisation are f32.
+//   * Shared-memory rows are split in 16-byte chunks whose index is XOR-swizzled with the row
+//     (chunk ^ (row & 7)), so the 8 row addresses of an ldmatrix hit 8 different bank groups.
+//   * Tails: rows/keys past the sequence end and head-dim columns past the real head dim are
+//     zero-filled by cp.async (src-size 0); keys past Sk get score -inf; out-of-range rows
+//     and columns are not stored. D (the compiled head dim) is the real head dim rounded up
+//     to a supported size, so any head dim that is a multiple of 8 works.
+//   * The output tile is staged through the warp's own (no longer needed) Q rows in shared
+//     memory so that global stores are 16-byte and coalesced.
+//
+// Requirements checked on the host: scale > 0; the last dim is contiguous; every other stride
+// and the start offset are multiples of 8 elements (16-byte aligned chunks); head dim % 8 == 0.
+//
+// No #include: NVRTC must not need the toolkit headers on the machine that runs it; bf16/f16
+// values are handled as raw 16-bit words and all conversions / tensor-core ops are inline PTX.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+struct alignas(16) Chunk16 {
+    u32 x, y, z, w;
+};
+
+#define DEVI static __device__ __forceinline__
+
+DEVI u32 smem_u32(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// 16-byte async copy global -> shared; src_bytes = 0 zero-fills the destination.
+DEVI void cp_async16(u32 dst, const void* src, bool valid) {
+    int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+DEVI void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+DEVI void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+DEVI void ldsm_x4(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+DEVI void ldsm_x4_t(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// c += a * b, a: 16x16 (row), b: 16x8 (col), c: 16x8 f32.
+template <bool BF16>
+DEVI void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    if (BF16) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+// Two f32 -> packed pair (lo in the low 16 bits), round to nearest even.
+template <bool BF16>
+DEVI u32 pack2(float lo, float hi) {
+    u32 r;
+    if (BF16) {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    } else {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    }
+    return r;
+}
+
+DEVI float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+template <int D>
+DEVI int sidx(int row, int ch) {
+    constexpr int NCH = D / 8;
+    constexpr int SW = NCH >= 8 ? 7 : NCH - 1;
+    return row * D + ((ch ^ (row & SW)) << 3);
+}
+
+// Async-load rows [row0, row0+ROWS) of a [S, D] matrix (row stride ss) into a swizzled tile.
+template <int D, int ROWS, int NT>
+DEVI void load_tile(u16* dst, const u16* src, long long ss, int row0, int nrows, int dact,
+                    int tid) {
+    constexpr int NCH = D / 8;
+#pragma unroll
+    for (int i = tid; i < ROWS * NCH; i += NT) {
+        const int r = i / NCH, c = i % NCH;
+        const int gr = row0 + r;
+        const bool ok = gr < nrows && c * 8 < dact;
+        const u16* p = ok ? src + (long long)gr * ss + c * 8 : src;
+        cp_async16(smem_u32(dst + sidx<D>(r, c)), p, ok);
+    }
+}
+
+template <int D, int NW, int MT, int BN, bool BF16>
+DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
+                      const u16* __restrict__ v, u16* __restrict__ o, int sq, int sk, int dact,
+                      long long q_sb, long long q_sh, long long q_ss, long long k_sb,
+                      long long k_sh, long long k_ss, long long v_sb, long long v_sh,
+                      long long v_ss, long long o_sb, long long o_sh, long long o_ss,
+                      float scale_log2) {
+    static_assert(D % 16 == 0 && BN % 16 == 0, "tile sizes");
+    constexpr int NCH = D / 8;
+    constexpr int BM = 16 * MT * NW;
+    constexpr int NT = NW * 32;
+    constexpr int ND = D / 8;   // n-tiles of the output (8 columns each)
+    constexpr int NK = BN / 8;  // n-tiles of the scores (8 keys each)
+
+    extern __shared__ Chunk16 smem_chunks[];
+    u16* qs = reinterpret_cast<u16*>(smem_chunks);
+    u16* ks = qs + BM * D;       // 2 buffers of BN x D
+    u16* vs = ks + 2 * BN * D;   // 2 buffers of BN x D
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int m0 = blockIdx.x * BM;
+    const long long h = blockIdx.y, b = blockIdx.z;
+    q += b * q_sb + h * q_sh;
+    k += b * k_sb + h * k_sh;
+    v += b * v_sb + h * v_sh;
+    o += b * o_sb + h * o_sh;
+
+    load_tile<D, BM, NT>(qs, q, q_ss, m0, sq, dact, tid);
+    load_tile<D, BN, NT>(ks, k, k_ss, 0, sk, dact, tid);
+    load_tile<D, BN, NT>(vs, v, v_ss, 0, sk, dact, tid);
+    cp_async_commit();
+
+    float acc[MT][ND][4];
+    float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < ND; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][n][e] = 0.f;
+        }
+        row_max[mt][0] = row_max[mt][1] = -__int_as_float(0x7f800000);
+        row_sum[mt][0] = row_sum[mt][1] = 0.f;
+    }
+
+    const int wr0 = warp * 16 * MT;  // first row of this warp inside the block tile
+    const int ntiles = (sk + BN - 1) / BN;
+
+    // Per-lane ldmatrix row/chunk offsets (see the fragment layouts of mma.m16n8k16).
+    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_ch = lane >> 4;  // Q (A operand)
+    const int b_row = (lane & 7) + (lane >> 4) * 8, b_ch = (lane >> 3) & 1;  // K (B, non-trans)
+    const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8, v_ch = lane >> 4;  // V (B, trans)
+
+    for (int t = 0; t < ntiles; ++t) {
+        cp_async_wait_all();
+        __syncthreads();
+        if (t + 1 < ntiles) {
+            const int nb = (t + 1) & 1;
+            load_tile<D, BN, NT>(ks + nb * BN * D, k, k_ss, (t + 1) * BN, sk, dact, tid);
+            load_tile<D, BN, NT>(vs + nb * BN * D, v, v_ss, (t + 1) * BN, sk, dact, tid);
+        }
+        cp_async_commit();
+        const u16* kb = ks + (t & 1) * BN * D;
+        const u16* vb = vs + (t & 1) * BN * D;
+
+        // ---- S = Q K^T (f32) ----
+        float s[MT][NK][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < NK; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][n][e] = 0.f;
+
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            u32 qa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int row = wr0 + mt * 16 + a_row;
+                ldsm_x4(qa[mt], smem_u32(qs + sidx<D>(row, kk * 2 + a_ch)));
+            }
+#pragma unroll
+            for (int np = 0; np < BN / 16; ++np) {
+                u32 kf[4];
+                const int row = np * 16 + b_row;
+                ldsm_x4(kf, smem_u32(kb + sidx<D>(row, kk * 2 + b_ch)));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<BF16>(s[mt][2 * np], qa[mt], kf[0], kf[1]);
+                    mma16816<BF16>(s[mt][2 * np + 1], qa[mt], kf[2], kf[3]);
+                }
+            }
+        }
+
+        // ---- mask keys past the end (only the last tile can have them) ----
+        if ((t + 1) * BN > sk) {
+            const float ninf = -__int_as_float(0x7f800000);
+#pragma unroll
+            for (int n = 0; n < NK; ++n) {
+                const int c = t * BN + n * 8 + tig * 2;
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    if (c >= sk) { s[mt][n][0] = ninf; s[mt][n][2] = ninf; }
+                    if (c + 1 >= sk) { s[mt][n][1] = ninf; s[mt][n][3] = ninf; }
+                }
+            }
+        }
+
+        // ---- online softmax (rows gid and gid+8 of each 16-row slice) ----
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                // Max of the raw scores, scaled once: max(c*s) = c*max(s) because the host
+                // only launches with scale > 0.
+                float raw = s[mt][0][2 * r];
+#pragma unroll
+                for (int n = 0; n < NK; ++n) {
+                    raw = fmaxf(raw, fmaxf(s[mt][n][2 * r], s[mt][n][2 * r + 1]));
+                }
+                raw = fmaxf(raw, __shfl_xor_sync(0xffffffffu, raw, 1));
+                raw = fmaxf(raw, __shfl_xor_sync(0xffffffffu, raw, 2));
+                // Finite: key t*BN < sk is always valid, so every row has a real score.
+                const float mx = fmaxf(row_max[mt][r], raw * scale_log2);
+                const float alpha = fast_exp2(row_max[mt][r] - mx);
+                row_max[mt][r] = mx;
+                float sum = 0.f;
+#pragma unroll
+                for (int n = 0; n < NK; ++n) {
+                    const float p0 = fast_exp2(fmaf(s[mt][n][2 * r], scale_log2, -mx));
+                    const float p1 = fast_exp2(fmaf(s[mt][n][2 * r + 1], scale_log2, -mx));
+                    s[mt][n][2 * r] = p0;
+                    s[mt][n][2 * r + 1] = p1;
+                    sum += p0 + p1;
+                }
+                // Partial (per-thread) sum; the quad reduction happens once at the end.
+                row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+#pragma unroll
+                for (int n = 0; n < ND; ++n) {
+                    acc[mt][n][2 * r] *= alpha;
+                    acc[mt][n][2 * r + 1] *= alpha;
+                }
+            }
+        }
+
+        // ---- O += P V ----
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            u32 pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                pa[mt][0] = pack2<BF16>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[mt][1] = pack2<BF16>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[mt][2] = pack2<BF16>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[mt][3] = pack2<BF16>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                u32 vf[4];
+                const int row = kk * 16 + v_row;
+                ldsm_x4_t(vf, smem_u32(vb + sidx<D>(row, dp * 2 + v_ch)));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<BF16>(acc[mt][2 * dp], pa[mt], vf[0], vf[1]);
+                    mma16816<BF16>(acc[mt][2 * dp + 1], pa[mt], vf[2], vf[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait_all();
+
+    // ---- epilogue: O / l, staged through this warp's own Q rows ----
+    __syncwarp();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        float inv[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = row_sum[mt][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            inv[r] = 1.f / l;
+        }
+#pragma unroll
+        for (int n = 0; n < ND; ++n) {
+            const int row = wr0 + mt * 16 + gid;
+            *reinterpret_cast<u32*>(qs + sidx<D>(row, n) + tig * 2) =
+                pack2<BF16>(acc[mt][n][0] * inv[0], acc[mt][n][1] * inv[0]);
+            *reinterpret_cast<u32*>(qs + sidx<D>(row + 8, n) + tig * 2) =
+                pack2<BF16>(acc[mt][n][2] * inv[1], acc[mt][n][3] * inv[1]);
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = lane; i < 16 * MT * NCH; i += 32) {
+        const int r = i / NCH, c = i % NCH;
+        const int gr = m0 + wr0 + r;
+        if (gr < sq && c * 8 < dact) {
+            *reinterpret_cast<Chunk16*>(o + (long long)gr * o_ss + c * 8) =
+                *reinterpret_cast<const Chunk16*>(qs + sidx<D>(wr0 + r, c));
+        }
+    }
+}
+
+// Kernel entry points: fa_fwd_<dtype>_d<D>_w<NW>_m<MT>_n<BN>.
+// Grid: (ceil(Sq / (16*MT*NW)), H, B); block: NW*32 threads;
+// dynamic shared memory: (16*MT*NW + 4*BN) * D * 2 bytes.
+#define FA_KERNEL(DT, IS_BF16, D, NW, MT, BN)                                                   \
+    extern "C" __global__ void __launch_bounds__(NW * 32)                                       \
+        fa_fwd_##DT##_d##D##_w##NW##_m##MT##_n##BN(                                             \
+            const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,    \
+            u16* __restrict__ o, int sq, int sk, int dact, long long q_sb, long long q_sh,      \
+            long long q_ss, long long k_sb, long long k_sh, long long k_ss, long long v_sb,     \
+            long long v_sh, long long v_ss, long long o_sb, long long o_sh, long long o_ss,     \
+            float scale_log2) {                                                                 \
+        fa_fwd_impl<D, NW, MT, BN, IS_BF16>(q, k, v, o, sq, sk, dact, q_sb, q_sh, q_ss, k_sb,   \
+                                            k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss,     \
+                                            scale_log2);                                        \
+    }
+
+#define FA_KERNELS(D, NW, MT, BN)            \
+    FA_KERNEL(bf16, true, D, NW, MT, BN)     \
+    FA_KERNEL(f16, false, D, NW, MT, BN)
+
+// The configurations flash_attn.rs launches (keep in sync with `KernelConfig::for_head_dim`).
+FA_KERNELS(16, 4, 1, 64)
+FA_KERNELS(32, 4, 1, 64)
+FA_KERNELS(64, 4, 1, 64)
+FA_KERNELS(128, 4, 2, 64)
+FA_KERNELS(256, 4, 1, 32)
+
+#ifdef FA_BENCH_VARIANTS
+// Extra D = 128 tilings, only compiled by the benchmark script (scripts/gpu_attention_check.sh).
+FA_KERNEL(bf16, true, 128, 8, 1, 64)
+FA_KERNEL(bf16, true, 128, 4, 1, 64)
+FA_KERNEL(bf16, true, 128, 4, 1, 32)
+FA_KERNEL(bf16, true, 128, 8, 1, 32)
+FA_KERNEL(bf16, true, 128, 4, 2, 32)
+#endif

@@ -1,0 +1,442 @@
+//! Fused (flash-attention style) scaled dot-product attention forward pass for CUDA.
+//!
+//! candle 0.11.1 has no attention op on CUDA (candle-nn's `sdpa` is Metal-only) and
+//! candle-flash-attn cannot be built here (its CUTLASS kernels take hours), so the Flux2
+//! transformer's `softmax(q kᵀ · scale) v` would otherwise materialise a `[B, H, S, S]` score
+//! tensor (24 × 4608² bf16 = 1 GiB per block at 1024², and three full passes over it).
+//!
+//! The kernel (`flash_attn.cu`, embedded with `include_str!`) is compiled once per process and
+//! device architecture with NVRTC and loaded through candle's per-device module cache. See the
+//! header of `flash_attn.cu` for the algorithm (FlashAttention-2: query tiles per thread block,
+//! K/V tiles double-buffered in shared memory with `cp.async`, `mma.sync` m16n8k16 on the
+//! tensor cores, f32 online softmax with exp2 of log2(e)-prescaled scores). In short:
+//!
+//! * **Why online softmax**: the row max and row sum are updated tile by tile (rescaling the
+//!   partial output by `2^(m_old - m_new)`), so a query block reads each K/V tile once and the
+//!   score matrix never exists in memory: O(S) memory traffic per query tile instead of O(S²).
+//! * **Tile sizes** (measured on an H100 for B=1, H=24, S=4608, D=128, see
+//!   `scripts/gpu_attention_check.sh kernel`): for D = 128, 128 query rows per block (4 warps ×
+//!   32 rows, two m16 MMA slices per warp, so every K/V fragment read from shared memory feeds
+//!   two MMAs) and 64 keys per K/V tile: 96 KiB of shared memory with double buffering, 2
+//!   blocks per SM, ~1.15 ms (227 TFLOP/s; 64-row blocks: 1.5 ms, 8 warps × 16 rows: 1.36 ms;
+//!   PyTorch's FlashAttention-2: 0.78 ms). Smaller head dims use 64-row blocks (speed does not
+//!   matter there), D = 256 uses 32-key tiles to stay within the register file. Head dims that
+//!   are not 16/32/64/128/256 run in the next larger instance with the extra columns
+//!   zero-filled, so every head dim that is a multiple of 8 up to 256 is supported.
+//!
+//! Inputs may be strided (views from `narrow`/`transpose`) as long as the head dim is the
+//! innermost, contiguous dimension and every other stride is a multiple of 8 elements (16-byte
+//! chunks); anything else is made contiguous first. `flash_attention_bshd` takes and returns the
+//! `[B, S, H, D]` layout directly, which saves the two transposes around attention.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{
+    bail, CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape,
+    Tensor, D,
+};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+/// The CUDA C++ source of the kernels (no `#include`s: NVRTC needs no toolkit headers).
+pub const KERNEL_SOURCE: &str = include_str!("flash_attn.cu");
+
+/// Largest supported head dim.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Memory layout of the four attention tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnLayout {
+    /// `[batch, heads, seq, head_dim]` (candle-transformers' convention).
+    Bhsd,
+    /// `[batch, seq, heads, head_dim]` (the layout the QKV projections produce).
+    Bshd,
+}
+
+/// One compiled tiling of the kernel: `NW` warps × `MT` m16-slices of queries per block,
+/// `BN` keys per K/V tile, compiled head dim `d`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KernelConfig {
+    d: usize,
+    warps: usize,
+    m_tiles: usize,
+    block_n: usize,
+}
+
+impl KernelConfig {
+    /// The configuration for a head dim (keep in sync with the `FA_KERNELS` list of the .cu).
+    fn for_head_dim(head_dim: usize) -> Option<Self> {
+        let (d, m_tiles, block_n) = match head_dim {
+            0 => return None,
+            1..=16 => (16, 1, 64),
+            17..=32 => (32, 1, 64),
+            33..=64 => (64, 1, 64),
+            65..=128 => (128, 2, 64),
+            129..=256 => (256, 1, 32),
+            _ => return None,
+        };
+        Some(Self {
+            d,
+            warps: 4,
+            m_tiles,
+            block_n,
+        })
+    }
+
+    fn block_m(&self) -> usize {
+        16 * self.m_tiles * self.warps
+    }
+
+    /// Q tile + double-buffered K and V tiles, 2 bytes per element.
+    fn shared_mem_bytes(&self) -> usize {
+        (self.block_m() + 4 * self.block_n) * self.d * 2
+    }
+
+    fn kernel_name(&self, dtype: DType) -> String {
+        let dt = if dtype == DType::BF16 { "bf16" } else { "f16" };
+        format!(
+            "fa_fwd_{dt}_d{}_w{}_m{}_n{}",
+            self.d, self.warps, self.m_tiles, self.block_n
+        )
+    }
+}
+
+/// NVRTC output per compute capability (compiled once per process and architecture).
+fn ptx_for_arch(major: i32, minor: i32) -> Result<String> {
+    static CACHE: OnceLock<Mutex<HashMap<(i32, i32), String>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut cache = cache
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("flash-attention PTX cache poisoned".into()))?;
+    if let Some(ptx) = cache.get(&(major, minor)) {
+        return Ok(ptx.clone());
+    }
+    // `compute_XY` (PTX, JIT-compiled by the driver) rather than `sm_XY`: NVRTC returns PTX
+    // only for virtual architectures, and candle's module loader takes PTX.
+    let arch = format!("compute_{major}{minor}");
+    let opts = CompileOptions {
+        options: vec![format!("--gpu-architecture={arch}")],
+        name: Some("flash_attn.cu".into()),
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| {
+        let detail = match &e {
+            candle_core::cuda_backend::cudarc::nvrtc::CompileError::CompileError {
+                log, ..
+            } => log.to_string_lossy().into_owned(),
+            other => format!("{other:?}"),
+        };
+        candle_core::Error::Msg(format!(
+            "NVRTC failed to compile the flash-attention kernel for {arch} (is libnvrtc.so.13 \
+             with libnvrtc-builtins.so.13.0 on LD_LIBRARY_PATH?): {detail}"
+        ))
+    })?;
+    let ptx = ptx.to_src();
+    cache.insert((major, minor), ptx.clone());
+    Ok(ptx)
+}
+
+/// The loaded kernel for `cfg`/`dtype` on `dev` (candle caches the module per device).
+fn load_kernel(dev: &CudaDevice, cfg: &KernelConfig, dtype: DType) -> Result<CudaFunction> {
+    let stream = dev.cuda_stream();
+    let (major, minor) = stream.context().compute_capability().w()?;
+    if major < 8 {
+        bail!(
+            "flash attention needs a GPU with compute capability >= 8.0 (bf16 mma.sync, \
+             cp.async), this one is {major}.{minor}"
+        )
+    }
+    let ptx = ptx_for_arch(major, minor)?;
+    let module = format!("flux2_flash_attn_sm{major}{minor}");
+    let func = dev.get_or_load_custom_func(&cfg.kernel_name(dtype), &module, &ptx)?;
+    // More than 48 KiB of dynamic shared memory must be opted into per function.
+    func.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        cfg.shared_mem_bytes() as i32,
+    )
+    .w()?;
+    Ok(func.into_cuda_function())
+}
+
+/// The custom op: `q`, `k`, `v` in `layout`, output contiguous in the same layout.
+struct FlashAttn {
+    scale: f32,
+    layout: AttnLayout,
+}
+
+/// (batch, heads, seq, head_dim) and the element strides (batch, heads, seq) of one tensor.
+fn dims_and_strides(what: &str, l: &Layout, layout: AttnLayout) -> Result<([usize; 4], [i64; 3])> {
+    let dims = l.dims();
+    let stride = l.stride();
+    if dims.len() != 4 {
+        bail!(
+            "flash attention: {what} must have rank 4, got shape {:?}",
+            l.shape()
+        )
+    }
+    let (b, s, h, d) = match layout {
+        AttnLayout::Bhsd => (0, 2, 1, 3),
+        AttnLayout::Bshd => (0, 1, 2, 3),
+    };
+    if stride[d] != 1
+        || [stride[b], stride[h], stride[s]]
+            .iter()
+            .any(|&x| x % 8 != 0)
+    {
+        bail!(
+            "flash attention: {what} needs a contiguous last dim and other strides that are \
+             multiples of 8, got strides {stride:?} (call .contiguous())"
+        )
+    }
+    if l.start_offset() % 8 != 0 {
+        bail!(
+            "flash attention: {what} starts at element offset {} (must be a multiple of 8; \
+             call .contiguous())",
+            l.start_offset()
+        )
+    }
+    Ok((
+        [dims[b], dims[h], dims[s], dims[d]],
+        [stride[b] as i64, stride[h] as i64, stride[s] as i64],
+    ))
+}
+
+/// The scalar kernel arguments (see the `FA_KERNEL` signature in flash_attn.cu).
+struct KernelArgs {
+    sq: i32,
+    sk: i32,
+    d: i32,
+    /// (batch, head, seq) element strides of q, k, v, out.
+    strides: [[i64; 3]; 4],
+    scale_log2: f32,
+    n_out: usize,
+}
+
+impl KernelArgs {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        func: &CudaFunction,
+        launch: LaunchConfig,
+        dev: &CudaDevice,
+        [(qs, ql), (ks, kl), (vs, vl)]: [(&CudaStorage, &Layout); 3],
+    ) -> Result<CudaStorage> {
+        let q = qs.as_cuda_slice::<T>()?.slice(ql.start_offset()..);
+        let k = ks.as_cuda_slice::<T>()?.slice(kl.start_offset()..);
+        let v = vs.as_cuda_slice::<T>()?.slice(vl.start_offset()..);
+        // SAFETY: the kernel stores every output element (each row < Sq, column < D).
+        let out: CudaSlice<T> = unsafe { dev.alloc::<T>(self.n_out)? };
+        let stream = dev.cuda_stream();
+        let mut builder = stream.launch_builder(func);
+        builder.arg(&q);
+        builder.arg(&k);
+        builder.arg(&v);
+        builder.arg(&out);
+        builder.arg(&self.sq);
+        builder.arg(&self.sk);
+        builder.arg(&self.d);
+        for s in self.strides.iter().flatten() {
+            builder.arg(s);
+        }
+        builder.arg(&self.scale_log2);
+        // SAFETY: the argument list matches the kernel signature in flash_attn.cu, and the
+        // launch configuration matches the kernel's compile-time tiling (`KernelConfig`).
+        unsafe { builder.launch(launch) }.w()?;
+        Ok(T::wrap_cuda_slice(out, dev.clone()))
+    }
+}
+
+impl CustomOp3 for FlashAttn {
+    fn name(&self) -> &'static str {
+        "flux2-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("the fused flash-attention op runs on CUDA only (flash_attention() falls back to the naive path on CPU)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let ([b, h, sq, d], q_st) = dims_and_strides("q", ql, self.layout)?;
+        let ([kb, kh, sk, kd], k_st) = dims_and_strides("k", kl, self.layout)?;
+        let ([vb, vh, sv, vd], v_st) = dims_and_strides("v", vl, self.layout)?;
+        if (kb, kh, kd) != (b, h, d) || (vb, vh, sv, vd) != (kb, kh, sk, kd) {
+            bail!(
+                "flash attention: shape mismatch q {:?}, k {:?}, v {:?} ({:?} layout)",
+                ql.shape(),
+                kl.shape(),
+                vl.shape(),
+                self.layout
+            )
+        }
+        if !(self.scale > 0.0 && self.scale.is_finite()) {
+            bail!(
+                "flash attention: the kernel needs a finite scale > 0, got {}",
+                self.scale
+            )
+        }
+        if sk == 0 || d % 8 != 0 || d > MAX_HEAD_DIM {
+            bail!("flash attention: needs Sk > 0 and a head dim that is a multiple of 8 up to {MAX_HEAD_DIM}, got Sk={sk}, D={d}")
+        }
+        let cfg = KernelConfig::for_head_dim(d)
+            .ok_or_else(|| candle_core::Error::Msg(format!("flash attention: head dim {d}")))?;
+        let dtype = qs.dtype();
+        if ks.dtype() != dtype || vs.dtype() != dtype {
+            bail!(
+                "flash attention: q/k/v dtypes differ ({dtype:?}, {:?}, {:?})",
+                ks.dtype(),
+                vs.dtype()
+            )
+        }
+        let dev = qs.device().clone();
+        let out_shape: Shape = match self.layout {
+            AttnLayout::Bhsd => (b, h, sq, d).into(),
+            AttnLayout::Bshd => (b, sq, h, d).into(),
+        };
+        let o_st: [i64; 3] = match self.layout {
+            AttnLayout::Bhsd => [(h * sq * d) as i64, (sq * d) as i64, d as i64],
+            AttnLayout::Bshd => [(sq * h * d) as i64, d as i64, (h * d) as i64],
+        };
+        let func = load_kernel(&dev, &cfg, dtype)?;
+        let bm = cfg.block_m();
+        let launch = LaunchConfig {
+            grid_dim: (sq.div_ceil(bm) as u32, h as u32, b as u32),
+            block_dim: ((cfg.warps * 32) as u32, 1, 1),
+            shared_mem_bytes: cfg.shared_mem_bytes() as u32,
+        };
+        if h > 65535 || b > 65535 || sq > i32::MAX as usize || sk > i32::MAX as usize {
+            bail!("flash attention: too many heads/batches/positions (B={b}, H={h}, Sq={sq}, Sk={sk})")
+        }
+        let launch_args = KernelArgs {
+            sq: sq as i32,
+            sk: sk as i32,
+            d: d as i32,
+            strides: [q_st, k_st, v_st, o_st],
+            scale_log2: self.scale * std::f32::consts::LOG2_E,
+            n_out: out_shape.elem_count(),
+        };
+        let inputs = [(qs, ql), (ks, kl), (vs, vl)];
+        let storage = match dtype {
+            DType::BF16 => launch_args.run::<half::bf16>(&func, launch, &dev, inputs)?,
+            DType::F16 => launch_args.run::<half::f16>(&func, launch, &dev, inputs)?,
+            dt => {
+                bail!("flash attention: dtype {dt:?} not supported by the kernel (bf16/f16 only)")
+            }
+        };
+        Ok((storage, out_shape))
+    }
+}
+
+/// Whether the fused kernel handles these inputs (CUDA, bf16/f16, same dtype and device, head
+/// dim a multiple of 8 up to 256, Sk > 0). Otherwise `flash_attention*` use the naive path.
+pub fn is_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let d = q.dim(D::Minus1).unwrap_or(0);
+    matches!(q.device(), Device::Cuda(_))
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && k.device().same_device(q.device())
+        && v.device().same_device(q.device())
+        && q.rank() == 4
+        && k.rank() == 4
+        && v.rank() == 4
+        && d > 0
+        && d % 8 == 0
+        && d <= MAX_HEAD_DIM
+        && k.dims()[3] == d
+        && v.dims()[3] == d
+}
+
+/// True when CUDA device 0 exists and the kernel compiles and loads on it (a quick way to ask
+/// "will `flash_attention` use the fused kernel here?").
+pub fn available() -> bool {
+    match Device::new_cuda(0) {
+        Ok(Device::Cuda(dev)) => {
+            let cfg = KernelConfig::for_head_dim(128).expect("128 is supported");
+            load_kernel(&dev, &cfg, DType::BF16).is_ok()
+        }
+        _ => false,
+    }
+}
+
+/// Makes `t` acceptable to the kernel: contiguous head dim, 8-aligned strides and offset.
+fn kernel_ready(t: &Tensor) -> Result<Tensor> {
+    let l = t.layout();
+    let s = l.stride();
+    let ok =
+        s.len() == 4 && s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && l.start_offset() % 8 == 0;
+    if ok {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// The unfused reference: `softmax(q kᵀ · scale) v` in the inputs' dtype, `[B, H, S, D]`.
+/// This is what `flash_attention` replaces; it is also its fallback for unsupported inputs.
+pub fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale as f64)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs.matmul(&v.contiguous()?)
+}
+
+/// Attention without mask for `q: [B, H, Sq, D]`, `k, v: [B, H, Sk, D]`, returning
+/// `[B, H, Sq, D]` (contiguous) in q's dtype.
+///
+/// On CUDA with bf16/f16 inputs, a head dim that is a multiple of 8 up to 256 and a scale > 0
+/// this runs the fused kernel (f32 accumulation, probabilities rounded to the input dtype before the P·V
+/// product, as in FlashAttention); otherwise (CPU, f32, other head dims) it computes
+/// [`naive_attention`].
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    if !is_supported(q, k, v) || !(scale > 0.0 && scale.is_finite()) {
+        return naive_attention(q, k, v, scale);
+    }
+    let (q, k, v) = (kernel_ready(q)?, kernel_ready(k)?, kernel_ready(v)?);
+    q.apply_op3_no_bwd(
+        &k,
+        &v,
+        &FlashAttn {
+            scale,
+            layout: AttnLayout::Bhsd,
+        },
+    )
+}
+
+/// Like [`flash_attention`] but for the `[B, S, H, D]` layout (inputs and output), which is how
+/// the QKV projections lay out their result: no transposes are needed around the kernel.
+pub fn flash_attention_bshd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    if !is_supported(q, k, v) || !(scale > 0.0 && scale.is_finite()) {
+        let t = |x: &Tensor| x.transpose(1, 2);
+        return naive_attention(&t(q)?, &t(k)?, &t(v)?, scale)?
+            .transpose(1, 2)?
+            .contiguous();
+    }
+    let (q, k, v) = (kernel_ready(q)?, kernel_ready(k)?, kernel_ready(v)?);
+    q.apply_op3_no_bwd(
+        &k,
+        &v,
+        &FlashAttn {
+            scale,
+            layout: AttnLayout::Bshd,
+        },
+    )
+}
