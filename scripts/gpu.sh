@@ -58,7 +58,7 @@ du -sh "$MODEL" | tee -a "$LOG"
 
 log "flux2-klein: cold generate 1024² (process start to file written)"
 t0=$(date +%s.%N)
-"$BIN" -v generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$OUT/ours_t2i_1024.png" 2>&1 | tail -4 | tee -a "$LOG"
+"$BIN" -v generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$OUT/ours_t2i_1024.png" 2>&1 | tail -8 | tee -a "$LOG"
 t1=$(date +%s.%N); log "ours cold: $(python3 -c "print(round($t1-$t0,2))") s"
 
 log "flux2-klein bench (warm, everything resident)"

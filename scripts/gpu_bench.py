@@ -44,17 +44,18 @@ def randomize_(module, seed, qk_scale=3.0):
     """N(0, 1/fan_in) matrices, 1+N(0,0.2²) norm scales (q/k norms ×3), N(0,0.1²) biases: the
     tiny fixtures' recipe, so activations stay O(1) through all layers."""
     import torch
-    g = torch.Generator("cuda").manual_seed(seed)
+    dev = device()
+    g = torch.Generator(dev).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.ndim >= 2:
                 std = 1.0 if "embed_tokens" in name else 1.0 / math.sqrt(p[0].numel())
-                p.copy_(torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32).mul_(std))
+                p.copy_(torch.randn(p.shape, generator=g, device=dev, dtype=torch.float32).mul_(std))
             elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g, device="cuda") * 0.1)
+                p.copy_(torch.randn(p.shape, generator=g, device=dev) * 0.1)
             else:
                 s = qk_scale if any(k in name for k in ("norm_q.", "norm_k.", "norm_added_q.", "norm_added_k.", "q_norm.", "k_norm.")) else 1.0
-                p.copy_(s * (1.0 + torch.randn(p.shape, generator=g, device="cuda") * 0.2))
+                p.copy_(s * (1.0 + torch.randn(p.shape, generator=g, device=dev) * 0.2))
 
 
 def make_model(out):
@@ -66,7 +67,8 @@ def make_model(out):
     t0 = time.time()
     text_cfg, tr_cfg, vae_cfg = klein4b_configs()
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    dev = device()
+    with torch.device(dev):
         te = Qwen3ForCausalLM(Qwen3Config(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
                                           rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                                           **text_cfg)).eval()
@@ -76,11 +78,11 @@ def make_model(out):
         torch.set_default_dtype(torch.float32)
         vae = AutoencoderKLFlux2(**vae_cfg).eval()
         randomize_(vae, 3, qk_scale=1.0)
-        g = torch.Generator("cuda").manual_seed(4)
+        g = torch.Generator(dev).manual_seed(4)
         with torch.no_grad():
-            vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=g, device="cuda") * 0.5)
-            vae.bn.running_var.copy_(0.5 + 1.5 * torch.rand(vae.bn.running_var.shape, generator=g, device="cuda"))
-            z = torch.randn((1, 32, 16, 16), generator=g, device="cuda")
+            vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=g, device=dev) * 0.5)
+            vae.bn.running_var.copy_(0.5 + 1.5 * torch.rand(vae.bn.running_var.shape, generator=g, device=dev))
+            z = torch.randn((1, vae_cfg["latent_channels"], 16, 16), generator=g, device=dev)
             o = vae.decode(z, return_dict=False)[0]
             s = 0.45 / float(o.std())
             vae.decoder.conv_out.weight.mul_(s)
@@ -115,24 +117,29 @@ def make_refs(out):
         Image.fromarray(img).save(os.path.join(out, f"ref{i}.png"))
 
 
-def noise_latents(h, w):
+def device():
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def noise_latents(h, w, channels=128):
     import torch
     g = torch.Generator("cpu").manual_seed(SEED)
-    x = torch.randn((1, 128, h // 16, w // 16), generator=g, dtype=torch.float32)
-    return x.to(torch.bfloat16).to("cuda")
+    x = torch.randn((1, channels, h // 16, w // 16), generator=g, dtype=torch.float32)
+    return x.to(torch.bfloat16).to(device())
 
 
 def load_pipe(model):
     import torch
     from diffusers import Flux2KleinPipeline
-    return Flux2KleinPipeline.from_pretrained(model, torch_dtype=torch.bfloat16).to("cuda")
+    return Flux2KleinPipeline.from_pretrained(model, torch_dtype=torch.bfloat16).to(device())
 
 
 def run_once(pipe, w, h, refs):
     """One call with per-stage times (text encode, each step, VAE decode), synchronised."""
     import torch
     times = {}
-    sync = torch.cuda.synchronize
+    sync = torch.cuda.synchronize if device() == "cuda" else (lambda: None)
     orig_encode = pipe.encode_prompt
     orig_decode = pipe.vae.decode
 
@@ -164,15 +171,24 @@ def run_once(pipe, w, h, refs):
             kwargs["image"] = [Image.open(r).convert("RGB") for r in refs]
         # the first step's clock starts after the text encoder and reference encoding
         orig_prepare = pipe.prepare_latents
+        orig_prepare_image = pipe.prepare_image_latents
 
         def prep(*a, **k):
             r = orig_prepare(*a, **k); sync(); last[0] = time.perf_counter(); return r
+
+        def prep_image(*a, **k):
+            sync(); t = time.perf_counter(); r = orig_prepare_image(*a, **k); sync()
+            times["reference_encode_ms"] = (time.perf_counter() - t) * 1e3
+            last[0] = time.perf_counter()
+            return r
         pipe.prepare_latents = prep
+        pipe.prepare_image_latents = prep_image
         img = pipe(prompt=PROMPT, height=h, width=w, num_inference_steps=4, guidance_scale=1.0,
-                   latents=noise_latents(h, w), callback_on_step_end=cb, **kwargs).images[0]
+                   latents=noise_latents(h, w, pipe.transformer.config.in_channels), callback_on_step_end=cb, **kwargs).images[0]
         sync()
         times["total_ms"] = (time.perf_counter() - t0) * 1e3
         pipe.prepare_latents = orig_prepare
+        pipe.prepare_image_latents = orig_prepare_image
     finally:
         pipe.encode_prompt, pipe.vae.decode = orig_encode, orig_decode
     times["step_ms"] = steps

@@ -350,11 +350,23 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
     FA_KERNEL(f16, false, D, NW, MT, BN)
 
 // The configurations flash_attn.rs launches (keep in sync with `KernelConfig::for_head_dim`).
+// flash_attn.rs compiles one head dim at a time (-DFA_ONLY_D=<D>): NVRTC time grows with every
+// instance, and a process only needs the head dim of its model.
+#if !defined(FA_ONLY_D) || FA_ONLY_D == 16
 FA_KERNELS(16, 4, 1, 64)
+#endif
+#if !defined(FA_ONLY_D) || FA_ONLY_D == 32
 FA_KERNELS(32, 4, 1, 64)
+#endif
+#if !defined(FA_ONLY_D) || FA_ONLY_D == 64
 FA_KERNELS(64, 4, 1, 64)
+#endif
+#if !defined(FA_ONLY_D) || FA_ONLY_D == 128
 FA_KERNELS(128, 4, 2, 64)
+#endif
+#if !defined(FA_ONLY_D) || FA_ONLY_D == 256
 FA_KERNELS(256, 4, 1, 32)
+#endif
 
 #ifdef FA_BENCH_VARIANTS
 // Extra D = 128 tilings, only compiled by the benchmark script (scripts/gpu_attention_check.sh).

@@ -1,5 +1,5 @@
-//! Scaled dot-product attention, the single place where a fused (flash) kernel will be
-//! swapped in on CUDA later.
+//! Scaled dot-product attention, the single place where the fused (flash) kernel is swapped in
+//! on CUDA (bf16/f16, `crate::cuda::flash_attention`); this naive path is the reference.
 //!
 //! diffusers calls `F.scaled_dot_product_attention` (no mask, scale 1/√head_dim). On the CPU
 //! torch runs its flash-attention kernel for f32 and bf16 alike: `QKᵀ` accumulated in f32 and
@@ -25,6 +25,13 @@ const MAX_SCORE_BYTES: usize = 1 << 30;
 /// `softmax(q kᵀ / √D) v` for `q`, `k`, `v` of shape `[B, H, S, D]` (contiguous, as the
 /// GEMMs need). Returns `[B, H, S, D]` in `q`'s dtype.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    // CUDA bf16/f16: our fused FlashAttention-2 kernel (src/cuda), tested against this naive
+    // path on the GPU (tests/cuda_attention.rs).
+    #[cfg(feature = "cuda")]
+    if crate::cuda::is_supported(q, k, v) {
+        let scale = 1.0 / (q.dim(3)? as f32).sqrt();
+        return Ok(crate::cuda::flash_attention(q, k, v, scale)?);
+    }
     attention_with_budget(q, k, v, MAX_SCORE_BYTES)
 }
 
