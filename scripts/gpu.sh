@@ -11,6 +11,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/flux2-gpu-out}"; mkdir -p "$OUT"
+# At most a few files come back from a device call: logs/JSON/two images in $OUT, the rest in $WORK.
+WORK=/tmp/flux2-gpu-work; mkdir -p "$WORK"
 LOG="$OUT/gpu.log"
 log() { echo "[gpu.sh $(date +%T)] $*" | tee -a "$LOG"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$LOG"
@@ -31,16 +33,16 @@ GIFU='A cat holding a sign that says "Gifu AI Study Group"'
 M=tests/fixtures/models; C=tests/fixtures/cases
 tiny() {  # name, golden, args...
   local name="$1" golden="$2"; shift 2
-  "$BIN" -q generate "$@" --device cuda --dtype f32 -o "$OUT/$name.png" >>"$LOG" 2>&1 \
-    && python3 scripts/gpu_bench.py psnr "$golden" "$OUT/$name.png" | tee -a "$LOG"
+  "$BIN" -q generate "$@" --device cuda --dtype f32 -o "$WORK/$name.png" >>"$LOG" 2>&1 \
+    && python3 scripts/gpu_bench.py psnr "$golden" "$WORK/$name.png" | tee -a "$LOG"
 }
 tiny cuda_f32_t2i_64x64 $C/t2i_64x64/image.png -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64
 tiny cuda_f32_edit2_64x64 $C/edit2_64x64/image.png -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64 \
   -r $C/edit2_64x64/ref_0.png -r $C/edit2_64x64/ref_1.png
 tiny cuda_f32_tiny2_edit $C/tiny2_edit_64x128/image.png -m $M/tiny2-w0 -p "a red fox in snow" --seed 42 \
   -W 128 -H 64 -r $C/tiny2_edit_64x128/ref_0.png
-"$BIN" -q generate -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64 --device cuda --dtype bf16 -o "$OUT/cuda_bf16_t2i.png" >>"$LOG" 2>&1 \
-  && python3 scripts/gpu_bench.py psnr $C/t2i_64x64_bf16/image.png "$OUT/cuda_bf16_t2i.png" | tee -a "$LOG"
+"$BIN" -q generate -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64 --device cuda --dtype bf16 -o "$WORK/cuda_bf16_t2i.png" >>"$LOG" 2>&1 \
+  && python3 scripts/gpu_bench.py psnr $C/t2i_64x64_bf16/image.png "$WORK/cuda_bf16_t2i.png" | tee -a "$LOG"
 
 # 2. The fused attention kernel against the naive path.
 if [ -f carry/cuda_attention.xz ]; then
@@ -73,11 +75,12 @@ for f in ['$OUT/ours_bench.json','$OUT/ours_bench_edit.json']:
 " | tee -a "$LOG"
 
 log "diffusers: warm per-stage timings"
-timeout 240 python3 scripts/gpu_bench.py diffusers "$MODEL" "$OUT" "$REFS" 2>&1 | grep -v Warning | tail -8 | tee -a "$LOG"
+timeout 240 python3 scripts/gpu_bench.py diffusers "$MODEL" "$WORK" "$REFS" 2>&1 | grep -v Warning | tail -8 | tee -a "$LOG"
+cp "$WORK/diffusers.json" "$WORK/diffusers_t2i_1024.png" "$OUT/" 2>/dev/null
 python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024.png" | tee -a "$LOG"
 
 log "diffusers: cold (fresh process, from_pretrained + call)"
 t0=$(date +%s.%N)
-timeout 120 python3 scripts/gpu_bench.py cold "$MODEL" "$OUT/diffusers_cold.png" >/dev/null 2>&1
+timeout 120 python3 scripts/gpu_bench.py cold "$MODEL" "$WORK/diffusers_cold.png" >/dev/null 2>&1
 t1=$(date +%s.%N); log "diffusers cold: $(python3 -c "print(round($t1-$t0,2))") s"
 log "done"
