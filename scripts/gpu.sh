@@ -54,13 +54,13 @@ fi
 # 3. Full-size random klein-4B: diffusers vs flux2-klein, same weights, same noise.
 MODEL=/tmp/klein4b-random; REFS=/tmp/refs
 log "writing the random full-size checkpoint"
-python3 scripts/gpu_bench.py make-model "$MODEL" 2>&1 | tail -3 | tee -a "$LOG"
+timeout 170 python3 scripts/gpu_bench.py make-model "$MODEL" 2>&1 | tail -3 | tee -a "$LOG"
 python3 scripts/gpu_bench.py refs "$REFS"
 du -sh "$MODEL" | tee -a "$LOG"
 
 log "flux2-klein: cold generate 1024² (process start to file written)"
 t0=$(date +%s.%N)
-"$BIN" -v generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$OUT/ours_t2i_1024.png" 2>&1 | tail -8 | tee -a "$LOG"
+timeout 90 "$BIN" -v generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$OUT/ours_t2i_1024.png" 2>&1 | tail -8 | tee -a "$LOG"
 t1=$(date +%s.%N); log "ours cold: $(python3 -c "print(round($t1-$t0,2))") s"
 
 log "flux2-klein bench (warm, everything resident)"
