@@ -64,8 +64,8 @@ timeout 90 "$BIN" -v generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o
 t1=$(date +%s.%N); log "ours cold: $(python3 -c "print(round($t1-$t0,2))") s"
 
 log "flux2-klein bench (warm, everything resident)"
-timeout 200 "$BIN" bench -m "$MODEL" --size 1024x1024 --size 512x512 --runs 3 --warmup 1 --json > "$OUT/ours_bench.json" 2>>"$LOG"
-timeout 150 "$BIN" bench -m "$MODEL" --size 1024x1024 -r $REFS/ref0.png -r $REFS/ref1.png --runs 3 --warmup 1 --json > "$OUT/ours_bench_edit.json" 2>>"$LOG"
+timeout 130 "$BIN" bench -m "$MODEL" --size 1024x1024 --size 512x512 --runs 2 --warmup 1 --json > "$OUT/ours_bench.json" 2>>"$LOG"
+timeout 110 "$BIN" bench -m "$MODEL" --size 1024x1024 -r $REFS/ref0.png -r $REFS/ref1.png --runs 2 --warmup 1 --json > "$OUT/ours_bench_edit.json" 2>>"$LOG"
 python3 -c "
 import json,sys
 for f in ['$OUT/ours_bench.json','$OUT/ours_bench_edit.json']:
@@ -75,12 +75,12 @@ for f in ['$OUT/ours_bench.json','$OUT/ours_bench_edit.json']:
 " | tee -a "$LOG"
 
 log "diffusers: warm per-stage timings"
-timeout 240 python3 scripts/gpu_bench.py diffusers "$MODEL" "$WORK" "$REFS" 2>&1 | grep -v Warning | tail -8 | tee -a "$LOG"
+timeout 180 python3 scripts/gpu_bench.py diffusers "$MODEL" "$WORK" "$REFS" 2>&1 | grep -v Warning | tail -8 | tee -a "$LOG"
 cp "$WORK/diffusers.json" "$WORK/diffusers_t2i_1024.png" "$OUT/" 2>/dev/null
 python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024.png" | tee -a "$LOG"
 
 log "diffusers: cold (fresh process, from_pretrained + call)"
 t0=$(date +%s.%N)
-timeout 120 python3 scripts/gpu_bench.py cold "$MODEL" "$WORK/diffusers_cold.png" >/dev/null 2>&1
+timeout 90 python3 scripts/gpu_bench.py cold "$MODEL" "$WORK/diffusers_cold.png" >/dev/null 2>&1
 t1=$(date +%s.%N); log "diffusers cold: $(python3 -c "print(round($t1-$t0,2))") s"
 log "done"
