@@ -223,6 +223,19 @@ def cold(model, out):
     img.save(out)
 
 
+def image(model, dtype, size, out):
+    """One image with diffusers in `dtype` (float32 or bfloat16) at `size` (e.g. 512), seed-0 noise."""
+    import torch
+    from diffusers import Flux2KleinPipeline
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    pipe = Flux2KleinPipeline.from_pretrained(model, torch_dtype=dt).to(device())
+    n = int(size)
+    lat = noise_latents(n, n, pipe.transformer.config.in_channels).to(dt)
+    img = pipe(prompt=PROMPT, height=n, width=n, num_inference_steps=4, guidance_scale=1.0,
+               latents=lat).images[0]
+    img.save(out)
+
+
 def psnr(a, b):
     import numpy as np
     from PIL import Image
@@ -240,4 +253,4 @@ def psnr(a, b):
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"make-model": make_model, "refs": make_refs, "diffusers": diffusers_bench, "cold": cold,
-     "psnr": psnr}[cmd](*args)
+     "image": image, "psnr": psnr}[cmd](*args)

@@ -17,6 +17,7 @@ pub mod latents;
 pub mod model_dir;
 pub mod noise;
 pub mod pipeline;
+pub mod profile;
 pub mod scheduler;
 pub mod text_encoder;
 pub mod transformer;

@@ -475,6 +475,9 @@ impl Pipeline {
             self.vae_decoder = None;
         }
         timings.total = t_start.elapsed();
+        if let Some(report) = crate::profile::take_report() {
+            eprint!("{report}");
+        }
         Ok(Generated {
             image: images.remove(0),
             width,

@@ -13,6 +13,7 @@ use candle_nn::{linear_no_bias, Linear, Module, VarBuilder};
 use super::attention::attention;
 use super::config::Flux2TransformerConfig;
 use super::embed::RopeTables;
+use crate::profile;
 
 /// SiLU with torch's rounding: computed in f32 and rounded once to the input dtype (candle's
 /// native bf16 SiLU rounds `exp`, `1+exp` and the quotient separately).
@@ -45,12 +46,14 @@ impl PlainLayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            &x.contiguous()?,
-            &self.ones,
-            &self.zeros,
-            self.eps,
-        )?)
+        profile::span("dit.layernorm", x.device(), || {
+            Ok(candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.ones,
+                &self.zeros,
+                self.eps,
+            )?)
+        })
     }
 }
 
@@ -74,9 +77,11 @@ impl QkRmsNorm {
 
     /// `x` [..., head_dim] (contiguous or not).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?.contiguous()?;
-        Ok(candle_nn::ops::rms_norm(&xf, &self.weight_f32, self.eps)?.to_dtype(dtype)?)
+        profile::span("dit.qk_rmsnorm", x.device(), || {
+            let dtype = x.dtype();
+            let xf = x.to_dtype(DType::F32)?.contiguous()?;
+            Ok(candle_nn::ops::rms_norm(&xf, &self.weight_f32, self.eps)?.to_dtype(dtype)?)
+        })
     }
 }
 
@@ -91,8 +96,10 @@ pub struct ModParams {
 impl ModParams {
     /// `(1 + scale) * x + shift`, each op rounded in the model dtype (spec §1).
     pub fn modulate(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.broadcast_mul(&(&self.scale + 1.0)?)?
-            .broadcast_add(&self.shift)?)
+        profile::span("dit.modulate", x.device(), || {
+            Ok(x.broadcast_mul(&(&self.scale + 1.0)?)?
+                .broadcast_add(&self.shift)?)
+        })
     }
 }
 
@@ -131,10 +138,17 @@ impl Modulation {
     }
 }
 
+/// A bias-free projection (profiled as `dit.linear`).
+fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    profile::span("dit.linear", x.device(), || Ok(l.forward(x)?))
+}
+
 /// SwiGLU on a fused `[gate | value]` projection: `silu(u[..., :F]) * u[..., F:]`.
 fn swiglu(u: &Tensor) -> Result<Tensor> {
-    let f = u.dim(D::Minus1)? / 2;
-    Ok((silu(&u.narrow(D::Minus1, 0, f)?)? * u.narrow(D::Minus1, f, f)?)?)
+    profile::span("dit.swiglu", u.device(), || {
+        let f = u.dim(D::Minus1)? / 2;
+        Ok((silu(&u.narrow(D::Minus1, 0, f)?)? * u.narrow(D::Minus1, f, f)?)?)
+    })
 }
 
 /// `Flux2FeedForward`: `linear_out(swiglu(linear_in(x)))`.
@@ -153,8 +167,8 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let u = self.linear_in.forward(x)?;
-        Ok(self.linear_out.forward(&swiglu(&u)?)?)
+        let u = lin(&self.linear_in, x)?;
+        lin(&self.linear_out, &swiglu(&u)?)
     }
 }
 
@@ -168,11 +182,17 @@ fn heads(x: &Tensor, n_heads: usize, head_dim: usize) -> Result<Tensor> {
 /// back to `[B, S, H·hd]`.
 fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &RopeTables) -> Result<Tensor> {
     let (b, s, h, hd) = q.dims4()?;
-    let q = rope.apply(&q.transpose(1, 2)?)?;
-    let k = rope.apply(&k.transpose(1, 2)?)?;
-    let v = v.transpose(1, 2)?.contiguous()?;
-    let o = attention(&q, &k, &v)?; // [B, H, S, hd]
-    Ok(o.transpose(1, 2)?.reshape((b, s, h * hd))?)
+    let dev = q.device();
+    let (q, k, v) = profile::span("dit.rope", dev, || -> Result<_> {
+        let q = rope.apply(&q.transpose(1, 2)?)?;
+        let k = rope.apply(&k.transpose(1, 2)?)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        Ok((q, k, v))
+    })?;
+    let o = profile::span("dit.attention", dev, || attention(&q, &k, &v))?; // [B, H, S, hd]
+    profile::span("dit.attn_layout", dev, || {
+        Ok(o.transpose(1, 2)?.reshape((b, s, h * hd))?)
+    })
 }
 
 /// `Flux2TransformerBlock` (double stream): separate weights for the image and text tokens,
@@ -247,18 +267,18 @@ impl DoubleStreamBlock {
 
         let q = self
             .norm_q
-            .forward(&heads(&self.to_q.forward(&ni)?, hh, hd)?)?;
+            .forward(&heads(&lin(&self.to_q, &ni)?, hh, hd)?)?;
         let k = self
             .norm_k
-            .forward(&heads(&self.to_k.forward(&ni)?, hh, hd)?)?;
-        let v = heads(&self.to_v.forward(&ni)?, hh, hd)?;
+            .forward(&heads(&lin(&self.to_k, &ni)?, hh, hd)?)?;
+        let v = heads(&lin(&self.to_v, &ni)?, hh, hd)?;
         let qc = self
             .norm_added_q
-            .forward(&heads(&self.add_q_proj.forward(&nc)?, hh, hd)?)?;
+            .forward(&heads(&lin(&self.add_q_proj, &nc)?, hh, hd)?)?;
         let kc = self
             .norm_added_k
-            .forward(&heads(&self.add_k_proj.forward(&nc)?, hh, hd)?)?;
-        let vc = heads(&self.add_v_proj.forward(&nc)?, hh, hd)?;
+            .forward(&heads(&lin(&self.add_k_proj, &nc)?, hh, hd)?)?;
+        let vc = heads(&lin(&self.add_v_proj, &nc)?, hh, hd)?;
 
         // Text tokens first (spec §5.2 step 5).
         let o = rope_attention(
@@ -267,8 +287,8 @@ impl DoubleStreamBlock {
             &Tensor::cat(&[&vc, &v], 1)?,
             rope,
         )?;
-        let attn_txt = self.to_add_out.forward(&o.narrow(1, 0, l)?)?;
-        let attn_img = self.to_out.forward(&o.narrow(1, l, n)?)?;
+        let attn_txt = lin(&self.to_add_out, &o.narrow(1, 0, l)?)?;
+        let attn_img = lin(&self.to_out, &o.narrow(1, l, n)?)?;
 
         let img = (img + attn_img.broadcast_mul(&mod_img[0].gate)?)?;
         let ff = self
@@ -326,13 +346,13 @@ impl SingleStreamBlock {
         let (hh, hd, f) = (self.heads, self.head_dim, self.mlp_hidden);
         let d = hh * hd;
         let n = m.modulate(&self.norm.forward(z)?)?;
-        let u = self.to_qkv_mlp_proj.forward(&n)?;
+        let u = lin(&self.to_qkv_mlp_proj, &n)?;
         let q = self.norm_q.forward(&heads(&u.narrow(2, 0, d)?, hh, hd)?)?;
         let k = self.norm_k.forward(&heads(&u.narrow(2, d, d)?, hh, hd)?)?;
         let v = heads(&u.narrow(2, 2 * d, d)?, hh, hd)?;
         let o = rope_attention(&q, &k, &v, rope)?;
         let g = swiglu(&u.narrow(2, 3 * d, 2 * f)?)?;
-        let out = self.to_out.forward(&Tensor::cat(&[&o, &g], 2)?)?;
+        let out = lin(&self.to_out, &Tensor::cat(&[&o, &g], 2)?)?;
         (z + out.broadcast_mul(&m.gate)?).context("single-stream residual")
     }
 }

@@ -16,6 +16,8 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
+use crate::profile;
+
 /// Whether a half-precision layer on this device must compute in f32: candle's CPU backend has
 /// no bf16/f16 matmul (conv2d lowers to one), so on the CPU the layer widens its input and
 /// weights to f32 (exact), accumulates in f32 and rounds the output once — what torch's bf16
@@ -54,10 +56,10 @@ pub fn conv2d(
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self.f32_compute {
+        profile::span("vae.conv2d", x.device(), || match self.f32_compute {
             Some(dt) => self.inner.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt),
             None => self.inner.forward(x),
-        }
+        })
     }
 }
 
@@ -155,6 +157,12 @@ impl GroupNorm {
     /// `silu(group_norm(x))` with torch's roundings: the norm output is rounded to the input
     /// dtype (it is a tensor in torch), then SiLU rounds once more.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        profile::span("vae.groupnorm_silu", x.device(), || {
+            self.forward_silu_inner(x)
+        })
+    }
+
+    fn forward_silu_inner(&self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
         let y = self.forward_f32(x)?;
         let y = if dt == DType::F32 {
@@ -291,6 +299,12 @@ impl Attention {
 
 impl Module for Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        profile::span("vae.mid_attention", x.device(), || self.forward_inner(x))
+    }
+}
+
+impl Attention {
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let hs = self
             .group_norm
@@ -353,7 +367,10 @@ impl Upsample2D {
 impl Module for Upsample2D {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        x.upsample_nearest2d(2 * h, 2 * w)?.apply(&self.conv)
+        profile::span("vae.upsample_nearest", x.device(), || {
+            x.upsample_nearest2d(2 * h, 2 * w)
+        })?
+        .apply(&self.conv)
     }
 }
 
