@@ -17,8 +17,9 @@ LOG="$OUT/gpu.log"
 log() { echo "[gpu.sh $(date +%T)] $*" | tee -a "$LOG"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$LOG"
 
-# Runtime libraries of the binary: PyTorch's bundled CUDA 13 libraries.
-NV="$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')"
+# Runtime libraries of the binary: PyTorch's bundled CUDA 13 libraries (cudart, cublas,
+# curand, nvrtc in nvidia/cu13/lib; cuDNN for the `cudnn` feature in nvidia/cudnn/lib).
+NV="$(python3 -c 'import nvidia, os; p = list(nvidia.__path__)[0]; print(":".join(os.path.join(p, d, "lib") for d in ("cu13", "cudnn") if os.path.isdir(os.path.join(p, d, "lib"))))')"
 export LD_LIBRARY_PATH="$NV:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -37,14 +38,18 @@ tiny() {  # name, golden, args...
     && python3 scripts/gpu_bench.py psnr "$golden" "$WORK/$name.png" | tee -a "$LOG"
 }
 tiny cuda_f32_t2i_64x64 $C/t2i_64x64/image.png -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64
-tiny cuda_f32_edit2_64x64 $C/edit2_64x64/image.png -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64 \
+[ -z "${GPU_QUICK:-}" ] && tiny cuda_f32_edit2_64x64 $C/edit2_64x64/image.png -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64 \
   -r $C/edit2_64x64/ref_0.png -r $C/edit2_64x64/ref_1.png
-tiny cuda_f32_tiny2_edit $C/tiny2_edit_64x128/image.png -m $M/tiny2-w0 -p "a red fox in snow" --seed 42 \
+[ -z "${GPU_QUICK:-}" ] && tiny cuda_f32_tiny2_edit $C/tiny2_edit_64x128/image.png -m $M/tiny2-w0 -p "a red fox in snow" --seed 42 \
   -W 128 -H 64 -r $C/tiny2_edit_64x128/ref_0.png
 "$BIN" -q generate -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64 --device cuda --dtype bf16 -o "$WORK/cuda_bf16_t2i.png" >>"$LOG" 2>&1 \
   && python3 scripts/gpu_bench.py psnr $C/t2i_64x64_bf16/image.png "$WORK/cuda_bf16_t2i.png" | tee -a "$LOG"
 
 # 2. The fused attention kernel against the naive path.
+if [ -f carry/cuda_fused.xz ]; then
+  xz -dc carry/cuda_fused.xz > /tmp/cuda_fused && chmod +x /tmp/cuda_fused
+  timeout 60 /tmp/cuda_fused --nocapture --test-threads 1 2>&1 | grep -E "rel err|test result|panicked|skipped" | tee -a "$LOG"
+fi
 if [ -f carry/cuda_attention.xz ]; then
   xz -dc carry/cuda_attention.xz > /tmp/cuda_attention && chmod +x /tmp/cuda_attention
   timeout 120 /tmp/cuda_attention --nocapture --test-threads 1 2>&1 | tail -40 | tee -a "$LOG"
@@ -74,11 +79,15 @@ for f in ['$OUT/ours_bench.json','$OUT/ours_bench_edit.json']:
     print(json.dumps(d.get('summary', d), indent=None)[:1500])
 " | tee -a "$LOG"
 
+log "flux2-klein profile of one warm 1024² run (FLUX2_KLEIN_PROFILE=1)"
+FLUX2_KLEIN_PROFILE=1 timeout 60 "$BIN" bench -m "$MODEL" --size 1024x1024 --runs 1 --warmup 1 2>&1 | tail -18 | tee -a "$LOG"
+
 log "diffusers: warm per-stage timings"
-timeout 180 python3 scripts/gpu_bench.py diffusers "$MODEL" "$WORK" "$REFS" 2>&1 | grep -v Warning | tail -8 | tee -a "$LOG"
+timeout 180 env DIFFUSERS_WORKLOADS="${DIFFUSERS_WORKLOADS:-}" python3 scripts/gpu_bench.py diffusers "$MODEL" "$WORK" "$REFS" 2>&1 | grep -E "^(t2i|edit)" | tee -a "$LOG"
 cp "$WORK/diffusers.json" "$WORK/diffusers_t2i_1024.png" "$OUT/" 2>/dev/null
 python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024.png" | tee -a "$LOG"
 
+[ -n "${GPU_SKIP_COLD:-}" ] && { log done; exit 0; }
 log "diffusers: cold (fresh process, from_pretrained + call)"
 t0=$(date +%s.%N)
 timeout 90 python3 scripts/gpu_bench.py cold "$MODEL" "$WORK/diffusers_cold.png" >/dev/null 2>&1

@@ -204,6 +204,9 @@ def diffusers_bench(model, outdir, refdir):
     results = {"load_s": load_s}
     workloads = [("t2i_1024", 1024, 1024, []), ("t2i_512", 512, 512, []),
                  ("edit2_1024", 1024, 1024, [os.path.join(refdir, "ref0.png"), os.path.join(refdir, "ref1.png")])]
+    only = os.environ.get("DIFFUSERS_WORKLOADS")
+    if only:
+        workloads = [x for x in workloads if x[0] in only.split(",")]
     for name, w, h, refs in workloads:
         run_once(pipe, w, h, refs)  # warm-up
         torch.cuda.reset_peak_memory_stats()

@@ -34,14 +34,11 @@ use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape,
     Tensor, D,
 };
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
 
 /// The CUDA C++ source of the kernels (no `#include`s: NVRTC needs no toolkit headers).
 pub const KERNEL_SOURCE: &str = include_str!("flash_attn.cu");
@@ -106,82 +103,6 @@ impl KernelConfig {
     }
 }
 
-/// NVRTC output per compute capability and head dim: compiled once per process, and kept in
-/// a disk cache (`$XDG_CACHE_HOME` or `~/.cache`, `flux2-klein/`) keyed by a hash of the source
-/// and options, so later processes skip the ~1 s compile (cold start).
-fn ptx_for(major: i32, minor: i32, head_dim: usize) -> Result<String> {
-    static CACHE: OnceLock<Mutex<HashMap<(i32, i32, usize), String>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut cache = cache
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("flash-attention PTX cache poisoned".into()))?;
-    if let Some(ptx) = cache.get(&(major, minor, head_dim)) {
-        return Ok(ptx.clone());
-    }
-    // `compute_XY` (PTX, JIT-compiled by the driver) rather than `sm_XY`: NVRTC returns PTX
-    // only for virtual architectures, and candle's module loader takes PTX.
-    let arch = format!("compute_{major}{minor}");
-    let options = vec![
-        format!("--gpu-architecture={arch}"),
-        format!("-DFA_ONLY_D={head_dim}"),
-    ];
-    let disk = disk_cache_path(&options);
-    if let Some(ptx) = disk.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-        cache.insert((major, minor, head_dim), ptx.clone());
-        return Ok(ptx);
-    }
-    let opts = CompileOptions {
-        options,
-        name: Some("flash_attn.cu".into()),
-        ..Default::default()
-    };
-    let ptx = compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| {
-        let detail = match &e {
-            candle_core::cuda_backend::cudarc::nvrtc::CompileError::CompileError {
-                log, ..
-            } => log.to_string_lossy().into_owned(),
-            other => format!("{other:?}"),
-        };
-        candle_core::Error::Msg(format!(
-            "NVRTC failed to compile the flash-attention kernel for {arch} (is libnvrtc.so.13 \
-             with libnvrtc-builtins.so.13.0 on LD_LIBRARY_PATH?): {detail}"
-        ))
-    })?;
-    let ptx = ptx.to_src();
-    if let Some(path) = disk {
-        // Best effort: write to a temp name, then rename (concurrent processes are fine).
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            if std::fs::write(&tmp, &ptx).is_ok() {
-                let _ = std::fs::rename(&tmp, &path);
-            }
-        }
-    }
-    cache.insert((major, minor, head_dim), ptx.clone());
-    Ok(ptx)
-}
-
-/// `<cache>/flux2-klein/flash_attn-<hash>.ptx`, the hash covering the kernel source and the
-/// NVRTC options (FNV-1a; a stale entry can only come from a hash collision).
-fn disk_cache_path(options: &[String]) -> Option<std::path::PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in KERNEL_SOURCE
-        .bytes()
-        .chain(options.join(" ").bytes())
-        .chain(env!("CARGO_PKG_VERSION").bytes())
-    {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    Some(
-        base.join("flux2-klein")
-            .join(format!("flash_attn-{h:016x}.ptx")),
-    )
-}
-
 /// The loaded kernel for `cfg`/`dtype` on `dev` (candle caches the module per device).
 fn load_kernel(dev: &CudaDevice, cfg: &KernelConfig, dtype: DType) -> Result<CudaFunction> {
     let stream = dev.cuda_stream();
@@ -192,7 +113,14 @@ fn load_kernel(dev: &CudaDevice, cfg: &KernelConfig, dtype: DType) -> Result<Cud
              cp.async), this one is {major}.{minor}"
         )
     }
-    let ptx = ptx_for(major, minor, cfg.d)?;
+    let ptx = super::nvrtc::ptx(
+        "flash_attn",
+        KERNEL_SOURCE,
+        vec![
+            super::nvrtc::arch_option(major, minor),
+            format!("-DFA_ONLY_D={}", cfg.d),
+        ],
+    )?;
     let module = format!("flux2_flash_attn_sm{major}{minor}_d{}", cfg.d);
     let func = dev.get_or_load_custom_func(&cfg.kernel_name(dtype), &module, &ptx)?;
     // More than 48 KiB of dynamic shared memory must be opted into per function.

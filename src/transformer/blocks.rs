@@ -63,6 +63,9 @@ impl PlainLayerNorm {
 #[derive(Debug, Clone)]
 pub struct QkRmsNorm {
     weight_f32: Tensor,
+    /// The weight in the model dtype, for candle's CUDA kernel (which already computes in
+    /// f32 with the weight applied in f32 and rounds once).
+    weight: Tensor,
     eps: f32,
 }
 
@@ -71,6 +74,7 @@ impl QkRmsNorm {
         let weight = vb.get(dim, "weight")?;
         Ok(Self {
             weight_f32: weight.to_dtype(DType::F32)?,
+            weight,
             eps: eps as f32,
         })
     }
@@ -78,6 +82,13 @@ impl QkRmsNorm {
     /// `x` [..., head_dim] (contiguous or not).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         profile::span("dit.qk_rmsnorm", x.device(), || {
+            if x.device().is_cuda() && x.dtype() == self.weight.dtype() {
+                return Ok(candle_nn::ops::rms_norm(
+                    &x.contiguous()?,
+                    &self.weight,
+                    self.eps,
+                )?);
+            }
             let dtype = x.dtype();
             let xf = x.to_dtype(DType::F32)?.contiguous()?;
             Ok(candle_nn::ops::rms_norm(&xf, &self.weight_f32, self.eps)?.to_dtype(dtype)?)
@@ -97,6 +108,10 @@ impl ModParams {
     /// `(1 + scale) * x + shift`, each op rounded in the model dtype (spec §1).
     pub fn modulate(&self, x: &Tensor) -> Result<Tensor> {
         profile::span("dit.modulate", x.device(), || {
+            #[cfg(feature = "cuda")]
+            if crate::cuda::fused::applies(x) {
+                return Ok(crate::cuda::fused::modulate(x, &self.scale, &self.shift)?);
+            }
             Ok(x.broadcast_mul(&(&self.scale + 1.0)?)?
                 .broadcast_add(&self.shift)?)
         })
@@ -146,6 +161,10 @@ fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
 /// SwiGLU on a fused `[gate | value]` projection: `silu(u[..., :F]) * u[..., F:]`.
 fn swiglu(u: &Tensor) -> Result<Tensor> {
     profile::span("dit.swiglu", u.device(), || {
+        #[cfg(feature = "cuda")]
+        if crate::cuda::fused::applies(u) {
+            return Ok(crate::cuda::fused::swiglu(u)?);
+        }
         let f = u.dim(D::Minus1)? / 2;
         Ok((silu(&u.narrow(D::Minus1, 0, f)?)? * u.narrow(D::Minus1, f, f)?)?)
     })
@@ -183,6 +202,21 @@ fn heads(x: &Tensor, n_heads: usize, head_dim: usize) -> Result<Tensor> {
 fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &RopeTables) -> Result<Tensor> {
     let (b, s, h, hd) = q.dims4()?;
     let dev = q.device();
+    #[cfg(feature = "cuda")]
+    if crate::cuda::fused::applies(q) && crate::cuda::is_supported(q, k, v) {
+        // [B, S, H, hd] throughout: fused RoPE, then the flash kernel in that layout.
+        let (q, k) = profile::span("dit.rope", dev, || -> Result<_> {
+            Ok((
+                crate::cuda::fused::rope_bshd(q, &rope.cos, &rope.sin)?,
+                crate::cuda::fused::rope_bshd(k, &rope.cos, &rope.sin)?,
+            ))
+        })?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let o = profile::span("dit.attention", dev, || {
+            crate::cuda::flash_attention_bshd(&q, &k, v, scale)
+        })?;
+        return Ok(o.reshape((b, s, h * hd))?);
+    }
     let (q, k, v) = profile::span("dit.rope", dev, || -> Result<_> {
         let q = rope.apply(&q.transpose(1, 2)?)?;
         let k = rope.apply(&k.transpose(1, 2)?)?;

@@ -158,6 +158,17 @@ impl GroupNorm {
     /// dtype (it is a tensor in torch), then SiLU rounds once more.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         profile::span("vae.groupnorm_silu", x.device(), || {
+            #[cfg(feature = "cuda")]
+            if crate::cuda::fused::applies(x) {
+                return crate::cuda::fused::group_norm(
+                    x,
+                    &self.weight,
+                    &self.bias,
+                    self.groups,
+                    self.eps,
+                    true,
+                );
+            }
             self.forward_silu_inner(x)
         })
     }
@@ -176,6 +187,17 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if crate::cuda::fused::applies(x) {
+            return crate::cuda::fused::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                false,
+            );
+        }
         self.forward_f32(x)?.to_dtype(x.dtype())
     }
 }

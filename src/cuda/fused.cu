@@ -1,0 +1,164 @@
+// Fused elementwise / normalisation kernels for bf16 on CUDA (compiled at run time by NVRTC;
+// no #include, so no toolkit headers are needed where the binary runs).
+//
+// Each kernel reproduces the roundings of the PyTorch op sequence it replaces (spec §1): math
+// in f32, a rounding to bf16 (round-to-nearest-even) wherever torch materialises a bf16
+// tensor. They replace chains of candle ops that each read and write the whole tensor (and,
+// for candle's broadcast binary ops, compute a strided index per element).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define DEVI static __device__ __forceinline__
+
+DEVI float bf2f(u16 v) { return __uint_as_float(((u32)v) << 16); }
+
+// f32 -> bf16, round to nearest even (NaN kept quiet).
+DEVI u16 f2bf(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+
+DEVI float silu_f32(float x) { return x / (1.0f + expf(-x)); }
+
+// out[r, j] = bf16( bf16(silu(u[r, j])) * u[r, F + j] )   (torch: F.silu(x1) * x2)
+// u rows start at u + r * row_stride (a view into a wider projection is fine).
+extern "C" __global__ void swiglu_bf16(const u16* __restrict__ u, u16* __restrict__ out,
+                                       long long rows, int f, long long row_stride) {
+    long long n = rows * (long long)f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long r = i / f;
+        int j = (int)(i - r * f);
+        const u16* row = u + r * row_stride;
+        float a = bf2f(f2bf(silu_f32(bf2f(row[j]))));
+        out[i] = f2bf(a * bf2f(row[f + j]));
+    }
+}
+
+// out = bf16( bf16( x * bf16(1 + scale) ) + shift ), x [B, rows_per_batch, D] contiguous,
+// scale/shift [B, D] contiguous (the modulation of batch element b).
+extern "C" __global__ void modulate_bf16(const u16* __restrict__ x, const u16* __restrict__ scale,
+                                         const u16* __restrict__ shift, u16* __restrict__ out,
+                                         long long n, long long rows_per_batch, int d) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long row = i / d;
+        int c = (int)(i - row * d);
+        long long b = row / rows_per_batch;
+        float s1 = bf2f(f2bf(1.0f + bf2f(scale[b * d + c])));
+        float t = bf2f(f2bf(bf2f(x[i]) * s1));
+        out[i] = f2bf(t + bf2f(shift[b * d + c]));
+    }
+}
+
+// Interleaved-pair RoPE on x [B, S, H, D] contiguous with f32 tables cos/sin [S, D/2]:
+// (x0, x1) -> (x0 c - x1 s, x1 c + x0 s) in f32, one rounding (diffusers' apply_rotary_emb).
+extern "C" __global__ void rope_bshd_bf16(const u16* __restrict__ x, const float* __restrict__ cos_t,
+                                          const float* __restrict__ sin_t, u16* __restrict__ out,
+                                          long long pairs, int s_len, int h, int half_d) {
+    for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < pairs;
+         p += (long long)gridDim.x * blockDim.x) {
+        int k = (int)(p % half_d);
+        long long t = p / half_d;          // (b, s, h) index
+        int s = (int)((t / h) % s_len);
+        float c = cos_t[(long long)s * half_d + k];
+        float sn = sin_t[(long long)s * half_d + k];
+        float x0 = bf2f(x[2 * p]);
+        float x1 = bf2f(x[2 * p + 1]);
+        out[2 * p] = f2bf(x0 * c - x1 * sn);
+        out[2 * p + 1] = f2bf(x1 * c + x0 * sn);
+    }
+}
+
+// ---- GroupNorm (+ SiLU) over x [B, C, HW] contiguous, G groups (each group is a contiguous
+// span of (C/G)·HW elements). Three passes: partial Welford statistics per (group, split),
+// their combination into mean / rstd, and the normalise-affine(-SiLU) pass.
+
+#define GN_THREADS 256
+
+DEVI void welford_combine(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {
+    if (nb == 0.0f) return;
+    float nn = n + nb;
+    float delta = meanb - mean;
+    mean += delta * (nb / nn);
+    m2 += m2b + delta * delta * (n * nb / nn);
+    n = nn;
+}
+
+// grid (B*G, splits); partial[(bg * splits + split) * 3 + {0,1,2}] = (count, mean, m2)
+extern "C" __global__ void gn_partial_bf16(const u16* __restrict__ x, float* __restrict__ partial,
+                                           long long group_len, int splits) {
+    int bg = blockIdx.x;
+    int split = blockIdx.y;
+    long long chunk = (group_len + splits - 1) / splits;
+    long long start = (long long)split * chunk;
+    long long end = start + chunk < group_len ? start + chunk : group_len;
+    const u16* g = x + (long long)bg * group_len;
+    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float v = bf2f(g[i]);
+        n += 1.0f;
+        float delta = v - mean;
+        mean += delta / n;
+        m2 += delta * (v - mean);
+    }
+    __shared__ float sn[GN_THREADS], smean[GN_THREADS], sm2[GN_THREADS];
+    sn[threadIdx.x] = n;
+    smean[threadIdx.x] = mean;
+    sm2[threadIdx.x] = m2;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            float a = sn[threadIdx.x], b = smean[threadIdx.x], c = sm2[threadIdx.x];
+            welford_combine(a, b, c, sn[threadIdx.x + stride], smean[threadIdx.x + stride],
+                            sm2[threadIdx.x + stride]);
+            sn[threadIdx.x] = a;
+            smean[threadIdx.x] = b;
+            sm2[threadIdx.x] = c;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        float* o = partial + ((long long)bg * splits + split) * 3;
+        o[0] = sn[0];
+        o[1] = smean[0];
+        o[2] = sm2[0];
+    }
+}
+
+// stats[bg * 2 + {0,1}] = (mean, rstd) with the biased variance, as torch's GroupNorm.
+extern "C" __global__ void gn_finalize(const float* __restrict__ partial, float* __restrict__ stats,
+                                       int groups_total, int splits, float eps) {
+    int bg = blockIdx.x * blockDim.x + threadIdx.x;
+    if (bg >= groups_total) return;
+    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+        const float* p = partial + ((long long)bg * splits + s) * 3;
+        welford_combine(n, mean, m2, p[0], p[1], p[2]);
+    }
+    float var = n > 0.0f ? m2 / n : 0.0f;
+    stats[bg * 2] = mean;
+    stats[bg * 2 + 1] = rsqrtf(var + eps);
+}
+
+// y = bf16((x - mean) * rstd * w[c] + b[c]); with silu: bf16(silu(y)).
+extern "C" __global__ void gn_apply_bf16(const u16* __restrict__ x, const float* __restrict__ stats,
+                                         const float* __restrict__ w, const float* __restrict__ bias,
+                                         u16* __restrict__ out, long long n, int c, long long hw,
+                                         int groups, int silu) {
+    int cpg = c / groups;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long bc = i / hw;
+        int ch = (int)(bc % c);
+        long long b = bc / c;
+        long long bg = b * groups + ch / cpg;
+        float mean = stats[bg * 2], rstd = stats[bg * 2 + 1];
+        float y = (bf2f(x[i]) - mean) * rstd * w[ch] + bias[ch];
+        u16 r = f2bf(y);
+        out[i] = silu ? f2bf(silu_f32(bf2f(r))) : r;
+    }
+}

@@ -1,0 +1,146 @@
+//! The fused bf16 CUDA kernels (src/cuda/fused.cu) against the candle reference ops they
+//! replace, on the GPU. Skipped (passes with a message) where no CUDA device is present.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor, D};
+use flux2_klein::cuda::fused;
+
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("no CUDA device: skipped ({e})");
+            None
+        }
+    }
+}
+
+fn randn(shape: &[usize], scale: f64, dev: &Device) -> Tensor {
+    (Tensor::randn(0f32, 1f32, shape, dev).unwrap() * scale)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+}
+
+/// max |a - b| / max |b|, both taken to f32.
+fn rel(name: &str, a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "{name}: shapes");
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let d = (&a - &b).unwrap().abs().unwrap().max(0).unwrap();
+    let m = b.abs().unwrap().max(0).unwrap();
+    let r = d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap().max(1e-30);
+    eprintln!("{name}: max rel err {r:.3e}");
+    r
+}
+
+fn silu_ref(x: &Tensor) -> Tensor {
+    x.to_dtype(DType::F32)
+        .unwrap()
+        .silu()
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap()
+}
+
+#[test]
+fn swiglu_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    // A plain [B, N, 2F] tensor and a narrow of a wider fused projection.
+    let u = randn(&[2, 333, 2 * 96], 2.0, &dev);
+    let wide = randn(&[1, 77, 3 * 32 + 2 * 80], 2.0, &dev);
+    for (name, u) in [
+        ("swiglu contiguous", u),
+        ("swiglu narrow", wide.narrow(2, 96, 160).unwrap()),
+    ] {
+        let f = u.dim(D::Minus1).unwrap() / 2;
+        let reference = (silu_ref(&u.narrow(D::Minus1, 0, f).unwrap())
+            * u.narrow(D::Minus1, f, f).unwrap())
+        .unwrap();
+        let ours = fused::swiglu(&u).unwrap();
+        assert!(rel(name, &ours, &reference) <= 1e-2);
+    }
+}
+
+#[test]
+fn modulate_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    let x = randn(&[2, 129, 3072], 1.0, &dev);
+    let m = randn(&[2, 1, 6 * 3072], 0.5, &dev);
+    let (shift, scale) = (
+        m.narrow(2, 0, 3072).unwrap(),
+        m.narrow(2, 3072, 3072).unwrap(),
+    );
+    let reference = x
+        .broadcast_mul(&(&scale + 1.0).unwrap())
+        .unwrap()
+        .broadcast_add(&shift)
+        .unwrap();
+    let ours = fused::modulate(&x, &scale, &shift).unwrap();
+    assert!(rel("modulate", &ours, &reference) <= 1e-2);
+}
+
+#[test]
+fn rope_bshd_matches_rope_i() {
+    let Some(dev) = gpu() else { return };
+    let (b, s, h, d) = (1, 600, 24, 128);
+    let x = randn(&[b, s, h, d], 1.0, &dev);
+    let angles = Tensor::rand(0f32, 50f32, (s, d / 2), &dev).unwrap();
+    let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+    let reference = candle_nn::rotary_emb::rope_i(
+        &x.transpose(1, 2)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .contiguous()
+            .unwrap(),
+        &cos,
+        &sin,
+    )
+    .unwrap()
+    .transpose(1, 2)
+    .unwrap()
+    .to_dtype(DType::BF16)
+    .unwrap();
+    let ours = fused::rope_bshd(&x, &cos, &sin).unwrap();
+    assert!(rel("rope_bshd", &ours, &reference) <= 1e-2);
+}
+
+#[test]
+fn group_norm_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    let (b, c, h, w, g) = (2, 64, 48, 40, 32);
+    // An offset mean so that a naive E[x²] − E[x]² would lose precision.
+    let x = (randn(&[b, c, h, w], 1.5, &dev)
+        .to_dtype(DType::F32)
+        .unwrap()
+        + 3.0)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let weight = Tensor::randn(1f32, 0.2f32, c, &dev).unwrap();
+    let bias = Tensor::randn(0f32, 0.1f32, c, &dev).unwrap();
+    let xs = x
+        .to_dtype(DType::F32)
+        .unwrap()
+        .reshape((b, g, c / g * h * w))
+        .unwrap();
+    let mean = xs.mean_keepdim(2).unwrap();
+    let xc = xs.broadcast_sub(&mean).unwrap();
+    let var = xc.sqr().unwrap().mean_keepdim(2).unwrap();
+    let normed = xc
+        .broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
+        .unwrap()
+        .reshape((b, c, h, w))
+        .unwrap()
+        .broadcast_mul(&weight.reshape((1, c, 1, 1)).unwrap())
+        .unwrap()
+        .broadcast_add(&bias.reshape((1, c, 1, 1)).unwrap())
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let ours = fused::group_norm(&x, &weight, &bias, g, 1e-6, false).unwrap();
+    assert!(rel("group_norm", &ours, &normed) <= 1e-2);
+    let ours_silu = fused::group_norm(&x, &weight, &bias, g, 1e-6, true).unwrap();
+    assert!(rel("group_norm+silu", &ours_silu, &silu_ref(&normed)) <= 1e-2);
+}
