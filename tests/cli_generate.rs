@@ -280,6 +280,39 @@ fn same_command_twice_gives_identical_pixels_and_metadata() {
 }
 
 #[test]
+fn reference_names_and_hashes_are_in_the_metadata() {
+    let r0 = case_ref("edit2_64x64", 0);
+    let (_, path) = generate(
+        "refmeta",
+        &[
+            "-m",
+            &model("tiny-w0"),
+            "-p",
+            "x",
+            "--seed",
+            "3",
+            "-r",
+            &r0,
+            "-W",
+            "64",
+            "-H",
+            "64",
+        ],
+    );
+    let text = flux2_klein::image_io::read_png_text(&path).unwrap();
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get("references").as_deref(), Some(r0.as_str()));
+    assert_eq!(
+        get("references_sha256"),
+        Some(flux2_klein::image_io::sha256_file(&r0).unwrap())
+    );
+}
+
+#[test]
 fn default_size_comes_from_the_first_reference() {
     // ref_0 of edit2 is 72x88 → centre-cropped to 64x80; no -W/-H given.
     let r0 = case_ref("edit2_64x64", 0);

@@ -154,6 +154,12 @@ fn metadata(
     if !request.references.is_empty() {
         let names: Vec<&str> = request.references.iter().map(|r| r.name.as_str()).collect();
         meta.push(("references".to_string(), names.join("\n")));
+        // Content hashes, so a golden image records exactly which inputs made it.
+        let hashes: Vec<String> = names
+            .iter()
+            .map(|n| flux2_klein::image_io::sha256_file(n).unwrap_or_else(|_| "unreadable".into()))
+            .collect();
+        meta.push(("references_sha256".to_string(), hashes.join("\n")));
     }
     let o = &pipeline.options;
     meta.push(("device".to_string(), device_name(&o.device)));
