@@ -7,13 +7,12 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use flux2_klein::model_dir::ModelDir;
 use flux2_klein::pipeline::{Event, Pipeline, Request, Timings};
 use serde_json::json;
 
 use super::args::{BenchArgs, Size};
 use super::device::{device_name, dtype_name, pipeline_options};
-use super::generate::{warn_ignored_guidance, warn_many_refs};
+use super::generate::{load_pipeline, warn_many_refs};
 use super::progress::{fmt_bytes, fmt_duration, Reporter, Verbosity};
 use super::references::load_references;
 
@@ -46,18 +45,8 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
     let options = pipeline_options(&args.model, true)?;
 
     // --- Model, loaded once. ---
-    let model = ModelDir::resolve(args.model.model_id(), args.model.revision.as_deref())?;
-    let mut pipeline = Pipeline::load(model, options)?;
-    let steps = args
-        .sampling
-        .steps
-        .map(|s| s as usize)
-        .unwrap_or_else(|| pipeline.default_steps());
-    let guidance = args
-        .sampling
-        .guidance
-        .unwrap_or_else(|| pipeline.default_guidance());
-    warn_ignored_guidance(&pipeline, guidance, reporter);
+    let (mut pipeline, steps, guidance) =
+        load_pipeline(&args.model, &args.sampling, options, reporter)?;
 
     let request = |size: Size| Request {
         prompt: args.prompt.clone(),

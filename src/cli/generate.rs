@@ -7,9 +7,9 @@ use std::path::Path;
 
 use anyhow::Result;
 use flux2_klein::model_dir::ModelDir;
-use flux2_klein::pipeline::{Generated, Pipeline, Request};
+use flux2_klein::pipeline::{Generated, Pipeline, PipelineOptions, Request};
 
-use super::args::GenerateArgs;
+use super::args::{GenerateArgs, ModelArgs, SamplingArgs};
 use super::device::{device_name, dtype_name, pipeline_options};
 use super::output::{check_output, output_path};
 use super::progress::{fmt_bytes, fmt_duration, Reporter};
@@ -30,18 +30,8 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     let options = pipeline_options(&args.model, prompts.len() > 1)?;
 
     // --- Model. ---
-    let model = ModelDir::resolve(args.model.model_id(), args.model.revision.as_deref())?;
-    let mut pipeline = Pipeline::load(model, options)?;
-    let steps = args
-        .sampling
-        .steps
-        .map(|s| s as usize)
-        .unwrap_or_else(|| pipeline.default_steps());
-    let guidance = args
-        .sampling
-        .guidance
-        .unwrap_or_else(|| pipeline.default_guidance());
-    warn_ignored_guidance(&pipeline, guidance, reporter);
+    let (mut pipeline, steps, guidance) =
+        load_pipeline(&args.model, &args.sampling, options, reporter)?;
 
     if args.seed.is_none() {
         reporter.info(&format!("seed {seed}"));
@@ -120,8 +110,29 @@ pub(super) fn floor_to_16(
     })
 }
 
+/// Resolves the model and loads the pipeline; returns it with the steps and guidance to use
+/// (the checkpoint's defaults unless given), warning when guidance will be ignored.
+pub(super) fn load_pipeline(
+    model: &ModelArgs,
+    sampling: &SamplingArgs,
+    options: PipelineOptions,
+    reporter: &mut Reporter,
+) -> Result<(Pipeline, usize, f64)> {
+    let dir = ModelDir::resolve(model.model_id(), model.revision.as_deref())?;
+    let pipeline = Pipeline::load(dir, options)?;
+    let steps = sampling
+        .steps
+        .map(|s| s as usize)
+        .unwrap_or_else(|| pipeline.default_steps());
+    let guidance = sampling
+        .guidance
+        .unwrap_or_else(|| pipeline.default_guidance());
+    warn_ignored_guidance(&pipeline, guidance, reporter);
+    Ok((pipeline, steps, guidance))
+}
+
 /// diffusers: "Guidance scale {g} is ignored for step-wise distilled models." (spec §8).
-pub(super) fn warn_ignored_guidance(pipeline: &Pipeline, guidance: f64, reporter: &mut Reporter) {
+fn warn_ignored_guidance(pipeline: &Pipeline, guidance: f64, reporter: &mut Reporter) {
     if pipeline.is_distilled() && guidance > 1.0 {
         reporter.warn(&format!(
             "--guidance {guidance} is ignored: {} is a step-wise distilled model, which never \

@@ -136,6 +136,23 @@ impl GroupNorm {
         })
     }
 
+    /// The fused CUDA kernel (bf16 on CUDA), `None` where it does not apply.
+    #[allow(unused_variables)]
+    fn fused(&self, x: &Tensor, silu: bool) -> Option<Result<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if crate::cuda::fused::applies(x) {
+            return Some(crate::cuda::fused::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                silu,
+            ));
+        }
+        None
+    }
+
     /// The normalised, affine-transformed value in f32, not yet rounded. `x`: `[B,C,H,W]`.
     fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
@@ -158,16 +175,8 @@ impl GroupNorm {
     /// dtype (it is a tensor in torch), then SiLU rounds once more.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         profile::span("vae.groupnorm_silu", x.device(), || {
-            #[cfg(feature = "cuda")]
-            if crate::cuda::fused::applies(x) {
-                return crate::cuda::fused::group_norm(
-                    x,
-                    &self.weight,
-                    &self.bias,
-                    self.groups,
-                    self.eps,
-                    true,
-                );
+            if let Some(y) = self.fused(x, true) {
+                return y;
             }
             self.forward_silu_inner(x)
         })
@@ -187,16 +196,8 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if crate::cuda::fused::applies(x) {
-            return crate::cuda::fused::group_norm(
-                x,
-                &self.weight,
-                &self.bias,
-                self.groups,
-                self.eps,
-                false,
-            );
+        if let Some(y) = self.fused(x, false) {
+            return y;
         }
         self.forward_f32(x)?.to_dtype(x.dtype())
     }
