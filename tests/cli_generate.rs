@@ -48,26 +48,12 @@ fn generate(name: &str, args: &[&str]) -> (image::RgbImage, PathBuf) {
 
 /// (max, mean) absolute per-channel difference.
 fn diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
-    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
-    let mut max = 0u8;
-    let mut sum = 0u64;
-    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
-        let d = x.abs_diff(*y);
-        max = max.max(d);
-        sum += d as u64;
-    }
-    (max, sum as f64 / a.as_raw().len() as f64)
+    let d = flux2_klein::image_io::compare_images(a, b).unwrap();
+    (d.max, d.mean)
 }
 
 fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
-    let mse: f64 = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum::<f64>()
-        / a.as_raw().len() as f64;
-    10.0 * (255.0f64 * 255.0 / mse).log10()
+    flux2_klein::image_io::compare_images(a, b).unwrap().psnr
 }
 
 fn golden(case: &str) -> image::RgbImage {
@@ -321,4 +307,60 @@ fn default_size_comes_from_the_first_reference() {
         &["-m", &model("tiny-w0"), "-p", "x", "--seed", "3", "-r", &r0],
     );
     assert_eq!(img.dimensions(), (64, 80));
+}
+
+#[test]
+fn compare_command_checks_golden_images() {
+    let golden = common::case_dir("t2i_64x64").join("image.png");
+    let (_, ours) = generate(
+        "compare",
+        &[
+            "-m",
+            &model("tiny-w0"),
+            "-p",
+            GIFU,
+            "--seed",
+            "0",
+            "-W",
+            "64",
+            "-H",
+            "64",
+        ],
+    );
+    let run = |extra: &[&str]| {
+        bin()
+            .arg("compare")
+            .arg(&golden)
+            .arg(&ours)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // Identical to itself; ours is within 1/255 of diffusers but not bit-identical.
+    let same = bin()
+        .arg("compare")
+        .arg(&golden)
+        .arg(&golden)
+        .output()
+        .unwrap();
+    assert!(same.status.success());
+    let strict = run(&[]);
+    assert_eq!(strict.status.code(), Some(1), "max diff 1 > default 0");
+    assert!(String::from_utf8_lossy(&strict.stderr).contains("max channel difference 1 > 0"));
+    let tolerant = run(&["--max-diff", "1", "--json"]);
+    assert!(tolerant.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&tolerant.stdout).unwrap();
+    assert_eq!(v["max_diff"], 1);
+    assert_eq!(
+        run(&["--max-diff", "1", "--min-psnr", "99"]).status.code(),
+        Some(1)
+    );
+    let other_size = bin()
+        .arg("compare")
+        .arg(&golden)
+        .arg(common::case_dir("t2i_64x128").join("image.png"))
+        .output()
+        .unwrap();
+    assert_eq!(other_size.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&other_size.stderr).contains("differ in size"));
 }

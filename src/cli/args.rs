@@ -53,6 +53,26 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Time the pipeline (loaded once, kept resident) over sizes and reference counts.
     Bench(BenchArgs),
+    /// Compare two images (golden-image checks): prints the max / mean difference and PSNR;
+    /// exits 1 when they differ by more than the tolerance.
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompareArgs {
+    /// The reference (golden) image.
+    pub expected: std::path::PathBuf,
+    /// The image to check.
+    pub actual: std::path::PathBuf,
+    /// Largest allowed difference of one channel value (0 = bit-identical pixels).
+    #[arg(long, default_value_t = 0)]
+    pub max_diff: u8,
+    /// Also require at least this PSNR in dB.
+    #[arg(long)]
+    pub min_psnr: Option<f64>,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where the prompts come from. Its own struct so that a `--prompt-file` (one prompt per

@@ -7,6 +7,7 @@
 
 pub mod args;
 mod bench;
+mod compare;
 mod device;
 mod generate;
 mod output;
@@ -32,6 +33,7 @@ pub fn run(cli: Cli) -> Result<()> {
     let result = match &cli.command {
         Command::Generate(a) => generate::run(a, &mut reporter),
         Command::Bench(a) => bench::run(a, &mut reporter),
+        Command::Compare(a) => compare::run(a),
     };
     // Clear any live display before main prints the error line.
     reporter.finish();
