@@ -21,7 +21,7 @@ fn tmp_dir(name: &str) -> PathBuf {
 }
 
 /// Runs `generate` with `args` (plus `-q -o out`), returns the written RGB image.
-fn generate(name: &str, args: &[&str]) -> (image::RgbImage, PathBuf) {
+fn generate<S: AsRef<std::ffi::OsStr>>(name: &str, args: &[S]) -> (image::RgbImage, PathBuf) {
     let out = tmp_dir(name).join("out.png");
     let result = bin()
         .arg("-q")
@@ -73,7 +73,31 @@ fn case_ref(case: &str, k: usize) -> String {
         .to_string()
 }
 
-fn assert_matches_diffusers(case: &str, args: &[&str]) {
+/// `-m tests/fixtures/models/MODEL -p PROMPT --seed SEED -W W -H H` plus `extra`.
+fn run_args(
+    model_name: &str,
+    prompt: &str,
+    seed: u64,
+    (w, h): (u32, u32),
+    extra: &[&str],
+) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "-m".into(),
+        model(model_name),
+        "-p".into(),
+        prompt.into(),
+        "--seed".into(),
+        seed.to_string(),
+        "-W".into(),
+        w.to_string(),
+        "-H".into(),
+        h.to_string(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn assert_matches_diffusers(case: &str, args: &[String]) {
     let (ours, _) = generate(case, args);
     let (max, mean) = diff(&ours, &golden(case));
     eprintln!("{case}: max |diff| {max}, mean {mean:.5} (uint8)");
@@ -82,58 +106,19 @@ fn assert_matches_diffusers(case: &str, args: &[&str]) {
 
 #[test]
 fn text_to_image_square() {
-    assert_matches_diffusers(
-        "t2i_64x64",
-        &[
-            "-m",
-            &model("tiny-w0"),
-            "-p",
-            GIFU,
-            "--seed",
-            "0",
-            "-W",
-            "64",
-            "-H",
-            "64",
-        ],
-    );
+    assert_matches_diffusers("t2i_64x64", &run_args("tiny-w0", GIFU, 0, (64, 64), &[]));
 }
 
 #[test]
 fn text_to_image_non_square() {
-    assert_matches_diffusers(
-        "t2i_64x128",
-        &[
-            "-m",
-            &model("tiny-w0"),
-            "-p",
-            GIFU,
-            "--seed",
-            "0",
-            "-W",
-            "128",
-            "-H",
-            "64",
-        ],
-    );
+    assert_matches_diffusers("t2i_64x128", &run_args("tiny-w0", GIFU, 0, (128, 64), &[]));
 }
 
 #[test]
 fn text_to_image_seed_7_128px() {
     assert_matches_diffusers(
         "t2i_128x128_s7",
-        &[
-            "-m",
-            &model("tiny-w0"),
-            "-p",
-            GIFU,
-            "--seed",
-            "7",
-            "-W",
-            "128",
-            "-H",
-            "128",
-        ],
+        &run_args("tiny-w0", GIFU, 7, (128, 128), &[]),
     );
 }
 
@@ -142,22 +127,7 @@ fn edit_with_two_references() {
     let (r0, r1) = (case_ref("edit2_64x64", 0), case_ref("edit2_64x64", 1));
     assert_matches_diffusers(
         "edit2_64x64",
-        &[
-            "-m",
-            &model("tiny-w0"),
-            "-p",
-            GIFU,
-            "--seed",
-            "0",
-            "-W",
-            "64",
-            "-H",
-            "64",
-            "-r",
-            &r0,
-            "-r",
-            &r1,
-        ],
+        &run_args("tiny-w0", GIFU, 0, (64, 64), &["-r", &r0, "-r", &r1]),
     );
 }
 
@@ -166,20 +136,7 @@ fn second_model_shape_with_one_reference() {
     let r0 = case_ref("tiny2_edit_64x128", 0);
     assert_matches_diffusers(
         "tiny2_edit_64x128",
-        &[
-            "-m",
-            &model("tiny2-w0"),
-            "-p",
-            "a red fox in snow",
-            "--seed",
-            "42",
-            "-W",
-            "128",
-            "-H",
-            "64",
-            "-r",
-            &r0,
-        ],
+        &run_args("tiny2-w0", "a red fox in snow", 42, (128, 64), &["-r", &r0]),
     );
 }
 
@@ -188,22 +145,13 @@ fn cfg_on_a_base_model() {
     // tiny-base-w0: tiny-w0's weights with is_distilled = false → CFG with the '' prompt.
     assert_matches_diffusers(
         "t2i_64x64_cfg4",
-        &[
-            "-m",
-            &model("tiny-base-w0"),
-            "-p",
+        &run_args(
+            "tiny-base-w0",
             GIFU,
-            "--seed",
-            "0",
-            "-W",
-            "64",
-            "-H",
-            "64",
-            "--steps",
-            "4",
-            "--guidance",
-            "4",
-        ],
+            0,
+            (64, 64),
+            &["--steps", "4", "--guidance", "4"],
+        ),
     );
 }
 
@@ -211,20 +159,7 @@ fn cfg_on_a_base_model() {
 fn bf16_on_cpu_is_within_30_db() {
     let (ours, _) = generate(
         "bf16",
-        &[
-            "-m",
-            &model("tiny-w0"),
-            "-p",
-            GIFU,
-            "--seed",
-            "0",
-            "-W",
-            "64",
-            "-H",
-            "64",
-            "--dtype",
-            "bf16",
-        ],
+        &run_args("tiny-w0", GIFU, 0, (64, 64), &["--dtype", "bf16"]),
     );
     let reference = golden("t2i_64x64_bf16");
     let p = psnr(&ours, &reference);
@@ -235,18 +170,7 @@ fn bf16_on_cpu_is_within_30_db() {
 
 #[test]
 fn same_command_twice_gives_identical_pixels_and_metadata() {
-    let args = [
-        "-m",
-        &model("tiny-w0"),
-        "-p",
-        "a lighthouse at dusk",
-        "--seed",
-        "1234",
-        "-W",
-        "80",
-        "-H",
-        "64",
-    ];
+    let args = run_args("tiny-w0", "a lighthouse at dusk", 1234, (80, 64), &[]);
     let (a, path_a) = generate("twice-a", &args);
     let (b, _) = generate("twice-b", &args);
     assert_eq!(
@@ -270,20 +194,7 @@ fn reference_names_and_hashes_are_in_the_metadata() {
     let r0 = case_ref("edit2_64x64", 0);
     let (_, path) = generate(
         "refmeta",
-        &[
-            "-m",
-            &model("tiny-w0"),
-            "-p",
-            "x",
-            "--seed",
-            "3",
-            "-r",
-            &r0,
-            "-W",
-            "64",
-            "-H",
-            "64",
-        ],
+        &run_args("tiny-w0", "x", 3, (64, 64), &["-r", &r0]),
     );
     let text = flux2_klein::image_io::read_png_text(&path).unwrap();
     let get = |k: &str| {
