@@ -172,6 +172,7 @@ pub struct Pipeline {
     pub model: ModelDir,
     pub options: PipelineOptions,
     scheduler_config: SchedulerConfig,
+    transformer_config: Flux2TransformerConfig,
     tokenizer: PromptTokenizer,
     text_encoder: Option<Qwen3TextEncoder>,
     transformer: Option<Flux2Transformer>,
@@ -186,11 +187,13 @@ impl Pipeline {
             bail!("at least one text encoder layer must be requested");
         }
         let scheduler_config: SchedulerConfig = model.config("scheduler")?;
+        let transformer_config: Flux2TransformerConfig = model.config("transformer")?;
         let tokenizer = PromptTokenizer::from_file(&model.tokenizer()?, MAX_SEQUENCE_LENGTH)?;
         Ok(Self {
             model,
             options,
             scheduler_config,
+            transformer_config,
             tokenizer,
             text_encoder: None,
             transformer: None,
@@ -245,9 +248,8 @@ impl Pipeline {
     }
 
     fn load_transformer(&self) -> Result<Flux2Transformer> {
-        let cfg: Flux2TransformerConfig = self.model.config("transformer")?;
         let vb = self.var_builder("transformer", self.options.dtype)?;
-        Flux2Transformer::load(vb, &cfg)
+        Flux2Transformer::load(vb, &self.transformer_config)
     }
 
     fn load_vae(&self, parts: VaeParts) -> Result<AutoencoderKLFlux2> {
@@ -371,7 +373,7 @@ impl Pipeline {
         }
 
         // 4. Noise, ids, schedule.
-        let in_channels = self.transformer_in_channels()?;
+        let in_channels = self.transformer_config.in_channels;
         let noise = noise::randn_tensor(
             request.seed,
             &[1, in_channels, grid_h, grid_w],
@@ -487,11 +489,6 @@ impl Pipeline {
             seed: request.seed,
             timings,
         })
-    }
-
-    fn transformer_in_channels(&self) -> Result<usize> {
-        let cfg: Flux2TransformerConfig = self.model.config("transformer")?;
-        Ok(cfg.in_channels)
     }
 
     /// Peak device memory in bytes since the last reset (or process start), where the device
