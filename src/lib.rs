@@ -16,6 +16,7 @@ pub mod image_io;
 pub mod latents;
 pub mod model_dir;
 pub mod noise;
+pub mod ops;
 pub mod pipeline;
 pub mod profile;
 pub mod scheduler;

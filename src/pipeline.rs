@@ -145,6 +145,11 @@ pub struct Generated {
     pub timings: Timings,
 }
 
+/// diffusers floors output sizes to multiples of 16 (VAE factor 8 × 2×2 patches, spec §8).
+pub fn floor_to_multiple_of_16(px: usize) -> usize {
+    px / 16 * 16
+}
+
 /// Output size for a request: explicit, else the first reference's cropped size, else 1024²;
 /// floored to multiples of 16 as diffusers does (with a warning).
 pub fn resolve_size(
@@ -158,7 +163,7 @@ pub fn resolve_size(
     if w < 64 || h < 64 {
         bail!("output size {w}x{h} is too small: width and height must be at least 64 pixels");
     }
-    let (fw, fh) = (w / 16 * 16, h / 16 * 16);
+    let (fw, fh) = (floor_to_multiple_of_16(w), floor_to_multiple_of_16(h));
     if (fw, fh) != (w, h) {
         warn(format!(
             "{w}x{h} is not a multiple of 16; the image will be {fw}x{fh} (as diffusers does)"

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use flux2_klein::pipeline::{Event, Pipeline, Request, Timings};
+use flux2_klein::pipeline::{floor_to_multiple_of_16, Event, Pipeline, Request, Timings};
 use serde_json::json;
 
 use super::args::{BenchArgs, Size};
@@ -32,8 +32,8 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
     for s in &args.sizes {
         // Floored like diffusers (spec §8), so the table shows the size actually made.
         let size = Size {
-            width: s.width / 16 * 16,
-            height: s.height / 16 * 16,
+            width: floor_to_multiple_of_16(s.width as usize) as u32,
+            height: floor_to_multiple_of_16(s.height as usize) as u32,
         };
         if size != *s {
             reporter.warn(&format!("--size {s} is not a multiple of 16; using {size}"));

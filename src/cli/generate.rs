@@ -7,7 +7,9 @@ use std::path::Path;
 
 use anyhow::Result;
 use flux2_klein::model_dir::ModelDir;
-use flux2_klein::pipeline::{Generated, Pipeline, PipelineOptions, Request};
+use flux2_klein::pipeline::{
+    floor_to_multiple_of_16, Generated, Pipeline, PipelineOptions, Request,
+};
 
 use super::args::{GenerateArgs, ModelArgs, SamplingArgs};
 use super::device::{device_name, dtype_name, pipeline_options};
@@ -100,7 +102,7 @@ pub(super) fn floor_to_16(
     reporter: &mut Reporter,
 ) -> Option<usize> {
     value.map(|v| {
-        let floored = v / 16 * 16;
+        let floored = floor_to_multiple_of_16(v as usize) as u32;
         if floored != v {
             reporter.warn(&format!(
                 "--{name} {v} is not a multiple of 16; using {floored}"

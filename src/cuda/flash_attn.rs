@@ -113,23 +113,20 @@ fn load_kernel(dev: &CudaDevice, cfg: &KernelConfig, dtype: DType) -> Result<Cud
              cp.async), this one is {major}.{minor}"
         )
     }
-    let ptx = super::nvrtc::ptx(
+    let func = super::nvrtc::load_function(
+        dev,
         "flash_attn",
         KERNEL_SOURCE,
-        vec![
-            super::nvrtc::arch_option(major, minor),
-            format!("-DFA_ONLY_D={}", cfg.d),
-        ],
+        &[format!("-DFA_ONLY_D={}", cfg.d)],
+        &cfg.kernel_name(dtype),
     )?;
-    let module = format!("flux2_flash_attn_sm{major}{minor}_d{}", cfg.d);
-    let func = dev.get_or_load_custom_func(&cfg.kernel_name(dtype), &module, &ptx)?;
     // More than 48 KiB of dynamic shared memory must be opted into per function.
     func.set_attribute(
         CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         cfg.shared_mem_bytes() as i32,
     )
     .w()?;
-    Ok(func.into_cuda_function())
+    Ok(func)
 }
 
 /// The custom op: `q`, `k`, `v` in `layout`, output contiguous in the same layout.

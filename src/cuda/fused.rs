@@ -33,18 +33,8 @@ pub fn applies(t: &Tensor) -> bool {
     on && t.device().is_cuda() && t.dtype() == DType::BF16
 }
 
-fn load(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
-    let stream = dev.cuda_stream();
-    let (major, minor) = stream.context().compute_capability().w()?;
-    let ptx = super::nvrtc::ptx(
-        "fused",
-        KERNEL_SOURCE,
-        vec![super::nvrtc::arch_option(major, minor)],
-    )?;
-    let module = format!("flux2_fused_sm{major}{minor}");
-    Ok(dev
-        .get_or_load_custom_func(name, &module, &ptx)?
-        .into_cuda_function())
+fn load(dev: &CudaDevice, function: &str) -> Result<CudaFunction> {
+    super::nvrtc::load_function(dev, "fused", KERNEL_SOURCE, &[], function)
 }
 
 fn grid_for(n: usize) -> LaunchConfig {

@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
+use candle_core::cuda_backend::cudarc::driver::CudaFunction;
 use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
-use candle_core::Result;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaDevice, Result};
 
 /// PTX for `source` compiled with `options` (`name` only labels errors and cache files).
 pub fn ptx(name: &str, source: &'static str, options: Vec<String>) -> Result<String> {
@@ -77,8 +79,23 @@ fn disk_cache_path(name: &str, key: u64) -> Option<PathBuf> {
     )
 }
 
-/// The `--gpu-architecture` option for a device (PTX for the virtual architecture; candle's
-/// module loader takes PTX and the driver JIT-compiles it once).
-pub fn arch_option(major: i32, minor: i32) -> String {
-    format!("--gpu-architecture=compute_{major}{minor}")
+/// Kernel `function` of `source`, compiled for `dev`'s architecture with `defines` (e.g.
+/// `-DFA_ONLY_D=128`) and loaded through candle's per-device module cache. The PTX targets the
+/// virtual architecture `compute_XY`: candle's module loader takes PTX and the driver
+/// JIT-compiles it once.
+pub fn load_function(
+    dev: &CudaDevice,
+    name: &str,
+    source: &'static str,
+    defines: &[String],
+    function: &str,
+) -> Result<CudaFunction> {
+    let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
+    let mut options = vec![format!("--gpu-architecture=compute_{major}{minor}")];
+    options.extend(defines.iter().cloned());
+    let ptx = ptx(name, source, options)?;
+    let module = format!("flux2_{name}_sm{major}{minor}_{}", defines.join("_"));
+    Ok(dev
+        .get_or_load_custom_func(function, &module, &ptx)?
+        .into_cuda_function())
 }

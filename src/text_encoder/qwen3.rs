@@ -315,9 +315,7 @@ impl Qwen3Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
-        let dtype = gate.dtype();
-        // torch evaluates bf16 silu in f32 and rounds once; candle's bf16 silu rounds per op.
-        let act = candle_nn::ops::silu(&gate.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+        let act = crate::ops::silu(&gate)?;
         let up = self.up_proj.forward(x)?;
         Ok(self.down_proj.forward(&(act * up)?)?)
     }

@@ -15,16 +15,7 @@ use super::config::Flux2TransformerConfig;
 use super::embed::RopeTables;
 use crate::profile;
 
-/// SiLU with torch's rounding: computed in f32 and rounded once to the input dtype (candle's
-/// native bf16 SiLU rounds `exp`, `1+exp` and the quotient separately).
-pub fn silu(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    if dtype == DType::F32 || dtype == DType::F64 {
-        Ok(x.silu()?)
-    } else {
-        Ok(x.to_dtype(DType::F32)?.silu()?.to_dtype(dtype)?)
-    }
-}
+pub use crate::ops::silu;
 
 /// `nn.LayerNorm(dim, elementwise_affine=False)`: statistics and normalisation in f32, one
 /// rounding to the input dtype (spec §1). `candle_nn::ops::layer_norm` is that computation

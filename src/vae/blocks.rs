@@ -93,16 +93,6 @@ impl Module for Linear {
     }
 }
 
-/// SiLU with the rounding of torch's `F.silu` (spec §1: one elementwise op, one rounding): for
-/// bf16/f16 the value is computed in f32 and rounded once (candle's bf16 SiLU kernel rounds
-/// the `exp`, the `1 + …` and the division separately).
-pub fn silu(x: &Tensor) -> Result<Tensor> {
-    match x.dtype() {
-        DType::F32 | DType::F64 => candle_nn::ops::silu(x),
-        dt => candle_nn::ops::silu(&x.to_dtype(DType::F32)?)?.to_dtype(dt),
-    }
-}
-
 /// `nn.GroupNorm(groups, C, eps, affine=True)`.
 ///
 /// torch computes the statistics *and the affine* in f32 and rounds the output once to the
