@@ -144,3 +144,46 @@ fn group_norm_matches_reference() {
     let ours_silu = fused::group_norm(&x, &weight, &bias, g, 1e-6, true).unwrap();
     assert!(rel("group_norm+silu", &ours_silu, &silu_ref(&normed)) <= 1e-2);
 }
+
+/// The tensor-core cuDNN conv (`cuda::conv`) against candle's f32 conv of the same bf16
+/// values, for the VAE's conv kinds: 3×3 pad 1, 1×1 (shortcuts, quant convs), 3×3 stride 2
+/// pad 0 (downsample after its asymmetric pad), odd sizes and batch 2, plus a strided input.
+#[cfg(feature = "cudnn")]
+#[test]
+fn cudnn_conv_matches_reference() {
+    use flux2_klein::cuda::conv;
+    let Some(dev) = gpu() else { return };
+    let cases: [(&[usize], [usize; 2], usize, usize); 5] = [
+        (&[1, 64, 33, 47], [96, 3], 1, 1),
+        (&[2, 32, 16, 24], [64, 1], 0, 1),
+        (&[1, 128, 65, 65], [128, 3], 0, 2),
+        (&[1, 512, 128, 128], [512, 3], 1, 1),
+        (&[1, 128, 512, 512], [128, 3], 1, 1),
+    ];
+    for (x_shape, [cout, k], padding, stride) in cases {
+        let x = randn(x_shape, 1.0, &dev);
+        let w = randn(&[cout, x_shape[1], k, k], 0.05, &dev);
+        assert!(conv::applies(&x));
+        let reference = x
+            .to_dtype(DType::F32)
+            .unwrap()
+            .conv2d(&w.to_dtype(DType::F32).unwrap(), padding, stride, 1, 1)
+            .unwrap();
+        let ours = conv::conv2d(&x, &w, padding, stride).unwrap();
+        assert_eq!(ours.dtype(), DType::BF16);
+        let name = format!("cudnn conv {x_shape:?} k{k} p{padding} s{stride} -> {cout}");
+        // bf16 output rounding (2^-8 relative) plus f32-accumulation order.
+        assert!(rel(&name, &ours, &reference) <= 8e-3, "{name}");
+    }
+    // A non-contiguous input (a channel slice) is made contiguous first.
+    let wide = randn(&[1, 48, 20, 20], 1.0, &dev);
+    let x = wide.narrow(1, 8, 32).unwrap();
+    let w = randn(&[16, 32, 3, 3], 0.05, &dev);
+    let reference = x
+        .to_dtype(DType::F32)
+        .unwrap()
+        .conv2d(&w.to_dtype(DType::F32).unwrap(), 1, 1, 1, 1)
+        .unwrap();
+    let ours = conv::conv2d(&x, &w, 1, 1).unwrap();
+    assert!(rel("cudnn conv strided input", &ours, &reference) <= 8e-3);
+}

@@ -159,7 +159,7 @@ fn dims_and_strides(what: &str, l: &Layout, layout: AttnLayout) -> Result<([usiz
              multiples of 8, got strides {stride:?} (call .contiguous())"
         )
     }
-    if l.start_offset() % 8 != 0 {
+    if !l.start_offset().is_multiple_of(8) {
         bail!(
             "flash attention: {what} starts at element offset {} (must be a multiple of 8; \
              call .contiguous())",
@@ -326,7 +326,7 @@ pub fn is_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && k.rank() == 4
         && v.rank() == 4
         && d > 0
-        && d % 8 == 0
+        && d.is_multiple_of(8)
         && d <= MAX_HEAD_DIM
         && k.dims()[3] == d
         && v.dims()[3] == d
@@ -348,8 +348,10 @@ pub fn available() -> bool {
 fn kernel_ready(t: &Tensor) -> Result<Tensor> {
     let l = t.layout();
     let s = l.stride();
-    let ok =
-        s.len() == 4 && s[3] == 1 && s[..3].iter().all(|x| x % 8 == 0) && l.start_offset() % 8 == 0;
+    let ok = s.len() == 4
+        && s[3] == 1
+        && s[..3].iter().all(|x| x.is_multiple_of(8))
+        && l.start_offset().is_multiple_of(8);
     if ok {
         Ok(t.clone())
     } else {
@@ -373,7 +375,7 @@ pub fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result
 /// product, as in FlashAttention); otherwise (CPU, f32, other head dims) it computes
 /// [`naive_attention`].
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
-    if !is_supported(q, k, v) || !(scale > 0.0 && scale.is_finite()) {
+    if !(is_supported(q, k, v) && scale > 0.0 && scale.is_finite()) {
         return naive_attention(q, k, v, scale);
     }
     let (q, k, v) = (kernel_ready(q)?, kernel_ready(k)?, kernel_ready(v)?);
@@ -390,7 +392,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result
 /// Like [`flash_attention`] but for the `[B, S, H, D]` layout (inputs and output), which is how
 /// the QKV projections lay out their result: no transposes are needed around the kernel.
 pub fn flash_attention_bshd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
-    if !is_supported(q, k, v) || !(scale > 0.0 && scale.is_finite()) {
+    if !(is_supported(q, k, v) && scale > 0.0 && scale.is_finite()) {
         let t = |x: &Tensor| x.transpose(1, 2);
         return naive_attention(&t(q)?, &t(k)?, &t(v)?, scale)?
             .transpose(1, 2)?

@@ -28,9 +28,14 @@ const GN_SPLITS: usize = 64;
 /// Whether the fused kernels apply to `t`: a bf16 CUDA tensor, and not switched off with
 /// `FLUX2_KLEIN_FUSED=0` (which falls back to the reference candle ops).
 pub fn applies(t: &Tensor) -> bool {
+    enabled() && t.device().is_cuda() && t.dtype() == DType::BF16
+}
+
+/// False when `FLUX2_KLEIN_FUSED=0` switches our CUDA replacements off (fused kernels and the
+/// tensor-core cuDNN conv), so the candle reference ops run instead.
+pub fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ENABLED.get_or_init(|| std::env::var("FLUX2_KLEIN_FUSED").map_or(true, |v| v != "0"));
-    on && t.device().is_cuda() && t.dtype() == DType::BF16
+    *ENABLED.get_or_init(|| std::env::var("FLUX2_KLEIN_FUSED").map_or(true, |v| v != "0"))
 }
 
 fn load(dev: &CudaDevice, function: &str) -> Result<CudaFunction> {
@@ -75,7 +80,7 @@ impl CustomOp1 for SwiGlu {
         let dims = l.dims();
         let stride = l.stride();
         let r = dims.len();
-        if r < 2 || stride[r - 1] != 1 || dims[r - 1] % 2 != 0 {
+        if r < 2 || stride[r - 1] != 1 || !dims[r - 1].is_multiple_of(2) {
             bail!("swiglu: needs [.., 2F] with a contiguous last dim, got {dims:?} / {stride:?}")
         }
         // Rows must be evenly spaced (a contiguous tensor or a narrow of the last dim).

@@ -5,7 +5,10 @@
 //!   for bf16/f16, replacing the naive `softmax(q kᵀ · scale) v` of the Flux2 transformer.
 //! * [`fused`]: bf16 SwiGLU, modulation, RoPE and GroupNorm(+SiLU) kernels with torch's
 //!   roundings.
+//! * [`conv`] (feature `cudnn`): the VAE's convolutions on cuDNN with tensor cores enabled.
 
+#[cfg(feature = "cudnn")]
+pub mod conv;
 pub mod flash_attn;
 pub mod fused;
 mod nvrtc;

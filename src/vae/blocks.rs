@@ -54,11 +54,42 @@ pub fn conv2d(
     })
 }
 
+impl Conv2d {
+    /// The conv on cuDNN with tensor cores (`crate::cuda::conv`), then the bias added in the
+    /// output dtype as `nn.Conv2d` does; `None` where that path does not apply.
+    #[cfg(feature = "cudnn")]
+    fn forward_tensor_cores(&self, x: &Tensor) -> Option<Result<Tensor>> {
+        let cfg = self.inner.config();
+        if self.f32_compute.is_some()
+            || cfg.dilation != 1
+            || cfg.groups != 1
+            || !crate::cuda::conv::applies(x)
+        {
+            return None;
+        }
+        let y = crate::cuda::conv::conv2d(x, self.inner.weight(), cfg.padding, cfg.stride);
+        Some(y.and_then(|y| match self.inner.bias() {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }))
+    }
+
+    #[cfg(not(feature = "cudnn"))]
+    fn forward_tensor_cores(&self, _x: &Tensor) -> Option<Result<Tensor>> {
+        None
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        profile::span("vae.conv2d", x.device(), || match self.f32_compute {
-            Some(dt) => self.inner.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt),
-            None => self.inner.forward(x),
+        profile::span("vae.conv2d", x.device(), || {
+            if let Some(y) = self.forward_tensor_cores(x) {
+                return y;
+            }
+            match self.f32_compute {
+                Some(dt) => self.inner.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt),
+                None => self.inner.forward(x),
+            }
         })
     }
 }
