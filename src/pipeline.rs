@@ -119,17 +119,22 @@ pub enum Event {
     },
     /// Something the user should know (truncated prompt, floored size, ignored guidance, …).
     Warning(String),
+    /// In a batch of `total > 1` requests, the events that follow (until the next `Job`)
+    /// belong to request `index` (0-based).
+    Job { index: usize, total: usize },
 }
 
 /// Wall time per stage of one `generate` call.
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
-    /// Loading weights (all components, summed).
+    /// Loading weights (the components this request loaded, summed).
     pub load: Duration,
     pub text_encode: Duration,
     pub reference_encode: Duration,
     pub steps: Vec<Duration>,
     pub vae_decode: Duration,
+    /// Time spent on this request: for a single `generate` its wall time, in a batch the sum
+    /// of its stages (batches interleave the stages of several requests).
     pub total: Duration,
 }
 
@@ -170,6 +175,33 @@ pub fn resolve_size(
         ));
     }
     Ok((fw, fh))
+}
+
+/// Requests per chunk of a batch (see [`Pipeline::generate_batch`]): bounds the prompt
+/// embeddings and latents held between stages (~9 MB per 1024² request in bf16).
+pub const BATCH_CHUNK: usize = 16;
+
+/// One request on its way through the stages of [`Pipeline::generate_batch`].
+struct Job<'r> {
+    request: &'r Request,
+    /// Prepared (capped, centre-cropped) reference images.
+    references: Vec<image::RgbImage>,
+    width: usize,
+    height: usize,
+    grid_h: usize,
+    grid_w: usize,
+    steps: usize,
+    guidance: f64,
+    do_cfg: bool,
+    prompt_embeds: Option<Tensor>,
+    negative_embeds: Option<Tensor>,
+    /// Packed reference tokens of all references, concatenated.
+    reference_tokens: Option<Tensor>,
+    reference_ids: Vec<Tensor>,
+    /// Denoised packed latents.
+    latents: Option<Tensor>,
+    /// `total` sums the time spent on this request (its stages and the loads it triggered).
+    timings: Timings,
 }
 
 /// The FLUX.2 [klein] pipeline.
@@ -269,12 +301,105 @@ impl Pipeline {
         request: &Request,
         events: &mut dyn FnMut(Event),
     ) -> Result<Generated> {
-        let t_start = Instant::now();
-        let mut timings = Timings::default();
-        let device = self.options.device.clone();
-        let dtype = self.options.dtype;
-        let resident = self.options.keep_resident;
+        let mut out = None;
+        self.generate_batch(std::slice::from_ref(request), events, &mut |_, g| {
+            out = Some(g);
+            Ok(())
+        })?;
+        Ok(out.expect("generate_batch delivers every image"))
+    }
 
+    /// Runs several requests, handing each image to `on_image(index, image)` as soon as it is
+    /// decoded (an error from `on_image` stops the batch).
+    ///
+    /// Each component is loaded once per chunk of [`BATCH_CHUNK`] requests and the work goes
+    /// stage by stage (all prompts, then all references, all denoising, all decodes), so a
+    /// batch peaks at the memory of a single image: only one large component is resident at a
+    /// time. With `keep_resident` every component stays loaded and requests run one after
+    /// another (first image soonest). Either way each image is computed exactly as a single
+    /// `generate` would compute it (batch size 1 through every model).
+    ///
+    /// Every request is checked (references, size, steps) before any weights load.
+    pub fn generate_batch(
+        &mut self,
+        requests: &[Request],
+        events: &mut dyn FnMut(Event),
+        on_image: &mut dyn FnMut(usize, Generated) -> Result<()>,
+    ) -> Result<()> {
+        let total = requests.len();
+        let mut jobs = Vec::with_capacity(total);
+        for (index, request) in requests.iter().enumerate() {
+            jobs.push(in_job(self.plan(request, events), index, total)?);
+        }
+        let chunk = if self.options.keep_resident {
+            1
+        } else {
+            BATCH_CHUNK
+        };
+        let resident = self.options.keep_resident;
+        let mut first = 0;
+        for chunk in jobs.chunks_mut(chunk) {
+            let indices = first..first + chunk.len();
+            first += chunk.len();
+            let each = |f: &mut dyn FnMut(usize, &mut Job) -> Result<()>,
+                        chunk: &mut [Job]|
+             -> Result<()> {
+                for (i, job) in indices.clone().zip(chunk.iter_mut()) {
+                    in_job(f(i, job), i, total)?;
+                }
+                Ok(())
+            };
+            each(
+                &mut |i, job| {
+                    job_event(events, i, total);
+                    self.encode_prompt(job, events)
+                },
+                chunk,
+            )?;
+            if !resident {
+                self.text_encoder = None;
+            }
+            each(
+                &mut |i, job| {
+                    job_event(events, i, total);
+                    self.encode_references(job, events)
+                },
+                chunk,
+            )?;
+            if !resident {
+                self.vae_encoder = None;
+            }
+            each(
+                &mut |i, job| {
+                    job_event(events, i, total);
+                    self.denoise(job, events)
+                },
+                chunk,
+            )?;
+            if !resident {
+                self.transformer = None;
+            }
+            each(
+                &mut |i, job| {
+                    job_event(events, i, total);
+                    let generated = self.decode(job, events)?;
+                    on_image(i, generated)
+                },
+                chunk,
+            )?;
+            if !resident {
+                self.vae_decoder = None;
+            }
+        }
+        if let Some(report) = crate::profile::take_report() {
+            eprint!("{report}");
+        }
+        Ok(())
+    }
+
+    /// Settings and reference preprocessing (cheap; fails before any model work on bad input).
+    fn plan<'r>(&self, request: &'r Request, events: &mut dyn FnMut(Event)) -> Result<Job<'r>> {
+        let t = Instant::now();
         // Settings (spec §8): CFG only for base checkpoints with guidance > 1.
         let steps = request.steps.unwrap_or_else(|| self.default_steps());
         if steps == 0 {
@@ -284,31 +409,53 @@ impl Pipeline {
         let do_cfg = guidance > 1.0 && !self.is_distilled();
         // Distilled checkpoints ignore guidance > 1 (diffusers only logs a warning); front ends
         // warn before loading anything, see `cli::generate`.
-
-        // 1. Reference preprocessing (cheap; fails before any model work on bad input).
-        let mut prepared = Vec::with_capacity(request.references.len());
+        let mut references = Vec::with_capacity(request.references.len());
         for r in &request.references {
             let rgb = image_io::prepare_reference(&r.image)
                 .with_context(|| format!("reference image {}", r.name))?;
-            prepared.push(rgb);
+            references.push(rgb);
         }
-        let first = prepared
+        let first = references
             .first()
             .map(|im| (im.width() as usize, im.height() as usize));
         let (width, height) = resolve_size(request.width, request.height, first, &mut |w| {
             events(Event::Warning(w))
         })?;
         let (grid_h, grid_w) = latents::latent_grid(height, width)?;
+        let timings = Timings {
+            total: t.elapsed(),
+            ..Timings::default()
+        };
+        Ok(Job {
+            request,
+            references,
+            width,
+            height,
+            grid_h,
+            grid_w,
+            steps,
+            guidance,
+            do_cfg,
+            prompt_embeds: None,
+            negative_embeds: None,
+            reference_tokens: None,
+            reference_ids: Vec::new(),
+            latents: None,
+            timings,
+        })
+    }
 
-        // 2. Prompt embeddings.
+    /// Stage 2: the prompt (and, for CFG, the empty negative prompt) through Qwen3.
+    fn encode_prompt(&mut self, job: &mut Job, events: &mut dyn FnMut(Event)) -> Result<()> {
+        let t_job = Instant::now();
         if self.text_encoder.is_none() {
             let t = stage(events, "load text encoder");
             self.text_encoder = Some(self.load_text_encoder()?);
-            timings.load += end(events, "load text encoder", t);
+            job.timings.load += end(events, "load text encoder", t);
         }
         let t = stage(events, "encode prompt");
-        let mut prompts = vec![request.prompt.as_str()];
-        if do_cfg {
+        let mut prompts = vec![job.request.prompt.as_str()];
+        if job.do_cfg {
             prompts.push("");
         }
         let encoded = text_encoder::encode_prompts(
@@ -324,63 +471,71 @@ impl Pipeline {
                 )));
             }
         }
-        let prompt_embeds = encoded.embeds.narrow(0, 0, 1)?;
-        let negative_embeds = if do_cfg {
-            Some(encoded.embeds.narrow(0, 1, 1)?)
-        } else {
-            None
-        };
-        timings.text_encode = end(events, "encode prompt", t);
-        if !resident {
-            self.text_encoder = None;
+        job.prompt_embeds = Some(encoded.embeds.narrow(0, 0, 1)?);
+        if job.do_cfg {
+            job.negative_embeds = Some(encoded.embeds.narrow(0, 1, 1)?);
         }
-        let txt_len = prompt_embeds.dim(1)?;
-        let txt_ids = latents::text_ids(txt_len, &device)?.unsqueeze(0)?;
+        job.timings.text_encode = end(events, "encode prompt", t);
+        job.timings.total += t_job.elapsed();
+        Ok(())
+    }
 
-        // 3. Reference tokens.
-        let mut ref_tokens: Vec<Tensor> = Vec::new();
-        let mut ref_ids: Vec<Tensor> = Vec::new();
-        if !prepared.is_empty() {
-            if self.vae_encoder.is_none() {
-                let t = stage(events, "load vae encoder");
-                self.vae_encoder = Some(self.load_vae(VaeParts {
-                    encoder: true,
-                    decoder: false,
-                })?);
-                timings.load += end(events, "load vae encoder", t);
-            }
-            let t = stage(events, "encode references");
-            let vae = self.vae_encoder.as_ref().expect("loaded above");
-            for (i, rgb) in prepared.iter().enumerate() {
-                let pixels = image_io::rgb_to_tensor(rgb, &device)?.to_dtype(self.vae_dtype())?;
-                let mean = match self.options.vae_tile {
-                    Some(tile) => {
-                        vae.encode_mean_tiled(&pixels, TileOptions::with_default_overlap(tile))?
-                    }
-                    None => vae.encode_mean(&pixels)?,
-                };
-                let z = latents::patchify(&mean)?;
-                let z = latents::bn_normalize(
-                    &z,
-                    vae.bn_running_mean(),
-                    vae.bn_running_var(),
-                    vae.bn_eps(),
-                )?;
-                let (_, _, rh, rw) = z.dims4()?;
-                ref_tokens.push(latents::pack(&z)?.to_dtype(dtype)?);
-                let t_ref = latents::reference_time(i);
-                ref_ids.push(latents::image_ids(t_ref, rh, rw, &device)?);
-            }
-            timings.reference_encode = end(events, "encode references", t);
-            if !resident {
-                self.vae_encoder = None;
-            }
+    /// Stage 3: references → VAE encoder (mean) → patchify → BN normalise → packed tokens,
+    /// with their ids at T = 10, 20, … (nothing to do without references).
+    fn encode_references(&mut self, job: &mut Job, events: &mut dyn FnMut(Event)) -> Result<()> {
+        if job.references.is_empty() {
+            return Ok(());
         }
+        let t_job = Instant::now();
+        let device = self.options.device.clone();
+        if self.vae_encoder.is_none() {
+            let t = stage(events, "load vae encoder");
+            self.vae_encoder = Some(self.load_vae(VaeParts {
+                encoder: true,
+                decoder: false,
+            })?);
+            job.timings.load += end(events, "load vae encoder", t);
+        }
+        let t = stage(events, "encode references");
+        let vae = self.vae_encoder.as_ref().expect("loaded above");
+        let mut tokens = Vec::with_capacity(job.references.len());
+        for (i, rgb) in job.references.iter().enumerate() {
+            let pixels = image_io::rgb_to_tensor(rgb, &device)?.to_dtype(self.vae_dtype())?;
+            let mean = match self.options.vae_tile {
+                Some(tile) => {
+                    vae.encode_mean_tiled(&pixels, TileOptions::with_default_overlap(tile))?
+                }
+                None => vae.encode_mean(&pixels)?,
+            };
+            let z = latents::patchify(&mean)?;
+            let z = latents::bn_normalize(
+                &z,
+                vae.bn_running_mean(),
+                vae.bn_running_var(),
+                vae.bn_eps(),
+            )?;
+            let (_, _, rh, rw) = z.dims4()?;
+            tokens.push(latents::pack(&z)?.to_dtype(self.options.dtype)?);
+            let t_ref = latents::reference_time(i);
+            job.reference_ids
+                .push(latents::image_ids(t_ref, rh, rw, &device)?);
+        }
+        job.reference_tokens = Some(Tensor::cat(&tokens, 1)?);
+        job.timings.reference_encode = end(events, "encode references", t);
+        job.timings.total += t_job.elapsed();
+        Ok(())
+    }
 
-        // 4. Noise, ids, schedule.
+    /// Stages 4–5: seeded noise, ids and schedule, then the transformer's Euler steps (with
+    /// CFG on base checkpoints).
+    fn denoise(&mut self, job: &mut Job, events: &mut dyn FnMut(Event)) -> Result<()> {
+        let t_job = Instant::now();
+        let device = self.options.device.clone();
+        let dtype = self.options.dtype;
+        let (grid_h, grid_w, steps) = (job.grid_h, job.grid_w, job.steps);
         let in_channels = self.transformer_config.in_channels;
         let noise = noise::randn_tensor(
-            request.seed,
+            job.request.seed,
             &[1, in_channels, grid_h, grid_w],
             dtype,
             &device,
@@ -388,26 +543,24 @@ impl Pipeline {
         let mut latents_packed = latents::pack(&noise)?;
         let n_target = grid_h * grid_w;
         let target_ids = latents::image_ids(0, grid_h, grid_w, &device)?;
-        let img_ids = if ref_ids.is_empty() {
+        let img_ids = if job.reference_ids.is_empty() {
             target_ids
         } else {
             let mut all = vec![target_ids];
-            all.extend(ref_ids);
+            all.append(&mut job.reference_ids);
             Tensor::cat(&all, 0)?
         }
         .unsqueeze(0)?;
-        let image_latents = if ref_tokens.is_empty() {
-            None
-        } else {
-            Some(Tensor::cat(&ref_tokens, 1)?)
-        };
+        let prompt_embeds = job.prompt_embeds.take().context("prompt not encoded")?;
+        let negative_embeds = job.negative_embeds.take();
+        let txt_ids = latents::text_ids(prompt_embeds.dim(1)?, &device)?.unsqueeze(0)?;
+        let image_latents = job.reference_tokens.take();
         let schedule = Schedule::new(&self.scheduler_config, steps, n_target)?;
 
-        // 5. Denoising loop.
         if self.transformer.is_none() {
             let t = stage(events, "load transformer");
             self.transformer = Some(self.load_transformer()?);
-            timings.load += end(events, "load transformer", t);
+            job.timings.load += end(events, "load transformer", t);
         }
         let transformer = self.transformer.as_ref().expect("loaded above");
         let rope = transformer.rope(&img_ids, &txt_ids)?;
@@ -427,7 +580,7 @@ impl Pipeline {
                     let uncond = transformer
                         .forward_with_rope(&x_in, neg, &timestep, &rope, None)?
                         .narrow(1, 0, n_target)?;
-                    classifier_free_guidance(&cond, &uncond, guidance)?
+                    classifier_free_guidance(&cond, &uncond, job.guidance)?
                 }
                 None => cond,
             };
@@ -440,7 +593,7 @@ impl Pipeline {
             // Make the step's time real on asynchronous devices before reporting it.
             device.synchronize()?;
             let elapsed = t_step.elapsed();
-            timings.steps.push(elapsed);
+            job.timings.steps.push(elapsed);
             events(Event::Step {
                 index: i,
                 total: steps,
@@ -448,23 +601,27 @@ impl Pipeline {
             });
         }
         end(events, "denoise", t_denoise);
-        if !resident {
-            self.transformer = None;
-        }
+        job.latents = Some(latents_packed);
+        job.timings.total += t_job.elapsed();
+        Ok(())
+    }
 
-        // 6. Decode.
+    /// Stage 6: unpack → BN de-normalise → unpatchify → VAE decoder → uint8 image.
+    fn decode(&mut self, job: &mut Job, events: &mut dyn FnMut(Event)) -> Result<Generated> {
+        let t_job = Instant::now();
         if self.vae_decoder.is_none() {
             let t = stage(events, "load vae decoder");
             self.vae_decoder = Some(self.load_vae(VaeParts {
                 encoder: false,
                 decoder: true,
             })?);
-            timings.load += end(events, "load vae decoder", t);
+            job.timings.load += end(events, "load vae decoder", t);
         }
         let t = stage(events, "decode");
         let vae = self.vae_decoder.as_ref().expect("loaded above");
         let vae_dtype = self.vae_dtype();
-        let z = latents::unpack(&latents_packed.to_dtype(vae_dtype)?, grid_h, grid_w)?;
+        let latents_packed = job.latents.take().context("latents not denoised")?;
+        let z = latents::unpack(&latents_packed.to_dtype(vae_dtype)?, job.grid_h, job.grid_w)?;
         let z = latents::bn_denormalize(
             &z,
             vae.bn_running_mean(),
@@ -477,22 +634,16 @@ impl Pipeline {
             None => vae.decode(&z)?,
         };
         let mut images = vae::to_rgb8(&decoded)?;
-        timings.vae_decode = end(events, "decode", t);
-        if !resident {
-            self.vae_decoder = None;
-        }
-        timings.total = t_start.elapsed();
-        if let Some(report) = crate::profile::take_report() {
-            eprint!("{report}");
-        }
+        job.timings.vae_decode = end(events, "decode", t);
+        job.timings.total += t_job.elapsed();
         Ok(Generated {
             image: images.remove(0),
-            width,
-            height,
-            steps,
-            guidance,
-            seed: request.seed,
-            timings,
+            width: job.width,
+            height: job.height,
+            steps: job.steps,
+            guidance: job.guidance,
+            seed: job.request.seed,
+            timings: std::mem::take(&mut job.timings),
         })
     }
 
@@ -516,6 +667,21 @@ fn classifier_free_guidance(cond: &Tensor, uncond: &Tensor, guidance: f64) -> Re
     let diff = (cond - uncond)?;
     let scaled = (diff.to_dtype(DType::F32)? * guidance)?.to_dtype(dtype)?;
     Ok((uncond + scaled)?)
+}
+
+fn job_event(events: &mut dyn FnMut(Event), index: usize, total: usize) {
+    if total > 1 {
+        events(Event::Job { index, total });
+    }
+}
+
+/// In a batch, errors name the image they belong to ("image 3 of 10: …").
+fn in_job<T>(result: Result<T>, index: usize, total: usize) -> Result<T> {
+    if total > 1 {
+        result.with_context(|| format!("image {} of {total}", index + 1))
+    } else {
+        result
+    }
 }
 
 fn stage(events: &mut dyn FnMut(Event), name: &'static str) -> Instant {

@@ -127,6 +127,8 @@ fn usage_errors_exit_2() {
         &["generate", "-p", "x", "--seed", "-1"][..],
         &["generate", "-p", "x", "--device", "tpu"][..],
         &["generate", "-p", "x", "--dtype", "f8"][..],
+        &["generate", "-p", "x", "--prompt-file", "p.txt"][..], // one prompt source only
+        &["generate", "-p", "x", "--count", "0"][..],
         &["bench", "--size", "1024"][..],
         &["frobnicate"][..],
     ] {
@@ -165,6 +167,9 @@ fn help_lists_the_options() {
         "--dtype",
         "--vae-dtype",
         "--vae-tile",
+        "--prompt-file",
+        "--count",
+        "--resident",
         "--quiet",
         "--verbose",
     ] {
@@ -378,4 +383,51 @@ fn bench_checks_arguments_before_loading() {
     let o = run_in(dir.path(), &["bench", "--size", "512x512", "-m", "./nope"]);
     assert_runtime_error(&o, &["./nope"]);
     assert_no_output(&dir, &[]);
+}
+
+#[test]
+fn prompt_file_problems() {
+    let dir = TempDir::new("promptfile");
+    let o = run_in(
+        dir.path(),
+        &["generate", "--prompt-file", "missing.txt", "-m", "./nope"],
+    );
+    assert_runtime_error(&o, &["missing.txt", "check the path"]);
+    std::fs::write(dir.join("empty.txt"), "# only a comment\n\n   \n").unwrap();
+    let o = run_in(
+        dir.path(),
+        &["generate", "--prompt-file", "empty.txt", "-m", "./nope"],
+    );
+    assert_runtime_error(&o, &["empty.txt", "no prompts", "one per line"]);
+    assert_no_output(&dir, &["empty.txt"]);
+}
+
+#[test]
+fn batch_outputs_must_have_distinct_names() {
+    let dir = TempDir::new("batchnames");
+    // Checked before the (nonexistent) model is resolved.
+    let o = run_in(
+        dir.path(),
+        &[
+            "generate", "-p", "x", "--count", "3", "-o", "out.png", "-m", "./nope",
+        ],
+    );
+    assert_runtime_error(&o, &["out.png", "{index}"]);
+    std::fs::write(dir.join("p.txt"), "a\nb\n").unwrap();
+    let o = run_in(
+        dir.path(),
+        &[
+            "generate",
+            "--prompt-file",
+            "p.txt",
+            "--seed",
+            "5",
+            "-o",
+            "x-{seed}.png",
+            "-m",
+            "./nope",
+        ],
+    );
+    assert_runtime_error(&o, &["x-5.png", "{index}"]);
+    assert_no_output(&dir, &["p.txt"]);
 }

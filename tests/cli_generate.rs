@@ -275,3 +275,78 @@ fn compare_command_checks_golden_images() {
     assert_eq!(other_size.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&other_size.stderr).contains("differ in size"));
 }
+
+#[test]
+fn batch_from_a_prompt_file_equals_single_runs() {
+    // Two prompts × --count 2 (seeds 0, 1), once stage by stage (the default: one model in
+    // memory at a time) and once with --resident (everything loaded, image after image).
+    let dir = tmp_dir("batch");
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        format!("# a comment\n{GIFU}\n\na lighthouse at dusk\r\n"),
+    )
+    .unwrap();
+    let mut runs = Vec::new();
+    for mode in ["staged", "resident"] {
+        let out_dir = dir.join(mode);
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let mut cmd = bin();
+        cmd.args(["-q", "generate", "-m", &model("tiny-w0"), "--prompt-file"])
+            .arg(&prompts)
+            .args(["--count", "2", "--seed", "0", "-W", "64", "-H", "64", "-o"])
+            .arg(out_dir.join("{index}-{seed}.png"));
+        if mode == "resident" {
+            cmd.arg("--resident");
+        }
+        let result = cmd.output().unwrap();
+        assert!(
+            result.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let expected: Vec<PathBuf> = ["1-0", "2-1", "3-0", "4-1"]
+            .iter()
+            .map(|n| out_dir.join(format!("{n}.png")))
+            .collect();
+        let stdout = String::from_utf8_lossy(&result.stdout);
+        let printed: Vec<PathBuf> = stdout.lines().map(PathBuf::from).collect();
+        assert_eq!(printed, expected, "{mode}: one path per image, in order");
+        let images: Vec<image::RgbImage> = expected
+            .iter()
+            .map(|p| image::open(p).unwrap().to_rgb8())
+            .collect();
+        for (path, (prompt, seed)) in expected.iter().zip([
+            (GIFU, "0"),
+            (GIFU, "1"),
+            ("a lighthouse at dusk", "0"),
+            ("a lighthouse at dusk", "1"),
+        ]) {
+            let text = flux2_klein::image_io::read_png_text(path).unwrap();
+            let get = |k: &str| {
+                text.iter()
+                    .find(|(key, _)| key == k)
+                    .map(|(_, v)| v.as_str())
+            };
+            assert_eq!(get("prompt"), Some(prompt), "{}", path.display());
+            assert_eq!(get("seed"), Some(seed), "{}", path.display());
+        }
+        // (GIFU, seed 0) is the t2i_64x64 case.
+        let (max, _) = diff(&images[0], &golden("t2i_64x64"));
+        assert!(
+            max <= 1,
+            "{mode}: batch image 1 vs diffusers: max diff {max}"
+        );
+        runs.push(images);
+    }
+    for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+        assert_eq!(a.as_raw(), b.as_raw(), "image {i}: staged vs resident");
+    }
+    // The batch computes each image exactly as a single run does.
+    let (single, _) = generate(
+        "batch-single",
+        &run_args("tiny-w0", "a lighthouse at dusk", 1, (64, 64), &[]),
+    );
+    assert_eq!(single.as_raw(), runs[0][3].as_raw(), "batch vs single run");
+    let _ = std::fs::remove_dir_all(&dir);
+}

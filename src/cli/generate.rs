@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Result;
+use candle_core::Device;
 use flux2_klein::model_dir::ModelDir;
 use flux2_klein::pipeline::{
     floor_to_multiple_of_16, Generated, Pipeline, PipelineOptions, Request,
@@ -13,30 +14,42 @@ use flux2_klein::pipeline::{
 
 use super::args::{GenerateArgs, ModelArgs, SamplingArgs};
 use super::device::{device_name, dtype_name, pipeline_options};
-use super::output::{check_output, output_path};
+use super::output::{check_output, output_paths, Format};
 use super::progress::{fmt_bytes, fmt_duration, Reporter};
 use super::references::{load_references, TRAINED_MAX_REFS};
 use flux2_klein::image_io::save_image;
 
 pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     // --- Cheap checks, before any weights are touched. ---
-    let seed = args.seed.unwrap_or_else(random_seed);
-    let output = output_path(args.output.as_deref(), seed);
-    check_output(&output)?;
-    let prompts = args.prompt.prompts();
+    let prompts = args.prompt.prompts()?;
+    let first_seed = args.seed.unwrap_or_else(random_seed);
+    // Every prompt runs with seeds first_seed, first_seed + 1, … (--count of them).
+    let jobs: Vec<(&str, u64)> = prompts
+        .iter()
+        .flat_map(|p| (0..args.count as u64).map(move |c| (p.as_str(), first_seed.wrapping_add(c))))
+        .collect();
+    let seeds: Vec<u64> = jobs.iter().map(|&(_, seed)| seed).collect();
+    let outputs = output_paths(args.output.as_deref(), &seeds)?;
+    let mut checked_dirs = std::collections::HashSet::new();
+    for path in &outputs {
+        // The format of every name; the directory probe once per directory.
+        Format::from_path(path)?;
+        if checked_dirs.insert(path.parent().map(Path::to_path_buf)) {
+            check_output(path)?;
+        }
+    }
     let references = load_references(&args.refs)?;
     warn_many_refs(references.len(), reporter);
     let width = floor_to_16("width", args.width, reporter);
     let height = floor_to_16("height", args.height, reporter);
-    // Batch mode (several prompts) keeps every component resident between images.
-    let options = pipeline_options(&args.model, prompts.len() > 1)?;
+    let options = pipeline_options(&args.model, args.resident)?;
 
     // --- Model. ---
     let (mut pipeline, steps, guidance) =
         load_pipeline(&args.model, &args.sampling, options, reporter)?;
 
     if args.seed.is_none() {
-        reporter.info(&format!("seed {seed}"));
+        reporter.info(&format!("seed {first_seed}"));
     }
     reporter.detail(&format!(
         "model {}{} ({}), device {}, dtype {} (VAE {}), {steps} steps, guidance {guidance}",
@@ -56,28 +69,50 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
         dtype_name(pipeline.options.dtype),
         dtype_name(pipeline.options.vae_dtype.unwrap_or(pipeline.options.dtype)),
     ));
+    if jobs.len() > 1 {
+        reporter.info(&format!(
+            "{} images ({} prompt{} × {})",
+            jobs.len(),
+            prompts.len(),
+            if prompts.len() == 1 { "" } else { "s" },
+            args.count
+        ));
+    }
 
-    for prompt in prompts {
-        let request = Request {
-            prompt,
+    let requests: Vec<Request> = jobs
+        .iter()
+        .map(|&(prompt, seed)| Request {
+            prompt: prompt.to_string(),
             references: references.clone(),
             width,
             height,
             steps: Some(steps),
             guidance: Some(guidance),
             seed,
-        };
-        let generated = pipeline.generate(&request, &mut |e| reporter.event(e))?;
-        reporter.finish();
-        save_image(
-            &output,
-            &generated.image,
-            &metadata(&pipeline, &request, &generated),
-        )?;
-        summarize(&pipeline, &generated, reporter);
-        print_path(&output);
-    }
-    Ok(())
+        })
+        .collect();
+    let run_info = RunInfo::of(&pipeline);
+    let device = pipeline.options.device.clone();
+    // Progress events and the per-image callback both report.
+    let reporter = std::cell::RefCell::new(reporter);
+    pipeline.generate_batch(
+        &requests,
+        &mut |e| reporter.borrow_mut().event(e),
+        &mut |index, generated| {
+            let path = &outputs[index];
+            let request = &requests[index];
+            save_image(
+                path,
+                &generated.image,
+                &metadata(&run_info, request, &generated),
+            )?;
+            let mut reporter = reporter.borrow_mut();
+            reporter.finish();
+            summarize(&generated, &device, &reporter);
+            print_path(path);
+            Ok(())
+        },
+    )
 }
 
 /// Seeds a user can type back: 0 ..= u32::MAX (any u64 is accepted by `--seed`).
@@ -144,12 +179,30 @@ fn warn_ignored_guidance(pipeline: &Pipeline, guidance: f64, reporter: &mut Repo
     }
 }
 
+/// What every image of a run shares, for its metadata.
+struct RunInfo {
+    model: String,
+    revision: Option<String>,
+    device: String,
+    dtype: &'static str,
+    vae_dtype: Option<&'static str>,
+}
+
+impl RunInfo {
+    fn of(pipeline: &Pipeline) -> Self {
+        let o = &pipeline.options;
+        Self {
+            model: pipeline.model.id.clone(),
+            revision: pipeline.model.revision.clone(),
+            device: device_name(&o.device),
+            dtype: dtype_name(o.dtype),
+            vae_dtype: o.vae_dtype.map(dtype_name),
+        }
+    }
+}
+
 /// The parameters needed to reproduce the image (PNG text chunks).
-fn metadata(
-    pipeline: &Pipeline,
-    request: &Request,
-    generated: &Generated,
-) -> Vec<(String, String)> {
+fn metadata(run: &RunInfo, request: &Request, generated: &Generated) -> Vec<(String, String)> {
     let mut meta = vec![
         ("prompt".to_string(), request.prompt.clone()),
         ("seed".to_string(), generated.seed.to_string()),
@@ -159,9 +212,9 @@ fn metadata(
             "size".to_string(),
             format!("{}x{}", generated.width, generated.height),
         ),
-        ("model".to_string(), pipeline.model.id.clone()),
+        ("model".to_string(), run.model.clone()),
     ];
-    if let Some(rev) = &pipeline.model.revision {
+    if let Some(rev) = &run.revision {
         meta.push(("revision".to_string(), rev.clone()));
     }
     if !request.references.is_empty() {
@@ -174,11 +227,10 @@ fn metadata(
             .collect();
         meta.push(("references_sha256".to_string(), hashes.join("\n")));
     }
-    let o = &pipeline.options;
-    meta.push(("device".to_string(), device_name(&o.device)));
-    meta.push(("dtype".to_string(), dtype_name(o.dtype).to_string()));
-    if let Some(v) = o.vae_dtype {
-        meta.push(("vae_dtype".to_string(), dtype_name(v).to_string()));
+    meta.push(("device".to_string(), run.device.clone()));
+    meta.push(("dtype".to_string(), run.dtype.to_string()));
+    if let Some(v) = run.vae_dtype {
+        meta.push(("vae_dtype".to_string(), v.to_string()));
     }
     meta.push((
         "software".to_string(),
@@ -187,10 +239,11 @@ fn metadata(
     meta
 }
 
-fn summarize(pipeline: &Pipeline, g: &Generated, reporter: &Reporter) {
+fn summarize(g: &Generated, device: &Device, reporter: &Reporter) {
     let t = &g.timings;
     reporter.info(&format!(
-        "{}×{}, {} steps, seed {}, {}",
+        "{}{}×{}, {} steps, seed {}, {}",
+        reporter.job_prefix(),
         g.width,
         g.height,
         g.steps,
@@ -212,7 +265,7 @@ fn summarize(pipeline: &Pipeline, g: &Generated, reporter: &Reporter) {
         fmt_duration(t.vae_decode),
         fmt_duration(t.total),
     ));
-    if let Some(peak) = pipeline.peak_device_memory() {
+    if let Some(peak) = flux2_klein::device_memory::peak(device) {
         reporter.detail(&format!("peak device memory: {}", fmt_bytes(peak)));
     }
 }

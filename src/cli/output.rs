@@ -43,17 +43,48 @@ impl Format {
     }
 }
 
-/// The output path: `--output` with `{seed}` replaced, or `flux2-klein-{seed}.png`.
-pub fn output_path(arg: Option<&Path>, seed: u64) -> PathBuf {
+/// The output path of image `index` (0-based) of `total`: `--output` with `{seed}` and
+/// `{index}` (1-based, zero-padded to the width of `total`) replaced, or the default name
+/// (`flux2-klein-{seed}.png`, in batches `flux2-klein-{index}-{seed}.png`).
+pub fn output_path(arg: Option<&Path>, seed: u64, index: usize, total: usize) -> PathBuf {
+    let default = if total > 1 {
+        "flux2-klein-{index}-{seed}.png"
+    } else {
+        "flux2-klein-{seed}.png"
+    };
+    let width = total.max(1).to_string().len();
+    let fill = |s: &str| {
+        s.replace("{seed}", &seed.to_string())
+            .replace("{index}", &format!("{:0width$}", index + 1))
+    };
     match arg {
         Some(p) => match p.to_str() {
-            Some(s) if s.contains("{seed}") => {
-                PathBuf::from(s.replace("{seed}", &seed.to_string()))
-            }
-            _ => p.to_path_buf(),
+            Some(s) => PathBuf::from(fill(s)),
+            None => p.to_path_buf(),
         },
-        None => PathBuf::from(format!("flux2-klein-{seed}.png")),
+        None => PathBuf::from(fill(default)),
     }
+}
+
+/// The output paths of a run, one per seed in order; an error, before any work, when two
+/// images would get the same file.
+pub fn output_paths(arg: Option<&Path>, seeds: &[u64]) -> Result<Vec<PathBuf>> {
+    let total = seeds.len();
+    let paths: Vec<PathBuf> = seeds
+        .iter()
+        .enumerate()
+        .map(|(i, &seed)| output_path(arg, seed, i, total))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = paths.iter().find(|p| !seen.insert(*p)) {
+        let arg = arg.map(|p| p.display().to_string()).unwrap_or_default();
+        bail!(
+            "--output {arg} gives the same file ({}) to several of the {total} images — put \
+             {{index}} in it, e.g. --output out-{{index}}.png",
+            dup.display()
+        );
+    }
+    Ok(paths)
 }
 
 /// Everything about the output that can fail cheaply, checked before the model loads: the
@@ -124,11 +155,34 @@ mod tests {
             .to_string();
         assert!(err.contains(".gif"), "{err}");
         assert!(Format::from_path(Path::new("a")).is_err());
-        assert_eq!(output_path(None, 7), PathBuf::from("flux2-klein-7.png"));
         assert_eq!(
-            output_path(Some(Path::new("out/x-{seed}.jpg")), 3),
+            output_path(None, 7, 0, 1),
+            PathBuf::from("flux2-klein-7.png")
+        );
+        assert_eq!(
+            output_path(Some(Path::new("out/x-{seed}.jpg")), 3, 0, 1),
             PathBuf::from("out/x-3.jpg")
         );
+        assert_eq!(
+            output_path(None, 7, 2, 12),
+            PathBuf::from("flux2-klein-03-7.png")
+        );
+        assert_eq!(
+            output_path(Some(Path::new("b/{index}.png")), 7, 9, 10),
+            PathBuf::from("b/10.png")
+        );
+        // Batches need names that differ.
+        let two_prompts = [5, 5];
+        assert!(output_paths(Some(Path::new("x-{seed}.png")), &two_prompts).is_err());
+        let err = output_paths(Some(Path::new("x.png")), &[1, 2])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("{index}"), "{err}");
+        assert_eq!(
+            output_paths(Some(Path::new("x-{seed}.png")), &[1, 2]).unwrap(),
+            vec![PathBuf::from("x-1.png"), PathBuf::from("x-2.png")]
+        );
+        assert_eq!(output_paths(None, &two_prompts).unwrap().len(), 2);
     }
 
     use flux2_klein::image_io::save_image;

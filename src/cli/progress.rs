@@ -22,6 +22,8 @@ pub struct Reporter {
     verbosity: Verbosity,
     live: Option<Live>,
     warned: HashSet<String>,
+    /// "[3/10] " while a batch reports on its third image, else empty.
+    job: String,
 }
 
 /// The live display: one bar per running stage.
@@ -42,7 +44,13 @@ impl Reporter {
             verbosity,
             live,
             warned: HashSet::new(),
+            job: String::new(),
         }
+    }
+
+    /// "[3/10] " while a batch works on its third image, else "".
+    pub fn job_prefix(&self) -> &str {
+        &self.job
     }
 
     pub fn verbosity(&self) -> Verbosity {
@@ -81,15 +89,19 @@ impl Reporter {
     pub fn event(&mut self, event: Event) {
         match event {
             Event::Warning(msg) => self.warn(&msg),
+            Event::Job { index, total } => {
+                let width = total.to_string().len();
+                self.job = format!("[{:width$}/{total}] ", index + 1);
+            }
             Event::StageStart(stage) => match &mut self.live {
                 Some(live) => {
                     let bar = live.multi.add(ProgressBar::new_spinner());
                     bar.set_style(spinner_style());
-                    bar.set_message(stage);
+                    bar.set_message(format!("{}{stage}", self.job));
                     bar.enable_steady_tick(Duration::from_millis(100));
                     live.bars.push((stage, bar));
                 }
-                None => self.detail(&format!("{stage}…")),
+                None => self.detail(&format!("{}{stage}…", self.job)),
             },
             Event::StageEnd(stage, took) => {
                 if let Some(live) = &mut self.live {
@@ -99,7 +111,7 @@ impl Reporter {
                         live.multi.remove(&bar);
                     }
                 }
-                self.info(&format!("{stage}: {}", fmt_duration(took)));
+                self.info(&format!("{}{stage}: {}", self.job, fmt_duration(took)));
             }
             Event::Step {
                 index,
@@ -127,11 +139,16 @@ impl Reporter {
                             bar.set_style(steps_style());
                             bar.reset_eta();
                         }
-                        bar.set_message(format!("denoise ({}/step)", fmt_duration(elapsed)));
+                        bar.set_message(format!(
+                            "{}denoise ({}/step)",
+                            self.job,
+                            fmt_duration(elapsed)
+                        ));
                         bar.set_position((index + 1) as u64);
                     }
                     None => self.detail(&format!(
-                        "step {}/{total}: {}",
+                        "{}step {}/{total}: {}",
+                        self.job,
                         index + 1,
                         fmt_duration(elapsed)
                     )),
