@@ -11,3 +11,11 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
         dt => candle_nn::ops::silu(&x.to_dtype(DType::F32)?)?.to_dtype(dt),
     }
 }
+
+/// False when `FLUX2_KLEIN_FUSED=0` switches off our CUDA speed paths (fused kernels,
+/// tensor-core cuDNN convs, TF32 in the VAE attention), so the plain candle ops run instead
+/// (the reference the GPU tests compare against).
+pub fn cuda_speedups_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("FLUX2_KLEIN_FUSED").map_or(true, |v| v != "0"))
+}

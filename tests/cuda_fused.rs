@@ -187,3 +187,79 @@ fn cudnn_conv_matches_reference() {
     let ours = conv::conv2d(&x, &w, 1, 1).unwrap();
     assert!(rel("cudnn conv strided input", &ours, &reference) <= 8e-3);
 }
+
+/// The fused q/k RMSNorm + RoPE against the two-kernel path it replaces (candle's
+/// `rms_norm`, then `rope_bshd`), on strided views of a wider projection and with two
+/// segments (the double-stream blocks' text + image tokens, each with its own weight).
+#[test]
+fn rmsnorm_rope_matches_norm_then_rope() {
+    let Some(dev) = gpu() else { return };
+    let (b, h, d) = (2, 6, 128);
+    let (l, n) = (37, 70);
+    let eps = 1e-6f32;
+    // A fused projection [B, S, 5·H·D]: q is columns [H·D, 2·H·D), a strided view.
+    let wide_txt = randn(&[b, l, 5 * h * d], 3.0, &dev);
+    let wide_img = randn(&[b, n, 5 * h * d], 3.0, &dev);
+    let view = |t: &Tensor| {
+        t.reshape((b, t.dim(1).unwrap(), 5 * h, d))
+            .unwrap()
+            .narrow(2, h, h)
+            .unwrap()
+    };
+    let (x_txt, x_img) = (view(&wide_txt), view(&wide_img));
+    assert!(!x_img.is_contiguous());
+    let w_txt = randn(&[d], 1.0, &dev);
+    let w_img = randn(&[d], 1.0, &dev);
+    let angles = Tensor::rand(0f32, 50f32, (l + n, d / 2), &dev).unwrap();
+    let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+    let norm = |x: &Tensor, w: &Tensor| {
+        candle_nn::ops::rms_norm(&x.contiguous().unwrap(), w, eps).unwrap()
+    };
+    let f32w = |w: &Tensor| w.to_dtype(DType::F32).unwrap();
+
+    let joined = Tensor::cat(&[norm(&x_txt, &w_txt), norm(&x_img, &w_img)], 1).unwrap();
+    let reference = fused::rope_bshd(&joined, &cos, &sin).unwrap();
+    let (wt, wi) = (f32w(&w_txt), f32w(&w_img));
+    let segments = [
+        fused::NormSegment {
+            x: &x_txt,
+            weight: &wt,
+        },
+        fused::NormSegment {
+            x: &x_img,
+            weight: &wi,
+        },
+    ];
+    let ours = fused::rmsnorm_rope(&segments, &cos, &sin, eps).unwrap();
+    assert_eq!(ours.dims(), &[b, l + n, h, d]);
+    assert!(rel("rmsnorm_rope 2 segments", &ours, &reference) <= 1e-2);
+
+    // One segment (the single-stream blocks), table rows 0..n.
+    let (cos1, sin1) = (cos.narrow(0, 0, n).unwrap(), sin.narrow(0, 0, n).unwrap());
+    let reference = fused::rope_bshd(&norm(&x_img, &w_img), &cos1, &sin1).unwrap();
+    let seg = [fused::NormSegment {
+        x: &x_img,
+        weight: &wi,
+    }];
+    let ours = fused::rmsnorm_rope(
+        &seg,
+        &cos1.contiguous().unwrap(),
+        &sin1.contiguous().unwrap(),
+        eps,
+    )
+    .unwrap();
+    assert!(rel("rmsnorm_rope 1 segment", &ours, &reference) <= 1e-2);
+    let same = ours
+        .eq(&reference)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    eprintln!(
+        "rmsnorm_rope: {:.4} of the elements bit-identical to norm-then-rope",
+        same
+    );
+}

@@ -73,6 +73,58 @@ extern "C" __global__ void rope_bshd_bf16(const u16* __restrict__ x, const float
     }
 }
 
+// ---- q/k RMSNorm + RoPE in one pass, over one or two token segments.
+// out [B, S0+S1, H, D] contiguous; token s < S0 reads x0[b, s, h, :], else x1[b, s-S0, h, :]
+// (each through its own (batch, token, head) element strides, last dim contiguous, so views
+// into wider projections need no copy) and normalises with w0 / w1 (f32, [D]).
+// Per row: candle's rms_norm arithmetic (lane-strided sum of squares, warp reduce,
+// rsqrtf(sum/D + eps), bf16(scale * x * w): the weight applied in f32, one rounding), then
+// the rope_bshd_bf16 arithmetic on the rounded values with table row s (one rounding).
+// One warp per (b, s, h) row; D % 32 == 0 (each lane owns columns lane, lane+32, ...; the
+// RoPE partner of column c is c ^ 1, held by lane ^ 1).
+extern "C" __global__ void rmsnorm_rope_bf16(
+    const u16* __restrict__ x0, const u16* __restrict__ x1, const float* __restrict__ w0,
+    const float* __restrict__ w1, const float* __restrict__ cos_t,
+    const float* __restrict__ sin_t, u16* __restrict__ out, long long rows, int s0, int s_len,
+    int h, int d, long long x0_sb, long long x0_ss, long long x0_sh, long long x1_sb,
+    long long x1_ss, long long x1_sh, float eps) {
+    int lane = threadIdx.x & 31;
+    long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;  // whole warps exit together
+    int hh = (int)(row % h);
+    long long t = row / h;
+    int s = (int)(t % s_len);
+    long long b = t / s_len;
+    const u16* xr;
+    const float* w;
+    if (s < s0) {
+        xr = x0 + b * x0_sb + (long long)s * x0_ss + (long long)hh * x0_sh;
+        w = w0;
+    } else {
+        xr = x1 + b * x1_sb + (long long)(s - s0) * x1_ss + (long long)hh * x1_sh;
+        w = w1;
+    }
+    float tmp = 0.0f;
+    for (int col = lane; col < d; col += 32) {
+        const float xi = bf2f(xr[col]);
+        tmp += xi * xi;
+    }
+    for (int mask = 16; mask > 0; mask >>= 1) tmp += __shfl_xor_sync(0xffffffffu, tmp, mask, 32);
+    const float mean = tmp / d;
+    const float scale = rsqrtf(mean + eps);
+    const int half_d = d >> 1;
+    u16* orow = out + row * d;
+    for (int col = lane; col < d; col += 32) {
+        float y = bf2f(f2bf(scale * bf2f(xr[col]) * w[col]));
+        float partner = __shfl_xor_sync(0xffffffffu, y, 1, 32);
+        int k = col >> 1;
+        float c = cos_t[(long long)s * half_d + k];
+        float sn = sin_t[(long long)s * half_d + k];
+        float r = (col & 1) ? (y * c + partner * sn) : (y * c - partner * sn);
+        orow[col] = f2bf(r);
+    }
+}
+
 // ---- GroupNorm (+ SiLU) over x [B, C, HW] contiguous, G groups (each group is a contiguous
 // span of (C/G)·HW elements). Three passes: partial Welford statistics per (group, split),
 // their combination into mean / rstd, and the normalise-affine(-SiLU) pass.

@@ -31,11 +31,9 @@ pub fn applies(t: &Tensor) -> bool {
     enabled() && t.device().is_cuda() && t.dtype() == DType::BF16
 }
 
-/// False when `FLUX2_KLEIN_FUSED=0` switches our CUDA replacements off (fused kernels and the
-/// tensor-core cuDNN conv), so the candle reference ops run instead.
+/// See [`crate::ops::cuda_speedups_enabled`].
 pub fn enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("FLUX2_KLEIN_FUSED").map_or(true, |v| v != "0"))
+    crate::ops::cuda_speedups_enabled()
 }
 
 fn load(dev: &CudaDevice, function: &str) -> Result<CudaFunction> {
@@ -259,6 +257,169 @@ impl CustomOp3 for RopeBshd {
 /// with f32 `cos`/`sin` tables `[S, D/2]`, computed in f32 and rounded once.
 pub fn rope_bshd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3_no_bwd(cos, sin, &RopeBshd)
+}
+
+// ---------------------------------------------------------------- q/k RMSNorm + RoPE
+
+/// One token segment of [`rmsnorm_rope`]: `x` `[B, S, H, D]` (bf16, last dim contiguous, any
+/// other strides) and its RMSNorm weight (f32 `[D]`).
+pub struct NormSegment<'a> {
+    pub x: &'a Tensor,
+    pub weight: &'a Tensor,
+}
+
+/// The op: the cos table is the custom op's input; the rest is held here.
+struct RmsNormRope<'a> {
+    segments: &'a [NormSegment<'a>],
+    sin: &'a Tensor,
+    eps: f32,
+}
+
+fn cuda_storage(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, &Layout)> {
+    let (storage, layout) = t.storage_and_layout();
+    if !matches!(&*storage, candle_core::Storage::Cuda(_)) {
+        bail!("rmsnorm_rope: every input must be on the CUDA device")
+    }
+    Ok((storage, layout))
+}
+
+fn as_cuda(s: &candle_core::Storage) -> &CudaStorage {
+    match s {
+        candle_core::Storage::Cuda(c) => c,
+        _ => unreachable!("checked by cuda_storage"),
+    }
+}
+
+impl CustomOp1 for RmsNormRope<'_> {
+    fn name(&self) -> &'static str {
+        "flux2-rmsnorm-rope"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_only("rmsnorm_rope")
+    }
+
+    fn cuda_fwd(&self, cs: &CudaStorage, cl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let n_seg = self.segments.len();
+        if !(1..=2).contains(&n_seg) {
+            bail!("rmsnorm_rope: one or two segments, got {n_seg}")
+        }
+        let (b, _, h, d) = self.segments[0].x.dims4()?;
+        if !d.is_multiple_of(32) {
+            bail!("rmsnorm_rope: head dim {d} must be a multiple of 32")
+        }
+        let mut lens = [0usize; 2];
+        let mut strides = [[0i64; 3]; 2];
+        let guards: Vec<_> = self
+            .segments
+            .iter()
+            .map(|seg| Ok((cuda_storage(seg.x)?, cuda_storage(seg.weight)?)))
+            .collect::<Result<_>>()?;
+        for (i, (seg, ((xs, xl), (ws, wl)))) in self.segments.iter().zip(&guards).enumerate() {
+            let (sb, ss, sh, sd) = xl.shape().dims4()?;
+            let st = xl.stride();
+            if (sb, sh, sd) != (b, h, d) || st[3] != 1 {
+                bail!(
+                    "rmsnorm_rope: segment {i} {:?} (strides {st:?}) does not match [B={b}, S, H={h}, D={d}] with a contiguous last dim",
+                    seg.x.dims()
+                )
+            }
+            if as_cuda(xs).dtype() != DType::BF16
+                || as_cuda(ws).dtype() != DType::F32
+                || !wl.is_contiguous()
+                || wl.shape().elem_count() != d
+            {
+                bail!("rmsnorm_rope: x must be bf16 and the weight a contiguous f32 [{d}]")
+            }
+            lens[i] = ss;
+            strides[i] = [st[0] as i64, st[1] as i64, st[2] as i64];
+        }
+        let s_total = lens[0] + lens[1];
+        let (sin_s, sin_l) = cuda_storage(self.sin)?;
+        if !cl.is_contiguous()
+            || !sin_l.is_contiguous()
+            || cl.dims() != [s_total, d / 2]
+            || sin_l.dims() != [s_total, d / 2]
+            || cs.dtype() != DType::F32
+            || as_cuda(&sin_s).dtype() != DType::F32
+        {
+            bail!(
+                "rmsnorm_rope: cos/sin must be contiguous f32 [S={s_total}, D/2={}], got {:?}/{:?}",
+                d / 2,
+                cl.dims(),
+                sin_l.dims()
+            )
+        }
+        let dev = cs.device().clone();
+        let rows = b * s_total * h;
+        let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(rows * d)? };
+        let func = load(&dev, "rmsnorm_rope_bf16")?;
+        let x_views: Vec<CudaView<bf16>> = guards
+            .iter()
+            .map(|((xs, xl), _)| view(as_cuda(xs), xl))
+            .collect::<Result<_>>()?;
+        let w_views: Vec<CudaView<f32>> = guards
+            .iter()
+            .map(|(_, (ws, wl))| view_f32(as_cuda(ws), wl))
+            .collect::<Result<_>>()?;
+        let last = n_seg - 1;
+        let (c, sn) = (view_f32(cs, cl)?, view_f32(as_cuda(&sin_s), sin_l)?);
+        let (rows_i, s0, s_len, h_i, d_i) = (
+            rows as i64,
+            lens[0] as i32,
+            s_total as i32,
+            h as i32,
+            d as i32,
+        );
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&func);
+        bld.arg(&x_views[0]);
+        bld.arg(&x_views[last]);
+        bld.arg(&w_views[0]);
+        bld.arg(&w_views[last]);
+        bld.arg(&c);
+        bld.arg(&sn);
+        bld.arg(&out);
+        bld.arg(&rows_i);
+        bld.arg(&s0);
+        bld.arg(&s_len);
+        bld.arg(&h_i);
+        bld.arg(&d_i);
+        for st in &strides[0] {
+            bld.arg(st);
+        }
+        for st in &strides[last] {
+            bld.arg(st);
+        }
+        bld.arg(&self.eps);
+        const WARPS: usize = 8;
+        let launch = LaunchConfig {
+            grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match `rmsnorm_rope_bf16`; each warp writes its whole output row,
+        // and every row < rows has a warp.
+        unsafe { bld.launch(launch) }.w()?;
+        Ok((
+            bf16::wrap_cuda_slice(out, dev),
+            Shape::from((b, s_total, h, d)),
+        ))
+    }
+}
+
+/// The q/k RMSNorm (candle's `rms_norm` arithmetic: f32, weight applied in f32, one rounding)
+/// followed by the interleaved-pair RoPE of [`rope_bshd`], in one pass. With two segments
+/// (the double-stream blocks' text and image tokens, each with its own norm weight) the
+/// output is their concatenation along the tokens, `[B, S0+S1, H, D]`, and `cos`/`sin` are
+/// the joint `[S0+S1, D/2]` tables. Inputs may be strided views (no copy).
+pub fn rmsnorm_rope(
+    segments: &[NormSegment],
+    cos: &Tensor,
+    sin: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
+    cos.apply_op1_no_bwd(&RmsNormRope { segments, sin, eps })
 }
 
 // ---------------------------------------------------------------- GroupNorm (+ SiLU)

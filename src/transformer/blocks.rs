@@ -188,6 +188,78 @@ fn heads(x: &Tensor, n_heads: usize, head_dim: usize) -> Result<Tensor> {
     Ok(x.reshape((b, s, n_heads, head_dim))?)
 }
 
+/// Heads `[B, S, H, hd]` of the columns `[start, start + H·hd)` of a projection `u`
+/// `[B, S, W]`: a strided view (no copy) when `W` and `start` are multiples of `hd`, else a
+/// copy. The fused CUDA kernels read such views directly.
+fn heads_of(u: &Tensor, start: usize, n_heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (b, s, w) = u.dims3()?;
+    if u.is_contiguous() && w.is_multiple_of(head_dim) && start.is_multiple_of(head_dim) {
+        Ok(u.reshape((b, s, w / head_dim, head_dim))?
+            .narrow(2, start / head_dim, n_heads)?)
+    } else {
+        heads(&u.narrow(2, start, n_heads * head_dim)?, n_heads, head_dim)
+    }
+}
+
+/// Joint attention over token segments (text then image in the double-stream blocks, one
+/// segment in the single-stream blocks): each segment's raw q/k heads `[B, S_i, H, hd]` get
+/// their own RMSNorm, the segments are joined along the tokens, then RoPE and attention;
+/// `v` is already joined. Returns `[B, S, H·hd]`.
+fn normed_rope_attention(
+    q: &[(&Tensor, &QkRmsNorm)],
+    k: &[(&Tensor, &QkRmsNorm)],
+    v: &Tensor,
+    rope: &RopeTables,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::fused::applies(q[0].0)
+        && crate::cuda::is_supported(q[0].0, k[0].0, v)
+        && q[0].0.dim(3)? % 32 == 0
+        && q.iter().chain(k).all(|(x, n)| {
+            x.dtype() == DType::BF16 && n.weight.dtype() == DType::BF16 && x.device().is_cuda()
+        })
+    {
+        // One pass per q/k: norm + RoPE straight from the (possibly strided) projections into
+        // the joined [B, S, H, hd] layout, then the flash kernel in that layout.
+        let (b, s, h, hd) = v.dims4()?;
+        let dev = v.device();
+        let fused = |parts: &[(&Tensor, &QkRmsNorm)]| -> Result<Tensor> {
+            let segments: Vec<crate::cuda::fused::NormSegment> = parts
+                .iter()
+                .map(|(x, n)| crate::cuda::fused::NormSegment {
+                    x,
+                    weight: &n.weight_f32,
+                })
+                .collect();
+            Ok(crate::cuda::fused::rmsnorm_rope(
+                &segments,
+                &rope.cos,
+                &rope.sin,
+                parts[0].1.eps,
+            )?)
+        };
+        let (q, k) = profile::span("dit.qk_norm_rope", dev, || -> Result<_> {
+            Ok((fused(q)?, fused(k)?))
+        })?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let o = profile::span("dit.attention", dev, || {
+            crate::cuda::flash_attention_bshd(&q, &k, v, scale)
+        })?;
+        return Ok(o.reshape((b, s, h * hd))?);
+    }
+    let join = |parts: &[(&Tensor, &QkRmsNorm)]| -> Result<Tensor> {
+        let normed = parts
+            .iter()
+            .map(|(x, n)| n.forward(x))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(match normed.len() {
+            1 => normed.into_iter().next().expect("one segment"),
+            _ => Tensor::cat(&normed, 1)?,
+        })
+    };
+    rope_attention(&join(q)?, &join(k)?, v, rope)
+}
+
 /// Joint attention on `[B, S, H, hd]` q/k/v (already normed): RoPE on q and k, attention,
 /// back to `[B, S, H·hd]`.
 fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &RopeTables) -> Result<Tensor> {
@@ -290,25 +362,17 @@ impl DoubleStreamBlock {
         let ni = mod_img[0].modulate(&self.norm.forward(img)?)?;
         let nc = mod_txt[0].modulate(&self.norm.forward(txt)?)?;
 
-        let q = self
-            .norm_q
-            .forward(&heads(&lin(&self.to_q, &ni)?, hh, hd)?)?;
-        let k = self
-            .norm_k
-            .forward(&heads(&lin(&self.to_k, &ni)?, hh, hd)?)?;
+        let q = heads(&lin(&self.to_q, &ni)?, hh, hd)?;
+        let k = heads(&lin(&self.to_k, &ni)?, hh, hd)?;
         let v = heads(&lin(&self.to_v, &ni)?, hh, hd)?;
-        let qc = self
-            .norm_added_q
-            .forward(&heads(&lin(&self.add_q_proj, &nc)?, hh, hd)?)?;
-        let kc = self
-            .norm_added_k
-            .forward(&heads(&lin(&self.add_k_proj, &nc)?, hh, hd)?)?;
+        let qc = heads(&lin(&self.add_q_proj, &nc)?, hh, hd)?;
+        let kc = heads(&lin(&self.add_k_proj, &nc)?, hh, hd)?;
         let vc = heads(&lin(&self.add_v_proj, &nc)?, hh, hd)?;
 
-        // Text tokens first (spec §5.2 step 5).
-        let o = rope_attention(
-            &Tensor::cat(&[&qc, &q], 1)?,
-            &Tensor::cat(&[&kc, &k], 1)?,
+        // Text tokens first (spec §5.2 step 5), each stream with its own q/k norms.
+        let o = normed_rope_attention(
+            &[(&qc, &self.norm_added_q), (&q, &self.norm_q)],
+            &[(&kc, &self.norm_added_k), (&k, &self.norm_k)],
             &Tensor::cat(&[&vc, &v], 1)?,
             rope,
         )?;
@@ -372,10 +436,10 @@ impl SingleStreamBlock {
         let d = hh * hd;
         let n = m.modulate(&self.norm.forward(z)?)?;
         let u = lin(&self.to_qkv_mlp_proj, &n)?;
-        let q = self.norm_q.forward(&heads(&u.narrow(2, 0, d)?, hh, hd)?)?;
-        let k = self.norm_k.forward(&heads(&u.narrow(2, d, d)?, hh, hd)?)?;
-        let v = heads(&u.narrow(2, 2 * d, d)?, hh, hd)?;
-        let o = rope_attention(&q, &k, &v, rope)?;
+        let q = heads_of(&u, 0, hh, hd)?;
+        let k = heads_of(&u, d, hh, hd)?;
+        let v = heads_of(&u, 2 * d, hh, hd)?;
+        let o = normed_rope_attention(&[(&q, &self.norm_q)], &[(&k, &self.norm_k)], &v, rope)?;
         let g = swiglu(&u.narrow(2, 3 * d, 2 * f)?)?;
         let out = lin(&self.to_out, &Tensor::cat(&[&o, &g], 2)?)?;
         (z + out.broadcast_mul(&m.gate)?).context("single-stream residual")

@@ -316,6 +316,15 @@ impl Attention {
     /// `softmax(q kᵀ · scale) v` in f32, `q,k,v`: `[B,N,C]` in the model dtype.
     fn sdpa(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let dt = q.dtype();
+        // On CUDA with a bf16/f16 model the two f32 GEMMs may run on the tensor cores (TF32):
+        // q and k hold bf16/f16 values, which TF32's 10-bit mantissa represents exactly, so
+        // q·kᵀ is unchanged up to summation order; P is rounded to TF32 for P·v where torch's
+        // flash SDPA rounds it to bf16. 16384² scores at 1024² otherwise take ~20 ms in
+        // plain f32.
+        let _tf32 = (q.device().is_cuda()
+            && matches!(dt, DType::BF16 | DType::F16)
+            && crate::ops::cuda_speedups_enabled())
+        .then(Tf32Gemms::enable);
         let scale = 1.0 / (self.channels as f64).sqrt();
         let (_, n, _) = q.dims3()?;
         let q = q.to_dtype(DType::F32)?;
@@ -338,6 +347,26 @@ impl Attention {
             Tensor::cat(&outs, 1)?
         };
         out.to_dtype(dt)
+    }
+}
+
+/// Allows TF32 for candle's f32 GEMMs (a process-wide cuBLAS setting) until dropped, then
+/// restores the previous setting.
+struct Tf32Gemms {
+    previous: bool,
+}
+
+impl Tf32Gemms {
+    fn enable() -> Self {
+        let previous = candle_core::cuda::gemm_reduced_precision_f32();
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        Self { previous }
+    }
+}
+
+impl Drop for Tf32Gemms {
+    fn drop(&mut self) {
+        candle_core::cuda::set_gemm_reduced_precision_f32(self.previous);
     }
 }
 
