@@ -23,18 +23,19 @@ DEVI u16 f2bf(float f) {
 
 DEVI float silu_f32(float x) { return x / (1.0f + expf(-x)); }
 
+// The row-wise kernels below run one thread block per row (blockIdx.x = row) with the threads
+// striding over the columns, so no per-element 64-bit division is needed.
+
 // out[r, j] = bf16( bf16(silu(u[r, j])) * u[r, F + j] )   (torch: F.silu(x1) * x2)
 // u rows start at u + r * row_stride (a view into a wider projection is fine).
-extern "C" __global__ void swiglu_bf16(const u16* __restrict__ u, u16* __restrict__ out,
-                                       long long rows, int f, long long row_stride) {
-    long long n = rows * (long long)f;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long r = i / f;
-        int j = (int)(i - r * f);
-        const u16* row = u + r * row_stride;
+extern "C" __global__ void swiglu_bf16(const u16* __restrict__ u, u16* __restrict__ out, int f,
+                                       long long row_stride) {
+    long long r = blockIdx.x;
+    const u16* row = u + r * row_stride;
+    u16* orow = out + r * f;
+    for (int j = threadIdx.x; j < f; j += blockDim.x) {
         float a = bf2f(f2bf(silu_f32(bf2f(row[j]))));
-        out[i] = f2bf(a * bf2f(row[f + j]));
+        orow[j] = f2bf(a * bf2f(row[f + j]));
     }
 }
 
@@ -42,15 +43,91 @@ extern "C" __global__ void swiglu_bf16(const u16* __restrict__ u, u16* __restric
 // scale/shift [B, D] contiguous (the modulation of batch element b).
 extern "C" __global__ void modulate_bf16(const u16* __restrict__ x, const u16* __restrict__ scale,
                                          const u16* __restrict__ shift, u16* __restrict__ out,
-                                         long long n, long long rows_per_batch, int d) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long row = i / d;
-        int c = (int)(i - row * d);
-        long long b = row / rows_per_batch;
+                                         long long rows_per_batch, int d) {
+    long long row = blockIdx.x;
+    long long b = row / rows_per_batch;
+    const u16* xr = x + row * d;
+    u16* orow = out + row * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float s1 = bf2f(f2bf(1.0f + bf2f(scale[b * d + c])));
-        float t = bf2f(f2bf(bf2f(x[i]) * s1));
-        out[i] = f2bf(t + bf2f(shift[b * d + c]));
+        float t = bf2f(f2bf(bf2f(xr[c]) * s1));
+        orow[c] = f2bf(t + bf2f(shift[b * d + c]));
+    }
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the sum.
+// `red` holds 32 floats of shared memory; the block must not be using it.
+DEVI float block_sum(float v, float* red) {
+    for (int mask = 16; mask > 0; mask >>= 1) v += __shfl_xor_sync(0xffffffffu, v, mask, 32);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < warps ? red[lane] : 0.0f;
+    for (int mask = 16; mask > 0; mask >>= 1) v += __shfl_xor_sync(0xffffffffu, v, mask, 32);
+    __syncthreads();  // red may be reused
+    return v;
+}
+
+#define LN_MAX_PER_THREAD 16
+
+// LayerNorm without affine (f32 statistics, two passes over the row held in registers: the
+// mean, then the mean squared deviation, as accurate as torch's Welford; one rounding), then
+// the modulation of modulate_bf16:
+//   out = bf16( bf16( bf16(LN(x)) * bf16(1 + scale) ) + shift )
+// x [B, rows_per_batch, D] contiguous, scale/shift [B, D] contiguous; D <= blockDim.x * 16.
+extern "C" __global__ void layernorm_modulate_bf16(const u16* __restrict__ x,
+                                                   const u16* __restrict__ scale,
+                                                   const u16* __restrict__ shift,
+                                                   u16* __restrict__ out, long long rows_per_batch,
+                                                   int d, float eps) {
+    __shared__ float red[32];
+    long long row = blockIdx.x;
+    long long b = row / rows_per_batch;
+    const u16* xr = x + row * d;
+    u16* orow = out + row * d;
+    float v[LN_MAX_PER_THREAD];
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < LN_MAX_PER_THREAD; ++i) {
+        int c = threadIdx.x + i * blockDim.x;
+        v[i] = c < d ? bf2f(xr[c]) : 0.0f;
+        sum += v[i];
+    }
+    const float mean = block_sum(sum, red) / d;
+    float sq = 0.0f;
+#pragma unroll
+    for (int i = 0; i < LN_MAX_PER_THREAD; ++i) {
+        int c = threadIdx.x + i * blockDim.x;
+        float dev = c < d ? v[i] - mean : 0.0f;
+        sq += dev * dev;
+    }
+    const float var = block_sum(sq, red) / d;
+    const float rstd = rsqrtf(var + eps);
+#pragma unroll
+    for (int i = 0; i < LN_MAX_PER_THREAD; ++i) {
+        int c = threadIdx.x + i * blockDim.x;
+        if (c < d) {
+            float ln = bf2f(f2bf((v[i] - mean) * rstd));
+            float s1 = bf2f(f2bf(1.0f + bf2f(scale[b * d + c])));
+            float t = bf2f(f2bf(ln * s1));
+            orow[c] = f2bf(t + bf2f(shift[b * d + c]));
+        }
+    }
+}
+
+// out = bf16( x + bf16( y * gate ) )   (torch: x + gate * y, two roundings), x and y
+// [B, rows_per_batch, D] contiguous, gate [B, D] contiguous.
+extern "C" __global__ void gated_residual_bf16(const u16* __restrict__ x, const u16* __restrict__ y,
+                                               const u16* __restrict__ gate, u16* __restrict__ out,
+                                               long long rows_per_batch, int d) {
+    long long row = blockIdx.x;
+    long long b = row / rows_per_batch;
+    const u16* xr = x + row * d;
+    const u16* yr = y + row * d;
+    u16* orow = out + row * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float g = bf2f(f2bf(bf2f(yr[c]) * bf2f(gate[b * d + c])));
+        orow[c] = f2bf(bf2f(xr[c]) + g);
     }
 }
 

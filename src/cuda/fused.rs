@@ -49,6 +49,18 @@ fn grid_for(n: usize) -> LaunchConfig {
     }
 }
 
+/// One thread block per row (the row-wise kernels: `blockIdx.x` is the row).
+fn grid_rows(rows: usize) -> Result<LaunchConfig> {
+    if rows == 0 || rows > i32::MAX as usize {
+        bail!("fused kernel: {rows} rows do not fit one launch")
+    }
+    Ok(LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 fn view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, bf16>> {
     Ok(s.as_cuda_slice::<bf16>()?.slice(l.start_offset()..))
 }
@@ -94,16 +106,16 @@ impl CustomOp1 for SwiGlu {
         let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(rows * f)? };
         let func = load(&dev, "swiglu_bf16")?;
         let u = view(s, l)?;
-        let (rows_i, f_i, rs) = (rows as i64, f as i32, row_stride as i64);
+        let (f_i, rs) = (f as i32, row_stride as i64);
+        let launch = grid_rows(rows)?;
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&func);
         b.arg(&u);
         b.arg(&out);
-        b.arg(&rows_i);
         b.arg(&f_i);
         b.arg(&rs);
-        // SAFETY: arguments match `swiglu_bf16`; every output element is written.
-        unsafe { b.launch(grid_for(rows * f)) }.w()?;
+        // SAFETY: arguments match `swiglu_bf16`; one block per row writes the whole row.
+        unsafe { b.launch(launch) }.w()?;
         let mut shape = dims.to_vec();
         shape[r - 1] = f;
         Ok((bf16::wrap_cuda_slice(out, dev), shape.into()))
@@ -163,18 +175,18 @@ impl CustomOp3 for Modulate {
         let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(total)? };
         let func = load(&dev, "modulate_bf16")?;
         let (x, sc, sh) = (view(xs, xl)?, view(ss, sl)?, view(hs, hl)?);
-        let (n_i, rows_i, d_i) = (total as i64, n as i64, d as i32);
+        let (rows_i, d_i) = (n as i64, d as i32);
+        let launch = grid_rows(b * n)?;
         let stream = dev.cuda_stream();
         let mut bld = stream.launch_builder(&func);
         bld.arg(&x);
         bld.arg(&sc);
         bld.arg(&sh);
         bld.arg(&out);
-        bld.arg(&n_i);
         bld.arg(&rows_i);
         bld.arg(&d_i);
-        // SAFETY: arguments match `modulate_bf16`; every output element is written.
-        unsafe { bld.launch(grid_for(total)) }.w()?;
+        // SAFETY: arguments match `modulate_bf16`; one block per row writes the whole row.
+        unsafe { bld.launch(launch) }.w()?;
         Ok((bf16::wrap_cuda_slice(out, dev), xl.shape().clone()))
     }
 }
@@ -184,6 +196,157 @@ impl CustomOp3 for Modulate {
 pub fn modulate(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op3_no_bwd(&scale.contiguous()?, &shift.contiguous()?, &Modulate)
+}
+
+// ------------------------------------------------- LayerNorm + modulation, gated residual
+
+/// Largest row the LayerNorm kernel holds in registers (`THREADS` × `LN_MAX_PER_THREAD`).
+pub const LAYERNORM_MAX_DIM: usize = THREADS as usize * 16;
+
+/// Checks `x` `[B, N, D]` and two `[B, 1, D]` (or `[B, D]`) per-batch vectors, all contiguous.
+fn rows_and_vectors(what: &str, xl: &Layout, vl: [&Layout; 2]) -> Result<(usize, usize, usize)> {
+    let (b, n, d) = xl.shape().dims3()?;
+    if !xl.is_contiguous() || vl.iter().any(|l| !l.is_contiguous()) {
+        bail!("{what}: inputs must be contiguous")
+    }
+    if vl.iter().any(|l| l.shape().elem_count() != b * d) {
+        bail!(
+            "{what}: per-batch vectors {:?} / {:?} do not match x {:?}",
+            vl[0].dims(),
+            vl[1].dims(),
+            xl.dims()
+        )
+    }
+    Ok((b, n, d))
+}
+
+struct LayerNormModulate {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormModulate {
+    fn name(&self) -> &'static str {
+        "flux2-layernorm-modulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only("layernorm_modulate")
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ss: &CudaStorage,
+        sl: &Layout,
+        hs: &CudaStorage,
+        hl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, n, d) = rows_and_vectors("layernorm_modulate", xl, [sl, hl])?;
+        if d > LAYERNORM_MAX_DIM {
+            bail!("layernorm_modulate: D = {d} > {LAYERNORM_MAX_DIM}")
+        }
+        let dev = xs.device().clone();
+        let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(b * n * d)? };
+        let func = load(&dev, "layernorm_modulate_bf16")?;
+        let (x, sc, sh) = (view(xs, xl)?, view(ss, sl)?, view(hs, hl)?);
+        let (rows_i, d_i) = (n as i64, d as i32);
+        let launch = grid_rows(b * n)?;
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&func);
+        bld.arg(&x);
+        bld.arg(&sc);
+        bld.arg(&sh);
+        bld.arg(&out);
+        bld.arg(&rows_i);
+        bld.arg(&d_i);
+        bld.arg(&self.eps);
+        // SAFETY: arguments match `layernorm_modulate_bf16` (D <= THREADS * 16 checked above);
+        // one block per row writes the whole row.
+        unsafe { bld.launch(launch) }.w()?;
+        Ok((bf16::wrap_cuda_slice(out, dev), xl.shape().clone()))
+    }
+}
+
+/// `(1 + scale) * LayerNorm(x) + shift` (LayerNorm without affine, f32 statistics) for
+/// x `[B, N, D]` (D ≤ [`LAYERNORM_MAX_DIM`]) and scale/shift `[B, 1, D]`, with torch's four
+/// roundings (LayerNorm output, `1 + scale`, the product, the sum).
+pub fn layernorm_modulate(x: &Tensor, scale: &Tensor, shift: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &scale.contiguous()?,
+        &shift.contiguous()?,
+        &LayerNormModulate { eps },
+    )
+}
+
+struct GatedResidual;
+
+impl CustomOp3 for GatedResidual {
+    fn name(&self) -> &'static str {
+        "flux2-gated-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only("gated_residual")
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ys: &CudaStorage,
+        yl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, n, d) = rows_and_vectors("gated_residual", xl, [gl, gl])?;
+        if yl.dims() != xl.dims() || !yl.is_contiguous() {
+            bail!(
+                "gated_residual: y {:?} must be contiguous and shaped like x {:?}",
+                yl.dims(),
+                xl.dims()
+            )
+        }
+        let dev = xs.device().clone();
+        let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(b * n * d)? };
+        let func = load(&dev, "gated_residual_bf16")?;
+        let (x, y, g) = (view(xs, xl)?, view(ys, yl)?, view(gs, gl)?);
+        let (rows_i, d_i) = (n as i64, d as i32);
+        let launch = grid_rows(b * n)?;
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&func);
+        bld.arg(&x);
+        bld.arg(&y);
+        bld.arg(&g);
+        bld.arg(&out);
+        bld.arg(&rows_i);
+        bld.arg(&d_i);
+        // SAFETY: arguments match `gated_residual_bf16`; one block per row writes the row.
+        unsafe { bld.launch(launch) }.w()?;
+        Ok((bf16::wrap_cuda_slice(out, dev), xl.shape().clone()))
+    }
+}
+
+/// `x + gate * y` for x, y `[B, N, D]` and gate `[B, 1, D]`, with torch's two roundings.
+pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3_no_bwd(&y.contiguous()?, &gate.contiguous()?, &GatedResidual)
 }
 
 // ---------------------------------------------------------------- RoPE ([B, S, H, D])

@@ -107,6 +107,36 @@ impl ModParams {
                 .broadcast_add(&self.shift)?)
         })
     }
+
+    /// `modulate(norm(x))`; one fused pass on CUDA (same roundings).
+    pub fn norm_modulate(&self, norm: &PlainLayerNorm, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if crate::cuda::fused::applies(x)
+            && x.rank() == 3
+            && x.dim(2)? <= crate::cuda::fused::LAYERNORM_MAX_DIM
+        {
+            return profile::span("dit.layernorm_modulate", x.device(), || {
+                Ok(crate::cuda::fused::layernorm_modulate(
+                    x,
+                    &self.scale,
+                    &self.shift,
+                    norm.eps,
+                )?)
+            });
+        }
+        self.modulate(&norm.forward(x)?)
+    }
+
+    /// The gated residual `x + gate * y` (torch rounds the product, then the sum).
+    pub fn gated_residual(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        profile::span("dit.residual", x.device(), || {
+            #[cfg(feature = "cuda")]
+            if crate::cuda::fused::applies(x) && y.dtype() == x.dtype() && x.rank() == 3 {
+                return Ok(crate::cuda::fused::gated_residual(x, y, &self.gate)?);
+            }
+            Ok((x + y.broadcast_mul(&self.gate)?)?)
+        })
+    }
 }
 
 /// diffusers' `Flux2Modulation`: `linear(silu(temb))` → `[B, 3·sets·D]`.
@@ -359,8 +389,8 @@ impl DoubleStreamBlock {
         let l = txt.dim(1)?;
         let n = img.dim(1)?;
 
-        let ni = mod_img[0].modulate(&self.norm.forward(img)?)?;
-        let nc = mod_txt[0].modulate(&self.norm.forward(txt)?)?;
+        let ni = mod_img[0].norm_modulate(&self.norm, img)?;
+        let nc = mod_txt[0].norm_modulate(&self.norm, txt)?;
 
         let q = heads(&lin(&self.to_q, &ni)?, hh, hd)?;
         let k = heads(&lin(&self.to_k, &ni)?, hh, hd)?;
@@ -379,17 +409,17 @@ impl DoubleStreamBlock {
         let attn_txt = lin(&self.to_add_out, &o.narrow(1, 0, l)?)?;
         let attn_img = lin(&self.to_out, &o.narrow(1, l, n)?)?;
 
-        let img = (img + attn_img.broadcast_mul(&mod_img[0].gate)?)?;
+        let img = mod_img[0].gated_residual(img, &attn_img)?;
         let ff = self
             .ff
-            .forward(&mod_img[1].modulate(&self.norm.forward(&img)?)?)?;
-        let img = (img + ff.broadcast_mul(&mod_img[1].gate)?)?;
+            .forward(&mod_img[1].norm_modulate(&self.norm, &img)?)?;
+        let img = mod_img[1].gated_residual(&img, &ff)?;
 
-        let txt = (txt + attn_txt.broadcast_mul(&mod_txt[0].gate)?)?;
+        let txt = mod_txt[0].gated_residual(txt, &attn_txt)?;
         let ff = self
             .ff_context
-            .forward(&mod_txt[1].modulate(&self.norm.forward(&txt)?)?)?;
-        let txt = (txt + ff.broadcast_mul(&mod_txt[1].gate)?)?;
+            .forward(&mod_txt[1].norm_modulate(&self.norm, &txt)?)?;
+        let txt = mod_txt[1].gated_residual(&txt, &ff)?;
         Ok((txt, img))
     }
 }
@@ -434,7 +464,7 @@ impl SingleStreamBlock {
     pub fn forward(&self, z: &Tensor, m: &ModParams, rope: &RopeTables) -> Result<Tensor> {
         let (hh, hd, f) = (self.heads, self.head_dim, self.mlp_hidden);
         let d = hh * hd;
-        let n = m.modulate(&self.norm.forward(z)?)?;
+        let n = m.norm_modulate(&self.norm, z)?;
         let u = lin(&self.to_qkv_mlp_proj, &n)?;
         let q = heads_of(&u, 0, hh, hd)?;
         let k = heads_of(&u, d, hh, hd)?;
@@ -442,6 +472,6 @@ impl SingleStreamBlock {
         let o = normed_rope_attention(&[(&q, &self.norm_q)], &[(&k, &self.norm_k)], &v, rope)?;
         let g = swiglu(&u.narrow(2, 3 * d, 2 * f)?)?;
         let out = lin(&self.to_out, &Tensor::cat(&[&o, &g], 2)?)?;
-        (z + out.broadcast_mul(&m.gate)?).context("single-stream residual")
+        m.gated_residual(z, &out).context("single-stream residual")
     }
 }
