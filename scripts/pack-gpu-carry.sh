@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Packs the CUDA build for a device run of scripts/gpu.sh: strips and xz-compresses the binary
+# and the GPU test executables (tests/cuda_fused.rs, tests/cuda_attention.rs) into carry/
+# (git-ignored; pass `carry` to the device tool). The device copy of the tree is limited to
+# 64 MiB and the tracked files take ~46 MB, so cuda_attention (unchanged kernel) is packed
+# only with PACK_ATTENTION=1. Build first, e.g.:
+#   eval "$(scripts/build-cuda.sh -e)"; CARGO_TARGET_DIR=target-cuda \
+#     cargo build --release --features cuda,cudnn --all-targets
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T="${CARGO_TARGET_DIR:-target-cuda}/release"
+mkdir -p carry
+pack() {  # source, name
+  strip -o "carry/$2" "$1" && xz -T0 -6 -f "carry/$2"
+  echo "carry/$2.xz $(du -h "carry/$2.xz" | cut -f1)"
+}
+pack "$T/flux2-klein" flux2-klein
+tests=(cuda_fused); [ -n "${PACK_ATTENTION:-}" ] && tests+=(cuda_attention)
+rm -f carry/cuda_attention.xz
+for t in "${tests[@]}"; do
+  exe="$(ls -t "$T"/deps/"$t"-* 2>/dev/null | grep -v '\.d$' | head -1 || true)"
+  [ -n "$exe" ] && pack "$exe" "$t"
+done
