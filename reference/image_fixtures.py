@@ -14,6 +14,8 @@ Writes tests/fixtures/images/:
   * jpeg_{444,progressive,420}.jpg written by Pillow and jpeg_*.pillow.png, Pillow's decode;
   * mode_<kind>.png (PNG colour types / bit depths) and mode_<kind>.rgb.png, Pillow's
     `Image.open(p).convert("RGB")`;
+  * exif_orientation_<n>.jpg (EXIF orientation n) and jpeg_gray.jpg with `<name>.expected.png`,
+    what `diffusers.utils.load_image` returns (exif_transpose, then RGB);
   * manifest.json: sizes and the list of files.
 """
 
@@ -199,6 +201,23 @@ for kind, writer in modes.items():
     rgb.info.pop("transparency", None)  # else Pillow writes a tRNS colour key for it
     rgb.save(os.path.join(OUT, f"mode_{kind}.rgb.png"))
     manifest["modes"].append({"src": f"mode_{kind}.png", "pil_mode": mode, "rgb": f"mode_{kind}.rgb.png"})
+
+# ---- (e) diffusers.utils.load_image: EXIF orientation applied (ImageOps.exif_transpose), then
+# convert("RGB"); plus a grayscale JPEG (Pillow mode L) -----------------------------------------
+from diffusers.utils import load_image
+
+manifest["load_image"] = []
+osrc = Image.fromarray(detail_rgb(48, 32))
+for orientation in [1, 3, 6, 8, 5]:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    name = f"exif_orientation_{orientation}"
+    save(f"{name}.jpg", osrc, quality=90, exif=exif.tobytes())
+    save(f"{name}.expected.png", load_image(os.path.join(OUT, f"{name}.jpg")))
+    manifest["load_image"].append({"src": f"{name}.jpg", "expected": f"{name}.expected.png"})
+save("jpeg_gray.jpg", Image.fromarray(detail_rgb(64, 48)[..., 1], "L"), quality=85)
+save("jpeg_gray.expected.png", load_image(os.path.join(OUT, "jpeg_gray.jpg")))
+manifest["load_image"].append({"src": "jpeg_gray.jpg", "expected": "jpeg_gray.expected.png"})
 
 import PIL
 manifest["pillow"] = PIL.__version__

@@ -431,3 +431,20 @@ fn batch_outputs_must_have_distinct_names() {
     assert_runtime_error(&o, &["x-5.png", "{index}"]);
     assert_no_output(&dir, &["p.txt"]);
 }
+
+#[test]
+fn truncated_jpeg_reference() {
+    // libjpeg would pad a cut-off JPEG with grey; Pillow (and so diffusers) refuses it.
+    let dir = TempDir::new("truncjpeg");
+    let jpeg = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/jpeg_444.jpg"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("cut.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+    let o = run_in(
+        dir.path(),
+        &["generate", "-p", "a cat", "-r", "cut.jpg", "-o", "out.png"],
+    );
+    assert_runtime_error(&o, &["cut.jpg", "truncated"]);
+    assert_no_output(&dir, &["cut.jpg"]);
+}

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
+use flux2_klein::image_io::load_image;
 use flux2_klein::pipeline::Reference;
 
 use super::args::MIN_SIDE;
@@ -27,15 +28,13 @@ fn load_reference(path: &Path) -> Result<Reference> {
     if path.is_dir() {
         bail!("reference {name} is a directory — pass an image file to --ref");
     }
-    // Content sniffing first, so a mis-named file still decodes (PIL does the same).
-    let image = image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(anyhow::Error::from)
-        .and_then(|r| r.decode().map_err(anyhow::Error::from));
-    let image = match image {
+    // The library's decoder: content sniffing (a mis-named file still decodes, as in PIL),
+    // Pillow's JPEG pixels, the EXIF orientation applied as diffusers' `load_image` does.
+    let image = match load_image(path) {
         Ok(img) => img,
         Err(e) => {
-            bail!("cannot decode reference image {name} ({e}) — use a PNG, JPEG or WebP file")
+            let detail = e.root_cause().to_string();
+            bail!("cannot decode reference image {name} ({detail}) — use a PNG, JPEG or WebP file")
         }
     };
     let (w, h) = (image.width(), image.height());

@@ -3,7 +3,9 @@
 //! Reference images go through the same steps as in the reference harness
 //! (`refcheck/make_case.py`: `Image.open(p).convert("RGB")`, then `Flux2KleinPipeline`):
 //!
-//! 1. decode ([`load_image`]), then Pillow's `convert("RGB")` ([`to_rgb_like_pillow`]);
+//! 1. decode as `diffusers.utils.load_image` does ([`load_image`]: Pillow's JPEG pixels via
+//!    libjpeg-turbo's decoder, the EXIF orientation applied), then Pillow's `convert("RGB")`
+//!    ([`to_rgb_like_pillow`]);
 //! 2. `check_image_input`: each side ≥ 64 px, aspect ratio ≤ 8 ([`check_reference_size`]);
 //! 3. above 1024² pixels: `s = sqrt(1048576 / (w·h))`, LANCZOS to `(int(w·s), int(h·s))`
 //!    ([`resize_lanczos`], a bit-exact port of Pillow's resampler);
@@ -25,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
-use image::{DynamicImage, ImageFormat, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageFormat, RgbImage};
 use sha2::{Digest, Sha256};
 
 /// diffusers `Flux2ImageProcessor.check_image_input(min_side_length=64)`.
@@ -39,34 +41,130 @@ pub const REFERENCE_MULTIPLE: u32 = 16;
 /// JPEG quality of [`save_image`] (Pillow's default would be 75; 95 keeps generated detail).
 pub const JPEG_QUALITY: u8 = 95;
 
-/// Decodes a PNG, JPEG or WebP file, recognised by its content (not its extension).
+/// Decodes a PNG, JPEG or WebP file, recognised by its content (not its extension), as
+/// `diffusers.utils.load_image` opens it: the EXIF orientation is applied
+/// (`ImageOps.exif_transpose`), so phone photos come out upright.
 ///
 /// The pixels are what Pillow's decoder yields, in `image`'s layout: 16-bit PNGs stay 16-bit,
 /// a PNG `tRNS` colour key or a palette with transparency becomes an alpha channel (Pillow keeps
 /// those as info/palette; [`to_rgb_like_pillow`] drops the alpha again, as `convert("RGB")`
-/// would). JPEG goes through `image`'s decoder (zune-jpeg), which is close to but not always
-/// bit-identical with Pillow's libjpeg-turbo (see `tests/parity_image_io.rs`).
+/// would). JPEG goes through libjpeg-turbo's decoder (via mozjpeg, default settings: islow
+/// IDCT, fancy upsampling), like Pillow's, so the bytes are identical; CMYK/YCCK JPEGs fall
+/// back to `image`'s decoder. Truncated JPEGs are refused, as Pillow refuses them.
 pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
     let path = path.as_ref();
     let bytes =
         fs::read(path).map_err(|e| anyhow!("cannot read image file {}: {e}", path.display()))?;
-    let reader = image::ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| anyhow!("cannot read image file {}: {e}", path.display()))?;
-    match reader.format() {
+    decode_image(&bytes).with_context(|| format!("cannot decode image file {}", path.display()))
+}
+
+/// [`load_image`] on the file's bytes.
+fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
+    let reader = image::ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
+    let format = reader.format();
+    match format {
         Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP) => {}
-        Some(f) => bail!(
-            "cannot decode image file {}: {f:?} is not supported (use PNG, JPEG or WebP)",
-            path.display()
-        ),
-        None => bail!(
-            "cannot decode image file {}: not a PNG, JPEG or WebP file",
-            path.display()
-        ),
+        Some(f) => bail!("{f:?} is not supported (use PNG, JPEG or WebP)"),
+        None => bail!("not a PNG, JPEG or WebP file"),
     }
-    reader
-        .decode()
-        .map_err(|e| anyhow!("cannot decode image file {}: {e}", path.display()))
+    let mut decoder = reader.into_decoder()?;
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let libjpeg = match format {
+        Some(ImageFormat::Jpeg) => decode_jpeg_libjpeg(bytes)?,
+        _ => None,
+    };
+    let mut img = match libjpeg {
+        Some(img) => img,
+        None => DynamicImage::from_decoder(decoder)?,
+    };
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
+/// A JPEG decoded by libjpeg-turbo's code with its default settings (what Pillow uses):
+/// grayscale files as `L`, YCbCr/RGB ones as RGB; `Ok(None)` for other colour spaces (CMYK,
+/// YCCK), which the caller decodes with `image`. A file libjpeg rejects (or a truncated one,
+/// which Pillow refuses) is an error with libjpeg's message.
+fn decode_jpeg_libjpeg(bytes: &[u8]) -> Result<Option<DynamicImage>> {
+    use mozjpeg::ColorSpace;
+    let decode = || -> std::io::Result<Option<DynamicImage>> {
+        let jpeg = mozjpeg::Decompress::builder()
+            .with_err(libjpeg_error_manager())
+            .from_mem(bytes)?;
+        let (w, h) = (jpeg.width() as u32, jpeg.height() as u32);
+        match jpeg.color_space() {
+            ColorSpace::JCS_GRAYSCALE => {
+                let mut started = jpeg.grayscale()?;
+                let px: Vec<u8> = started.read_scanlines()?;
+                started.finish()?;
+                Ok(image::GrayImage::from_raw(w, h, px).map(DynamicImage::ImageLuma8))
+            }
+            ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB => {
+                let mut started = jpeg.rgb()?;
+                let px: Vec<u8> = started.read_scanlines()?;
+                started.finish()?;
+                Ok(RgbImage::from_raw(w, h, px).map(DynamicImage::ImageRgb8))
+            }
+            _ => Ok(None),
+        }
+    };
+    // libjpeg reports errors by unwinding out of the C code (`resume_unwind`: no panic hook
+    // runs) with the message as the payload.
+    match std::panic::catch_unwind(decode) {
+        Ok(result) => Ok(result?),
+        Err(payload) => match payload.downcast::<String>() {
+            Ok(msg) => bail!("{msg}"),
+            Err(_) => bail!("libjpeg failed"),
+        },
+    }
+}
+
+/// libjpeg's standard error manager, except that errors unwind with their message (they would
+/// `exit()`) and a premature end of file is an error: libjpeg would pad the image with grey
+/// and warn, where Pillow refuses the file ("image file is truncated"). Other warnings (e.g.
+/// extraneous bytes) are ignored, as in Pillow.
+fn libjpeg_error_manager() -> mozjpeg_sys::jpeg_error_mgr {
+    use mozjpeg_sys::{jpeg_common_struct, jpeg_error_mgr, jpeg_std_error, JWRN_JPEG_EOF};
+    use std::os::raw::c_int;
+    fn message(cinfo: &mut jpeg_common_struct) -> String {
+        // SAFETY: libjpeg calls the handlers with its own cinfo, whose `err` is this manager;
+        // format_message writes at most JMSG_LENGTH_MAX (200) bytes, NUL-terminated.
+        unsafe {
+            let Some(err) = cinfo.err.as_ref() else {
+                return "libjpeg error".into();
+            };
+            let Some(format) = err.format_message else {
+                return format!("libjpeg error {}", err.msg_code);
+            };
+            let mut buffer = [0u8; 200];
+            // mozjpeg-sys declares the buffer as `&[u8; 80]`; libjpeg writes up to 200 bytes.
+            let format: unsafe extern "C-unwind" fn(&mut jpeg_common_struct, *mut u8) =
+                std::mem::transmute(format);
+            format(cinfo, buffer.as_mut_ptr());
+            let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+            String::from_utf8_lossy(&buffer[..end]).into_owned()
+        }
+    }
+    extern "C-unwind" fn error_exit(cinfo: &mut jpeg_common_struct) {
+        std::panic::resume_unwind(Box::new(message(cinfo)));
+    }
+    extern "C-unwind" fn emit_message(cinfo: &mut jpeg_common_struct, level: c_int) {
+        // SAFETY: as in `message`.
+        let code = unsafe { cinfo.err.as_ref() }.map_or(0, |e| e.msg_code);
+        if level < 0 && code == JWRN_JPEG_EOF as c_int {
+            std::panic::resume_unwind(Box::new(
+                "the file is truncated (premature end of JPEG data)".to_string(),
+            ));
+        }
+    }
+    // SAFETY: jpeg_std_error fills every field of the zeroed struct.
+    let mut err: jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    unsafe { jpeg_std_error(&mut err) };
+    err.error_exit = Some(error_exit);
+    err.emit_message = Some(emit_message);
+    err
 }
 
 /// Pillow's `Image.convert("RGB")` of the image Pillow would have opened for the same file.
