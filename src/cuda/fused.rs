@@ -128,105 +128,25 @@ pub fn swiglu(u: &Tensor) -> Result<Tensor> {
     u.apply_op1_no_bwd(&SwiGlu)
 }
 
-// ---------------------------------------------------------------- modulation
-
-struct Modulate;
-
-impl CustomOp3 for Modulate {
-    fn name(&self) -> &'static str {
-        "flux2-modulate"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only("modulate")
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ss: &CudaStorage,
-        sl: &Layout,
-        hs: &CudaStorage,
-        hl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (b, n, d) = xl.shape().dims3()?;
-        if !xl.is_contiguous() || !sl.is_contiguous() || !hl.is_contiguous() {
-            bail!("modulate: inputs must be contiguous")
-        }
-        if sl.shape().elem_count() != b * d || hl.shape().elem_count() != b * d {
-            bail!(
-                "modulate: scale {:?} / shift {:?} do not match x {:?}",
-                sl.dims(),
-                hl.dims(),
-                xl.dims()
-            )
-        }
-        let dev = xs.device().clone();
-        let total = b * n * d;
-        let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(total)? };
-        let func = load(&dev, "modulate_bf16")?;
-        let (x, sc, sh) = (view(xs, xl)?, view(ss, sl)?, view(hs, hl)?);
-        let (rows_i, d_i) = (n as i64, d as i32);
-        let launch = grid_rows(b * n)?;
-        let stream = dev.cuda_stream();
-        let mut bld = stream.launch_builder(&func);
-        bld.arg(&x);
-        bld.arg(&sc);
-        bld.arg(&sh);
-        bld.arg(&out);
-        bld.arg(&rows_i);
-        bld.arg(&d_i);
-        // SAFETY: arguments match `modulate_bf16`; one block per row writes the whole row.
-        unsafe { bld.launch(launch) }.w()?;
-        Ok((bf16::wrap_cuda_slice(out, dev), xl.shape().clone()))
-    }
-}
-
-/// `(1 + scale) * x + shift` for x `[B, N, D]` and scale/shift `[B, 1, D]`, each op rounded to
-/// bf16 as torch does.
-pub fn modulate(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3_no_bwd(&scale.contiguous()?, &shift.contiguous()?, &Modulate)
-}
-
-// ------------------------------------------------- LayerNorm + modulation, gated residual
+// ------------------------- modulation, LayerNorm + modulation, gated residual (row-wise)
 
 /// Largest row the LayerNorm kernel holds in registers (`THREADS` × `LN_MAX_PER_THREAD`).
 pub const LAYERNORM_MAX_DIM: usize = THREADS as usize * 16;
 
-/// Checks `x` `[B, N, D]` and two `[B, 1, D]` (or `[B, D]`) per-batch vectors, all contiguous.
-fn rows_and_vectors(what: &str, xl: &Layout, vl: [&Layout; 2]) -> Result<(usize, usize, usize)> {
-    let (b, n, d) = xl.shape().dims3()?;
-    if !xl.is_contiguous() || vl.iter().any(|l| !l.is_contiguous()) {
-        bail!("{what}: inputs must be contiguous")
-    }
-    if vl.iter().any(|l| l.shape().elem_count() != b * d) {
-        bail!(
-            "{what}: per-batch vectors {:?} / {:?} do not match x {:?}",
-            vl[0].dims(),
-            vl[1].dims(),
-            xl.dims()
-        )
-    }
-    Ok((b, n, d))
+/// The row-wise kernels over `a` `[B, N, D]` with a second operand `b` (a per-batch vector
+/// `[B, 1, D]`, or with `b_is_rows` a tensor shaped like `a`) and a per-batch vector `c`, all
+/// contiguous bf16. Kernel arguments: `(a, b, c, out, rows_per_batch, d[, eps])`.
+struct RowWise {
+    kernel: &'static str,
+    b_is_rows: bool,
+    /// Passed as the last argument when set (the LayerNorm epsilon).
+    eps: Option<f32>,
+    max_d: usize,
 }
 
-struct LayerNormModulate {
-    eps: f32,
-}
-
-impl CustomOp3 for LayerNormModulate {
+impl CustomOp3 for RowWise {
     fn name(&self) -> &'static str {
-        "flux2-layernorm-modulate"
+        self.kernel
     }
 
     fn cpu_fwd(
@@ -238,115 +158,98 @@ impl CustomOp3 for LayerNormModulate {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        cpu_only("layernorm_modulate")
+        cpu_only(self.kernel)
     }
 
     fn cuda_fwd(
         &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ss: &CudaStorage,
-        sl: &Layout,
-        hs: &CudaStorage,
-        hl: &Layout,
+        a_s: &CudaStorage,
+        a_l: &Layout,
+        b_s: &CudaStorage,
+        b_l: &Layout,
+        c_s: &CudaStorage,
+        c_l: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (b, n, d) = rows_and_vectors("layernorm_modulate", xl, [sl, hl])?;
-        if d > LAYERNORM_MAX_DIM {
-            bail!("layernorm_modulate: D = {d} > {LAYERNORM_MAX_DIM}")
+        let what = self.kernel;
+        let (b, n, d) = a_l.shape().dims3()?;
+        if ![a_l, b_l, c_l].iter().all(|l| l.is_contiguous()) {
+            bail!("{what}: inputs must be contiguous")
         }
-        let dev = xs.device().clone();
-        let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(b * n * d)? };
-        let func = load(&dev, "layernorm_modulate_bf16")?;
-        let (x, sc, sh) = (view(xs, xl)?, view(ss, sl)?, view(hs, hl)?);
-        let (rows_i, d_i) = (n as i64, d as i32);
-        let launch = grid_rows(b * n)?;
-        let stream = dev.cuda_stream();
-        let mut bld = stream.launch_builder(&func);
-        bld.arg(&x);
-        bld.arg(&sc);
-        bld.arg(&sh);
-        bld.arg(&out);
-        bld.arg(&rows_i);
-        bld.arg(&d_i);
-        bld.arg(&self.eps);
-        // SAFETY: arguments match `layernorm_modulate_bf16` (D <= THREADS * 16 checked above);
-        // one block per row writes the whole row.
-        unsafe { bld.launch(launch) }.w()?;
-        Ok((bf16::wrap_cuda_slice(out, dev), xl.shape().clone()))
-    }
-}
-
-/// `(1 + scale) * LayerNorm(x) + shift` (LayerNorm without affine, f32 statistics) for
-/// x `[B, N, D]` (D ≤ [`LAYERNORM_MAX_DIM`]) and scale/shift `[B, 1, D]`, with torch's four
-/// roundings (LayerNorm output, `1 + scale`, the product, the sum).
-pub fn layernorm_modulate(x: &Tensor, scale: &Tensor, shift: &Tensor, eps: f32) -> Result<Tensor> {
-    x.contiguous()?.apply_op3_no_bwd(
-        &scale.contiguous()?,
-        &shift.contiguous()?,
-        &LayerNormModulate { eps },
-    )
-}
-
-struct GatedResidual;
-
-impl CustomOp3 for GatedResidual {
-    fn name(&self) -> &'static str {
-        "flux2-gated-residual"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only("gated_residual")
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        ys: &CudaStorage,
-        yl: &Layout,
-        gs: &CudaStorage,
-        gl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (b, n, d) = rows_and_vectors("gated_residual", xl, [gl, gl])?;
-        if yl.dims() != xl.dims() || !yl.is_contiguous() {
+        let b_len = if self.b_is_rows { b * n * d } else { b * d };
+        if b_l.shape().elem_count() != b_len || c_l.shape().elem_count() != b * d {
             bail!(
-                "gated_residual: y {:?} must be contiguous and shaped like x {:?}",
-                yl.dims(),
-                xl.dims()
+                "{what}: operands {:?} / {:?} do not match x {:?}",
+                b_l.dims(),
+                c_l.dims(),
+                a_l.dims()
             )
         }
-        let dev = xs.device().clone();
+        if d > self.max_d {
+            bail!("{what}: D = {d} > {}", self.max_d)
+        }
+        let dev = a_s.device().clone();
         let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(b * n * d)? };
-        let func = load(&dev, "gated_residual_bf16")?;
-        let (x, y, g) = (view(xs, xl)?, view(ys, yl)?, view(gs, gl)?);
+        let func = load(&dev, what)?;
+        let (x, y, z) = (view(a_s, a_l)?, view(b_s, b_l)?, view(c_s, c_l)?);
         let (rows_i, d_i) = (n as i64, d as i32);
         let launch = grid_rows(b * n)?;
         let stream = dev.cuda_stream();
         let mut bld = stream.launch_builder(&func);
         bld.arg(&x);
         bld.arg(&y);
-        bld.arg(&g);
+        bld.arg(&z);
         bld.arg(&out);
         bld.arg(&rows_i);
         bld.arg(&d_i);
-        // SAFETY: arguments match `gated_residual_bf16`; one block per row writes the row.
+        if let Some(eps) = &self.eps {
+            bld.arg(eps);
+        }
+        // SAFETY: the arguments match the kernel's signature (see `RowWise`), D is within the
+        // kernel's limit; one block per row writes the whole row.
         unsafe { bld.launch(launch) }.w()?;
-        Ok((bf16::wrap_cuda_slice(out, dev), xl.shape().clone()))
+        Ok((bf16::wrap_cuda_slice(out, dev), a_l.shape().clone()))
     }
+}
+
+fn row_wise(op: RowWise, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
+    a.contiguous()?
+        .apply_op3_no_bwd(&b.contiguous()?, &c.contiguous()?, &op)
+}
+
+/// `(1 + scale) * x + shift` for x `[B, N, D]` and scale/shift `[B, 1, D]`, each op rounded to
+/// bf16 as torch does.
+pub fn modulate(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    let op = RowWise {
+        kernel: "modulate_bf16",
+        b_is_rows: false,
+        eps: None,
+        max_d: usize::MAX,
+    };
+    row_wise(op, x, scale, shift)
+}
+
+/// `(1 + scale) * LayerNorm(x) + shift` (LayerNorm without affine, f32 statistics) for
+/// x `[B, N, D]` (D ≤ [`LAYERNORM_MAX_DIM`]) and scale/shift `[B, 1, D]`, with torch's four
+/// roundings (LayerNorm output, `1 + scale`, the product, the sum).
+pub fn layernorm_modulate(x: &Tensor, scale: &Tensor, shift: &Tensor, eps: f32) -> Result<Tensor> {
+    let op = RowWise {
+        kernel: "layernorm_modulate_bf16",
+        b_is_rows: false,
+        eps: Some(eps),
+        max_d: LAYERNORM_MAX_DIM,
+    };
+    row_wise(op, x, scale, shift)
 }
 
 /// `x + gate * y` for x, y `[B, N, D]` and gate `[B, 1, D]`, with torch's two roundings.
 pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op3_no_bwd(&y.contiguous()?, &gate.contiguous()?, &GatedResidual)
+    let op = RowWise {
+        kernel: "gated_residual_bf16",
+        b_is_rows: true,
+        eps: None,
+        max_d: usize::MAX,
+    };
+    row_wise(op, x, y, gate)
 }
 
 // ---------------------------------------------------------------- RoPE ([B, S, H, D])

@@ -251,7 +251,6 @@ fn normed_rope_attention(
     {
         // One pass per q/k: norm + RoPE straight from the (possibly strided) projections into
         // the joined [B, S, H, hd] layout, then the flash kernel in that layout.
-        let (b, s, h, hd) = v.dims4()?;
         let dev = v.device();
         let fused = |parts: &[(&Tensor, &QkRmsNorm)]| -> Result<Tensor> {
             let segments: Vec<crate::cuda::fused::NormSegment> = parts
@@ -271,11 +270,7 @@ fn normed_rope_attention(
         let (q, k) = profile::span("dit.qk_norm_rope", dev, || -> Result<_> {
             Ok((fused(q)?, fused(k)?))
         })?;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let o = profile::span("dit.attention", dev, || {
-            crate::cuda::flash_attention_bshd(&q, &k, v, scale)
-        })?;
-        return Ok(o.reshape((b, s, h * hd))?);
+        return flash_bshd(&q, &k, v);
     }
     let join = |parts: &[(&Tensor, &QkRmsNorm)]| -> Result<Tensor> {
         let normed = parts
@@ -288,6 +283,17 @@ fn normed_rope_attention(
         })
     };
     rope_attention(&join(q)?, &join(k)?, v, rope)
+}
+
+/// The flash kernel on `[B, S, H, hd]` q (roped), k (roped), v, returning `[B, S, H·hd]`.
+#[cfg(feature = "cuda")]
+fn flash_bshd(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, s, h, hd) = q.dims4()?;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let o = profile::span("dit.attention", q.device(), || {
+        crate::cuda::flash_attention_bshd(q, k, v, scale)
+    })?;
+    Ok(o.reshape((b, s, h * hd))?)
 }
 
 /// Joint attention on `[B, S, H, hd]` q/k/v (already normed): RoPE on q and k, attention,
@@ -304,11 +310,7 @@ fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &RopeTables) -> Resu
                 crate::cuda::fused::rope_bshd(k, &rope.cos, &rope.sin)?,
             ))
         })?;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let o = profile::span("dit.attention", dev, || {
-            crate::cuda::flash_attention_bshd(&q, &k, v, scale)
-        })?;
-        return Ok(o.reshape((b, s, h * hd))?);
+        return flash_bshd(&q, &k, v);
     }
     let (q, k, v) = profile::span("dit.rope", dev, || -> Result<_> {
         let q = rope.apply(&q.transpose(1, 2)?)?;
