@@ -86,6 +86,10 @@ log "diffusers: warm per-stage timings"
 timeout 180 env DIFFUSERS_WORKLOADS="${DIFFUSERS_WORKLOADS:-}" python3 scripts/gpu_bench.py diffusers "$MODEL" "$WORK" "$REFS" 2>&1 | grep -E "^(t2i|edit)" | tee -a "$LOG"
 cp "$WORK/diffusers.json" "$WORK/diffusers_t2i_1024.png" "$OUT/" 2>/dev/null
 python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024.png" | tee -a "$LOG"
+log "bf16 noise floor: diffusers bf16 vs diffusers f32, 1024² (same weights and noise)"
+timeout 150 python3 scripts/gpu_bench.py image "$MODEL" float32 1024 "$WORK/diffusers_f32_1024.png" >/dev/null 2>&1
+python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$WORK/diffusers_f32_1024.png" | tee -a "$LOG"
+python3 scripts/gpu_bench.py psnr "$OUT/ours_t2i_1024.png" "$WORK/diffusers_f32_1024.png" | tee -a "$LOG"
 
 [ -n "${GPU_SKIP_COLD:-}" ] && { log done; exit 0; }
 log "diffusers: cold (fresh process, from_pretrained + call)"
