@@ -204,6 +204,17 @@ struct Job<'r> {
     timings: Timings,
 }
 
+/// What consecutive requests of a batch share is computed once: the prompt embeddings
+/// (`--count` runs one prompt with several seeds) and the encoded references (edits of one
+/// set of images). Tensors are immutable, so sharing them is exact.
+#[derive(Default)]
+struct Reuse {
+    /// (prompt, with CFG, embeddings, negative embeddings)
+    prompt: Option<(String, bool, Tensor, Option<Tensor>)>,
+    /// (prepared images, packed tokens, ids)
+    references: Option<(Vec<image::RgbImage>, Tensor, Vec<Tensor>)>,
+}
+
 /// The FLUX.2 [klein] pipeline.
 pub struct Pipeline {
     pub model: ModelDir,
@@ -337,6 +348,7 @@ impl Pipeline {
             BATCH_CHUNK
         };
         let resident = self.options.keep_resident;
+        let mut reuse = Reuse::default();
         let mut first = 0;
         for chunk in jobs.chunks_mut(chunk) {
             let indices = first..first + chunk.len();
@@ -352,7 +364,7 @@ impl Pipeline {
             each(
                 &mut |i, job| {
                     job_event(events, i, total);
-                    self.encode_prompt(job, events)
+                    self.encode_prompt(job, &mut reuse, events)
                 },
                 chunk,
             )?;
@@ -362,7 +374,7 @@ impl Pipeline {
             each(
                 &mut |i, job| {
                     job_event(events, i, total);
-                    self.encode_references(job, events)
+                    self.encode_references(job, &mut reuse, events)
                 },
                 chunk,
             )?;
@@ -446,8 +458,20 @@ impl Pipeline {
     }
 
     /// Stage 2: the prompt (and, for CFG, the empty negative prompt) through Qwen3.
-    fn encode_prompt(&mut self, job: &mut Job, events: &mut dyn FnMut(Event)) -> Result<()> {
+    fn encode_prompt(
+        &mut self,
+        job: &mut Job,
+        reuse: &mut Reuse,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<()> {
         let t_job = Instant::now();
+        if let Some((prompt, cfg, embeds, negative)) = &reuse.prompt {
+            if *prompt == job.request.prompt && *cfg == job.do_cfg {
+                job.prompt_embeds = Some(embeds.clone());
+                job.negative_embeds = negative.clone();
+                return Ok(());
+            }
+        }
         if self.text_encoder.is_none() {
             let t = stage(events, "load text encoder");
             self.text_encoder = Some(self.load_text_encoder()?);
@@ -477,14 +501,32 @@ impl Pipeline {
         }
         job.timings.text_encode = end(events, "encode prompt", t);
         job.timings.total += t_job.elapsed();
+        reuse.prompt = Some((
+            job.request.prompt.clone(),
+            job.do_cfg,
+            job.prompt_embeds.clone().expect("set above"),
+            job.negative_embeds.clone(),
+        ));
         Ok(())
     }
 
     /// Stage 3: references → VAE encoder (mean) → patchify → BN normalise → packed tokens,
     /// with their ids at T = 10, 20, … (nothing to do without references).
-    fn encode_references(&mut self, job: &mut Job, events: &mut dyn FnMut(Event)) -> Result<()> {
+    fn encode_references(
+        &mut self,
+        job: &mut Job,
+        reuse: &mut Reuse,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<()> {
         if job.references.is_empty() {
             return Ok(());
+        }
+        if let Some((images, tokens, ids)) = &reuse.references {
+            if *images == job.references {
+                job.reference_tokens = Some(tokens.clone());
+                job.reference_ids = ids.clone();
+                return Ok(());
+            }
         }
         let t_job = Instant::now();
         let device = self.options.device.clone();
@@ -523,6 +565,11 @@ impl Pipeline {
         job.reference_tokens = Some(Tensor::cat(&tokens, 1)?);
         job.timings.reference_encode = end(events, "encode references", t);
         job.timings.total += t_job.elapsed();
+        reuse.references = Some((
+            job.references.clone(),
+            job.reference_tokens.clone().expect("set above"),
+            job.reference_ids.clone(),
+        ));
         Ok(())
     }
 

@@ -350,3 +350,43 @@ fn batch_from_a_prompt_file_equals_single_runs() {
     assert_eq!(single.as_raw(), runs[0][3].as_raw(), "batch vs single run");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn batch_edit_shares_prompt_and_references_exactly() {
+    // --count 2 with two references: the prompt and the references are encoded once and
+    // shared; each image still equals its single run (seed 0 is the edit2_64x64 case).
+    let (r0, r1) = (case_ref("edit2_64x64", 0), case_ref("edit2_64x64", 1));
+    let dir = tmp_dir("batch-edit");
+    let result = bin()
+        .args(["-q", "generate"])
+        .args(run_args(
+            "tiny-w0",
+            GIFU,
+            0,
+            (64, 64),
+            &["-r", &r0, "-r", &r1, "--count", "2"],
+        ))
+        .arg("-o")
+        .arg(dir.join("e-{seed}.png"))
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let first = image::open(dir.join("e-0.png")).unwrap().to_rgb8();
+    let second = image::open(dir.join("e-1.png")).unwrap().to_rgb8();
+    let (max, _) = diff(&first, &golden("edit2_64x64"));
+    assert!(max <= 1, "batch edit image 1 vs diffusers: max diff {max}");
+    let (single, _) = generate(
+        "batch-edit-single",
+        &run_args("tiny-w0", GIFU, 1, (64, 64), &["-r", &r0, "-r", &r1]),
+    );
+    assert_eq!(
+        single.as_raw(),
+        second.as_raw(),
+        "batch vs single run, seed 1"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
