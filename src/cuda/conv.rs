@@ -11,7 +11,7 @@
 //!   conv descriptor's compute type is f32, as in PyTorch),
 //! * the algorithm chosen once per shape by cuDNN's heuristics (as PyTorch does with
 //!   `cudnn.benchmark = False`) and cached,
-//! * one grow-only workspace per device instead of a zero-filled allocation per call.
+//! * the workspace taken from the stream-ordered pool without the zero fill candle does.
 //!
 //! The output is rounded once to the input dtype; the bias is added by the caller, as torch
 //! does after its cuDNN call, so the roundings match `nn.Conv2d`.
@@ -58,7 +58,6 @@ struct DeviceState {
     cudnn: Arc<Cudnn>,
     /// Chosen algorithm and its workspace size in bytes, per problem.
     algos: HashMap<ConvKey, (sys::cudnnConvolutionFwdAlgo_t, usize)>,
-    workspace: Option<CudaSlice<u8>>,
 }
 
 thread_local! {
@@ -138,7 +137,6 @@ impl Conv2dTensorOps {
                 std::collections::hash_map::Entry::Vacant(e) => e.insert(DeviceState {
                     cudnn: Cudnn::new(dev.cuda_stream())?,
                     algos: HashMap::new(),
-                    workspace: None,
                 }),
             };
             let i = |v: usize| v as i32;
@@ -179,24 +177,21 @@ impl Conv2dTensorOps {
                     chosen
                 }
             };
-            let grow = st.workspace.as_ref().is_none_or(|buf| buf.len() < ws_bytes);
-            if ws_bytes > 0 && grow {
-                // Dropping the old buffer frees it in stream order, after the convs using it.
-                st.workspace = None;
-                // SAFETY: a workspace needs no initialisation.
-                st.workspace = Some(unsafe { dev.alloc::<u8>(ws_bytes)? });
-            }
-            let workspace = if ws_bytes > 0 {
-                st.workspace.as_mut()
+            // Taken from the stream-ordered pool per call (cheap; freed in stream order after
+            // the conv) rather than kept, which would hold it while the transformer runs. Not
+            // zero-filled: a workspace needs no initialisation.
+            let mut workspace = if ws_bytes > 0 {
+                // SAFETY: see above.
+                Some(unsafe { dev.alloc::<u8>(ws_bytes)? })
             } else {
                 None
             };
             // SAFETY: the descriptors describe exactly these contiguous NCHW buffers (checked
-            // in `key`), and the workspace holds at least the algorithm's required bytes.
+            // in `key`), and the workspace holds the algorithm's required bytes.
             unsafe {
                 op.launch::<CudaSlice<u8>, _, _, _>(
                     algo,
-                    workspace,
+                    workspace.as_mut(),
                     (T::from_f64(1.0), T::from_f64(0.0)),
                     &x,
                     &w,
