@@ -62,6 +62,14 @@ impl std::fmt::Debug for ModelDir {
 }
 
 impl ModelDir {
+    /// `id`, or `id@revision` when a hub revision was asked for (for messages).
+    pub fn label(&self) -> String {
+        match &self.revision {
+            Some(rev) => format!("{}@{rev}", self.id),
+            None => self.id.clone(),
+        }
+    }
+
     /// `model` is a local directory if one exists at that path, else a hub repo id.
     pub fn resolve(model: &str, revision: Option<&str>) -> Result<Self> {
         let path = Path::new(model);

@@ -156,15 +156,9 @@ const COLUMNS: [Column; 5] = [
 fn header(args: &BenchArgs, pipeline: &Pipeline, steps: usize, guidance: f64) -> String {
     let o = &pipeline.options;
     format!(
-        "model: {}{}, device: {}, dtype: {} (VAE {}), steps: {steps}, guidance: {guidance}, \
+        "model: {}, device: {}, dtype: {} (VAE {}), steps: {steps}, guidance: {guidance}, \
          runs: {} (+{} warmup), seed: {}",
-        pipeline.model.id,
-        pipeline
-            .model
-            .revision
-            .as_deref()
-            .map(|r| format!("@{r}"))
-            .unwrap_or_default(),
+        pipeline.model.label(),
         device_name(&o.device),
         dtype_name(o.dtype),
         dtype_name(o.vae_dtype.unwrap_or(o.dtype)),

@@ -52,14 +52,8 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
         reporter.info(&format!("seed {first_seed}"));
     }
     reporter.detail(&format!(
-        "model {}{} ({}), device {}, dtype {} (VAE {}), {steps} steps, guidance {guidance}",
-        pipeline.model.id,
-        pipeline
-            .model
-            .revision
-            .as_deref()
-            .map(|r| format!("@{r}"))
-            .unwrap_or_default(),
+        "model {} ({}), device {}, dtype {} (VAE {}), {steps} steps, guidance {guidance}",
+        pipeline.model.label(),
         if pipeline.is_distilled() {
             "distilled"
         } else {
