@@ -70,6 +70,9 @@ impl PipelineOptions {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub prompt: String,
+    /// The negative prompt of classifier-free guidance (base checkpoints with guidance > 1
+    /// only); diffusers' pipeline always uses "" (the default).
+    pub negative_prompt: String,
     /// Reference images in order (T = 10, 20, …).
     pub references: Vec<Reference>,
     /// Output size in pixels; `None` = the first reference's cropped size, else 1024.
@@ -86,6 +89,7 @@ impl Request {
     pub fn new(prompt: impl Into<String>, seed: u64) -> Self {
         Self {
             prompt: prompt.into(),
+            negative_prompt: String::new(),
             references: Vec::new(),
             width: None,
             height: None,
@@ -204,13 +208,16 @@ struct Job<'r> {
     timings: Timings,
 }
 
+/// (prompt, negative prompt when CFG runs)
+type PromptKey = (String, Option<String>);
+
 /// What consecutive requests of a batch share is computed once: the prompt embeddings
 /// (`--count` runs one prompt with several seeds) and the encoded references (edits of one
 /// set of images). Tensors are immutable, so sharing them is exact.
 #[derive(Default)]
 struct Reuse {
-    /// (prompt, with CFG, embeddings, negative embeddings)
-    prompt: Option<(String, bool, Tensor, Option<Tensor>)>,
+    /// The prompt and (with CFG) the negative prompt, their embeddings.
+    prompt: Option<(PromptKey, Tensor, Option<Tensor>)>,
     /// (prepared images, packed tokens, ids)
     references: Option<(Vec<image::RgbImage>, Tensor, Vec<Tensor>)>,
 }
@@ -465,8 +472,12 @@ impl Pipeline {
         events: &mut dyn FnMut(Event),
     ) -> Result<()> {
         let t_job = Instant::now();
-        if let Some((prompt, cfg, embeds, negative)) = &reuse.prompt {
-            if *prompt == job.request.prompt && *cfg == job.do_cfg {
+        let key = (
+            job.request.prompt.clone(),
+            job.do_cfg.then(|| job.request.negative_prompt.clone()),
+        );
+        if let Some((reused, embeds, negative)) = &reuse.prompt {
+            if *reused == key {
                 job.prompt_embeds = Some(embeds.clone());
                 job.negative_embeds = negative.clone();
                 return Ok(());
@@ -480,7 +491,7 @@ impl Pipeline {
         let t = stage(events, "encode prompt");
         let mut prompts = vec![job.request.prompt.as_str()];
         if job.do_cfg {
-            prompts.push("");
+            prompts.push(job.request.negative_prompt.as_str());
         }
         let encoded = text_encoder::encode_prompts(
             &self.tokenizer,
@@ -502,8 +513,7 @@ impl Pipeline {
         job.timings.text_encode = end(events, "encode prompt", t);
         job.timings.total += t_job.elapsed();
         reuse.prompt = Some((
-            job.request.prompt.clone(),
-            job.do_cfg,
+            key,
             job.prompt_embeds.clone().expect("set above"),
             job.negative_embeds.clone(),
         ));

@@ -168,6 +168,7 @@ fn help_lists_the_options() {
         "--vae-dtype",
         "--vae-tile",
         "--prompt-file",
+        "--negative-prompt",
         "--count",
         "--resident",
         "--quiet",

@@ -390,3 +390,38 @@ fn batch_edit_shares_prompt_and_references_exactly() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn negative_prompt_on_a_base_model() {
+    // diffusers with negative_prompt_embeds = encode_prompt("blurry, low quality")
+    // (reference/pipeline_fixtures.py); the empty negative prompt gives t2i_64x64_cfg4.
+    let expected = image::open(common::fixtures().join("pipeline/negative_prompt.png"))
+        .unwrap()
+        .to_rgb8();
+    let (ours, path) = generate(
+        "negative",
+        &run_args(
+            "tiny-base-w0",
+            GIFU,
+            0,
+            (64, 64),
+            &[
+                "--guidance",
+                "4",
+                "--steps",
+                "4",
+                "--negative-prompt",
+                "blurry, low quality",
+            ],
+        ),
+    );
+    let (max, mean) = diff(&ours, &expected);
+    eprintln!("negative prompt: max |diff| {max}, mean {mean:.5}");
+    assert!(max <= 1, "negative prompt vs diffusers: max diff {max}");
+    let (max_empty, _) = diff(&ours, &golden("t2i_64x64_cfg4"));
+    assert!(max_empty > 10, "the negative prompt must change the image");
+    let text = flux2_klein::image_io::read_png_text(&path).unwrap();
+    assert!(text
+        .iter()
+        .any(|(k, v)| k == "negative_prompt" && v == "blurry, low quality"));
+}

@@ -211,6 +211,11 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
 
+    /// Negative prompt of classifier-free guidance (base checkpoints with --guidance > 1;
+    /// ignored, with a warning, by distilled ones) [default: "", as diffusers].
+    #[arg(long, value_name = "TEXT")]
+    pub negative_prompt: Option<String>,
+
     /// Seed of the (torch-compatible CPU) noise generator [default: random, printed]. With
     /// --count N the images use seeds N, N+1, …
     #[arg(long, value_name = "N")]

@@ -50,6 +50,7 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
 
     let request = |size: Size| Request {
         prompt: args.prompt.clone(),
+        negative_prompt: String::new(),
         references: references.clone(),
         width: Some(size.width as usize),
         height: Some(size.height as usize),

@@ -51,6 +51,24 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     if args.seed.is_none() {
         reporter.info(&format!("seed {first_seed}"));
     }
+    let cfg = !pipeline.is_distilled() && guidance > 1.0;
+    if !cfg
+        && args
+            .negative_prompt
+            .as_deref()
+            .is_some_and(|p| !p.is_empty())
+    {
+        reporter.warn(&format!(
+            "--negative-prompt is ignored: it only acts through classifier-free guidance, \
+             which runs on base checkpoints with --guidance > 1 ({} is {}, guidance {guidance})",
+            pipeline.model.id,
+            if pipeline.is_distilled() {
+                "distilled"
+            } else {
+                "a base checkpoint"
+            }
+        ));
+    }
     reporter.detail(&format!(
         "model {} ({}), device {}, dtype {} (VAE {}), {steps} steps, guidance {guidance}",
         pipeline.model.label(),
@@ -77,6 +95,7 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
         .iter()
         .map(|&(prompt, seed)| Request {
             prompt: prompt.to_string(),
+            negative_prompt: args.negative_prompt.clone().unwrap_or_default(),
             references: references.clone(),
             width,
             height,
@@ -85,7 +104,7 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             seed,
         })
         .collect();
-    let run_info = RunInfo::of(&pipeline);
+    let run_info = RunInfo::of(&pipeline, guidance);
     let device = pipeline.options.device.clone();
     // Progress events and the per-image callback both report.
     let reporter = std::cell::RefCell::new(reporter);
@@ -175,6 +194,8 @@ fn warn_ignored_guidance(pipeline: &Pipeline, guidance: f64, reporter: &mut Repo
 
 /// What every image of a run shares, for its metadata.
 struct RunInfo {
+    /// Whether classifier-free guidance runs (a base checkpoint with guidance > 1).
+    cfg: bool,
     model: String,
     revision: Option<String>,
     device: String,
@@ -183,9 +204,10 @@ struct RunInfo {
 }
 
 impl RunInfo {
-    fn of(pipeline: &Pipeline) -> Self {
+    fn of(pipeline: &Pipeline, guidance: f64) -> Self {
         let o = &pipeline.options;
         Self {
+            cfg: !pipeline.is_distilled() && guidance > 1.0,
             model: pipeline.model.id.clone(),
             revision: pipeline.model.revision.clone(),
             device: device_name(&o.device),
@@ -197,8 +219,14 @@ impl RunInfo {
 
 /// The parameters needed to reproduce the image (PNG text chunks).
 fn metadata(run: &RunInfo, request: &Request, generated: &Generated) -> Vec<(String, String)> {
-    let mut meta = vec![
-        ("prompt".to_string(), request.prompt.clone()),
+    let mut meta = vec![("prompt".to_string(), request.prompt.clone())];
+    if run.cfg && !request.negative_prompt.is_empty() {
+        meta.push((
+            "negative_prompt".to_string(),
+            request.negative_prompt.clone(),
+        ));
+    }
+    meta.extend([
         ("seed".to_string(), generated.seed.to_string()),
         ("steps".to_string(), generated.steps.to_string()),
         ("guidance".to_string(), generated.guidance.to_string()),
@@ -207,7 +235,7 @@ fn metadata(run: &RunInfo, request: &Request, generated: &Generated) -> Vec<(Str
             format!("{}x{}", generated.width, generated.height),
         ),
         ("model".to_string(), run.model.clone()),
-    ];
+    ]);
     if let Some(rev) = &run.revision {
         meta.push(("revision".to_string(), rev.clone()));
     }
