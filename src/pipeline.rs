@@ -103,7 +103,8 @@ impl Request {
 /// A reference image with the name it came from (for metadata and messages).
 #[derive(Debug, Clone)]
 pub struct Reference {
-    pub image: image::DynamicImage,
+    /// Shared: a batch hands the same references to many requests.
+    pub image: std::sync::Arc<image::DynamicImage>,
     pub name: String,
 }
 
@@ -337,7 +338,8 @@ impl Pipeline {
     /// another (first image soonest). Either way each image is computed exactly as a single
     /// `generate` would compute it (batch size 1 through every model).
     ///
-    /// Every request is checked (references, size, steps) before any weights load.
+    /// The requests of a chunk are checked (references, size, steps) before its first model
+    /// work; front ends check what they can for the whole batch up front (the CLI does).
     pub fn generate_batch(
         &mut self,
         requests: &[Request],
@@ -345,21 +347,22 @@ impl Pipeline {
         on_image: &mut dyn FnMut(usize, Generated) -> Result<()>,
     ) -> Result<()> {
         let total = requests.len();
-        let mut jobs = Vec::with_capacity(total);
-        for (index, request) in requests.iter().enumerate() {
-            jobs.push(in_job(self.plan(request, events), index, total)?);
-        }
-        let chunk = if self.options.keep_resident {
+        let chunk_len = if self.options.keep_resident {
             1
         } else {
             BATCH_CHUNK
         };
         let resident = self.options.keep_resident;
         let mut reuse = Reuse::default();
-        let mut first = 0;
-        for chunk in jobs.chunks_mut(chunk) {
-            let indices = first..first + chunk.len();
-            first += chunk.len();
+        for (c, requests) in requests.chunks(chunk_len).enumerate() {
+            let first = c * chunk_len;
+            let indices = first..first + requests.len();
+            // Planned per chunk, so only this chunk's prepared references are in memory.
+            let mut jobs = Vec::with_capacity(requests.len());
+            for (i, request) in indices.clone().zip(requests) {
+                jobs.push(in_job(self.plan(request, events), i, total)?);
+            }
+            let chunk = jobs.as_mut_slice();
             let each = |f: &mut dyn FnMut(usize, &mut Job) -> Result<()>,
                         chunk: &mut [Job]|
              -> Result<()> {

@@ -51,5 +51,8 @@ fn load_reference(path: &Path) -> Result<Reference> {
              at most {MAX_ASPECT}:1 is supported; crop it first"
         );
     }
-    Ok(Reference { image, name })
+    Ok(Reference {
+        image: std::sync::Arc::new(image),
+        name,
+    })
 }
