@@ -449,3 +449,29 @@ fn truncated_jpeg_reference() {
     assert_runtime_error(&o, &["cut.jpg", "truncated"]);
     assert_no_output(&dir, &["cut.jpg"]);
 }
+
+#[test]
+fn prompt_file_json_line_errors_name_the_line() {
+    let dir = TempDir::new("jsonlerr");
+    std::fs::write(
+        dir.join("jobs.txt"),
+        "a fox\n{\"prompt\": \"b\", \"widht\": 512}\n",
+    )
+    .unwrap();
+    let o = run_in(
+        dir.path(),
+        &["generate", "--prompt-file", "jobs.txt", "-m", "./nope"],
+    );
+    assert_runtime_error(&o, &["jobs.txt line 2", "widht"]);
+    std::fs::write(
+        dir.join("refs.txt"),
+        "{\"prompt\": \"b\", \"ref\": [\"missing.png\"]}\n",
+    )
+    .unwrap();
+    let o = run_in(
+        dir.path(),
+        &["generate", "--prompt-file", "refs.txt", "-m", "./nope"],
+    );
+    assert_runtime_error(&o, &["missing.png", "does not exist"]);
+    assert_no_output(&dir, &["jobs.txt", "refs.txt"]);
+}

@@ -425,3 +425,57 @@ fn negative_prompt_on_a_base_model() {
         .iter()
         .any(|(k, v)| k == "negative_prompt" && v == "blurry, low quality"));
 }
+
+#[test]
+fn prompt_file_json_lines_set_each_image() {
+    // Per-line seed, size, references and output, mixed with a plain line; each image equals
+    // its diffusers golden (t2i_64x128: 128x64 seed 0; edit2_64x64: two references).
+    let dir = tmp_dir("jsonl");
+    let (r0, r1) = (case_ref("edit2_64x64", 0), case_ref("edit2_64x64", 1));
+    let json = |v: serde_json::Value| v.to_string();
+    let lines = [
+        json(
+            serde_json::json!({"prompt": GIFU, "seed": 0, "width": 128, "height": 64,
+                                "output": dir.join("wide.png")}),
+        ),
+        json(
+            serde_json::json!({"prompt": GIFU, "seed": 0, "ref": [r0, r1],
+                                "output": dir.join("edit.png")}),
+        ),
+        "a lighthouse at dusk".to_string(),
+    ];
+    let file = dir.join("jobs.txt");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let result = bin()
+        .args(["-q", "generate", "-m", &model("tiny-w0"), "--prompt-file"])
+        .arg(&file)
+        .args(["-W", "64", "-H", "64", "--seed", "5", "-o"])
+        .arg(dir.join("plain-{seed}.png"))
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let printed: Vec<PathBuf> = String::from_utf8_lossy(&result.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .collect();
+    assert_eq!(
+        printed,
+        vec![
+            dir.join("wide.png"),
+            dir.join("edit.png"),
+            dir.join("plain-5.png")
+        ]
+    );
+    for (file, case) in [("wide.png", "t2i_64x128"), ("edit.png", "edit2_64x64")] {
+        let img = image::open(dir.join(file)).unwrap().to_rgb8();
+        let (max, _) = diff(&img, &golden(case));
+        assert!(max <= 1, "{file} vs {case}: max diff {max}");
+    }
+    let plain = image::open(dir.join("plain-5.png")).unwrap().to_rgb8();
+    assert_eq!(plain.dimensions(), (64, 64));
+    let _ = std::fs::remove_dir_all(&dir);
+}

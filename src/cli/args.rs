@@ -84,17 +84,23 @@ pub struct PromptArgs {
     pub prompt: Option<String>,
 
     /// Batch mode: one prompt per line (`-` = stdin; blank lines and lines starting with `#`
-    /// are skipped). The models load once for all of them.
+    /// are skipped), or a JSON object per line with per-image settings ({"prompt": …,
+    /// "seed": …, "width": …, "height": …, "ref": […], "output": …, "negative_prompt": …,
+    /// "steps": …, "guidance": …}). The models load once for all of them.
     #[arg(long, value_name = "PATH")]
     pub prompt_file: Option<PathBuf>,
 }
 
 impl PromptArgs {
-    /// The prompts to run, in order.
-    pub fn prompts(&self) -> anyhow::Result<Vec<String>> {
+    /// The jobs to run, in order: the one `--prompt`, or the lines of `--prompt-file`.
+    pub fn jobs(&self) -> anyhow::Result<Vec<PromptJob>> {
         use anyhow::Context;
         let Some(path) = &self.prompt_file else {
-            return Ok(self.prompt.iter().cloned().collect());
+            return Ok(self
+                .prompt
+                .iter()
+                .map(|p| PromptJob::plain(p.clone()))
+                .collect());
         };
         let text = if path.as_os_str() == "-" {
             std::io::read_to_string(std::io::stdin()).context("reading prompts from stdin")?
@@ -106,26 +112,92 @@ impl PromptArgs {
                 )
             })?
         };
-        let prompts = parse_prompt_lines(&text);
-        if prompts.is_empty() {
+        let jobs = parse_prompt_lines(&text).map_err(|(line, e)| {
+            anyhow::anyhow!("prompt file {} line {line}: {e}", path.display())
+        })?;
+        if jobs.is_empty() {
             anyhow::bail!(
                 "the prompt file {} has no prompts — write one per line (blank lines and lines \
                  starting with # are skipped)",
                 path.display()
             );
         }
-        Ok(prompts)
+        Ok(jobs)
     }
 }
 
-/// The prompts of a prompt file: one per line, trailing whitespace (and `\r`) trimmed, blank
-/// lines and `#` comments skipped.
-pub fn parse_prompt_lines(text: &str) -> Vec<String> {
-    text.lines()
-        .map(str::trim_end)
-        .filter(|l| !l.trim_start().is_empty() && !l.trim_start().starts_with('#'))
-        .map(str::to_string)
-        .collect()
+/// One line of a prompt file: a prompt, with optional per-line settings (a JSON line).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptJob {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    /// First seed of this line's images (else --seed).
+    pub seed: Option<u64>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub steps: Option<u32>,
+    pub guidance: Option<f64>,
+    /// Reference images of this line (else --ref; `[]` for none).
+    #[serde(rename = "ref")]
+    pub refs: Option<Vec<PathBuf>>,
+    /// Output path of this line's images (else --output), with `{seed}` / `{index}`.
+    pub output: Option<PathBuf>,
+}
+
+impl PromptJob {
+    pub fn plain(prompt: String) -> Self {
+        Self {
+            prompt,
+            negative_prompt: None,
+            seed: None,
+            width: None,
+            height: None,
+            steps: None,
+            guidance: None,
+            refs: None,
+            output: None,
+        }
+    }
+
+    /// The same range checks as the command-line options.
+    fn check(&self) -> Result<(), String> {
+        for v in [self.width, self.height].into_iter().flatten() {
+            parse_side(&v.to_string())?;
+        }
+        if self.steps == Some(0) {
+            return Err("\"steps\" must be at least 1".into());
+        }
+        if let Some(g) = self.guidance {
+            parse_guidance(&g.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// The jobs of a prompt file: one per line, trailing whitespace (and `\r`) trimmed, blank
+/// lines and `#` comments skipped. A line starting with `{` is a JSON object with `prompt`
+/// and optional `negative_prompt`, `seed`, `width`, `height`, `steps`, `guidance`, `ref`
+/// (array of paths) and `output`; any other line is a plain prompt. Errors carry the
+/// 1-based line number.
+pub fn parse_prompt_lines(text: &str) -> Result<Vec<PromptJob>, (usize, String)> {
+    let mut jobs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end();
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        if trimmed.starts_with('{') {
+            let job: PromptJob =
+                serde_json::from_str(trimmed).map_err(|e| (i + 1, e.to_string()))?;
+            job.check().map_err(|e| (i + 1, e))?;
+            jobs.push(job);
+        } else {
+            jobs.push(PromptJob::plain(line.to_string()));
+        }
+    }
+    Ok(jobs)
 }
 
 /// Which weights, on which device, in which dtype.
@@ -389,11 +461,32 @@ mod tests {
 
     #[test]
     fn prompt_file_lines() {
+        let plain = |p: &str| PromptJob::plain(p.to_string());
         assert_eq!(
             parse_prompt_lines("# header\r\na fox  \r\n\n   \n  # indented comment\n  two words\n"),
-            vec!["a fox".to_string(), "  two words".to_string()]
+            Ok(vec![plain("a fox"), plain("  two words")])
         );
-        assert!(parse_prompt_lines("").is_empty());
+        assert_eq!(parse_prompt_lines(""), Ok(vec![]));
+        let jobs = parse_prompt_lines(
+            "x\n{\"prompt\": \"y\", \"seed\": 7, \"width\": 512, \"ref\": [\"a.png\"], \"output\": \"o.png\"}\n",
+        )
+        .unwrap();
+        assert_eq!(jobs[0], plain("x"));
+        assert_eq!(jobs[1].prompt, "y");
+        assert_eq!(jobs[1].seed, Some(7));
+        assert_eq!(jobs[1].width, Some(512));
+        assert_eq!(jobs[1].refs, Some(vec![PathBuf::from("a.png")]));
+        assert_eq!(jobs[1].output, Some(PathBuf::from("o.png")));
+        let (line, err) = parse_prompt_lines("a\n{\"prompt\": \"b\", \"sede\": 1}").unwrap_err();
+        assert_eq!(line, 2);
+        assert!(err.contains("sede"), "{err}");
+        let (line, err) = parse_prompt_lines("{\"prompt\": \"b\", \"width\": 10}").unwrap_err();
+        assert_eq!(line, 1);
+        assert!(err.contains("too small"), "{err}");
+        assert!(
+            parse_prompt_lines("{\"seed\": 1}").is_err(),
+            "prompt is required"
+        );
     }
 
     #[test]

@@ -5,14 +5,16 @@
 use std::io::Write;
 use std::path::Path;
 
+use std::collections::HashMap;
+
 use anyhow::Result;
 use candle_core::Device;
 use flux2_klein::model_dir::ModelDir;
 use flux2_klein::pipeline::{
-    floor_to_multiple_of_16, Generated, Pipeline, PipelineOptions, Request,
+    floor_to_multiple_of_16, Generated, Pipeline, PipelineOptions, Reference, Request,
 };
 
-use super::args::{GenerateArgs, ModelArgs, SamplingArgs};
+use super::args::{GenerateArgs, ModelArgs, PromptJob, SamplingArgs};
 use super::device::{device_name, dtype_name, pipeline_options};
 use super::output::{check_output, output_paths, Format};
 use super::progress::{fmt_bytes, fmt_duration, Reporter};
@@ -21,15 +23,22 @@ use flux2_klein::image_io::save_image;
 
 pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     // --- Cheap checks, before any weights are touched. ---
-    let prompts = args.prompt.prompts()?;
+    let jobs = args.prompt.jobs()?;
     let first_seed = args.seed.unwrap_or_else(random_seed);
-    // Every prompt runs with seeds first_seed, first_seed + 1, … (--count of them).
-    let jobs: Vec<(&str, u64)> = prompts
+    // Every job (prompt line) makes --count images with seeds s, s + 1, … where s is the
+    // line's own seed or --seed.
+    let images: Vec<(&PromptJob, u64)> = jobs
         .iter()
-        .flat_map(|p| (0..args.count as u64).map(move |c| (p.as_str(), first_seed.wrapping_add(c))))
+        .flat_map(|job| {
+            let seed = job.seed.unwrap_or(first_seed);
+            (0..args.count as u64).map(move |c| (job, seed.wrapping_add(c)))
+        })
         .collect();
-    let seeds: Vec<u64> = jobs.iter().map(|&(_, seed)| seed).collect();
-    let outputs = output_paths(args.output.as_deref(), &seeds)?;
+    let templates: Vec<(Option<&Path>, u64)> = images
+        .iter()
+        .map(|&(job, seed)| (job.output.as_deref().or(args.output.as_deref()), seed))
+        .collect();
+    let outputs = output_paths(&templates)?;
     let mut checked_dirs = std::collections::HashSet::new();
     for path in &outputs {
         // The format of every name; the directory probe once per directory.
@@ -38,8 +47,28 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             check_output(path)?;
         }
     }
-    let references = load_references(&args.refs)?;
-    warn_many_refs(references.len(), reporter);
+    // Each distinct reference file is decoded and checked once.
+    let mut loaded: HashMap<&Path, Reference> = HashMap::new();
+    for path in jobs
+        .iter()
+        .flat_map(|job| job.refs.as_deref().unwrap_or(&args.refs))
+    {
+        if !loaded.contains_key(path.as_path()) {
+            let reference = load_references(std::slice::from_ref(path))?.remove(0);
+            loaded.insert(path.as_path(), reference);
+        }
+    }
+    let references_of = |job: &PromptJob| -> Vec<Reference> {
+        job.refs
+            .as_deref()
+            .unwrap_or(&args.refs)
+            .iter()
+            .map(|p| loaded[p.as_path()].clone())
+            .collect()
+    };
+    for job in &jobs {
+        warn_many_refs(job.refs.as_ref().unwrap_or(&args.refs).len(), reporter);
+    }
     let width = floor_to_16("width", args.width, reporter);
     let height = floor_to_16("height", args.height, reporter);
     let options = pipeline_options(&args.model, args.resident)?;
@@ -48,26 +77,29 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     let (mut pipeline, steps, guidance) =
         load_pipeline(&args.model, &args.sampling, options, reporter)?;
 
-    if args.seed.is_none() {
+    if args.seed.is_none() && jobs.iter().any(|j| j.seed.is_none()) {
         reporter.info(&format!("seed {first_seed}"));
     }
-    let cfg = !pipeline.is_distilled() && guidance > 1.0;
-    if !cfg
-        && args
+    for job in &jobs {
+        let guidance = job.guidance.unwrap_or(guidance);
+        let negative = job
             .negative_prompt
-            .as_deref()
-            .is_some_and(|p| !p.is_empty())
-    {
-        reporter.warn(&format!(
-            "--negative-prompt is ignored: it only acts through classifier-free guidance, \
-             which runs on base checkpoints with --guidance > 1 ({} is {}, guidance {guidance})",
-            pipeline.model.id,
-            if pipeline.is_distilled() {
-                "distilled"
-            } else {
-                "a base checkpoint"
-            }
-        ));
+            .as_ref()
+            .or(args.negative_prompt.as_ref());
+        let cfg = !pipeline.is_distilled() && guidance > 1.0;
+        if !cfg && negative.is_some_and(|p| !p.is_empty()) {
+            reporter.warn(&format!(
+                "the negative prompt is ignored: it only acts through classifier-free \
+                 guidance, which runs on base checkpoints with --guidance > 1 ({} is {}, \
+                 guidance {guidance})",
+                pipeline.model.id,
+                if pipeline.is_distilled() {
+                    "distilled"
+                } else {
+                    "a base checkpoint"
+                }
+            ));
+        }
     }
     reporter.detail(&format!(
         "model {} ({}), device {}, dtype {} (VAE {}), {steps} steps, guidance {guidance}",
@@ -81,30 +113,35 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
         dtype_name(pipeline.options.dtype),
         dtype_name(pipeline.options.vae_dtype.unwrap_or(pipeline.options.dtype)),
     ));
-    if jobs.len() > 1 {
+    if images.len() > 1 {
         reporter.info(&format!(
             "{} images ({} prompt{} × {})",
+            images.len(),
             jobs.len(),
-            prompts.len(),
-            if prompts.len() == 1 { "" } else { "s" },
+            if jobs.len() == 1 { "" } else { "s" },
             args.count
         ));
     }
 
-    let requests: Vec<Request> = jobs
+    let requests: Vec<Request> = images
         .iter()
-        .map(|&(prompt, seed)| Request {
-            prompt: prompt.to_string(),
-            negative_prompt: args.negative_prompt.clone().unwrap_or_default(),
-            references: references.clone(),
-            width,
-            height,
-            steps: Some(steps),
-            guidance: Some(guidance),
+        .map(|&(job, seed)| Request {
+            prompt: job.prompt.clone(),
+            negative_prompt: job
+                .negative_prompt
+                .clone()
+                .or_else(|| args.negative_prompt.clone())
+                .unwrap_or_default(),
+            references: references_of(job),
+            // A line's own size is floored (with a warning) by the pipeline.
+            width: job.width.map(|w| w as usize).or(width),
+            height: job.height.map(|h| h as usize).or(height),
+            steps: Some(job.steps.map_or(steps, |s| s as usize)),
+            guidance: Some(job.guidance.unwrap_or(guidance)),
             seed,
         })
         .collect();
-    let run_info = RunInfo::of(&pipeline, guidance);
+    let run_info = RunInfo::of(&pipeline);
     let device = pipeline.options.device.clone();
     // Progress events and the per-image callback both report.
     let reporter = std::cell::RefCell::new(reporter);
@@ -194,8 +231,8 @@ fn warn_ignored_guidance(pipeline: &Pipeline, guidance: f64, reporter: &mut Repo
 
 /// What every image of a run shares, for its metadata.
 struct RunInfo {
-    /// Whether classifier-free guidance runs (a base checkpoint with guidance > 1).
-    cfg: bool,
+    /// Classifier-free guidance runs when the checkpoint is not distilled and guidance > 1.
+    distilled: bool,
     model: String,
     revision: Option<String>,
     device: String,
@@ -204,10 +241,10 @@ struct RunInfo {
 }
 
 impl RunInfo {
-    fn of(pipeline: &Pipeline, guidance: f64) -> Self {
+    fn of(pipeline: &Pipeline) -> Self {
         let o = &pipeline.options;
         Self {
-            cfg: !pipeline.is_distilled() && guidance > 1.0,
+            distilled: pipeline.is_distilled(),
             model: pipeline.model.id.clone(),
             revision: pipeline.model.revision.clone(),
             device: device_name(&o.device),
@@ -220,7 +257,8 @@ impl RunInfo {
 /// The parameters needed to reproduce the image (PNG text chunks).
 fn metadata(run: &RunInfo, request: &Request, generated: &Generated) -> Vec<(String, String)> {
     let mut meta = vec![("prompt".to_string(), request.prompt.clone())];
-    if run.cfg && !request.negative_prompt.is_empty() {
+    let cfg = !run.distilled && generated.guidance > 1.0;
+    if cfg && !request.negative_prompt.is_empty() {
         meta.push((
             "negative_prompt".to_string(),
             request.negative_prompt.clone(),

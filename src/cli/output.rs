@@ -66,23 +66,31 @@ pub fn output_path(arg: Option<&Path>, seed: u64, index: usize, total: usize) ->
     }
 }
 
-/// The output paths of a run, one per seed in order; an error, before any work, when two
-/// images would get the same file.
-pub fn output_paths(arg: Option<&Path>, seeds: &[u64]) -> Result<Vec<PathBuf>> {
-    let total = seeds.len();
-    let paths: Vec<PathBuf> = seeds
+/// The output paths of a run, one per image in order, from each image's `--output` template
+/// (or none) and seed; an error, before any work, when two images would get the same file.
+pub fn output_paths(images: &[(Option<&Path>, u64)]) -> Result<Vec<PathBuf>> {
+    let total = images.len();
+    let paths: Vec<PathBuf> = images
         .iter()
         .enumerate()
-        .map(|(i, &seed)| output_path(arg, seed, i, total))
+        .map(|(i, &(template, seed))| output_path(template, seed, i, total))
         .collect();
-    let mut seen = std::collections::HashSet::new();
-    if let Some(dup) = paths.iter().find(|p| !seen.insert(*p)) {
-        let arg = arg.map(|p| p.display().to_string()).unwrap_or_default();
-        bail!(
-            "--output {arg} gives the same file ({}) to several of the {total} images — put \
-             {{index}} in it, e.g. --output out-{{index}}.png",
-            dup.display()
-        );
+    let mut seen = std::collections::HashMap::new();
+    for (i, p) in paths.iter().enumerate() {
+        if let Some(first) = seen.insert(p, i) {
+            let template = images[i]
+                .0
+                .or(images[first].0)
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            bail!(
+                "output {template} gives the same file ({}) to images {} and {} of {total} — put \
+                 {{index}} in it, e.g. --output out-{{index}}.png",
+                p.display(),
+                first + 1,
+                i + 1
+            );
+        }
     }
     Ok(paths)
 }
@@ -172,17 +180,26 @@ mod tests {
             PathBuf::from("b/10.png")
         );
         // Batches need names that differ.
-        let two_prompts = [5, 5];
-        assert!(output_paths(Some(Path::new("x-{seed}.png")), &two_prompts).is_err());
-        let err = output_paths(Some(Path::new("x.png")), &[1, 2])
+        let seeded = Some(Path::new("x-{seed}.png"));
+        assert!(output_paths(&[(seeded, 5), (seeded, 5)]).is_err());
+        let fixed = Some(Path::new("x.png"));
+        let err = output_paths(&[(fixed, 1), (fixed, 2)])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("{index}"), "{err}");
+        assert!(
+            err.contains("{index}") && err.contains("images 1 and 2"),
+            "{err}"
+        );
         assert_eq!(
-            output_paths(Some(Path::new("x-{seed}.png")), &[1, 2]).unwrap(),
+            output_paths(&[(seeded, 1), (seeded, 2)]).unwrap(),
             vec![PathBuf::from("x-1.png"), PathBuf::from("x-2.png")]
         );
-        assert_eq!(output_paths(None, &two_prompts).unwrap().len(), 2);
+        assert_eq!(output_paths(&[(None, 5), (None, 5)]).unwrap().len(), 2);
+        // Per-image templates (prompt-file lines) may differ.
+        assert_eq!(
+            output_paths(&[(fixed, 5), (Some(Path::new("y.png")), 5)]).unwrap(),
+            vec![PathBuf::from("x.png"), PathBuf::from("y.png")]
+        );
     }
 
     use flux2_klein::image_io::save_image;
