@@ -8,6 +8,7 @@
 #
 #   scripts/gpu.sh                 # everything
 #   GPU_SKIP_FULL=1 scripts/gpu.sh # only the tiny-model correctness checks
+#   GPU_SKIP_AB=1, GPU_SKIP_COLD=1  # skip the speed-paths-off run / the cold-start runs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/flux2-gpu-out}"; mkdir -p "$OUT"
@@ -78,6 +79,11 @@ for f in ['$OUT/ours_bench.json','$OUT/ours_bench_edit.json']:
     except Exception as e: print(f, 'unreadable', e); continue
     print(json.dumps(d.get('summary', d), indent=None)[:1500])
 " | tee -a "$LOG"
+
+if [ -z "${GPU_SKIP_AB:-}" ]; then
+  log "A/B: the same bench with our CUDA speed paths off (FLUX2_KLEIN_FUSED=0: candle ops, candle's cuDNN conv)"
+  FLUX2_KLEIN_FUSED=0 timeout 90 "$BIN" bench -m "$MODEL" --size 1024x1024 --runs 1 --warmup 1 2>&1 | tail -6 | tee -a "$LOG"
+fi
 
 log "flux2-klein profile of one warm 1024² run (FLUX2_KLEIN_PROFILE=1)"
 FLUX2_KLEIN_PROFILE=1 timeout 60 "$BIN" bench -m "$MODEL" --size 1024x1024 --runs 1 --warmup 1 2>&1 | tail -18 | tee -a "$LOG"
