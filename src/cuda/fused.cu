@@ -274,20 +274,25 @@ extern "C" __global__ void gn_finalize(const float* __restrict__ partial, float*
 }
 
 // y = bf16((x - mean) * rstd * w[c] + b[c]); with silu: bf16(silu(y)).
+// grid (blocks over H*W, B*C): blockIdx.y is one (batch, channel) plane, so the channel and
+// group come from one 32-bit division per block, not three 64-bit ones per element.
 extern "C" __global__ void gn_apply_bf16(const u16* __restrict__ x, const float* __restrict__ stats,
                                          const float* __restrict__ w, const float* __restrict__ bias,
-                                         u16* __restrict__ out, long long n, int c, long long hw,
-                                         int groups, int silu) {
-    int cpg = c / groups;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+                                         u16* __restrict__ out, int c, long long hw, int groups,
+                                         int silu) {
+    const int bc = blockIdx.y;
+    const int ch = bc % c;
+    const int b = bc / c;
+    const int bg = b * groups + ch / (c / groups);
+    const float mean = stats[bg * 2], rstd = stats[bg * 2 + 1];
+    const float wc = w[ch], bc_bias = bias[ch];
+    const u16* xp = x + (long long)bc * hw;
+    u16* op = out + (long long)bc * hw;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < hw;
          i += (long long)gridDim.x * blockDim.x) {
-        long long bc = i / hw;
-        int ch = (int)(bc % c);
-        long long b = bc / c;
-        long long bg = b * groups + ch / cpg;
-        float mean = stats[bg * 2], rstd = stats[bg * 2 + 1];
-        float y = (bf2f(x[i]) - mean) * rstd * w[ch] + bias[ch];
+        float y = (bf2f(xp[i]) - mean) * rstd * wc + bc_bias;
         u16 r = f2bf(y);
-        out[i] = silu ? f2bf(silu_f32(bf2f(r))) : r;
+        op[i] = silu ? f2bf(silu_f32(bf2f(r))) : r;
     }
+}
 }

@@ -572,26 +572,33 @@ impl CustomOp3 for GroupNormOp {
 
         let f_apply = load(&dev, "gn_apply_bf16")?;
         let (wv, bv) = (view_f32(ws, wl)?, view_f32(bs, bl)?);
-        let (n_i, c_i, hw_i, g_i, silu) = (
-            total as i64,
-            c as i32,
-            hw as i64,
-            g as i32,
-            self.silu as i32,
-        );
+        let (c_i, hw_i, g_i, silu) = (c as i32, hw as i64, g as i32, self.silu as i32);
         let mut bld = stream.launch_builder(&f_apply);
         bld.arg(&x);
         bld.arg(&stats);
         bld.arg(&wv);
         bld.arg(&bv);
         bld.arg(&out);
-        bld.arg(&n_i);
         bld.arg(&c_i);
         bld.arg(&hw_i);
         bld.arg(&g_i);
         bld.arg(&silu);
-        // SAFETY: arguments match `gn_apply_bf16`; every output element is written.
-        unsafe { bld.launch(grid_for(total)) }.w()?;
+        if b * c > 65535 {
+            bail!(
+                "group_norm: B·C = {} planes exceed one launch's grid",
+                b * c
+            )
+        }
+        // About four elements per thread; the y dimension walks the (batch, channel) planes.
+        let per_plane = hw.div_ceil(THREADS as usize * 4).clamp(1, 1 << 16) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (per_plane, (b * c) as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match `gn_apply_bf16`; the grid-stride loop covers every element
+        // of every plane.
+        unsafe { bld.launch(cfg) }.w()?;
         Ok((bf16::wrap_cuda_slice(out, dev), xl.shape().clone()))
     }
 }
