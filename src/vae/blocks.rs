@@ -83,8 +83,18 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         profile::span("vae.conv2d", x.device(), || {
-            if let Some(y) = self.forward_tensor_cores(x) {
-                return y;
+            match self.forward_tensor_cores(x) {
+                Some(Ok(y)) => return Ok(y),
+                // Unexpected (cuDNN refused the problem): say so once, use candle's conv.
+                Some(Err(e)) => {
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| {
+                        eprintln!(
+                            "warning: the tensor-core cuDNN conv failed ({e}); using candle's conv"
+                        )
+                    });
+                }
+                None => {}
             }
             match self.f32_compute {
                 Some(dt) => self.inner.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt),
