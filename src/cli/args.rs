@@ -49,7 +49,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Make one image from a prompt, optionally edited from / conditioned on reference images.
+    /// Make images from a prompt (or a prompt file), optionally edited from / conditioned on
+    /// reference images.
     Generate(GenerateArgs),
     /// Time the pipeline (loaded once, kept resident) over sizes and reference counts.
     Bench(BenchArgs),
@@ -289,7 +290,7 @@ pub struct GenerateArgs {
     pub negative_prompt: Option<String>,
 
     /// Seed of the (torch-compatible CPU) noise generator [default: random, printed]. With
-    /// --count N the images use seeds N, N+1, …
+    /// --count the images of a prompt use seeds S, S+1, …
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
 
