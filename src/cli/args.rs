@@ -24,6 +24,7 @@ pub const MIN_SIDE: u32 = 64;
     after_help = "Examples:\n  \
         flux2-klein generate -p \"a red fox in the snow\" -o fox.png\n  \
         flux2-klein generate -p \"make it night\" -r day.png -o night.png --seed 7\n  \
+        flux2-klein generate --prompt-file prompts.txt -n 4 -o 'out/{index}-{seed}.png'\n  \
         flux2-klein bench --size 512x512 --size 1024x1024 --runs 3\n\n\
         The image path is the only thing written to stdout; progress, warnings and errors go \
         to stderr."
