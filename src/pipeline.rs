@@ -11,6 +11,7 @@
 //! 5. transformer + Euler steps (CFG on base checkpoints)
 //! 6. unpack → BN de-normalise → unpatchify → VAE decoder → uint8 image
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -155,6 +156,12 @@ pub struct Generated {
     pub timings: Timings,
 }
 
+/// Classifier-free guidance runs on base (non-distilled) checkpoints with guidance > 1 only
+/// (spec §8).
+pub fn uses_cfg(is_distilled: bool, guidance: f64) -> bool {
+    guidance > 1.0 && !is_distilled
+}
+
 /// diffusers floors output sizes to multiples of 16 (VAE factor 8 × 2×2 patches, spec §8).
 pub fn floor_to_multiple_of_16(px: usize) -> usize {
     px / 16 * 16
@@ -189,8 +196,9 @@ pub const BATCH_CHUNK: usize = 16;
 /// One request on its way through the stages of [`Pipeline::generate_batch`].
 struct Job<'r> {
     request: &'r Request,
-    /// Prepared (capped, centre-cropped) reference images.
-    references: Vec<image::RgbImage>,
+    /// Prepared (capped, centre-cropped) reference images, shared with the requests before it
+    /// that use the same images.
+    references: Prepared,
     width: usize,
     height: usize,
     grid_h: usize,
@@ -212,15 +220,24 @@ struct Job<'r> {
 /// (prompt, negative prompt when CFG runs)
 type PromptKey = (String, Option<String>);
 
+/// A request's prepared (capped, centre-cropped) reference images.
+type Prepared = Arc<Vec<image::RgbImage>>;
+
+/// One stage's work on one request of a batch: (events, request index, its job).
+type StageFn<'a> = dyn for<'r> FnMut(&mut dyn FnMut(Event), usize, &mut Job<'r>) -> Result<()> + 'a;
+
 /// What consecutive requests of a batch share is computed once: the prompt embeddings
-/// (`--count` runs one prompt with several seeds) and the encoded references (edits of one
-/// set of images). Tensors are immutable, so sharing them is exact.
+/// (`--count` runs one prompt with several seeds) and the prepared and encoded references
+/// (edits of one set of images, recognised by the identity of their shared `Arc`s). Tensors
+/// are immutable, so sharing them is exact.
 #[derive(Default)]
 struct Reuse {
     /// The prompt and (with CFG) the negative prompt, their embeddings.
     prompt: Option<(PromptKey, Tensor, Option<Tensor>)>,
+    /// (source images, prepared images)
+    prepared: Option<(Vec<Arc<image::DynamicImage>>, Prepared)>,
     /// (prepared images, packed tokens, ids)
-    references: Option<(Vec<image::RgbImage>, Tensor, Vec<Tensor>)>,
+    references: Option<(Prepared, Tensor, Vec<Tensor>)>,
 }
 
 /// The FLUX.2 [klein] pipeline.
@@ -261,6 +278,11 @@ impl Pipeline {
     /// Distilled checkpoints never run CFG (spec §8).
     pub fn is_distilled(&self) -> bool {
         self.model.index.is_distilled
+    }
+
+    /// Whether a request with this guidance runs classifier-free guidance ([`uses_cfg`]).
+    pub fn uses_cfg(&self, guidance: f64) -> bool {
+        uses_cfg(self.is_distilled(), guidance)
     }
 
     pub fn default_steps(&self) -> usize {
@@ -360,55 +382,35 @@ impl Pipeline {
             // Planned per chunk, so only this chunk's prepared references are in memory.
             let mut jobs = Vec::with_capacity(requests.len());
             for (i, request) in indices.clone().zip(requests) {
-                jobs.push(in_job(self.plan(request, events), i, total)?);
+                jobs.push(in_job(self.plan(request, &mut reuse, events), i, total)?);
             }
-            let chunk = jobs.as_mut_slice();
-            let each = |f: &mut dyn FnMut(usize, &mut Job) -> Result<()>,
-                        chunk: &mut [Job]|
-             -> Result<()> {
-                for (i, job) in indices.clone().zip(chunk.iter_mut()) {
-                    in_job(f(i, job), i, total)?;
+            // One stage over the chunk's requests, announcing each request to `events`.
+            let mut each = |events: &mut dyn FnMut(Event), f: &mut StageFn| -> Result<()> {
+                for (i, job) in indices.clone().zip(jobs.iter_mut()) {
+                    if total > 1 {
+                        events(Event::Job { index: i, total });
+                    }
+                    in_job(f(events, i, job), i, total)?;
                 }
                 Ok(())
             };
-            each(
-                &mut |i, job| {
-                    job_event(events, i, total);
-                    self.encode_prompt(job, &mut reuse, events)
-                },
-                chunk,
-            )?;
+            each(events, &mut |ev, _, job| {
+                self.encode_prompt(job, &mut reuse, ev)
+            })?;
             if !resident {
                 self.text_encoder = None;
             }
-            each(
-                &mut |i, job| {
-                    job_event(events, i, total);
-                    self.encode_references(job, &mut reuse, events)
-                },
-                chunk,
-            )?;
+            each(events, &mut |ev, _, job| {
+                self.encode_references(job, &mut reuse, ev)
+            })?;
             if !resident {
                 self.vae_encoder = None;
             }
-            each(
-                &mut |i, job| {
-                    job_event(events, i, total);
-                    self.denoise(job, events)
-                },
-                chunk,
-            )?;
+            each(events, &mut |ev, _, job| self.denoise(job, ev))?;
             if !resident {
                 self.transformer = None;
             }
-            each(
-                &mut |i, job| {
-                    job_event(events, i, total);
-                    let generated = self.decode(job, events)?;
-                    on_image(i, generated)
-                },
-                chunk,
-            )?;
+            each(events, &mut |ev, i, job| on_image(i, self.decode(job, ev)?))?;
             if !resident {
                 self.vae_decoder = None;
             }
@@ -420,7 +422,12 @@ impl Pipeline {
     }
 
     /// Settings and reference preprocessing (cheap; fails before any model work on bad input).
-    fn plan<'r>(&self, request: &'r Request, events: &mut dyn FnMut(Event)) -> Result<Job<'r>> {
+    fn plan<'r>(
+        &self,
+        request: &'r Request,
+        reuse: &mut Reuse,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<Job<'r>> {
         let t = Instant::now();
         // Settings (spec §8): CFG only for base checkpoints with guidance > 1.
         let steps = request.steps.unwrap_or_else(|| self.default_steps());
@@ -428,15 +435,10 @@ impl Pipeline {
             bail!("--steps must be at least 1");
         }
         let guidance = request.guidance.unwrap_or_else(|| self.default_guidance());
-        let do_cfg = guidance > 1.0 && !self.is_distilled();
+        let do_cfg = self.uses_cfg(guidance);
         // Distilled checkpoints ignore guidance > 1 (diffusers only logs a warning); front ends
         // warn before loading anything, see `cli::generate`.
-        let mut references = Vec::with_capacity(request.references.len());
-        for r in &request.references {
-            let rgb = image_io::prepare_reference(&r.image)
-                .with_context(|| format!("reference image {}", r.name))?;
-            references.push(rgb);
-        }
+        let references = self.prepare_references(request, reuse)?;
         let first = references
             .first()
             .map(|im| (im.width() as usize, im.height() as usize));
@@ -465,6 +467,31 @@ impl Pipeline {
             latents: None,
             timings,
         })
+    }
+
+    /// The request's references capped and centre-cropped; the same (shared) images as the
+    /// previous request's give the same prepared set without redoing the resize.
+    fn prepare_references(&self, request: &Request, reuse: &mut Reuse) -> Result<Prepared> {
+        if let Some((sources, prepared)) = &reuse.prepared {
+            let same = sources.len() == request.references.len()
+                && sources
+                    .iter()
+                    .zip(&request.references)
+                    .all(|(a, b)| Arc::ptr_eq(a, &b.image));
+            if same {
+                return Ok(prepared.clone());
+            }
+        }
+        let mut prepared = Vec::with_capacity(request.references.len());
+        for r in &request.references {
+            let rgb = image_io::prepare_reference(&r.image)
+                .with_context(|| format!("reference image {}", r.name))?;
+            prepared.push(rgb);
+        }
+        let prepared = Arc::new(prepared);
+        let sources = request.references.iter().map(|r| r.image.clone()).collect();
+        reuse.prepared = Some((sources, prepared.clone()));
+        Ok(prepared)
     }
 
     /// Stage 2: the prompt (and, for CFG, the empty negative prompt) through Qwen3.
@@ -535,7 +562,7 @@ impl Pipeline {
             return Ok(());
         }
         if let Some((images, tokens, ids)) = &reuse.references {
-            if *images == job.references {
+            if Arc::ptr_eq(images, &job.references) {
                 job.reference_tokens = Some(tokens.clone());
                 job.reference_ids = ids.clone();
                 return Ok(());
@@ -727,12 +754,6 @@ fn classifier_free_guidance(cond: &Tensor, uncond: &Tensor, guidance: f64) -> Re
     let diff = (cond - uncond)?;
     let scaled = (diff.to_dtype(DType::F32)? * guidance)?.to_dtype(dtype)?;
     Ok((uncond + scaled)?)
-}
-
-fn job_event(events: &mut dyn FnMut(Event), index: usize, total: usize) {
-    if total > 1 {
-        events(Event::Job { index, total });
-    }
 }
 
 /// In a batch, errors name the image they belong to ("image 3 of 10: …").

@@ -2,23 +2,22 @@
 //! sizes, device), then resolve the model, run the pipeline once per prompt, and write each
 //! image atomically at the very end.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-
-use std::collections::HashMap;
 
 use anyhow::Result;
 use candle_core::Device;
 use flux2_klein::model_dir::ModelDir;
 use flux2_klein::pipeline::{
-    floor_to_multiple_of_16, Generated, Pipeline, PipelineOptions, Reference, Request,
+    floor_to_multiple_of_16, uses_cfg, Generated, Pipeline, PipelineOptions, Reference, Request,
 };
 
 use super::args::{GenerateArgs, ModelArgs, PromptJob, SamplingArgs};
 use super::device::{device_name, dtype_name, pipeline_options};
 use super::output::{check_output, output_paths, Format};
 use super::progress::{fmt_bytes, fmt_duration, Reporter};
-use super::references::{load_references, TRAINED_MAX_REFS};
+use super::references::{load_reference, TRAINED_MAX_REFS};
 use flux2_klein::image_io::save_image;
 
 pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
@@ -54,8 +53,7 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
         .flat_map(|job| job.refs.as_deref().unwrap_or(&args.refs))
     {
         if !loaded.contains_key(path.as_path()) {
-            let reference = load_references(std::slice::from_ref(path))?.remove(0);
-            loaded.insert(path.as_path(), reference);
+            loaded.insert(path.as_path(), load_reference(path)?);
         }
     }
     let references_of = |job: &PromptJob| -> Vec<Reference> {
@@ -86,8 +84,7 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             .negative_prompt
             .as_ref()
             .or(args.negative_prompt.as_ref());
-        let cfg = !pipeline.is_distilled() && guidance > 1.0;
-        if !cfg && negative.is_some_and(|p| !p.is_empty()) {
+        if !pipeline.uses_cfg(guidance) && negative.is_some_and(|p| !p.is_empty()) {
             reporter.warn(&format!(
                 "the negative prompt is ignored: it only acts through classifier-free \
                  guidance, which runs on base checkpoints with --guidance > 1 ({} is {}, \
@@ -231,7 +228,7 @@ fn warn_ignored_guidance(pipeline: &Pipeline, guidance: f64, reporter: &mut Repo
 
 /// What every image of a run shares, for its metadata.
 struct RunInfo {
-    /// Classifier-free guidance runs when the checkpoint is not distilled and guidance > 1.
+    /// Whether the checkpoint is distilled (see `pipeline::uses_cfg`).
     distilled: bool,
     model: String,
     revision: Option<String>,
@@ -257,8 +254,7 @@ impl RunInfo {
 /// The parameters needed to reproduce the image (PNG text chunks).
 fn metadata(run: &RunInfo, request: &Request, generated: &Generated) -> Vec<(String, String)> {
     let mut meta = vec![("prompt".to_string(), request.prompt.clone())];
-    let cfg = !run.distilled && generated.guidance > 1.0;
-    if cfg && !request.negative_prompt.is_empty() {
+    if uses_cfg(run.distilled, generated.guidance) && !request.negative_prompt.is_empty() {
         meta.push((
             "negative_prompt".to_string(),
             request.negative_prompt.clone(),

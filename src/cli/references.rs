@@ -20,7 +20,8 @@ pub fn load_references(paths: &[PathBuf]) -> Result<Vec<Reference>> {
     paths.iter().map(|p| load_reference(p)).collect()
 }
 
-fn load_reference(path: &Path) -> Result<Reference> {
+/// Decodes and validates one reference.
+pub fn load_reference(path: &Path) -> Result<Reference> {
     let name = path.display().to_string();
     if !path.exists() {
         bail!("reference image {name} does not exist — check the path given to --ref");
