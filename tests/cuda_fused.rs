@@ -34,6 +34,18 @@ fn rel(name: &str, a: &Tensor, b: &Tensor) -> f32 {
     r
 }
 
+/// The fraction of elements of `a` bit-identical to those of `b`.
+fn fraction_equal(a: &Tensor, b: &Tensor) -> f32 {
+    a.eq(b)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn silu_ref(x: &Tensor) -> Tensor {
     x.to_dtype(DType::F32)
         .unwrap()
@@ -249,15 +261,7 @@ fn rmsnorm_rope_matches_norm_then_rope() {
     )
     .unwrap();
     assert!(rel("rmsnorm_rope 1 segment", &ours, &reference) <= 1e-2);
-    let same = ours
-        .eq(&reference)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let same = fraction_equal(&ours, &reference);
     eprintln!(
         "rmsnorm_rope: {:.4} of the elements bit-identical to norm-then-rope",
         same
@@ -301,15 +305,7 @@ fn layernorm_modulate_and_gated_residual_match_reference() {
     let reference = (&x + y.broadcast_mul(&gate).unwrap()).unwrap();
     let ours = fused::gated_residual(&x, &y, &gate).unwrap();
     assert!(rel("gated_residual", &ours, &reference) <= 1e-2);
-    let exact = ours
-        .eq(&reference)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let exact = fraction_equal(&ours, &reference);
     eprintln!("gated_residual: {exact:.4} of the elements bit-identical to the candle ops");
     assert!(
         exact > 0.999,

@@ -266,7 +266,9 @@ impl CustomOp2 for Conv2dTensorOps {
 /// Whether [`conv2d`] handles `x`: a bf16/f16 CUDA tensor, and not switched off with
 /// `FLUX2_KLEIN_FUSED=0` (which falls back to candle's `Tensor::conv2d`).
 pub fn applies(x: &Tensor) -> bool {
-    super::fused::enabled() && x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16)
+    crate::ops::cuda_speedups_enabled()
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
 }
 
 /// `conv2d(x, weight)` without bias (dilation 1, one group), on cuDNN with tensor cores.

@@ -28,12 +28,7 @@ const GN_SPLITS: usize = 64;
 /// Whether the fused kernels apply to `t`: a bf16 CUDA tensor, and not switched off with
 /// `FLUX2_KLEIN_FUSED=0` (which falls back to the reference candle ops).
 pub fn applies(t: &Tensor) -> bool {
-    enabled() && t.device().is_cuda() && t.dtype() == DType::BF16
-}
-
-/// See [`crate::ops::cuda_speedups_enabled`].
-pub fn enabled() -> bool {
-    crate::ops::cuda_speedups_enabled()
+    crate::ops::cuda_speedups_enabled() && t.device().is_cuda() && t.dtype() == DType::BF16
 }
 
 fn load(dev: &CudaDevice, function: &str) -> Result<CudaFunction> {
