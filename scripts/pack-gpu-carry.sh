@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T="${CARGO_TARGET_DIR:-target-cuda}/release"
+# Never carry a binary whose kernels fail NVRTC: that would first show on the GPU machine.
+[ -n "${SKIP_KERNEL_CHECK:-}" ] || scripts/check-cuda-kernels.sh >/dev/null 2>&1 ||
+  { echo "CUDA kernels fail to compile: run scripts/check-cuda-kernels.sh" >&2; exit 1; }
 mkdir -p carry
 pack() {  # source, name
   strip -o "carry/$2" "$1" && xz -T0 -6 -f "carry/$2"

@@ -103,6 +103,21 @@ impl KernelConfig {
     }
 }
 
+/// Every (defines, kernel names) pair [`load_kernel`] may ask NVRTC for: one per supported
+/// head dim, both dtypes (checked by [`super::check_kernels`]).
+pub(crate) fn compiled_variants() -> Vec<(Vec<String>, Vec<String>)> {
+    [16, 32, 64, 128, 256]
+        .into_iter()
+        .filter_map(KernelConfig::for_head_dim)
+        .map(|cfg| {
+            (
+                vec![format!("-DFA_ONLY_D={}", cfg.d)],
+                vec![cfg.kernel_name(DType::BF16), cfg.kernel_name(DType::F16)],
+            )
+        })
+        .collect()
+}
+
 /// The loaded kernel for `cfg`/`dtype` on `dev` (candle caches the module per device).
 fn load_kernel(dev: &CudaDevice, cfg: &KernelConfig, dtype: DType) -> Result<CudaFunction> {
     let stream = dev.cuda_stream();

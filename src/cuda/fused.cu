@@ -295,4 +295,3 @@ extern "C" __global__ void gn_apply_bf16(const u16* __restrict__ x, const float*
         op[i] = silu ? f2bf(silu_f32(bf2f(r))) : r;
     }
 }
-}

@@ -31,7 +31,24 @@ pub fn applies(t: &Tensor) -> bool {
     crate::ops::cuda_speedups_enabled() && t.device().is_cuda() && t.dtype() == DType::BF16
 }
 
+/// Every kernel of `fused.cu` this module launches (checked by [`super::check_kernels`]).
+pub(crate) const FUNCTIONS: &[&str] = &[
+    "swiglu_bf16",
+    "modulate_bf16",
+    "layernorm_modulate_bf16",
+    "gated_residual_bf16",
+    "rope_bshd_bf16",
+    "rmsnorm_rope_bf16",
+    "gn_partial_bf16",
+    "gn_finalize",
+    "gn_apply_bf16",
+];
+
 fn load(dev: &CudaDevice, function: &str) -> Result<CudaFunction> {
+    debug_assert!(
+        FUNCTIONS.contains(&function),
+        "{function} missing from FUNCTIONS"
+    );
     super::nvrtc::load_function(dev, "fused", KERNEL_SOURCE, &[], function)
 }
 

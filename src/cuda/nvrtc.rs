@@ -33,19 +33,7 @@ pub fn ptx(name: &str, source: &'static str, options: Vec<String>) -> Result<Str
         ..Default::default()
     };
     let ptx = compile_ptx_with_opts(source, opts)
-        .map_err(|e| {
-            let detail = match &e {
-                candle_core::cuda_backend::cudarc::nvrtc::CompileError::CompileError {
-                    log,
-                    ..
-                } => log.to_string_lossy().into_owned(),
-                other => format!("{other:?}"),
-            };
-            candle_core::Error::Msg(format!(
-                "NVRTC failed to compile {name}.cu with {options:?} (is libnvrtc.so.13 with \
-                 libnvrtc-builtins.so.13.0 on LD_LIBRARY_PATH?): {detail}"
-            ))
-        })?
+        .map_err(|e| compile_error(name, &options, e))?
         .to_src();
     if let Some(path) = disk {
         // Best effort: temp name then rename, so concurrent processes never read half a file.
@@ -77,6 +65,53 @@ fn disk_cache_path(name: &str, key: u64) -> Option<PathBuf> {
         base.join("flux2-klein")
             .join(format!("{name}-{key:016x}.ptx")),
     )
+}
+
+/// Compiles `source` for `compute_XY` with `defines`, bypassing both caches, and checks
+/// that the PTX defines every kernel in `entries`. Needs NVRTC but no GPU, so a machine that
+/// only builds the `cuda` binary can still catch a source that would fail at run time.
+pub fn check_compiles(
+    name: &str,
+    source: &str,
+    compute_cap: u32,
+    defines: &[String],
+    entries: &[String],
+) -> Result<()> {
+    let mut options = vec![format!("--gpu-architecture=compute_{compute_cap}")];
+    options.extend(defines.iter().cloned());
+    let opts = CompileOptions {
+        options: options.clone(),
+        name: Some(format!("{name}.cu")),
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(source, opts)
+        .map_err(|e| compile_error(name, &options, e))?
+        .to_src();
+    let missing: Vec<&String> = entries
+        .iter()
+        .filter(|e| !ptx.contains(&format!(".entry {e}(")))
+        .collect();
+    if !missing.is_empty() {
+        candle_core::bail!("{name}.cu with {options:?} does not define the kernels {missing:?}")
+    }
+    Ok(())
+}
+
+fn compile_error(
+    name: &str,
+    options: &[String],
+    e: candle_core::cuda_backend::cudarc::nvrtc::CompileError,
+) -> candle_core::Error {
+    let detail = match &e {
+        candle_core::cuda_backend::cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+            log.to_string_lossy().into_owned()
+        }
+        other => format!("{other:?}"),
+    };
+    candle_core::Error::Msg(format!(
+        "NVRTC failed to compile {name}.cu with {options:?} (is libnvrtc.so.13 with \
+         libnvrtc-builtins.so.13.0 on LD_LIBRARY_PATH?): {detail}"
+    ))
 }
 
 /// Kernel `function` of `source`, compiled for `dev`'s architecture with `defines` (e.g.

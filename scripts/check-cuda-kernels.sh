@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Compiles every CUDA kernel of ours with NVRTC on this machine (no GPU needed), as the binary
+# does at run time on the GPU machine, and prints ptxas' register / spill report for sm_90a.
+# Uses the CUDA 13.0 wheels of scripts/build-cuda.sh (CUDA_PIP_PREFIX, default
+# ~/.cache/cuda13-pip) and the `cuda` build dir target-cuda.
+#   scripts/check-cuda-kernels.sh          # compile check (cargo test) + ptxas report
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(scripts/build-cuda.sh -e)"
+cuda_lib="$CUDA_ROOT/lib"
+# The test binary links libcuda.so.1 (cudarc's dynamic linking) but calls no driver function:
+# the toolkit's link stub stands in for it.
+stub_dir="$(mktemp -d)"
+trap 'rm -rf "$stub_dir"' EXIT
+ln -s "$cuda_lib/stubs/libcuda.so" "$stub_dir/libcuda.so.1"
+cudnn_link="${CUDNN_LINK_DIR:-$HOME/.cache/cudnn-link}"
+cudnn_lib="$(dirname "$(readlink -f "$cudnn_link/libcudnn.so")")"
+export LIBRARY_PATH="$cudnn_link:$LIBRARY_PATH"
+export LD_LIBRARY_PATH="$cuda_lib:$cudnn_lib:$stub_dir:${LD_LIBRARY_PATH:-}"
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target-cuda}" \
+    cargo test --release --features cuda,cudnn --test cuda_kernels_compile -- --nocapture
+
+echo "ptxas (sm_90a) registers and spills per kernel:"
+for src in fused flash_attn; do
+    ptx="$stub_dir/$src.ptx"
+    nvcc -arch=sm_90a -ptx -DFA_ONLY_D=128 -o "$ptx" "src/cuda/$src.cu"
+    ptxas -v --gpu-name sm_90a "$ptx" -o /dev/null 2>&1 |
+        awk '/Compiling entry/ {gsub(/[\047]/, "", $7); k = $7}
+             /spill stores/ {sp = $5 " B spill stores"}
+             /Used [0-9]+ registers/ {printf "  %-32s %4s registers, %s\n", k, $5, sp}'
+done
