@@ -27,14 +27,7 @@ pub fn ptx(name: &str, source: &'static str, options: Vec<String>) -> Result<Str
         cache.insert(key, ptx.clone());
         return Ok(ptx);
     }
-    let opts = CompileOptions {
-        options: options.clone(),
-        name: Some(format!("{name}.cu")),
-        ..Default::default()
-    };
-    let ptx = compile_ptx_with_opts(source, opts)
-        .map_err(|e| compile_error(name, &options, e))?
-        .to_src();
+    let ptx = compile(name, source, &options)?;
     if let Some(path) = disk {
         // Best effort: temp name then rename, so concurrent processes never read half a file.
         if let Some(dir) = path.parent() {
@@ -79,14 +72,7 @@ pub fn check_compiles(
 ) -> Result<()> {
     let mut options = vec![format!("--gpu-architecture=compute_{compute_cap}")];
     options.extend(defines.iter().cloned());
-    let opts = CompileOptions {
-        options: options.clone(),
-        name: Some(format!("{name}.cu")),
-        ..Default::default()
-    };
-    let ptx = compile_ptx_with_opts(source, opts)
-        .map_err(|e| compile_error(name, &options, e))?
-        .to_src();
+    let ptx = compile(name, source, &options)?;
     let missing: Vec<&String> = entries
         .iter()
         .filter(|e| !ptx.contains(&format!(".entry {e}(")))
@@ -95,6 +81,17 @@ pub fn check_compiles(
         candle_core::bail!("{name}.cu with {options:?} does not define the kernels {missing:?}")
     }
     Ok(())
+}
+
+/// PTX for `source`, compiled now (no cache).
+fn compile(name: &str, source: &str, options: &[String]) -> Result<String> {
+    let opts = CompileOptions {
+        options: options.to_vec(),
+        name: Some(format!("{name}.cu")),
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(source, opts).map_err(|e| compile_error(name, options, e))?;
+    Ok(ptx.to_src())
 }
 
 fn compile_error(
