@@ -1,0 +1,129 @@
+"""Runs the kernels of src/cuda/fused.cu on the CPU (fused_emu.cpp + cuda_cpu.hpp, launched as
+fused.rs launches them) against PyTorch's bf16 ops, the ones diffusers runs, or an explicit f32
+formula where the kernel documents candle's arithmetic. Catches indexing, stride and
+synchronisation mistakes before a GPU run. Usage: check_fused.py LIB.so  (exit 1 on a failure)
+"""
+import ctypes
+import sys
+
+import torch
+import torch.nn.functional as F
+
+torch.manual_seed(0)
+lib = ctypes.CDLL(sys.argv[1])
+P = ctypes.c_void_p
+I32, I64, F32 = ctypes.c_int, ctypes.c_longlong, ctypes.c_float
+failures = []
+
+
+def ptr(t):
+    return P(t.data_ptr())
+
+
+def bf(*shape, scale=1.0):
+    return (torch.randn(*shape) * scale).to(torch.bfloat16)
+
+
+def check(name, got, want, max_ulps=1, max_frac=0.0):
+    """got == want, or at most max_ulps bf16 steps apart in at most max_frac of the elements."""
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    g = got.contiguous().view(torch.int16).to(torch.int32)
+    w = want.contiguous().view(torch.int16).to(torch.int32)
+    # bf16 bit patterns of same-sign values are ordered: the difference counts ulps.
+    ulps = (g - w).abs()
+    ulps[(g < 0) != (w < 0)] = 1 << 16  # a sign difference is never "one ulp"
+    ulps[(got == 0) & (want == 0)] = 0
+    worst, frac = int(ulps.max()), float((ulps > 0).float().mean())
+    ok = worst <= max_ulps and frac <= max_frac
+    print(f"{'ok  ' if ok else 'FAIL'} {name:42s} max {worst} ulp, {100 * frac:.3f} % differ")
+    if not ok:
+        failures.append(name)
+
+
+def swiglu():
+    rows, f = 37, 300
+    wide = bf(rows, 2 * f + 6)  # a view into a wider projection: row stride 2F + 6
+    u = wide[:, : 2 * f]
+    out = torch.empty(rows, f, dtype=torch.bfloat16)
+    lib.emu_swiglu(ptr(wide), ptr(out), I32(f), I64(2 * f + 6), I64(rows))
+    check("swiglu_bf16 (strided rows)", out, F.silu(u[:, :f]) * u[:, f:], max_frac=0.002)
+
+
+def row_wise():
+    b, n, d = 2, 9, 3072 - 32
+    x, y = bf(b, n, d, scale=2.0), bf(b, n, d)
+    scale, shift, gate = bf(b, d, scale=0.3), bf(b, d, scale=0.3), bf(b, d)
+    out = torch.empty(b, n, d, dtype=torch.bfloat16)
+    lib.emu_row_wise(I32(0), ptr(x), ptr(scale), ptr(shift), ptr(out), I64(b), I64(n), I32(d), F32(0))
+    check("modulate_bf16", out, (1 + scale[:, None]) * x + shift[:, None])
+    lib.emu_row_wise(I32(1), ptr(x), ptr(scale), ptr(shift), ptr(out), I64(b), I64(n), I32(d), F32(1e-6))
+    ln = F.layer_norm(x, (d,), eps=1e-6)
+    check("layernorm_modulate_bf16", out, (1 + scale[:, None]) * ln + shift[:, None], max_frac=0.01)
+    lib.emu_row_wise(I32(2), ptr(x), ptr(y), ptr(gate), ptr(out), I64(b), I64(n), I32(d), F32(0))
+    check("gated_residual_bf16", out, x + gate[:, None] * y)
+
+
+def rope_tables(s, d):
+    ang = torch.randn(s, d // 2) * 3
+    return ang.cos().contiguous(), ang.sin().contiguous()
+
+
+def rope_reference(x, cos, sin):
+    """diffusers' apply_rotary_emb (interleaved pairs, f32 math, one rounding)."""
+    c = cos.repeat_interleave(2, -1)[None, :, None, :]
+    s = sin.repeat_interleave(2, -1)[None, :, None, :]
+    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    rot = torch.stack([-xi, xr], -1).flatten(-2)
+    return (x.float() * c + rot * s).to(torch.bfloat16)
+
+
+def rope():
+    b, s, h, d = 2, 11, 3, 64
+    x = bf(b, s, h, d)
+    cos, sin = rope_tables(s, d)
+    out = torch.empty_like(x)
+    pairs = b * s * h * d // 2
+    lib.emu_rope_bshd(ptr(x), ptr(cos), ptr(sin), ptr(out), I64(pairs), I32(s), I32(h), I32(d // 2))
+    check("rope_bshd_bf16", out, rope_reference(x, cos, sin))
+
+
+def rmsnorm_rope():
+    b, h, d, s0, s1, eps = 2, 3, 128, 5, 13, 1e-6
+    # Segment views into fused projections, as the transformer passes them: [B, S, 3, H, D]
+    # (q, k, v of the text tokens) and [B, S, H, 5, D] (a wider single-block projection).
+    p0 = bf(b, s0, 3, h, d, scale=2.0)
+    p1 = bf(b, s1, h, 5, d, scale=2.0)
+    x0, x1 = p0[:, :, 1], p1[:, :, :, 2]
+    w0, w1 = torch.rand(d) + 0.5, torch.rand(d) + 0.5
+    cos, sin = rope_tables(s0 + s1, d)
+    out = torch.empty(b, s0 + s1, h, d, dtype=torch.bfloat16)
+    strides = (I64 * 6)(*x0.stride()[:3], *x1.stride()[:3])
+    rows = b * (s0 + s1) * h
+    lib.emu_rmsnorm_rope(
+        P(x0.data_ptr()), P(x1.data_ptr()), ptr(w0), ptr(w1),
+        ptr(cos), ptr(sin), ptr(out), I64(rows), I32(s0), I32(s0 + s1), I32(h), I32(d), strides, F32(eps))
+
+    def rms(x, w):  # candle's rms_norm: f32, weight in f32, one rounding
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w).to(torch.bfloat16)
+
+    normed = torch.cat([rms(x0, w0), rms(x1, w1)], 1)
+    check("rmsnorm_rope_bf16 (two strided segments)", out, rope_reference(normed, cos, sin), max_frac=0.01)
+
+
+def group_norm():
+    b, c, hh, ww, g, eps = 2, 64, 9, 13, 32, 1e-6
+    x = bf(b, c, hh, ww, scale=3.0) + 1.5
+    w, bias = torch.rand(c) + 0.5, torch.randn(c) * 0.1
+    out = torch.empty_like(x)
+    for silu in (0, 1):
+        lib.emu_group_norm(ptr(x), ptr(w), ptr(bias), ptr(out), I32(b), I32(c), I64(hh * ww), I32(g), F32(eps), I32(silu))
+        want = F.group_norm(x.float(), g, w, bias, eps).to(torch.bfloat16)
+        if silu:
+            want = F.silu(want)
+        check(f"gn_partial/finalize/apply_bf16 (silu={silu})", out, want, max_frac=0.01)
+
+
+for case in (swiglu, row_wise, rope, rmsnorm_rope, group_norm):
+    case()
+sys.exit(1 if failures else 0)
