@@ -56,7 +56,29 @@ pub fn one_line(err: &anyhow::Error) -> String {
         }
         line.push_str(&msg);
     }
+    if let Some(hint) = hint_for(&line) {
+        line.push_str(" — ");
+        line.push_str(hint);
+    }
     line
+}
+
+/// What to do about an error that names no fix itself (the raw device errors of candle /
+/// cudarc / cuBLAS / cuDNN).
+fn hint_for(line: &str) -> Option<&'static str> {
+    const OUT_OF_MEMORY: [&str; 4] = [
+        "CUDA_ERROR_OUT_OF_MEMORY",
+        "CUBLAS_STATUS_ALLOC_FAILED",
+        "CUDNN_STATUS_ALLOC_FAILED",
+        "out of memory",
+    ];
+    if OUT_OF_MEMORY.iter().any(|m| line.contains(m)) {
+        return Some(
+            "the GPU ran out of memory: try a smaller --width/--height, --vae-tile 64, fewer \
+             references, no --resident, or close other programs using the GPU",
+        );
+    }
+    None
 }
 
 #[cfg(test)]
@@ -77,5 +99,19 @@ mod tests {
         );
         let dup = anyhow::anyhow!("inner").context("outer (inner)");
         assert_eq!(one_line(&dup), "outer (inner)");
+    }
+
+    #[test]
+    fn device_out_of_memory_gets_a_hint() {
+        let err = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")")
+            .context("denoising step 1 of 4");
+        let line = one_line(&err);
+        assert!(line.starts_with("denoising step 1 of 4: DriverError(CUDA_ERROR_OUT_OF_MEMORY"));
+        assert!(
+            line.ends_with("or close other programs using the GPU"),
+            "{line}"
+        );
+        let other = anyhow::anyhow!("cannot read x.png");
+        assert_eq!(one_line(&other), "cannot read x.png");
     }
 }
