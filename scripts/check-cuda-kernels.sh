@@ -29,3 +29,19 @@ for src in fused flash_attn; do
              /spill stores/ {sp = $5 " B spill stores"}
              /Used [0-9]+ registers/ {printf "  %-32s %4s registers, %s\n", k, $5, sp}'
 done
+
+# The flash-attention main loop's instruction mix, where cuobjdump + nvdisasm exist (not in the
+# build wheels: `pip download --no-deps nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`, unzip, and
+# point CUOBJDUMP_BIN at the folder holding both; 13.2 reads sm_90a cubins).
+PATH="${CUOBJDUMP_BIN:+$CUOBJDUMP_BIN:}$PATH"
+if command -v cuobjdump >/dev/null && command -v nvdisasm >/dev/null; then
+    echo "flash attention main loop (sm_90a SASS, one K/V tile):"
+    for d in 64 128 256; do
+        ptx="$stub_dir/fa$d.ptx"
+        nvcc -arch=sm_90a -ptx -DFA_ONLY_D=$d -o "$ptx" src/cuda/flash_attn.cu
+        ptxas --gpu-name sm_90a "$ptx" -o "$stub_dir/fa$d.cubin"
+        k="$(grep -o "fa_fwd_bf16_d${d}_[a-z0-9_]*" "$ptx" | head -1)"
+        cuobjdump -sass -fun "$k" "$stub_dir/fa$d.cubin" > "$stub_dir/fa$d.sass"
+        echo "  $k: $(python3 scripts/kernel_emu/sass_loop_mix.py "$stub_dir/fa$d.sass" | tr "\n" " ")"
+    done
+fi

@@ -1,5 +1,5 @@
 // A minimal CPU stand-in for the CUDA execution model, enough to run the plain-CUDA kernels of
-// src/cuda/fused.cu on a machine without a GPU (scripts/emulate-fused-kernels.sh). Blocks run
+// src/cuda/fused.cu on a machine without a GPU (scripts/emulate-kernels.sh). Blocks run
 // one after another; the threads of a block run as real OS threads, so __syncthreads and the
 // warp shuffles are real barriers and a missing one shows up as a wrong result, not a hang.
 // Not emulated: inline PTX (flash_attn.cu needs the GPU), atomics, dynamic shared memory.
@@ -51,6 +51,7 @@ inline thread_local EmuWarp* emu_warp;
 inline thread_local std::barrier<>* emu_block_barrier;
 
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp->bar.arrive_and_wait(); }
 
 // Full-mask xor shuffle: every lane of the warp must call it (as the kernels do).
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask, int = 32) {

@@ -21,8 +21,16 @@
 //     (chunk ^ (row & 7)), so the 8 row addresses of an ldmatrix hit 8 different bank groups.
 //   * Tails: rows/keys past the sequence end and head-dim columns past the real head dim are
 //     zero-filled by cp.async (src-size 0); keys past Sk get score -inf; out-of-range rows
-//     and columns are not stored. D (the compiled head dim) is the real head dim rounded up
-//     to a supported size, so any head dim that is a multiple of 8 works.
+//     and columns are not stored. Only the last K/V tile can hold keys past Sk, so the main
+//     loop runs a body without those checks and the last two tiles run their own copies.
+//   * Addresses: each thread copies one fixed chunk column of a tile (TileWalk), and each
+//     lane's ldmatrix addresses are a per-lane register plus a compile-time constant
+//     (LdsmLane), so the loop does almost no integer work: ~1000 instructions per 64-key tile
+//     at D = 128 for 256 mma.sync (sm_90a SASS), down from ~2100 with the swizzle, divisions
+//     and bounds computed per chunk. scripts/check-cuda-kernels.sh prints that count;
+//     scripts/kernel_emu/fa_index_check.cpp checks the index arithmetic on the CPU.
+//   * D (the compiled head dim) is the real head dim rounded up to a supported size, so any
+//     head dim that is a multiple of 8 works.
 //   * The output tile is staged through the warp's own (no longer needed) Q rows in shared
 //     memory so that global stores are 16-byte and coalesced.
 //
@@ -107,87 +115,108 @@ DEVI int sidx(int row, int ch) {
     return row * D + ((ch ^ (row & SW)) << 3);
 }
 
-// Async-load rows [row0, row0+ROWS) of a [S, D] matrix (row stride ss) into a swizzled tile.
+// Which chunks of a [ROWS, D] tile thread `tid` (of NT) copies: always chunk column
+// c = tid % NCH, in rows r0 + k * RSTEP (k < ITER). With RSTEP a multiple of the swizzle period,
+// those rows share one swizzle, so the k-th destination is the first one plus a compile-time
+// stride (no per-chunk division or XOR). Same set of chunks as the plain i = tid + k * NT walk.
 template <int D, int ROWS, int NT>
+struct TileWalk {
+    static constexpr int NCH = D / 8;
+    static constexpr int SW = NCH >= 8 ? 7 : NCH - 1;
+    static constexpr int RSTEP = NT / NCH;
+    static constexpr int ITER = ROWS / RSTEP;
+    static_assert(NT % NCH == 0 && ROWS % RSTEP == 0, "every thread copies whole columns");
+    int r0, c;
+    __device__ TileWalk(int tid) : r0(tid / NCH), c(tid % NCH) {}
+    // Element offset of the k-th chunk in the swizzled tile.
+    __device__ int dst(int k) const {
+        if (RSTEP % (SW + 1) == 0) return sidx<D>(r0, c) + k * RSTEP * D;
+        return sidx<D>(r0 + k * RSTEP, c);
+    }
+};
+
+// Async-load rows [row0, row0+ROWS) of a [S, D] matrix (row stride ss) into a swizzled tile;
+// rows past nrows and columns past dact are zero-filled. FULL promises row0 + ROWS <= nrows
+// (every K/V tile but the last): then no per-chunk row check or address select is needed.
+template <int D, int ROWS, int NT, bool FULL>
 DEVI void load_tile(u16* dst, const u16* src, long long ss, int row0, int nrows, int dact,
                     int tid) {
-    constexpr int NCH = D / 8;
+    const TileWalk<D, ROWS, NT> w(tid);
+    const bool col_ok = w.c * 8 < dact;
+    // A zero-filled column still gets a valid address (column 0 of its row).
+    const u16* p = src + (long long)(row0 + w.r0) * ss + (col_ok ? w.c * 8 : 0);
+    const long long step = (long long)w.RSTEP * ss;
+    const u32 base = smem_u32(dst);
 #pragma unroll
-    for (int i = tid; i < ROWS * NCH; i += NT) {
-        const int r = i / NCH, c = i % NCH;
-        const int gr = row0 + r;
-        const bool ok = gr < nrows && c * 8 < dact;
-        const u16* p = ok ? src + (long long)gr * ss + c * 8 : src;
-        cp_async16(smem_u32(dst + sidx<D>(r, c)), p, ok);
+    for (int k = 0; k < w.ITER; ++k) {
+        if (FULL) {
+            cp_async16(base + 2 * w.dst(k), p + k * step, col_ok);
+        } else {
+            const bool ok = col_ok && row0 + w.r0 + k * w.RSTEP < nrows;
+            cp_async16(base + 2 * w.dst(k), ok ? p + k * step : src, ok);
+        }
     }
 }
 
-template <int D, int NW, int MT, int BN, bool BF16>
-DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
-                      const u16* __restrict__ v, u16* __restrict__ o, int sq, int sk, int dact,
-                      long long q_sb, long long q_sh, long long q_ss, long long k_sb,
-                      long long k_sh, long long k_ss, long long v_sb, long long v_sh,
-                      long long v_ss, long long o_sb, long long o_sh, long long o_ss,
-                      float scale_log2) {
-    static_assert(D % 16 == 0 && BN % 16 == 0, "tile sizes");
-    constexpr int NCH = D / 8;
-    constexpr int BM = 16 * MT * NW;
-    constexpr int NT = NW * 32;
-    constexpr int ND = D / 8;   // n-tiles of the output (8 columns each)
-    constexpr int NK = BN / 8;  // n-tiles of the scores (8 keys each)
-
-    extern __shared__ Chunk16 smem_chunks[];
-    u16* qs = reinterpret_cast<u16*>(smem_chunks);
-    u16* ks = qs + BM * D;       // 2 buffers of BN x D
-    u16* vs = ks + 2 * BN * D;   // 2 buffers of BN x D
-
-    const int tid = threadIdx.x;
-    const int lane = tid & 31, warp = tid >> 5;
-    const int gid = lane >> 2, tig = lane & 3;
-    const int m0 = blockIdx.x * BM;
-    const long long h = blockIdx.y, b = blockIdx.z;
-    q += b * q_sb + h * q_sh;
-    k += b * k_sb + h * k_sh;
-    v += b * v_sb + h * v_sh;
-    o += b * o_sb + h * o_sh;
-
-    load_tile<D, BM, NT>(qs, q, q_ss, m0, sq, dact, tid);
-    load_tile<D, BN, NT>(ks, k, k_ss, 0, sk, dact, tid);
-    load_tile<D, BN, NT>(vs, v, v_ss, 0, sk, dact, tid);
-    cp_async_commit();
-
-    float acc[MT][ND][4];
-    float row_max[MT][2], row_sum[MT][2];
+// Byte offsets of the 16-byte chunks one lane hands to ldmatrix: logical row R + lane_row and
+// chunk C + lane_ch of a swizzled tile, for R a multiple of 8 and C even (every ldmatrix of the
+// kernel). The swizzle XOR then only mixes the lane's own bits with the low bits of C, so
+//   offset(R, C) = lane[(C & SW) / 2] + R * 2D + (C & ~SW) * 16,
+// a per-lane register plus a compile-time constant (no address arithmetic per ldmatrix).
+template <int D>
+struct LdsmLane {
+    static constexpr int NCH = D / 8;
+    static constexpr int SW = NCH >= 8 ? 7 : NCH - 1;
+    static constexpr int NV = (SW + 1) / 2;
+    u32 lane[NV];
+    __device__ LdsmLane(int lane_row, int lane_ch) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int n = 0; n < ND; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mt][n][e] = 0.f;
-        }
-        row_max[mt][0] = row_max[mt][1] = -__int_as_float(0x7f800000);
-        row_sum[mt][0] = row_sum[mt][1] = 0.f;
+        for (int m = 0; m < NV; ++m) lane[m] = 2 * sidx<D>(lane_row, 2 * m + lane_ch);
     }
+    __device__ u32 at(int r, int c) const {
+        return lane[(c & SW) >> 1] + r * 2 * D + (c & ~SW) * 16;
+    }
+};
 
-    const int wr0 = warp * 16 * MT;  // first row of this warp inside the block tile
-    const int ntiles = (sk + BN - 1) / BN;
+// What a tile prefetches: nothing (the last tile), the last tile (rows may run past sk), or a
+// full tile.
+enum { NEXT_NONE, NEXT_PARTIAL, NEXT_FULL };
 
-    // Per-lane ldmatrix row/chunk offsets (see the fragment layouts of mma.m16n8k16).
-    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_ch = lane >> 4;  // Q (A operand)
-    const int b_row = (lane & 7) + (lane >> 4) * 8, b_ch = (lane >> 3) & 1;  // K (B, non-trans)
-    const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8, v_ch = lane >> 4;  // V (B, trans)
+// One K/V tile of the main loop: wait for it, start loading the next one (NEXT), S = Q K^T,
+// online softmax, O += P V. MASKED says whether keys past sk can occur (only in the last
+// tile). The caller runs the steady-state body (unmasked, full prefetch) in its loop and the
+// last two tiles separately, so the loop has no per-tile mask or bounds work (ptxas would
+// otherwise predicate it into every tile). The per-thread constants live here; the
+// accumulators stay with the caller (everything is inlined into registers).
+template <int D, int NW, int MT, int BN, bool BF16>
+struct FaTile {
+    static constexpr int ND = D / 8;   // n-tiles of the output (8 columns each)
+    static constexpr int NK = BN / 8;  // n-tiles of the scores (8 keys each)
+    static constexpr int NT = NW * 32;
+    u16* ks;
+    u16* vs;
+    const u16* k;
+    const u16* v;
+    long long k_ss, v_ss;
+    int sk, dact, tid, ntiles, tig;
+    float scale_log2;
+    u32 q_warp;  // shared address of this warp's Q rows
+    LdsmLane<D> qv_lane, k_lane;
 
-    for (int t = 0; t < ntiles; ++t) {
+    template <bool MASKED, int NEXT>
+    __device__ __forceinline__ void run(const int t, float (&acc)[MT][ND][4],
+                                        float (&row_max)[MT][2], float (&row_sum)[MT][2]) const {
         cp_async_wait_all();
         __syncthreads();
-        if (t + 1 < ntiles) {
+        if (NEXT != NEXT_NONE) {
             const int nb = (t + 1) & 1;
-            load_tile<D, BN, NT>(ks + nb * BN * D, k, k_ss, (t + 1) * BN, sk, dact, tid);
-            load_tile<D, BN, NT>(vs + nb * BN * D, v, v_ss, (t + 1) * BN, sk, dact, tid);
+            constexpr bool FULL = NEXT == NEXT_FULL;
+            load_tile<D, BN, NT, FULL>(ks + nb * BN * D, k, k_ss, (t + 1) * BN, sk, dact, tid);
+            load_tile<D, BN, NT, FULL>(vs + nb * BN * D, v, v_ss, (t + 1) * BN, sk, dact, tid);
         }
         cp_async_commit();
-        const u16* kb = ks + (t & 1) * BN * D;
-        const u16* vb = vs + (t & 1) * BN * D;
+        const u32 kb = smem_u32(ks) + 2 * (t & 1) * BN * D;
+        const u32 vb = smem_u32(vs) + 2 * (t & 1) * BN * D;
 
         // ---- S = Q K^T (f32) ----
         float s[MT][NK][4];
@@ -203,14 +232,12 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
             u32 qa[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                const int row = wr0 + mt * 16 + a_row;
-                ldsm_x4(qa[mt], smem_u32(qs + sidx<D>(row, kk * 2 + a_ch)));
+                ldsm_x4(qa[mt], q_warp + qv_lane.at(mt * 16, kk * 2));
             }
 #pragma unroll
             for (int np = 0; np < BN / 16; ++np) {
                 u32 kf[4];
-                const int row = np * 16 + b_row;
-                ldsm_x4(kf, smem_u32(kb + sidx<D>(row, kk * 2 + b_ch)));
+                ldsm_x4(kf, kb + k_lane.at(np * 16, kk * 2));
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     mma16816<BF16>(s[mt][2 * np], qa[mt], kf[0], kf[1]);
@@ -219,8 +246,8 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
             }
         }
 
-        // ---- mask keys past the end (only the last tile can have them) ----
-        if ((t + 1) * BN > sk) {
+        // ---- mask keys past the end ----
+        if (MASKED && (t + 1) * BN > sk) {
             const float ninf = -__int_as_float(0x7f800000);
 #pragma unroll
             for (int n = 0; n < NK; ++n) {
@@ -284,8 +311,7 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
                 u32 vf[4];
-                const int row = kk * 16 + v_row;
-                ldsm_x4_t(vf, smem_u32(vb + sidx<D>(row, dp * 2 + v_ch)));
+                ldsm_x4_t(vf, vb + qv_lane.at(kk * 16, dp * 2));
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     mma16816<BF16>(acc[mt][2 * dp], pa[mt], vf[0], vf[1]);
@@ -294,6 +320,69 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
             }
         }
     }
+};
+
+template <int D, int NW, int MT, int BN, bool BF16>
+DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
+                      const u16* __restrict__ v, u16* __restrict__ o, int sq, int sk, int dact,
+                      long long q_sb, long long q_sh, long long q_ss, long long k_sb,
+                      long long k_sh, long long k_ss, long long v_sb, long long v_sh,
+                      long long v_ss, long long o_sb, long long o_sh, long long o_ss,
+                      float scale_log2) {
+    static_assert(D % 16 == 0 && BN % 16 == 0, "tile sizes");
+    constexpr int NCH = D / 8;
+    constexpr int BM = 16 * MT * NW;
+    constexpr int NT = NW * 32;
+    constexpr int ND = D / 8;  // n-tiles of the output (8 columns each)
+
+    extern __shared__ Chunk16 smem_chunks[];
+    u16* qs = reinterpret_cast<u16*>(smem_chunks);
+    u16* ks = qs + BM * D;       // 2 buffers of BN x D
+    u16* vs = ks + 2 * BN * D;   // 2 buffers of BN x D
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int m0 = blockIdx.x * BM;
+    const long long h = blockIdx.y, b = blockIdx.z;
+    q += b * q_sb + h * q_sh;
+    k += b * k_sb + h * k_sh;
+    v += b * v_sb + h * v_sh;
+    o += b * o_sb + h * o_sh;
+
+    load_tile<D, BM, NT, false>(qs, q, q_ss, m0, sq, dact, tid);
+    load_tile<D, BN, NT, false>(ks, k, k_ss, 0, sk, dact, tid);
+    load_tile<D, BN, NT, false>(vs, v, v_ss, 0, sk, dact, tid);
+    cp_async_commit();
+
+    float acc[MT][ND][4];
+    float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < ND; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][n][e] = 0.f;
+        }
+        row_max[mt][0] = row_max[mt][1] = -__int_as_float(0x7f800000);
+        row_sum[mt][0] = row_sum[mt][1] = 0.f;
+    }
+
+    const int wr0 = warp * 16 * MT;  // first row of this warp inside the block tile
+    const int ntiles = (sk + BN - 1) / BN;
+
+    // Per-lane ldmatrix row/chunk offsets (see the fragment layouts of mma.m16n8k16).
+    // Q (A operand) and V (B operand, transposed) take the same lane pattern.
+    const LdsmLane<D> qv_lane((lane & 7) + ((lane >> 3) & 1) * 8, lane >> 4);
+    const LdsmLane<D> k_lane((lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);  // K (B, non-trans)
+    const u32 q_warp = smem_u32(qs) + 2 * wr0 * D;  // this warp's Q rows
+
+    const FaTile<D, NW, MT, BN, BF16> tile{ks, vs, k, v, k_ss, v_ss, sk, dact, tid, ntiles, tig,
+                                          scale_log2, q_warp, qv_lane, k_lane};
+    int t = 0;
+    for (; t + 2 < ntiles; ++t) tile.template run<false, NEXT_FULL>(t, acc, row_max, row_sum);
+    if (t + 1 < ntiles) tile.template run<false, NEXT_PARTIAL>(t++, acc, row_max, row_sum);
+    if (t < ntiles) tile.template run<true, NEXT_NONE>(t, acc, row_max, row_sum);
     cp_async_wait_all();
 
     // ---- epilogue: O / l, staged through this warp's own Q rows ----

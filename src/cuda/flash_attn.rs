@@ -19,10 +19,12 @@
 //!   32 rows, two m16 MMA slices per warp, so every K/V fragment read from shared memory feeds
 //!   two MMAs) and 64 keys per K/V tile: 96 KiB of shared memory with double buffering, 2
 //!   blocks per SM, ~1.15 ms (227 TFLOP/s; 64-row blocks: 1.5 ms, 8 warps × 16 rows: 1.36 ms;
-//!   PyTorch's FlashAttention-2: 0.78 ms). Smaller head dims use 64-row blocks (speed does not
-//!   matter there), D = 256 uses 32-key tiles to stay within the register file. Head dims that
-//!   are not 16/32/64/128/256 run in the next larger instance with the extra columns
-//!   zero-filled, so every head dim that is a multiple of 8 up to 256 is supported.
+//!   PyTorch's FlashAttention-2: 0.78 ms; these timings predate the address rework that halved
+//!   the main loop's instruction count, see the .cu header). Smaller head dims use 64-row
+//!   blocks (speed does not matter there), D = 256 uses 32-key tiles to stay within the
+//!   register file. Head dims that are not 16/32/64/128/256 run in the next larger instance
+//!   with the extra columns zero-filled, so every head dim that is a multiple of 8 up to 256
+//!   is supported.
 //!
 //! Inputs may be strided (views from `narrow`/`transpose`) as long as the head dim is the
 //! innermost, contiguous dimension and every other stride is a multiple of 8 elements (16-byte
