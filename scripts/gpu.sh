@@ -9,6 +9,7 @@
 #   scripts/gpu.sh                 # everything
 #   GPU_SKIP_FULL=1 scripts/gpu.sh # only the tiny-model correctness checks
 #   GPU_SKIP_AB=1, GPU_SKIP_COLD=1  # skip the speed-paths-off run / the cold-start runs
+#   GPU_SKIP_ATTN=1                # skip the attention-kernel check and timings
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/flux2-gpu-out}"; mkdir -p "$OUT"
@@ -55,6 +56,10 @@ if [ -f carry/cuda_attention.xz ]; then
   xz -dc carry/cuda_attention.xz > /tmp/cuda_attention && chmod +x /tmp/cuda_attention
   timeout 120 /tmp/cuda_attention --nocapture --test-threads 1 2>&1 | tail -40 | tee -a "$LOG"
 fi
+# The attention kernel alone (NVRTC through ctypes, torch tensors): correctness for every head
+# dim and layout against f32 math, then its time at 1024² (and tilings) vs torch's FA2/cuDNN.
+[ -z "${GPU_SKIP_ATTN:-}" ] && timeout 100 scripts/gpu_attention_check.sh kernel 2>&1 |
+  grep -vE "^  (OK) " | tail -24 | tee -a "$LOG"
 [ -n "${GPU_SKIP_FULL:-}" ] && exit 0
 
 # 3. Full-size random klein-4B: diffusers vs flux2-klein, same weights, same noise.
