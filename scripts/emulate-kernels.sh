@@ -2,10 +2,13 @@
 # Our CUDA kernels on the CPU (scripts/kernel_emu/), no GPU and no CUDA toolkit needed:
 #  * src/cuda/fused.cu: every kernel runs, launched as src/cuda/fused.rs launches it, against
 #    PyTorch's bf16 ops (needs the reference venv's torch: reference/refcheck/setup.sh);
-#  * src/cuda/flash_attn.cu: its tensor-core code is inline PTX, so only its index
-#    arithmetic (which chunk each thread copies, each lane's ldmatrix addresses) is checked.
+#  * src/cuda/flash_attn.cu: its index arithmetic exhaustively (fa_index_check.cpp), then the
+#    whole kernel with its inline-PTX helpers (ldmatrix, mma.sync, cp.async, cvt) emulated per
+#    warp (ptx_emu.hpp) against f32 attention, every head dim, ragged lengths, both layouts.
+#    FA_OTHER_REV=<git rev> also builds that revision's kernel and requires bit-identical
+#    outputs (for rewrites that must not change the arithmetic).
 # g++ (C++20). Catches indexing, stride and reduction mistakes before a GPU run; a missing
-# barrier shows only by chance. Takes ~30 s on 2 cores.
+# barrier shows only by chance. Takes ~45 s on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/kernel_emu"
 PY="${FLUX2_REFENV:-$HOME/.cache/flux2-klein-refenv}/bin/python"
@@ -14,5 +17,21 @@ trap 'rm -rf "$(dirname "$lib")"' EXIT
 flags=(-std=c++20 -Wall -Wno-unknown-pragmas -Wno-sign-compare -pthread)
 g++ "${flags[@]}" -O1 -o "$(dirname "$lib")/fa_index_check" fa_index_check.cpp
 "$(dirname "$lib")/fa_index_check"
+tmp="$(dirname "$lib")"
+g++ "${flags[@]}" -O2 -shared -fPIC -DFA_SOURCE='"../../src/cuda/flash_attn.cu"' -o "$tmp/fa.so" fa_emu.cpp
+other=()
+if [ -n "${FA_OTHER_REV:-}" ]; then
+  # The other revision's helpers get the same FLUX2_KERNEL_EMU guard if they lack it.
+  git show "$FA_OTHER_REV:src/cuda/flash_attn.cu" | "$PY" -c '
+import sys; s = sys.stdin.read()
+if "FLUX2_KERNEL_EMU" not in s:
+    s = s.replace("DEVI u32 smem_u32(", "#ifndef FLUX2_KERNEL_EMU\nDEVI u32 smem_u32(", 1)
+    i = s.index("DEVI float fast_exp2("); j = s.index("}\n", i) + 2
+    s = s[:j] + "#endif\n" + s[j:]
+sys.stdout.write(s)' > "$tmp/fa_other.cu"
+  g++ "${flags[@]}" -w -O2 -shared -fPIC -DFA_SOURCE="\"$tmp/fa_other.cu\"" -o "$tmp/fa_other.so" fa_emu.cpp
+  other=("$tmp/fa_other.so")
+fi
+"$PY" check_flash.py "$tmp/fa.so" "${other[@]}"
 g++ "${flags[@]}" -O2 -shared -fPIC -o "$lib" fused_emu.cpp
 "$PY" check_fused.py "$lib"

@@ -2,7 +2,7 @@
 // src/cuda/fused.cu on a machine without a GPU (scripts/emulate-kernels.sh). Blocks run
 // one after another; the threads of a block run as real OS threads, so __syncthreads and the
 // warp shuffles are real barriers and a missing one shows up as a wrong result, not a hang.
-// Not emulated: inline PTX (flash_attn.cu needs the GPU), atomics, dynamic shared memory.
+// Not here: inline PTX (ptx_emu.hpp has the helpers flash_attn.cu uses), atomics.
 // A missing barrier shows only when the OS happens to interleave the threads badly.
 #pragma once
 #include <barrier>

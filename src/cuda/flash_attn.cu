@@ -28,7 +28,7 @@
 //     (LdsmLane), so the loop does almost no integer work: ~1000 instructions per 64-key tile
 //     at D = 128 for 256 mma.sync (sm_90a SASS), down from ~2100 with the swizzle, divisions
 //     and bounds computed per chunk. scripts/check-cuda-kernels.sh prints that count;
-//     scripts/kernel_emu/fa_index_check.cpp checks the index arithmetic on the CPU.
+//     scripts/emulate-kernels.sh runs this kernel on the CPU (PTX helpers emulated).
 //   * D (the compiled head dim) is the real head dim rounded up to a supported size, so any
 //     head dim that is a multiple of 8 works.
 //   * The output tile is staged through the warp's own (no longer needed) Q rows in shared
@@ -49,6 +49,9 @@ struct alignas(16) Chunk16 {
 
 #define DEVI static __device__ __forceinline__
 
+// The PTX helpers. scripts/kernel_emu/ builds this file for the CPU with FLUX2_KERNEL_EMU
+// defined and its own versions of these functions (same fragment layouts, emulated per warp).
+#ifndef FLUX2_KERNEL_EMU
 DEVI u32 smem_u32(const void* p) {
     u32 r;
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
@@ -107,6 +110,7 @@ DEVI float fast_exp2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
+#endif  // FLUX2_KERNEL_EMU
 
 template <int D>
 DEVI int sidx(int row, int ch) {

@@ -1,0 +1,42 @@
+// src/cuda/flash_attn.cu compiled for the CPU: the kernel's own code (tiling, copies,
+// swizzle, online softmax, epilogue) with the PTX helpers emulated (ptx_emu.hpp), launched as
+// flash_attn.rs launches it. C entry point for check_flash.py.
+#include "ptx_emu.hpp"
+
+#undef __shared__
+#define __shared__
+#define __launch_bounds__(...)
+#define FLUX2_KERNEL_EMU 1
+#define smem_chunks emu_smem_chunks  // the kernel's dynamic shared memory, defined below
+#include FA_SOURCE
+#undef smem_chunks
+Chunk16 emu_smem_chunks[256 * 1024 / sizeof(Chunk16)];
+
+extern "C" int emu_flash(int d, int bf16, const u16* q, const u16* k, const u16* v, u16* o, int b,
+                         int h, int sq, int sk, int dact, const long long* strides,
+                         float scale_log2) {
+    // KernelConfig::for_head_dim: (warps, m-tiles, keys per tile).
+    const int nw = 4, mt = d == 128 ? 2 : 1;
+    const int bm = 16 * mt * nw;
+    const long long* s = strides;  // q, k, v, o: (batch, head, token)
+    emu_smem = reinterpret_cast<unsigned char*>(emu_smem_chunks);
+    Dim3 grid{(unsigned)((sq + bm - 1) / bm), (unsigned)h, (unsigned)b};
+#define FA_CASE(DT, D, NW, MT, BN)                                                          \
+    emu_launch(grid, NW * 32, [&] {                                                        \
+        fa_fwd_##DT##_d##D##_w##NW##_m##MT##_n##BN(q, k, v, o, sq, sk, dact, s[0], s[1], s[2], \
+                                                   s[3], s[4], s[5], s[6], s[7], s[8], s[9], \
+                                                   s[10], s[11], scale_log2);              \
+    });                                                                                    \
+    return 0;
+    if (bf16) {
+        if (d == 16) { FA_CASE(bf16, 16, 4, 1, 64) }
+        if (d == 32) { FA_CASE(bf16, 32, 4, 1, 64) }
+        if (d == 64) { FA_CASE(bf16, 64, 4, 1, 64) }
+        if (d == 128) { FA_CASE(bf16, 128, 4, 2, 64) }
+        if (d == 256) { FA_CASE(bf16, 256, 4, 1, 32) }
+    } else {
+        if (d == 128) { FA_CASE(f16, 128, 4, 2, 64) }
+        if (d == 32) { FA_CASE(f16, 32, 4, 1, 64) }
+    }
+    return 1;
+}
