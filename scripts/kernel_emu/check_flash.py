@@ -13,8 +13,11 @@ torch.manual_seed(0)
 libs = [ctypes.CDLL(p) for p in sys.argv[1:]]
 failures = []
 
-CASES = [  # B, H, Sq, Sk, head dim, dtype, layout
+CASES = [  # B, H, Sq, Sk, head dim, dtype, layout[+sink]
     (1, 2, 40, 40, 16, torch.bfloat16, "bhsd"),
+    # Key 0 scores highest for every query, so the running max settles in the first tile and
+    # the later tiles take the kernel's no-rescale path.
+    (1, 2, 100, 400, 128, torch.bfloat16, "bhsd+sink"),
     (1, 2, 77, 77, 32, torch.bfloat16, "bhsd"),
     (1, 2, 150, 200, 64, torch.bfloat16, "bshd"),
     (1, 2, 200, 130, 128, torch.bfloat16, "bhsd"),  # 2 query blocks, 3 key tiles (last partial)
@@ -42,11 +45,17 @@ def run(lib, q, k, v, d_kernel, scale):
 
 
 for (b, h, sq, sk, dh, dt, layout) in CASES:
+    sink = layout.endswith("+sink")
+    layout = layout.removesuffix("+sink")
+
     def mk(s):
         if layout == "bshd":
             return torch.randn(b, s, h, dh).to(dt).transpose(1, 2)
         return torch.randn(b, h, s, dh).to(dt)
     q, k, v = mk(sq), mk(sk), mk(sk)
+    if sink:
+        q = q.abs()
+        k[:, :, 0] = (0.5 * torch.ones(dh)).to(dt)
     d_kernel = next(x for x in (16, 32, 64, 128, 256) if x >= dh)
     scale = 1 / math.sqrt(dh)
     ref = torch.softmax(q.float() @ k.float().transpose(-1, -2) * scale, -1) @ v.float()
@@ -54,7 +63,7 @@ for (b, h, sq, sk, dh, dt, layout) in CASES:
     err = (outs[0].float() - ref).abs().max().item()
     ok = torch.isfinite(outs[0]).all().item() and err <= 1e-3 + 8e-3 * ref.abs().max().item()
     same = all(torch.equal(outs[0], other) for other in outs[1:])
-    name = f"B={b} H={h} Sq={sq} Sk={sk} D={dh} {str(dt)[6:]} {layout}"
+    name = f"B={b} H={h} Sq={sq} Sk={sk} D={dh} {str(dt)[6:]} {layout}{'+sink' if sink else ''}"
     extra = "" if len(outs) == 1 else (", bit-identical to the other build" if same else ", DIFFERS from the other build")
     print(f"{'ok  ' if ok and same else 'FAIL'} flash {name:42s} max abs err {err:.2e}{extra}", flush=True)
     if not (ok and same):

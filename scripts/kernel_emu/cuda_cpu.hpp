@@ -46,6 +46,7 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 struct EmuWarp {
     std::barrier<> bar{32};
     float slot[32];
+    int vote[32];
 };
 inline thread_local EmuWarp* emu_warp;
 inline thread_local std::barrier<>* emu_block_barrier;
@@ -61,6 +62,17 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask, int = 32) {
     const float r = emu_warp->slot[lane ^ lane_mask];
     emu_warp->bar.arrive_and_wait();
     return r;
+}
+
+// Full-mask vote: every lane of the warp must call it.
+inline bool __any_sync(unsigned, int pred) {
+    const int lane = threadIdx.x & 31;
+    emu_warp->vote[lane] = pred != 0;
+    emu_warp->bar.arrive_and_wait();
+    bool any = false;
+    for (int i = 0; i < 32; ++i) any = any || emu_warp->vote[i];
+    emu_warp->bar.arrive_and_wait();
+    return any;
 }
 
 // kernel<<<grid, block>>>(args...) as emu_launch(grid, block, [&] { kernel(args...); }).

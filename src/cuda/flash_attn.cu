@@ -265,6 +265,8 @@ struct FaTile {
         }
 
         // ---- online softmax (rows gid and gid+8 of each 16-row slice) ----
+        float alpha[MT][2];
+        bool max_moved = false;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -280,7 +282,8 @@ struct FaTile {
                 raw = fmaxf(raw, __shfl_xor_sync(0xffffffffu, raw, 2));
                 // Finite: key t*BN < sk is always valid, so every row has a real score.
                 const float mx = fmaxf(row_max[mt][r], raw * scale_log2);
-                const float alpha = fast_exp2(row_max[mt][r] - mx);
+                alpha[mt][r] = fast_exp2(row_max[mt][r] - mx);
+                max_moved |= mx != row_max[mt][r];
                 row_max[mt][r] = mx;
                 float sum = 0.f;
 #pragma unroll
@@ -292,13 +295,22 @@ struct FaTile {
                     sum += p0 + p1;
                 }
                 // Partial (per-thread) sum; the quad reduction happens once at the end.
-                row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+                row_sum[mt][r] = row_sum[mt][r] * alpha[mt][r] + sum;
+            }
+        }
+        // Rescale O only when some row of the warp found a new max: otherwise every alpha is
+        // exactly 2^0 = 1 and the multiplications would change nothing. Once the running
+        // maxima settle, most tiles skip these D/4 * MT * 2 multiplications per thread.
+        if (__any_sync(0xffffffffu, max_moved)) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int n = 0; n < ND; ++n) {
-                    acc[mt][n][2 * r] *= alpha;
-                    acc[mt][n][2 * r + 1] *= alpha;
+                    acc[mt][n][0] *= alpha[mt][0];
+                    acc[mt][n][1] *= alpha[mt][0];
+                    acc[mt][n][2] *= alpha[mt][1];
+                    acc[mt][n][3] *= alpha[mt][1];
                 }
-            }
         }
 
         // ---- O += P V ----
