@@ -21,6 +21,7 @@
 //! L, LA, RGB and RGBA buffers of any channel count.
 
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 
 /// Pillow's `PRECISION_BITS` (32 - 8 - 2): 8 bits for the value, 2 for overshoot, 22 fraction.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -165,6 +166,8 @@ pub fn resize_lanczos_u8(
 }
 
 /// `ImagingResampleHorizontal_8bpc` over source rows `[row0, row1)` of a `w`-wide buffer.
+/// Output rows are independent and computed in parallel; the sums are the same integer sums
+/// as Pillow's (wrapping i32 addition, so their order does not matter).
 fn horizontal_pass(
     src: &[u8],
     w: usize,
@@ -176,26 +179,42 @@ fn horizontal_pass(
     let horiz = precompute_coeffs(w, 0.0, w as f32, out_w);
     let rows = row1 - row0;
     let mut out = vec![0u8; rows * out_w * channels];
-    for yy in 0..rows {
-        let src_row = &src[(yy + row0) * w * channels..][..w * channels];
-        let out_row = &mut out[yy * out_w * channels..][..out_w * channels];
-        for xx in 0..out_w {
-            let (xmin, n) = horiz.bounds[xx];
-            let k = &horiz.weights[xx * horiz.ksize..][..n];
-            for c in 0..channels {
-                let mut ss: i32 = 1 << (PRECISION_BITS - 1);
-                for (x, &kx) in k.iter().enumerate() {
-                    ss = ss.wrapping_add((src_row[(x + xmin) * channels + c] as i32) * kx);
-                }
-                out_row[xx * channels + c] = clip8(ss);
+    out.par_chunks_mut(out_w * channels)
+        .enumerate()
+        .for_each(|(yy, out_row)| {
+            let src_row = &src[(yy + row0) * w * channels..][..w * channels];
+            match channels {
+                1 => horizontal_row::<1>(src_row, out_row, &horiz),
+                2 => horizontal_row::<2>(src_row, out_row, &horiz),
+                3 => horizontal_row::<3>(src_row, out_row, &horiz),
+                _ => horizontal_row::<4>(src_row, out_row, &horiz),
+            }
+        });
+    out
+}
+
+/// One output row of the horizontal pass for `C` interleaved bands (`C` fixed at compile
+/// time, so the per-tap band loop unrolls).
+fn horizontal_row<const C: usize>(src_row: &[u8], out_row: &mut [u8], horiz: &Coeffs) {
+    for (xx, out_px) in out_row.chunks_exact_mut(C).enumerate() {
+        let (xmin, n) = horiz.bounds[xx];
+        let k = &horiz.weights[xx * horiz.ksize..][..n];
+        let taps = &src_row[xmin * C..][..n * C];
+        let mut ss = [1i32 << (PRECISION_BITS - 1); C];
+        for (px, &kx) in taps.chunks_exact(C).zip(k) {
+            for c in 0..C {
+                ss[c] = ss[c].wrapping_add(px[c] as i32 * kx);
             }
         }
+        for c in 0..C {
+            out_px[c] = clip8(ss[c]);
+        }
     }
-    out
 }
 
 /// `ImagingResampleVertical_8bpc` for an image of height `in_h` resized to `out_h`; `src`
 /// holds its rows from `row0` on (the horizontal pass may have dropped unused top rows).
+/// Each output row accumulates whole source rows (vectorisable), rows in parallel.
 fn vertical_pass(
     src: &[u8],
     w: usize,
@@ -207,18 +226,23 @@ fn vertical_pass(
     let vert = precompute_coeffs(in_h, 0.0, in_h as f32, out_h);
     let row_len = w * channels;
     let mut out = vec![0u8; row_len * out_h];
-    for yy in 0..out_h {
-        let (ymin, n) = vert.bounds[yy];
-        let ymin = ymin - row0;
-        let k = &vert.weights[yy * vert.ksize..][..n];
-        let out_row = &mut out[yy * row_len..][..row_len];
-        for (i, o) in out_row.iter_mut().enumerate() {
-            let mut ss: i32 = 1 << (PRECISION_BITS - 1);
+    out.par_chunks_mut(row_len).enumerate().for_each_init(
+        || vec![0i32; row_len],
+        |acc, (yy, out_row)| {
+            let (ymin, n) = vert.bounds[yy];
+            let ymin = ymin - row0;
+            let k = &vert.weights[yy * vert.ksize..][..n];
+            acc.fill(1 << (PRECISION_BITS - 1));
             for (y, &ky) in k.iter().enumerate() {
-                ss = ss.wrapping_add((src[(y + ymin) * row_len + i] as i32) * ky);
+                let src_row = &src[(y + ymin) * row_len..][..row_len];
+                for (a, &v) in acc.iter_mut().zip(src_row) {
+                    *a = a.wrapping_add(v as i32 * ky);
+                }
             }
-            *o = clip8(ss);
-        }
-    }
+            for (o, &a) in out_row.iter_mut().zip(acc.iter()) {
+                *o = clip8(a);
+            }
+        },
+    );
     out
 }
