@@ -450,13 +450,22 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
                                             scale_log2);                                        \
     }
 
-#define FA_KERNELS(D, NW, MT, BN)            \
-    FA_KERNEL(bf16, true, D, NW, MT, BN)     \
-    FA_KERNEL(f16, false, D, NW, MT, BN)
+// flash_attn.rs compiles one head dim and one dtype at a time (-DFA_ONLY_D=<D>,
+// -DFA_ONLY_BF16 / -DFA_ONLY_F16): NVRTC and the driver's JIT take ~1 s per instance, and a
+// process only needs the head dim and dtype of its model (first-run cold start).
+#if defined(FA_ONLY_F16)
+#define FA_KERNEL_BF16(D, NW, MT, BN)
+#else
+#define FA_KERNEL_BF16(D, NW, MT, BN) FA_KERNEL(bf16, true, D, NW, MT, BN)
+#endif
+#if defined(FA_ONLY_BF16)
+#define FA_KERNEL_F16(D, NW, MT, BN)
+#else
+#define FA_KERNEL_F16(D, NW, MT, BN) FA_KERNEL(f16, false, D, NW, MT, BN)
+#endif
+#define FA_KERNELS(D, NW, MT, BN) FA_KERNEL_BF16(D, NW, MT, BN) FA_KERNEL_F16(D, NW, MT, BN)
 
 // The configurations flash_attn.rs launches (keep in sync with `KernelConfig::for_head_dim`).
-// flash_attn.rs compiles one head dim at a time (-DFA_ONLY_D=<D>): NVRTC time grows with every
-// instance, and a process only needs the head dim of its model.
 #if !defined(FA_ONLY_D) || FA_ONLY_D == 16
 FA_KERNELS(16, 4, 1, 64)
 #endif

@@ -96,6 +96,15 @@ impl KernelConfig {
         (self.block_m() + 4 * self.block_n) * self.d * 2
     }
 
+    /// The NVRTC defines that compile only this configuration's kernel for `dtype`.
+    fn defines(&self, dtype: DType) -> Vec<String> {
+        let only = if dtype == DType::BF16 { "BF16" } else { "F16" };
+        vec![
+            format!("-DFA_ONLY_D={}", self.d),
+            format!("-DFA_ONLY_{only}"),
+        ]
+    }
+
     fn kernel_name(&self, dtype: DType) -> String {
         let dt = if dtype == DType::BF16 { "bf16" } else { "f16" };
         format!(
@@ -106,16 +115,14 @@ impl KernelConfig {
 }
 
 /// Every (defines, kernel names) pair [`load_kernel`] may ask NVRTC for: one per supported
-/// head dim, both dtypes (checked by [`super::check_kernels`]).
+/// head dim and dtype (checked by [`super::check_kernels`]).
 pub(crate) fn compiled_variants() -> Vec<(Vec<String>, Vec<String>)> {
     [16, 32, 64, 128, 256]
         .into_iter()
         .filter_map(KernelConfig::for_head_dim)
-        .map(|cfg| {
-            (
-                vec![format!("-DFA_ONLY_D={}", cfg.d)],
-                vec![cfg.kernel_name(DType::BF16), cfg.kernel_name(DType::F16)],
-            )
+        .flat_map(|cfg| {
+            [DType::BF16, DType::F16]
+                .map(|dtype| (cfg.defines(dtype), vec![cfg.kernel_name(dtype)]))
         })
         .collect()
 }
@@ -134,7 +141,7 @@ fn load_kernel(dev: &CudaDevice, cfg: &KernelConfig, dtype: DType) -> Result<Cud
         dev,
         "flash_attn",
         KERNEL_SOURCE,
-        &[format!("-DFA_ONLY_D={}", cfg.d)],
+        &cfg.defines(dtype),
         &cfg.kernel_name(dtype),
     )?;
     // More than 48 KiB of dynamic shared memory must be opted into per function.
