@@ -41,26 +41,29 @@ def check(name, got, want, max_ulps=1, max_frac=0.0):
 
 
 def swiglu():
-    rows, f = 37, 300
-    wide = bf(rows, 2 * f + 6)  # a view into a wider projection: row stride 2F + 6
-    u = wide[:, : 2 * f]
-    out = torch.empty(rows, f, dtype=torch.bfloat16)
-    lib.emu_swiglu(ptr(wide), ptr(out), I32(f), I64(2 * f + 6), I64(rows))
-    check("swiglu_bf16 (strided rows)", out, F.silu(u[:, :f]) * u[:, f:], max_frac=0.002)
+    # f % 8 == 0 with 16-byte aligned rows takes the 8-wide path; the others the scalar one.
+    for rows, f, pad, offset in ((37, 304, 8, 0), (37, 300, 6, 0), (9, 304, 8, 1)):
+        wide = bf(rows * (2 * f + pad) + offset)[offset:].view(rows, 2 * f + pad)
+        u = wide[:, : 2 * f]
+        out = torch.empty(rows, f, dtype=torch.bfloat16)
+        lib.emu_swiglu(ptr(wide), ptr(out), I32(f), I64(2 * f + pad), I64(rows))
+        check(f"swiglu_bf16 (F={f}, row stride {2 * f + pad}, offset {offset})", out,
+              F.silu(u[:, :f]) * u[:, f:], max_frac=0.002)
 
 
 def row_wise():
-    b, n, d = 2, 9, 3072 - 32
-    x, y = bf(b, n, d, scale=2.0), bf(b, n, d)
-    scale, shift, gate = bf(b, d, scale=0.3), bf(b, d, scale=0.3), bf(b, d)
-    out = torch.empty(b, n, d, dtype=torch.bfloat16)
-    lib.emu_row_wise(I32(0), ptr(x), ptr(scale), ptr(shift), ptr(out), I64(b), I64(n), I32(d), F32(0))
-    check("modulate_bf16", out, (1 + scale[:, None]) * x + shift[:, None])
-    lib.emu_row_wise(I32(1), ptr(x), ptr(scale), ptr(shift), ptr(out), I64(b), I64(n), I32(d), F32(1e-6))
-    ln = F.layer_norm(x, (d,), eps=1e-6)
-    check("layernorm_modulate_bf16", out, (1 + scale[:, None]) * ln + shift[:, None], max_frac=0.01)
-    lib.emu_row_wise(I32(2), ptr(x), ptr(y), ptr(gate), ptr(out), I64(b), I64(n), I32(d), F32(0))
-    check("gated_residual_bf16", out, x + gate[:, None] * y)
+    for d in (3072 - 32, 3072 - 36):  # 8-wide and scalar paths
+        b, n = 2, 9
+        x, y = bf(b, n, d, scale=2.0), bf(b, n, d)
+        scale, shift, gate = bf(b, d, scale=0.3), bf(b, d, scale=0.3), bf(b, d)
+        out = torch.empty(b, n, d, dtype=torch.bfloat16)
+        lib.emu_row_wise(I32(0), ptr(x), ptr(scale), ptr(shift), ptr(out), I64(b), I64(n), I32(d), F32(0))
+        check(f"modulate_bf16 (D={d})", out, (1 + scale[:, None]) * x + shift[:, None])
+        lib.emu_row_wise(I32(1), ptr(x), ptr(scale), ptr(shift), ptr(out), I64(b), I64(n), I32(d), F32(1e-6))
+        ln = F.layer_norm(x, (d,), eps=1e-6)
+        check(f"layernorm_modulate_bf16 (D={d})", out, (1 + scale[:, None]) * ln + shift[:, None], max_frac=0.01)
+        lib.emu_row_wise(I32(2), ptr(x), ptr(y), ptr(gate), ptr(out), I64(b), I64(n), I32(d), F32(0))
+        check(f"gated_residual_bf16 (D={d})", out, x + gate[:, None] * y)
 
 
 def rope_tables(s, d):
@@ -112,16 +115,18 @@ def rmsnorm_rope():
 
 
 def group_norm():
-    b, c, hh, ww, g, eps = 2, 64, 9, 13, 32, 1e-6
-    x = bf(b, c, hh, ww, scale=3.0) + 1.5
-    w, bias = torch.rand(c) + 0.5, torch.randn(c) * 0.1
-    out = torch.empty_like(x)
-    for silu in (0, 1):
-        lib.emu_group_norm(ptr(x), ptr(w), ptr(bias), ptr(out), I32(b), I32(c), I64(hh * ww), I32(g), F32(eps), I32(silu))
-        want = F.group_norm(x.float(), g, w, bias, eps).to(torch.bfloat16)
-        if silu:
-            want = F.silu(want)
-        check(f"gn_partial/finalize/apply_bf16 (silu={silu})", out, want, max_frac=0.01)
+    for hh, ww in ((9, 13), (8, 16)):  # H·W not a multiple of 8 (scalar path), and 8-wide
+        b, c, g, eps = 2, 64, 32, 1e-6
+        x = bf(b, c, hh, ww, scale=3.0) + 1.5
+        w, bias = torch.rand(c) + 0.5, torch.randn(c) * 0.1
+        out = torch.empty_like(x)
+        for silu in (0, 1):
+            lib.emu_group_norm(ptr(x), ptr(w), ptr(bias), ptr(out), I32(b), I32(c), I64(hh * ww), I32(g),
+                               F32(eps), I32(silu))
+            want = F.group_norm(x.float(), g, w, bias, eps).to(torch.bfloat16)
+            if silu:
+                want = F.silu(want)
+            check(f"gn_partial/finalize/apply_bf16 ({hh}x{ww}, silu={silu})", out, want, max_frac=0.01)
 
 
 for case in (swiglu, row_wise, rope, rmsnorm_rope, group_norm):

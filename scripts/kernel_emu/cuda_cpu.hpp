@@ -7,6 +7,8 @@
 #pragma once
 #include <barrier>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -42,6 +44,16 @@ inline float __int_as_float(int i) {
     return f;
 }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
+// A 16-byte vector access: both addresses must be 16-byte aligned, as on the GPU (where a
+// misaligned one is a fatal "misaligned address" error).
+inline void emu_copy16(void* dst, const void* src) {
+    if (((unsigned long long)dst | (unsigned long long)src) & 15) {
+        std::fprintf(stderr, "misaligned 16-byte access (%p <- %p)\n", dst, src);
+        std::abort();
+    }
+    std::memcpy(dst, src, 16);
+}
 
 struct EmuWarp {
     std::barrier<> bar{32};

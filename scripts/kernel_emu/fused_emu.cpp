@@ -2,6 +2,7 @@
 // kernel exactly as src/cuda/fused.rs does (same block sizes and grids).
 #include "cuda_cpu.hpp"
 
+#define FLUX2_KERNEL_EMU 1
 #include "../../src/cuda/fused.cu"
 
 namespace {

@@ -23,36 +23,82 @@ DEVI u16 f2bf(float f) {
 
 DEVI float silu_f32(float x) { return x / (1.0f + expf(-x)); }
 
+// Eight bf16 values moved as one 16-byte load/store: these kernels are memory-bound, and
+// 2-byte accesses leave most of the bandwidth unused. Every kernel checks at run time that
+// its rows are 16-byte aligned (uniform per block) and keeps a scalar path for the rest.
+struct alignas(16) Bf16x8 {
+    u16 v[8];
+};
+DEVI bool aligned16(const void* p) { return ((unsigned long long)p & 15) == 0; }
+#ifndef FLUX2_KERNEL_EMU
+DEVI Bf16x8 ld8(const u16* p) { return *reinterpret_cast<const Bf16x8*>(p); }
+DEVI void st8(u16* p, const Bf16x8& x) { *reinterpret_cast<Bf16x8*>(p) = x; }
+#else  // scripts/kernel_emu: the same 16 bytes, and a misaligned access aborts as on the GPU
+DEVI Bf16x8 ld8(const u16* p) {
+    Bf16x8 r;
+    emu_copy16(&r, p);
+    return r;
+}
+DEVI void st8(u16* p, const Bf16x8& x) { emu_copy16(p, &x); }
+#endif
+
 // The row-wise kernels below run one thread block per row (blockIdx.x = row) with the threads
 // striding over the columns, so no per-element 64-bit division is needed.
 
 // out[r, j] = bf16( bf16(silu(u[r, j])) * u[r, F + j] )   (torch: F.silu(x1) * x2)
 // u rows start at u + r * row_stride (a view into a wider projection is fine).
+DEVI u16 swiglu_one(u16 gate, u16 value) {
+    return f2bf(bf2f(f2bf(silu_f32(bf2f(gate)))) * bf2f(value));
+}
 extern "C" __global__ void swiglu_bf16(const u16* __restrict__ u, u16* __restrict__ out, int f,
                                        long long row_stride) {
     long long r = blockIdx.x;
     const u16* row = u + r * row_stride;
     u16* orow = out + r * f;
-    for (int j = threadIdx.x; j < f; j += blockDim.x) {
-        float a = bf2f(f2bf(silu_f32(bf2f(row[j]))));
-        orow[j] = f2bf(a * bf2f(row[f + j]));
+    if ((f & 7) == 0 && aligned16(row) && aligned16(orow)) {
+        for (int j = threadIdx.x * 8; j < f; j += blockDim.x * 8) {
+            const Bf16x8 a = ld8(row + j), b = ld8(row + f + j);
+            Bf16x8 o;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) o.v[e] = swiglu_one(a.v[e], b.v[e]);
+            st8(orow + j, o);
+        }
+        return;
     }
+    for (int j = threadIdx.x; j < f; j += blockDim.x) orow[j] = swiglu_one(row[j], row[f + j]);
 }
 
 // out = bf16( bf16( x * bf16(1 + scale) ) + shift ), x [B, rows_per_batch, D] contiguous,
 // scale/shift [B, D] contiguous (the modulation of batch element b).
+DEVI u16 modulate_one(float x, u16 scale, u16 shift) {
+    const float s1 = bf2f(f2bf(1.0f + bf2f(scale)));
+    return f2bf(bf2f(f2bf(x * s1)) + bf2f(shift));
+}
+// Whether the row kernels below can move 8 values at a time: D a multiple of 8 and every
+// row start (x, the output, the per-batch vectors) 16-byte aligned.
+DEVI bool rows_vectorizable(int d, const void* a, const void* b, const void* c, const void* o) {
+    return (d & 7) == 0 && aligned16(a) && aligned16(b) && aligned16(c) && aligned16(o);
+}
 extern "C" __global__ void modulate_bf16(const u16* __restrict__ x, const u16* __restrict__ scale,
                                          const u16* __restrict__ shift, u16* __restrict__ out,
                                          long long rows_per_batch, int d) {
     long long row = blockIdx.x;
     long long b = row / rows_per_batch;
     const u16* xr = x + row * d;
+    const u16* sc = scale + b * d;
+    const u16* sh = shift + b * d;
     u16* orow = out + row * d;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float s1 = bf2f(f2bf(1.0f + bf2f(scale[b * d + c])));
-        float t = bf2f(f2bf(bf2f(xr[c]) * s1));
-        orow[c] = f2bf(t + bf2f(shift[b * d + c]));
+    if (rows_vectorizable(d, xr, sc, sh, orow)) {
+        for (int c = threadIdx.x * 8; c < d; c += blockDim.x * 8) {
+            const Bf16x8 xv = ld8(xr + c), s = ld8(sc + c), t = ld8(sh + c);
+            Bf16x8 o;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) o.v[e] = modulate_one(bf2f(xv.v[e]), s.v[e], t.v[e]);
+            st8(orow + c, o);
+        }
+        return;
     }
+    for (int c = threadIdx.x; c < d; c += blockDim.x) orow[c] = modulate_one(bf2f(xr[c]), sc[c], sh[c]);
 }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the sum.
@@ -75,6 +121,11 @@ DEVI float block_sum(float v, float* red) {
 // the modulation of modulate_bf16:
 //   out = bf16( bf16( bf16(LN(x)) * bf16(1 + scale) ) + shift )
 // x [B, rows_per_batch, D] contiguous, scale/shift [B, D] contiguous; D <= blockDim.x * 16.
+// Register slot i of a thread holds column ln_col(i): with 16-byte accesses two chunks of 8
+// columns (8 * (tid + j * blockDim) + e), else columns tid + i * blockDim.
+DEVI int ln_col(bool vec, int i) {
+    return vec ? 8 * (threadIdx.x + (i >> 3) * blockDim.x) + (i & 7) : threadIdx.x + i * blockDim.x;
+}
 extern "C" __global__ void layernorm_modulate_bf16(const u16* __restrict__ x,
                                                    const u16* __restrict__ scale,
                                                    const u16* __restrict__ shift,
@@ -84,39 +135,68 @@ extern "C" __global__ void layernorm_modulate_bf16(const u16* __restrict__ x,
     long long row = blockIdx.x;
     long long b = row / rows_per_batch;
     const u16* xr = x + row * d;
+    const u16* sc = scale + b * d;
+    const u16* sh = shift + b * d;
     u16* orow = out + row * d;
+    const bool vec = rows_vectorizable(d, xr, sc, sh, orow);
     float v[LN_MAX_PER_THREAD];
+    if (vec) {
+#pragma unroll
+        for (int j = 0; j < LN_MAX_PER_THREAD / 8; ++j) {
+            const int c0 = ln_col(true, 8 * j);
+            Bf16x8 t;
+            if (c0 < d) t = ld8(xr + c0);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[8 * j + e] = c0 < d ? bf2f(t.v[e]) : 0.0f;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < LN_MAX_PER_THREAD; ++i) {
+            const int c = ln_col(false, i);
+            v[i] = c < d ? bf2f(xr[c]) : 0.0f;
+        }
+    }
     float sum = 0.0f;
 #pragma unroll
-    for (int i = 0; i < LN_MAX_PER_THREAD; ++i) {
-        int c = threadIdx.x + i * blockDim.x;
-        v[i] = c < d ? bf2f(xr[c]) : 0.0f;
-        sum += v[i];
-    }
+    for (int i = 0; i < LN_MAX_PER_THREAD; ++i) sum += v[i];
     const float mean = block_sum(sum, red) / d;
     float sq = 0.0f;
 #pragma unroll
     for (int i = 0; i < LN_MAX_PER_THREAD; ++i) {
-        int c = threadIdx.x + i * blockDim.x;
-        float dev = c < d ? v[i] - mean : 0.0f;
+        const float dev = ln_col(vec, i) < d ? v[i] - mean : 0.0f;
         sq += dev * dev;
     }
     const float var = block_sum(sq, red) / d;
     const float rstd = rsqrtf(var + eps);
+    if (vec) {
 #pragma unroll
-    for (int i = 0; i < LN_MAX_PER_THREAD; ++i) {
-        int c = threadIdx.x + i * blockDim.x;
-        if (c < d) {
-            float ln = bf2f(f2bf((v[i] - mean) * rstd));
-            float s1 = bf2f(f2bf(1.0f + bf2f(scale[b * d + c])));
-            float t = bf2f(f2bf(ln * s1));
-            orow[c] = f2bf(t + bf2f(shift[b * d + c]));
+        for (int j = 0; j < LN_MAX_PER_THREAD / 8; ++j) {
+            const int c0 = ln_col(true, 8 * j);
+            if (c0 < d) {
+                const Bf16x8 s = ld8(sc + c0), t = ld8(sh + c0);
+                Bf16x8 o;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const float ln = bf2f(f2bf((v[8 * j + e] - mean) * rstd));
+                    o.v[e] = modulate_one(ln, s.v[e], t.v[e]);
+                }
+                st8(orow + c0, o);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < LN_MAX_PER_THREAD; ++i) {
+            const int c = ln_col(false, i);
+            if (c < d) orow[c] = modulate_one(bf2f(f2bf((v[i] - mean) * rstd)), sc[c], sh[c]);
         }
     }
 }
 
 // out = bf16( x + bf16( y * gate ) )   (torch: x + gate * y, two roundings), x and y
 // [B, rows_per_batch, D] contiguous, gate [B, D] contiguous.
+DEVI u16 gated_one(u16 x, u16 y, u16 gate) {
+    return f2bf(bf2f(x) + bf2f(f2bf(bf2f(y) * bf2f(gate))));
+}
 extern "C" __global__ void gated_residual_bf16(const u16* __restrict__ x, const u16* __restrict__ y,
                                                const u16* __restrict__ gate, u16* __restrict__ out,
                                                long long rows_per_batch, int d) {
@@ -124,11 +204,19 @@ extern "C" __global__ void gated_residual_bf16(const u16* __restrict__ x, const 
     long long b = row / rows_per_batch;
     const u16* xr = x + row * d;
     const u16* yr = y + row * d;
+    const u16* gr = gate + b * d;
     u16* orow = out + row * d;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float g = bf2f(f2bf(bf2f(yr[c]) * bf2f(gate[b * d + c])));
-        orow[c] = f2bf(bf2f(xr[c]) + g);
+    if (rows_vectorizable(d, xr, yr, gr, orow)) {
+        for (int c = threadIdx.x * 8; c < d; c += blockDim.x * 8) {
+            const Bf16x8 xv = ld8(xr + c), yv = ld8(yr + c), g = ld8(gr + c);
+            Bf16x8 o;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) o.v[e] = gated_one(xv.v[e], yv.v[e], g.v[e]);
+            st8(orow + c, o);
+        }
+        return;
     }
+    for (int c = threadIdx.x; c < d; c += blockDim.x) orow[c] = gated_one(xr[c], yr[c], gr[c]);
 }
 
 // Interleaved-pair RoPE on x [B, S, H, D] contiguous with f32 tables cos/sin [S, D/2]:
@@ -274,6 +362,10 @@ extern "C" __global__ void gn_finalize(const float* __restrict__ partial, float*
 }
 
 // y = bf16((x - mean) * rstd * w[c] + b[c]); with silu: bf16(silu(y)).
+DEVI u16 gn_one(u16 v, float mean, float rstd, float w, float b, int silu) {
+    const u16 r = f2bf((bf2f(v) - mean) * rstd * w + b);
+    return silu ? f2bf(silu_f32(bf2f(r))) : r;
+}
 // grid (blocks over H*W, B*C): blockIdx.y is one (batch, channel) plane, so the channel and
 // group come from one 32-bit division per block, not three 64-bit ones per element.
 extern "C" __global__ void gn_apply_bf16(const u16* __restrict__ x, const float* __restrict__ stats,
@@ -288,10 +380,17 @@ extern "C" __global__ void gn_apply_bf16(const u16* __restrict__ x, const float*
     const float wc = w[ch], bc_bias = bias[ch];
     const u16* xp = x + (long long)bc * hw;
     u16* op = out + (long long)bc * hw;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < hw;
-         i += (long long)gridDim.x * blockDim.x) {
-        float y = (bf2f(xp[i]) - mean) * rstd * wc + bc_bias;
-        u16 r = f2bf(y);
-        op[i] = silu ? f2bf(silu_f32(bf2f(r))) : r;
+    const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    if ((hw & 7) == 0 && aligned16(xp) && aligned16(op)) {
+        for (long long i = 8 * first; i < hw; i += 8 * stride) {
+            const Bf16x8 xv = ld8(xp + i);
+            Bf16x8 o;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) o.v[e] = gn_one(xv.v[e], mean, rstd, wc, bc_bias, silu);
+            st8(op + i, o);
+        }
+        return;
     }
+    for (long long i = first; i < hw; i += stride) op[i] = gn_one(xp[i], mean, rstd, wc, bc_bias, silu);
 }
