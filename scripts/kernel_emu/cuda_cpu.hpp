@@ -45,14 +45,14 @@ inline float __int_as_float(int i) {
 }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
-// A 16-byte vector access: both addresses must be 16-byte aligned, as on the GPU (where a
-// misaligned one is a fatal "misaligned address" error).
-inline void emu_copy16(void* dst, const void* src) {
-    if (((unsigned long long)dst | (unsigned long long)src) & 15) {
-        std::fprintf(stderr, "misaligned 16-byte access (%p <- %p)\n", dst, src);
+// A vector access of `bytes` (8 or 16): both addresses must be aligned to it, as on the GPU
+// (where a misaligned one is a fatal "misaligned address" error).
+inline void emu_copy_aligned(void* dst, const void* src, unsigned bytes) {
+    if (((unsigned long long)dst | (unsigned long long)src) & (bytes - 1)) {
+        std::fprintf(stderr, "misaligned %u-byte access (%p <- %p)\n", bytes, dst, src);
         std::abort();
     }
-    std::memcpy(dst, src, 16);
+    std::memcpy(dst, src, bytes);
 }
 
 struct EmuWarp {

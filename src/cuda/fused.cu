@@ -36,10 +36,27 @@ DEVI void st8(u16* p, const Bf16x8& x) { *reinterpret_cast<Bf16x8*>(p) = x; }
 #else  // scripts/kernel_emu: the same 16 bytes, and a misaligned access aborts as on the GPU
 DEVI Bf16x8 ld8(const u16* p) {
     Bf16x8 r;
-    emu_copy16(&r, p);
+    emu_copy_aligned(&r, p, 16);
     return r;
 }
-DEVI void st8(u16* p, const Bf16x8& x) { emu_copy16(p, &x); }
+DEVI void st8(u16* p, const Bf16x8& x) { emu_copy_aligned(p, &x, 16); }
+#endif
+
+// Four bf16 values as one 8-byte access (a warp then covers a 128-wide head row at once).
+struct alignas(8) Bf16x4 {
+    u16 v[4];
+};
+DEVI bool aligned8(const void* p) { return ((unsigned long long)p & 7) == 0; }
+#ifndef FLUX2_KERNEL_EMU
+DEVI Bf16x4 ld4(const u16* p) { return *reinterpret_cast<const Bf16x4*>(p); }
+DEVI void st4(u16* p, const Bf16x4& x) { *reinterpret_cast<Bf16x4*>(p) = x; }
+#else
+DEVI Bf16x4 ld4(const u16* p) {
+    Bf16x4 r;
+    emu_copy_aligned(&r, p, 8);
+    return r;
+}
+DEVI void st4(u16* p, const Bf16x4& x) { emu_copy_aligned(p, &x, 8); }
 #endif
 
 // The row-wise kernels below run one thread block per row (blockIdx.x = row) with the threads
@@ -246,7 +263,9 @@ extern "C" __global__ void rope_bshd_bf16(const u16* __restrict__ x, const float
 // rsqrtf(sum/D + eps), bf16(scale * x * w): the weight applied in f32, one rounding), then
 // the rope_bshd_bf16 arithmetic on the rounded values with table row s (one rounding).
 // One warp per (b, s, h) row; D % 32 == 0 (each lane owns columns lane, lane+32, ...; the
-// RoPE partner of column c is c ^ 1, held by lane ^ 1).
+// RoPE partner of column c is c ^ 1, held by lane ^ 1). Rows with D % 128 == 0 (up to
+// 128 * RR_MAX_CHUNKS) and 8-byte aligned starts take a vectorised path instead.
+#define RR_MAX_CHUNKS 2
 extern "C" __global__ void rmsnorm_rope_bf16(
     const u16* __restrict__ x0, const u16* __restrict__ x1, const float* __restrict__ w0,
     const float* __restrict__ w1, const float* __restrict__ cos_t,
@@ -269,6 +288,47 @@ extern "C" __global__ void rmsnorm_rope_bf16(
         xr = x1 + b * x1_sb + (long long)(s - s0) * x1_ss + (long long)hh * x1_sh;
         w = w1;
     }
+    const int half_d = d >> 1;
+    const float* cos_row = cos_t + (long long)s * half_d;
+    const float* sin_row = sin_t + (long long)s * half_d;
+    u16* orow = out + row * d;
+    if ((d & 127) == 0 && d <= 4 * RR_MAX_CHUNKS * 32 && aligned8(xr) && aligned8(orow)) {
+        // 8-byte accesses: lane owns columns 128 j + 4 lane + {0..3}, i.e. two whole RoPE
+        // pairs per chunk, so no shuffle is needed for the rotation.
+        float xv[RR_MAX_CHUNKS][4];
+        float tmp = 0.0f;
+#pragma unroll
+        for (int j = 0; j < RR_MAX_CHUNKS; ++j) {
+            if (128 * j < d) {
+                const Bf16x4 t = ld4(xr + 128 * j + 4 * lane);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    xv[j][e] = bf2f(t.v[e]);
+                    tmp += xv[j][e] * xv[j][e];
+                }
+            }
+        }
+        for (int mask = 16; mask > 0; mask >>= 1) tmp += __shfl_xor_sync(0xffffffffu, tmp, mask, 32);
+        const float scale = rsqrtf(tmp / d + eps);
+#pragma unroll
+        for (int j = 0; j < RR_MAX_CHUNKS; ++j) {
+            if (128 * j < d) {
+                const int col = 128 * j + 4 * lane;
+                Bf16x4 o;
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    const float y0 = bf2f(f2bf(scale * xv[j][2 * m] * w[col + 2 * m]));
+                    const float y1 = bf2f(f2bf(scale * xv[j][2 * m + 1] * w[col + 2 * m + 1]));
+                    const int k = (col >> 1) + m;
+                    const float c = cos_row[k], sn = sin_row[k];
+                    o.v[2 * m] = f2bf(y0 * c - y1 * sn);
+                    o.v[2 * m + 1] = f2bf(y1 * c + y0 * sn);
+                }
+                st4(orow + col, o);
+            }
+        }
+        return;
+    }
     float tmp = 0.0f;
     for (int col = lane; col < d; col += 32) {
         const float xi = bf2f(xr[col]);
@@ -277,14 +337,12 @@ extern "C" __global__ void rmsnorm_rope_bf16(
     for (int mask = 16; mask > 0; mask >>= 1) tmp += __shfl_xor_sync(0xffffffffu, tmp, mask, 32);
     const float mean = tmp / d;
     const float scale = rsqrtf(mean + eps);
-    const int half_d = d >> 1;
-    u16* orow = out + row * d;
     for (int col = lane; col < d; col += 32) {
         float y = bf2f(f2bf(scale * bf2f(xr[col]) * w[col]));
         float partner = __shfl_xor_sync(0xffffffffu, y, 1, 32);
         int k = col >> 1;
-        float c = cos_t[(long long)s * half_d + k];
-        float sn = sin_t[(long long)s * half_d + k];
+        float c = cos_row[k];
+        float sn = sin_row[k];
         float r = (col & 1) ? (y * c + partner * sn) : (y * c - partner * sn);
         orow[col] = f2bf(r);
     }
