@@ -312,3 +312,22 @@ fn layernorm_modulate_and_gated_residual_match_reference() {
         "gated residual must round like the candle ops"
     );
 }
+
+/// The conv bias add against candle's broadcast add (both round `x + b` once: equal bits),
+/// on a plane size that takes the 16-byte path and one that does not.
+#[test]
+fn channel_bias_matches_broadcast_add() {
+    let Some(dev) = gpu() else { return };
+    for (h, w) in [(64, 96), (9, 13)] {
+        let x = randn(&[2, 40, h, w], 3.0, &dev);
+        let bias = randn(&[40], 1.0, &dev);
+        let reference = x
+            .broadcast_add(&bias.reshape((1, 40, 1, 1)).unwrap())
+            .unwrap();
+        let ours = fused::add_channel_bias(&x, &bias).unwrap();
+        assert_eq!(ours.dims(), reference.dims());
+        let same = fraction_equal(&ours, &reference);
+        eprintln!("channel_bias {h}x{w}: {same:.4} of the elements bit-identical");
+        assert_eq!(same, 1.0, "channel_bias {h}x{w}");
+    }
+}

@@ -137,6 +137,15 @@ def group_norm():
             check(f"gn_partial/finalize/apply_bf16 ({hh}x{ww}, silu={silu})", out, want, max_frac=0.01)
 
 
-for case in (swiglu, row_wise, rope, rmsnorm_rope, group_norm):
+def channel_bias():
+    for hh, ww in ((9, 13), (8, 16)):  # scalar and 8-wide paths
+        b, c = 2, 24
+        x, bias = bf(b, c, hh, ww, scale=3.0), bf(c)
+        out = torch.empty_like(x)
+        lib.emu_channel_bias(ptr(x), ptr(bias), ptr(out), I32(b), I32(c), I64(hh * ww))
+        check(f"channel_bias_bf16 ({hh}x{ww})", out, x + bias[None, :, None, None])
+
+
+for case in (channel_bias, swiglu, row_wise, rope, rmsnorm_rope, group_norm):
     case()
 sys.exit(1 if failures else 0)

@@ -63,4 +63,11 @@ void emu_group_norm(const u16* x, const float* w, const float* bias, u16* out, i
         gn_apply_bf16(x, stats.data(), w, bias, out, c, hw, g, silu);
     });
 }
+
+void emu_channel_bias(const u16* x, const u16* bias, u16* out, int b, int c, long long hw) {
+    long long per_plane = (hw + THREADS * 4 - 1) / (THREADS * 4);
+    per_plane = per_plane < 1 ? 1 : (per_plane > (1 << 16) ? (1 << 16) : per_plane);
+    emu_launch(Dim3{(unsigned)per_plane, (unsigned)(b * c), 1}, THREADS,
+               [&] { channel_bias_bf16(x, bias, out, c, hw); });
+}
 }

@@ -452,3 +452,27 @@ extern "C" __global__ void gn_apply_bf16(const u16* __restrict__ x, const float*
     }
     for (long long i = first; i < hw; i += stride) op[i] = gn_one(xp[i], mean, rstd, wc, bc_bias, silu);
 }
+
+// out[b, c, :] = bf16(x[b, c, :] + bias[c]) for x [B, C, HW] contiguous: the bias of a
+// convolution, added after cuDNN rounded the conv output (as torch's nn.Conv2d does).
+// grid (blocks over HW, B*C) as gn_apply_bf16.
+extern "C" __global__ void channel_bias_bf16(const u16* __restrict__ x, const u16* __restrict__ bias,
+                                             u16* __restrict__ out, int c, long long hw) {
+    const int bc = blockIdx.y;
+    const float bv = bf2f(bias[bc % c]);
+    const u16* xp = x + (long long)bc * hw;
+    u16* op = out + (long long)bc * hw;
+    const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    if ((hw & 7) == 0 && aligned16(xp) && aligned16(op)) {
+        for (long long i = 8 * first; i < hw; i += 8 * stride) {
+            const Bf16x8 xv = ld8(xp + i);
+            Bf16x8 o;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) o.v[e] = f2bf(bf2f(xv.v[e]) + bv);
+            st8(op + i, o);
+        }
+        return;
+    }
+    for (long long i = first; i < hw; i += stride) op[i] = f2bf(bf2f(xp[i]) + bv);
+}

@@ -13,8 +13,8 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
-    bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape,
-    Tensor,
+    bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout,
+    Result, Shape, Tensor,
 };
 use half::bf16;
 
@@ -42,6 +42,7 @@ pub(crate) const FUNCTIONS: &[&str] = &[
     "gn_partial_bf16",
     "gn_finalize",
     "gn_apply_bf16",
+    "channel_bias_bf16",
 ];
 
 fn load(dev: &CudaDevice, function: &str) -> Result<CudaFunction> {
@@ -595,19 +596,7 @@ impl CustomOp3 for GroupNormOp {
         bld.arg(&hw_i);
         bld.arg(&g_i);
         bld.arg(&silu);
-        if b * c > 65535 {
-            bail!(
-                "group_norm: B·C = {} planes exceed one launch's grid",
-                b * c
-            )
-        }
-        // About four elements per thread; the y dimension walks the (batch, channel) planes.
-        let per_plane = hw.div_ceil(THREADS as usize * 4).clamp(1, 1 << 16) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (per_plane, (b * c) as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid_planes(b * c, hw)?;
         // SAFETY: arguments match `gn_apply_bf16`; the grid-stride loop covers every element
         // of every plane.
         unsafe { bld.launch(cfg) }.w()?;
@@ -635,4 +624,76 @@ pub fn group_norm(
         &bias.flatten_all()?.contiguous()?,
         &op,
     )
+}
+
+// ---------------------------------------------------------------- per-channel bias
+
+/// Grid of the per-(batch, channel)-plane kernels (`gn_apply_bf16`, `channel_bias_bf16`):
+/// about four elements per thread along x, one plane per y.
+fn grid_planes(planes: usize, hw: usize) -> Result<LaunchConfig> {
+    if planes == 0 || planes > 65535 {
+        bail!("fused kernel: {planes} (batch, channel) planes exceed one launch's grid")
+    }
+    let per_plane = hw.div_ceil(THREADS as usize * 4).clamp(1, 1 << 16) as u32;
+    Ok(LaunchConfig {
+        grid_dim: (per_plane, planes as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+struct ChannelBias;
+
+impl CustomOp2 for ChannelBias {
+    fn name(&self) -> &'static str {
+        "flux2-channel-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_only("channel_bias")
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, c, h, w) = xl.shape().dims4()?;
+        if !xl.is_contiguous() || !bl.is_contiguous() || bl.shape().elem_count() != c {
+            bail!("channel_bias: needs contiguous x [B,C,H,W] and a contiguous bias of C = {c}")
+        }
+        let dev = xs.device().clone();
+        let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(b * c * h * w)? };
+        let func = load(&dev, "channel_bias_bf16")?;
+        let (x, bias) = (view(xs, xl)?, view(bs, bl)?);
+        let (c_i, hw_i) = (c as i32, (h * w) as i64);
+        let launch = grid_planes(b * c, h * w)?;
+        let stream = dev.cuda_stream();
+        let mut bld = stream.launch_builder(&func);
+        bld.arg(&x);
+        bld.arg(&bias);
+        bld.arg(&out);
+        bld.arg(&c_i);
+        bld.arg(&hw_i);
+        // SAFETY: arguments match `channel_bias_bf16`; the grid-stride loop covers every
+        // element of every plane.
+        unsafe { bld.launch(launch) }.w()?;
+        Ok((bf16::wrap_cuda_slice(out, dev), xl.shape().clone()))
+    }
+}
+
+/// `x + bias` for bf16 `x [B, C, H, W]` and a per-channel bf16 `bias [C]`, rounded once (the
+/// bias add of `nn.Conv2d` after its convolution). One pass, 16-byte accesses, where candle's
+/// broadcast add computes a strided index per element.
+pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(&bias.flatten_all()?.contiguous()?, &ChannelBias)
 }

@@ -69,6 +69,9 @@ impl Conv2d {
         }
         let y = crate::cuda::conv::conv2d(x, self.inner.weight(), cfg.padding, cfg.stride);
         Some(y.and_then(|y| match self.inner.bias() {
+            Some(b) if crate::cuda::fused::applies(&y) && b.dtype() == y.dtype() => {
+                Ok(crate::cuda::fused::add_channel_bias(&y, b)?)
+            }
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
         }))
