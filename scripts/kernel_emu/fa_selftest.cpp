@@ -1,0 +1,100 @@
+// The flash-attention kernel on the CPU without Python (run by tests/kernel_emulation.rs):
+// fa_emu.cpp's launcher on deterministic pseudo-random bf16/f16 inputs, against attention
+// computed in double on the same rounded values. Exit code 1 on a failure.
+#include <cstdio>
+#include <vector>
+
+#include "fa_emu.cpp"
+
+namespace {
+struct Rng {  // xorshift64*, then a sum of uniforms as a cheap near-normal
+    unsigned long long s;
+    double uniform() {
+        s ^= s >> 12, s ^= s << 25, s ^= s >> 27;
+        return ((s * 0x2545F4914F6CDD1DULL) >> 11) * (1.0 / 9007199254740992.0);
+    }
+    float normal() {
+        double t = 0;
+        for (int i = 0; i < 4; ++i) t += uniform();
+        return (float)((t - 2.0) * 1.7320508);
+    }
+};
+
+u16 to_half(float f, bool bf16) { return bf16 ? emu_f2bf(f) : emu_f2h(f); }
+float from_half(u16 v, bool bf16) { return bf16 ? emu_bf16(v) : emu_f16(v); }
+
+// One case: B, H, Sq, Sk, head dim, dtype, layout ([B,S,H,D] memory or [B,H,S,D]), sink key.
+bool run_case(int b, int h, int sq, int sk, int dh, bool bf16, bool bshd, bool sink, Rng& rng) {
+    const int dk = dh <= 16 ? 16 : dh <= 32 ? 32 : dh <= 64 ? 64 : dh <= 128 ? 128 : 256;
+    auto strides = [&](int s) {  // (batch, head, token) element strides
+        return bshd ? std::vector<long long>{(long long)s * h * dh, dh, (long long)h * dh}
+                    : std::vector<long long>{(long long)h * s * dh, (long long)s * dh, dh};
+    };
+    auto fill = [&](int s, bool positive) {
+        std::vector<u16> t((size_t)b * h * s * dh);
+        for (auto& v : t) {
+            float x = rng.normal();
+            v = to_half(positive && x < 0 ? -x : x, bf16);
+        }
+        return t;
+    };
+    std::vector<u16> q = fill(sq, sink), k = fill(sk, false), v = fill(sk, false), o(q.size());
+    const auto sq_st = strides(sq), sk_st = strides(sk);
+    auto at = [&](const std::vector<long long>& st, int bi, int hi, int si) {
+        return bi * st[0] + hi * st[1] + si * st[2];
+    };
+    if (sink)  // key 0 scores highest for every query: later tiles skip the rescale
+        for (int bi = 0; bi < b; ++bi)
+            for (int hi = 0; hi < h; ++hi)
+                for (int e = 0; e < dh; ++e) k[at(sk_st, bi, hi, 0) + e] = to_half(0.5f, bf16);
+    std::vector<long long> all;
+    for (auto* st : {&sq_st, &sk_st, &sk_st, &sq_st}) all.insert(all.end(), st->begin(), st->begin() + 3);
+    const double scale = 1.0 / std::sqrt((double)dh);
+    if (emu_flash(dk, bf16, q.data(), k.data(), v.data(), o.data(), b, h, sq, sk, dh, all.data(),
+                  (float)(scale * 1.4426950408889634)) != 0) {
+        std::printf("FAIL no kernel for D=%d\n", dk);
+        return false;
+    }
+    double worst = 0, ref_max = 0;
+    std::vector<double> p(sk);
+    for (int bi = 0; bi < b; ++bi)
+        for (int hi = 0; hi < h; ++hi)
+            for (int i = 0; i < sq; ++i) {
+                double m = -1e300, l = 0;
+                for (int j = 0; j < sk; ++j) {
+                    double dot = 0;
+                    for (int e = 0; e < dh; ++e)
+                        dot += (double)from_half(q[at(sq_st, bi, hi, i) + e], bf16) *
+                               from_half(k[at(sk_st, bi, hi, j) + e], bf16);
+                    p[j] = dot * scale;
+                    m = std::max(m, p[j]);
+                }
+                for (int j = 0; j < sk; ++j) l += (p[j] = std::exp(p[j] - m));
+                for (int e = 0; e < dh; ++e) {
+                    double r = 0;
+                    for (int j = 0; j < sk; ++j) r += p[j] * from_half(v[at(sk_st, bi, hi, j) + e], bf16);
+                    r /= l;
+                    ref_max = std::max(ref_max, std::fabs(r));
+                    worst = std::max(worst, std::fabs(r - from_half(o[at(sq_st, bi, hi, i) + e], bf16)));
+                }
+            }
+    const bool ok = std::isfinite(worst) && worst <= 1e-3 + 8e-3 * ref_max;
+    std::printf("%s flash B=%d H=%d Sq=%d Sk=%d D=%d %s %s%s: max abs err %.2e\n", ok ? "ok  " : "FAIL",
+                b, h, sq, sk, dh, bf16 ? "bf16" : "f16", bshd ? "bshd" : "bhsd", sink ? "+sink" : "",
+                worst);
+    return ok;
+}
+}  // namespace
+
+int main() {
+    Rng rng{0x9E3779B97F4A7C15ULL};
+    bool ok = true;
+    ok &= run_case(1, 2, 200, 130, 128, true, false, false, rng);  // 2 query blocks, partial tile
+    ok &= run_case(1, 1, 100, 400, 128, true, true, true, rng);    // no-rescale path
+    ok &= run_case(2, 1, 70, 64, 64, true, true, false, rng);      // one full key tile
+    ok &= run_case(1, 1, 40, 100, 96, true, false, false, rng);    // D=96 in the D=128 kernel
+    ok &= run_case(1, 1, 70, 90, 256, true, false, false, rng);
+    ok &= run_case(1, 2, 33, 1, 8, true, false, false, rng);
+    ok &= run_case(1, 1, 130, 150, 128, false, true, false, rng);  // f16
+    return ok ? 0 : 1;
+}
