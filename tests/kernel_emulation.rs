@@ -1,9 +1,11 @@
 //! Our CUDA kernels' own code, run on the CPU (`scripts/kernel_emu/`): the flash-attention
 //! kernel with its PTX helpers (ldmatrix, mma.sync, cp.async, cvt) emulated per warp, against
-//! attention computed in double precision, and its index arithmetic exhaustively. No GPU, no
-//! CUDA toolkit, no Python: g++ with C++20 (skipped with a message where there is none). So a
-//! change to `src/cuda/flash_attn.cu` that breaks it fails here, not first on a GPU machine.
-//! (`scripts/emulate-kernels.sh` also runs the fused kernels against PyTorch.)
+//! attention computed in double precision, and its index arithmetic exhaustively; the fused
+//! kernels of `src/cuda/fused.cu`, launched as `fused.rs` launches them, against the op
+//! sequences they replace with torch's roundings. No GPU, no CUDA toolkit, no Python: g++ with
+//! C++20 (skipped with a message where there is none). So a kernel change that breaks them
+//! fails here, not first on a GPU machine. (`scripts/emulate-kernels.sh` also compares the
+//! fused kernels with PyTorch's own ops.)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -59,4 +61,9 @@ fn flash_attention_kernel_matches_exact_attention_on_cpu() {
 #[test]
 fn flash_attention_index_arithmetic_is_the_swizzled_layout() {
     compile_and_run("fa_index_check.cpp", &[]);
+}
+
+#[test]
+fn fused_kernels_match_the_ops_they_replace_on_cpu() {
+    compile_and_run("fused_selftest.cpp", &[]);
 }
