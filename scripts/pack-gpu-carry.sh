@@ -2,8 +2,9 @@
 # Packs the CUDA build for a device run of scripts/gpu.sh: strips and xz-compresses the binary
 # and the GPU test executables (tests/cuda_fused.rs, tests/cuda_attention.rs) into carry/
 # (git-ignored; pass `carry` to the device tool). The device copy of the tree is limited to
-# 64 MiB and the tracked files take ~46 MB, so cuda_attention (unchanged kernel) is packed
-# only with PACK_ATTENTION=1. Build first, e.g.:
+# 64 MiB and the tracked files take ~46 MB (+ 6.4 MB of wheels in .whl/), so cuda_attention
+# is packed only with PACK_ATTENTION=1 (the attention kernel is checked on the GPU by
+# gpu_attention_check.sh and on the CPU by tests/kernel_emulation.rs). xz -9e: ~13 MB. Build first, e.g.:
 #   eval "$(scripts/build-cuda.sh -e)"; CARGO_TARGET_DIR=target-cuda \
 #     cargo build --release --features cuda,cudnn --all-targets
 set -euo pipefail
@@ -14,7 +15,7 @@ T="${CARGO_TARGET_DIR:-target-cuda}/release"
   { echo "CUDA kernels fail to compile: run scripts/check-cuda-kernels.sh" >&2; exit 1; }
 mkdir -p carry
 pack() {  # source, name
-  strip -o "carry/$2" "$1" && xz -T0 -6 -f "carry/$2"
+  strip -o "carry/$2" "$1" && xz -T0 -9e -f "carry/$2"
   echo "carry/$2.xz $(du -h "carry/$2.xz" | cut -f1)"
 }
 pack "$T/flux2-klein" flux2-klein
