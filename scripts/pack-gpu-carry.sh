@@ -4,7 +4,8 @@
 # (git-ignored; pass `carry` to the device tool). The device copy of the tree is limited to
 # 64 MiB and the tracked files take ~46 MB (+ 6.4 MB of wheels in .whl/), so cuda_attention
 # is packed only with PACK_ATTENTION=1 (the attention kernel is checked on the GPU by
-# gpu_attention_check.sh and on the CPU by tests/kernel_emulation.rs). xz -9e: ~13 MB. Build first, e.g.:
+# gpu_attention_check.sh and on the CPU by tests/kernel_emulation.rs). xz -9e: ~13 MB.
+# Build first, e.g.:
 #   eval "$(scripts/build-cuda.sh -e)"; CARGO_TARGET_DIR=target-cuda \
 #     cargo build --release --features cuda,cudnn --all-targets
 set -euo pipefail
