@@ -14,11 +14,22 @@ use flux2_klein::model_dir::DEFAULT_MODEL;
 /// references below 64 px, and we hold outputs to the same bound (4×4 packed latent patches).
 pub const MIN_SIDE: u32 = 64;
 
+/// `--version`: the crate version and what this binary can run on.
+#[cfg(feature = "cudnn")]
+const BUILD_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (CUDA + cuDNN, CPU)");
+#[cfg(all(feature = "cuda", not(feature = "cudnn")))]
+const BUILD_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (CUDA, CPU)");
+#[cfg(not(feature = "cuda"))]
+const BUILD_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (CPU only; build with --features cuda for NVIDIA GPUs)"
+);
+
 /// FLUX.2 [klein] text-to-image and multi-reference editing on candle.
 #[derive(Debug, Parser)]
 #[command(
     name = "flux2-klein",
-    version,
+    version = BUILD_VERSION,
     about,
     propagate_version = true,
     after_help = "Examples:\n  \
