@@ -262,6 +262,23 @@ impl Pipeline {
         let scheduler_config: SchedulerConfig = model.config("scheduler")?;
         let transformer_config: Flux2TransformerConfig = model.config("transformer")?;
         let tokenizer = PromptTokenizer::from_file(&model.tokenizer()?, MAX_SEQUENCE_LENGTH)?;
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = &options.device {
+            if crate::ops::cuda_speedups_enabled() {
+                let head_dim = transformer_config.attention_head_dim;
+                if let Err(e) = crate::cuda::preflight(dev, head_dim, options.dtype) {
+                    eprintln!(
+                        "warning: flux2-klein's CUDA kernels cannot run here ({}); using \
+                         candle's ops instead, which is slower. An NVIDIA driver for CUDA 13.0 \
+                         (580 or newer) runs them.",
+                        e.to_string()
+                            .split_whitespace()
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    );
+                }
+            }
+        }
         Ok(Self {
             model,
             options,

@@ -127,6 +127,15 @@ pub(crate) fn compiled_variants() -> Vec<(Vec<String>, Vec<String>)> {
         .collect()
 }
 
+/// Compiles (NVRTC, cached) and loads the kernel for `head_dim` and `dtype` on `dev`; nothing
+/// for a head dim the kernel does not cover (that model runs the naive path anyway).
+pub(crate) fn load_for(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Result<()> {
+    match KernelConfig::for_head_dim(head_dim) {
+        Some(cfg) => load_kernel(dev, &cfg, dtype).map(|_| ()),
+        None => Ok(()),
+    }
+}
+
 /// The loaded kernel for `cfg`/`dtype` on `dev` (candle caches the module per device).
 fn load_kernel(dev: &CudaDevice, cfg: &KernelConfig, dtype: DType) -> Result<CudaFunction> {
     let stream = dev.cuda_stream();
@@ -341,6 +350,7 @@ impl CustomOp3 for FlashAttn {
 pub fn is_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     let d = q.dim(D::Minus1).unwrap_or(0);
     matches!(q.device(), Device::Cuda(_))
+        && super::kernels_usable()
         && matches!(q.dtype(), DType::BF16 | DType::F16)
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype()

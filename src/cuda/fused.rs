@@ -28,7 +28,18 @@ const GN_SPLITS: usize = 64;
 /// Whether the fused kernels apply to `t`: a bf16 CUDA tensor, and not switched off with
 /// `FLUX2_KLEIN_FUSED=0` (which falls back to the reference candle ops).
 pub fn applies(t: &Tensor) -> bool {
-    crate::ops::cuda_speedups_enabled() && t.device().is_cuda() && t.dtype() == DType::BF16
+    crate::ops::cuda_speedups_enabled()
+        && super::kernels_usable()
+        && t.device().is_cuda()
+        && t.dtype() == DType::BF16
+}
+
+/// Compiles (NVRTC, cached) and loads every kernel of this module on `dev`.
+pub(crate) fn load_all(dev: &CudaDevice) -> Result<()> {
+    for f in FUNCTIONS {
+        load(dev, f)?;
+    }
+    Ok(())
 }
 
 /// Every kernel of `fused.cu` this module launches (checked by [`super::check_kernels`]).

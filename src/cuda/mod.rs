@@ -13,7 +13,36 @@ pub mod flash_attn;
 pub mod fused;
 mod nvrtc;
 
-use candle_core::Result;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{CudaDevice, DType, Result};
+
+/// Set when [`preflight`] found that our kernels cannot run here: then the callers use the
+/// plain candle ops ([`fused::applies`] and [`is_supported`] say no).
+static KERNELS_UNUSABLE: AtomicBool = AtomicBool::new(false);
+
+/// Whether our NVRTC kernels may be used (see [`preflight`]).
+pub fn kernels_usable() -> bool {
+    !KERNELS_UNUSABLE.load(Ordering::Relaxed)
+}
+
+/// Compiles and loads, once per process, every kernel a `dtype` model with `head_dim`-wide
+/// attention heads will launch on `dev` (the fused kernels are bf16-only; f32 uses none). On failure (e.g. a driver too old for the PTX of
+/// CUDA 13.0, or no NVRTC) the kernels are switched off for the process, so generation falls
+/// back to candle's ops instead of failing halfway; the error is returned for a warning.
+pub fn preflight(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Result<()> {
+    let result = match dtype {
+        DType::BF16 => {
+            fused::load_all(dev).and_then(|()| flash_attn::load_for(dev, head_dim, dtype))
+        }
+        DType::F16 => flash_attn::load_for(dev, head_dim, dtype),
+        _ => Ok(()), // f32 runs candle's ops only
+    };
+    if result.is_err() {
+        KERNELS_UNUSABLE.store(true, Ordering::Relaxed);
+    }
+    result
+}
 
 pub use flash_attn::{
     available, flash_attention, flash_attention_bshd, is_supported, naive_attention,
