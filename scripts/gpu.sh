@@ -114,9 +114,10 @@ if have 90 "bf16 noise floor"; then
   python3 scripts/gpu_bench.py psnr "$OUT/ours_t2i_1024.png" "$WORK/diffusers_f32_1024.png" | tee -a "$LOG"
 fi
 
-{ [ -n "${GPU_SKIP_COLD:-}" ] || ! have 60 "diffusers cold start"; } && { log done; exit 0; }
+finish() { python3 scripts/gpu_bench.py verdict "$OUT" 2>&1 | tee -a "$LOG"; log done; exit 0; }
+{ [ -n "${GPU_SKIP_COLD:-}" ] || ! have 60 "diffusers cold start"; } && finish
 log "diffusers: cold (fresh process, from_pretrained + call)"
 t0=$(date +%s.%N)
 timeout 90 python3 scripts/gpu_bench.py cold "$MODEL" "$WORK/diffusers_cold.png" >/dev/null 2>&1
 t1=$(date +%s.%N); log "diffusers cold: $(python3 -c "print(round($t1-$t0,2))") s"
-log "done"
+finish

@@ -6,6 +6,7 @@
     gpu_bench.py diffusers DIR OUTDIR    warm per-stage timings + images (same noise as --seed)
     gpu_bench.py cold DIR OUT.png        one fresh-process run (from_pretrained + call)
     gpu_bench.py psnr A.png B.png        PSNR and max difference of two images
+    gpu_bench.py verdict OUT             issue #7's speed/quality bars from the files in OUT
 
 Noise: diffusers gets `latents=` drawn from the CPU generator in float32 and rounded to bf16,
 which is exactly what `flux2-klein --seed N` uses (spec §10: torch 2.11 on the GPU machines
@@ -267,7 +268,69 @@ def psnr(a, b):
                       "mean_diff": round(float(abs(x - y).mean()), 4)}))
 
 
+def psnr_value(a, b):
+    import numpy as np
+    from PIL import Image
+    x = np.asarray(Image.open(a).convert("RGB"), dtype=np.float64)
+    y = np.asarray(Image.open(b).convert("RGB"), dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+
+
+def verdict(out):
+    """The bars of issue #7 that one gpu.sh run measures, from ours_bench*.json (flux2-klein
+    bench --json), diffusers.json and the two 1024² images; a missing input says so."""
+    def load(name):
+        try:
+            return json.load(open(os.path.join(out, name)))
+        except Exception:
+            return None
+
+    def ours_summary(doc, refs):
+        for row in (doc or {}).get("summary", []):
+            if row.get("width") == 1024 and row.get("height") == 1024 and row.get("refs") == refs:
+                return {k: v["mean"] for k, v in row.items() if isinstance(v, dict) and "mean" in v} | {
+                    "peak": row.get("peak_device_memory_bytes")}
+        return None
+
+    def theirs(doc, name):
+        runs = ((doc or {}).get(name) or {}).get("runs") or []
+        if not runs:
+            return None
+        mean = lambda k: sum(r[k] for r in runs) / len(runs)
+        return {"total_ms": mean("total_ms"), "text_encode_ms": mean("text_encode_ms"),
+                "peak_gib": doc[name].get("peak_gib")}
+
+    ours_t2i = ours_summary(load("ours_bench.json"), 0)
+    ours_edit = ours_summary(load("ours_bench_edit.json"), 2)
+    d = load("diffusers.json")
+    d_t2i, d_edit = theirs(d, "t2i_1024"), theirs(d, "edit2_1024")
+    rows = []
+
+    def bar(name, value, limit, fmt, at_least=False):
+        if value is None:
+            rows.append(f"  ?    {name}: not measured")
+        else:
+            ok = value >= limit if at_least else value <= limit
+            rows.append(f"  {'PASS' if ok else 'FAIL'} {name}: {fmt(value)} "
+                        f"(bar {'≥' if at_least else '≤'} {fmt(limit)})")
+
+    ratio = lambda a, b, k: a[k] / b[k] if a and b else None
+    bar("warm 1024² t2i, ours / diffusers", ratio(ours_t2i, d_t2i, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
+    bar("  stretch", ratio(ours_t2i, d_t2i, "total_ms"), 0.7, lambda x: f"{x:.2f}×")
+    bar("warm 2-reference edit, ours / diffusers", ratio(ours_edit, d_edit, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
+    bar("text encode, ours / diffusers", ratio(ours_t2i, d_t2i, "text_encode_ms"), 0.5, lambda x: f"{x:.2f}×")
+    peak = ours_t2i and ours_t2i.get("peak") and ours_t2i["peak"] / 2**30
+    bar("warm bench peak memory vs diffusers' peak", peak, (d_t2i or {}).get("peak_gib") or 0,
+        lambda x: f"{x:.2f} GiB")
+    a, b = os.path.join(out, "ours_t2i_1024.png"), os.path.join(out, "diffusers_t2i_1024.png")
+    p = psnr_value(a, b) if os.path.exists(a) and os.path.exists(b) else None
+    bar("1024² image, PSNR ours vs diffusers bf16", p, 30.0, lambda x: f"{x:.1f} dB", at_least=True)
+    print("issue #7 bars measured by this run:")
+    print("\n".join(rows))
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"make-model": make_model, "refs": make_refs, "diffusers": diffusers_bench, "cold": cold,
-     "image": image, "psnr": psnr}[cmd](*args)
+     "image": image, "psnr": psnr, "verdict": verdict}[cmd](*args)
