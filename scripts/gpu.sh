@@ -82,7 +82,7 @@ du -sh "$MODEL" | tee -a "$LOG"
 log "flux2-klein: cold generate 1024² (process start to file written)"
 t0=$(date +%s.%N)
 timeout 90 "$BIN" -v generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$OUT/ours_t2i_1024.png" 2>&1 | tail -8 | tee -a "$LOG"
-t1=$(date +%s.%N); log "ours cold: $(python3 -c "print(round($t1-$t0,2))") s"
+t1=$(date +%s.%N); python3 -c "print(round($t1-$t0,2))" > "$OUT/ours_cold_s"; log "ours cold: $(cat "$OUT/ours_cold_s") s"
 
 log "flux2-klein bench (warm, everything resident)"
 timeout 130 "$BIN" bench -m "$MODEL" --size 1024x1024 --size 512x512 --runs 2 --warmup 1 --json > "$OUT/ours_bench.json" 2>>"$LOG"
@@ -119,5 +119,5 @@ finish() { python3 scripts/gpu_bench.py verdict "$OUT" 2>&1 | tee -a "$LOG"; log
 log "diffusers: cold (fresh process, from_pretrained + call)"
 t0=$(date +%s.%N)
 timeout 90 python3 scripts/gpu_bench.py cold "$MODEL" "$WORK/diffusers_cold.png" >/dev/null 2>&1
-t1=$(date +%s.%N); log "diffusers cold: $(python3 -c "print(round($t1-$t0,2))") s"
+t1=$(date +%s.%N); python3 -c "print(round($t1-$t0,2))" > "$OUT/diffusers_cold_s"; log "diffusers cold: $(cat "$OUT/diffusers_cold_s") s"
 finish

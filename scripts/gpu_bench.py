@@ -323,6 +323,15 @@ def verdict(out):
     peak = ours_t2i and ours_t2i.get("peak") and ours_t2i["peak"] / 2**30
     bar("warm bench peak memory vs diffusers' peak", peak, (d_t2i or {}).get("peak_gib") or 0,
         lambda x: f"{x:.2f} GiB")
+    def seconds(name):
+        try:
+            return float(open(os.path.join(out, name)).read())
+        except Exception:
+            return None
+
+    cold_ours, cold_d = seconds("ours_cold_s"), seconds("diffusers_cold_s")
+    bar("cold start 1024², ours / diffusers", cold_ours / cold_d if cold_ours and cold_d else None, 1.0,
+        lambda x: f"{x:.2f}×")
     a, b = os.path.join(out, "ours_t2i_1024.png"), os.path.join(out, "diffusers_t2i_1024.png")
     p = psnr_value(a, b) if os.path.exists(a) and os.path.exists(b) else None
     bar("1024² image, PSNR ours vs diffusers bf16", p, 30.0, lambda x: f"{x:.1f} dB", at_least=True)
