@@ -479,3 +479,48 @@ fn prompt_file_json_lines_set_each_image() {
     assert_eq!(plain.dimensions(), (64, 64));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn json_output_describes_each_image() {
+    // `--json`: one record per image on stdout, in order, each naming the file it describes.
+    let dir = tmp_dir("json");
+    let result = bin()
+        .args(["-q", "generate", "-m", &model("tiny-w0"), "-p", GIFU])
+        .args([
+            "--seed", "0", "-n", "2", "-W", "64", "-H", "64", "--json", "-o",
+        ])
+        .arg(dir.join("{seed}.png"))
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&result.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each stdout line is one JSON object"))
+        .collect();
+    assert_eq!(records.len(), 2);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["seed"], i as u64);
+        assert_eq!(
+            r["path"],
+            dir.join(format!("{i}.png")).display().to_string()
+        );
+        assert_eq!(
+            (r["width"].as_u64(), r["height"].as_u64()),
+            (Some(64), Some(64))
+        );
+        assert_eq!(r["steps"], 4);
+        assert_eq!(r["prompt"], GIFU);
+        assert_eq!(r["references"], serde_json::json!([]));
+        assert_eq!(r["timings_ms"]["steps"].as_array().map(Vec::len), Some(4));
+        assert!(r["timings_ms"]["total"].as_f64().unwrap() > 0.0);
+    }
+    // The record's file is the image: seed 0 is diffusers' t2i_64x64.
+    let img = image::open(dir.join("0.png")).unwrap().to_rgb8();
+    let (max, _) = diff(&img, &golden("t2i_64x64"));
+    assert!(max <= 1, "max diff {max}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -37,8 +37,8 @@ const BUILD_VERSION: &str = concat!(
         flux2-klein generate -p \"make it night\" -r day.png -o night.png --seed 7\n  \
         flux2-klein generate --prompt-file prompts.txt -n 4 -o 'out/{index}-{seed}.png'\n  \
         flux2-klein bench --size 512x512 --size 1024x1024 --runs 3\n\n\
-        The image path is the only thing written to stdout; progress, warnings and errors go \
-        to stderr."
+        Each image's path is the only thing written to stdout (with --json, one JSON record \
+        per image); progress, warnings and errors go to stderr."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -329,6 +329,12 @@ pub struct GenerateArgs {
     /// bf16). By default a batch runs stage by stage, one model in memory at a time.
     #[arg(long)]
     pub resident: bool,
+
+    /// For scripts: one JSON object per image on stdout (one line each, as the image is
+    /// written) instead of its path: path, prompt, seed, width, height, steps, guidance,
+    /// references, model and the per-stage times in milliseconds.
+    #[arg(long)]
+    pub json: bool,
 
     #[command(flatten)]
     pub model: ModelArgs,

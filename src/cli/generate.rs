@@ -156,7 +156,11 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             let mut reporter = reporter.borrow_mut();
             reporter.finish();
             summarize(&generated, &device, &reporter);
-            print_path(path);
+            if args.json {
+                print_line(&result_json(&run_info, path, request, &generated).to_string());
+            } else {
+                print_line(&path.display().to_string());
+            }
             Ok(())
         },
     )
@@ -326,10 +330,45 @@ fn summarize(g: &Generated, device: &Device, reporter: &Reporter) {
     }
 }
 
-/// The output path on stdout, the only thing written there (scripts capture it). A closed
-/// stdout is not an error: the image is already written.
-fn print_path(path: &Path) {
+/// The image's line on stdout (its path, or with `--json` its record), the only thing
+/// written there (scripts capture it). A closed stdout is not an error: the image is already
+/// written.
+fn print_line(line: &str) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", path.display());
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+/// The `--json` record of one written image.
+fn result_json(
+    run: &RunInfo,
+    path: &Path,
+    request: &Request,
+    generated: &Generated,
+) -> serde_json::Value {
+    let t = &generated.timings;
+    // Milliseconds to the microsecond.
+    let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+    serde_json::json!({
+        "path": path.display().to_string(),
+        "prompt": request.prompt,
+        "negative_prompt": uses_cfg(run.distilled, generated.guidance)
+            .then_some(&request.negative_prompt),
+        "seed": generated.seed,
+        "width": generated.width,
+        "height": generated.height,
+        "steps": generated.steps,
+        "guidance": generated.guidance,
+        "references": request.references.iter().map(|r| &r.name).collect::<Vec<_>>(),
+        "model": run.model,
+        "revision": run.revision,
+        "timings_ms": {
+            "load": ms(t.load),
+            "text_encode": ms(t.text_encode),
+            "reference_encode": ms(t.reference_encode),
+            "steps": t.steps.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+            "vae_decode": ms(t.vae_decode),
+            "total": ms(t.total),
+        },
+    })
 }
