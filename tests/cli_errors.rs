@@ -475,3 +475,36 @@ fn prompt_file_json_line_errors_name_the_line() {
     assert_runtime_error(&o, &["missing.png", "does not exist"]);
     assert_no_output(&dir, &["jobs.txt", "refs.txt"]);
 }
+
+#[test]
+fn config_from_a_png_without_metadata() {
+    // A PNG flux2-klein did not write has no settings to make again: one clear line, before
+    // any model is touched.
+    let dir = TempDir::new("nometa");
+    write_png(&dir.join("plain.png"), 64, 64);
+    let o = run_in(
+        dir.path(),
+        &[
+            "generate",
+            "--config-from-metadata",
+            "plain.png",
+            "-o",
+            "out.png",
+            "-m",
+            "./nope",
+        ],
+    );
+    assert_runtime_error(&o, &["plain.png", "no prompt in its metadata"]);
+    assert_no_output(&dir, &["plain.png"]);
+    let o = run_in(
+        dir.path(),
+        &[
+            "generate",
+            "--config-from-metadata",
+            "gone.png",
+            "-o",
+            "out.png",
+        ],
+    );
+    assert_runtime_error(&o, &["gone.png"]);
+}

@@ -88,7 +88,8 @@ pub struct CompareArgs {
     pub json: bool,
 }
 
-/// Where the prompts come from: `--prompt` (one) or `--prompt-file` (batch mode).
+/// Where the prompts come from: `--prompt` (one), `--prompt-file` (batch mode) or
+/// `--config-from-metadata` (the settings of an image made before).
 #[derive(Debug, Clone, Args)]
 #[group(required = true, multiple = false)]
 pub struct PromptArgs {
@@ -102,12 +103,24 @@ pub struct PromptArgs {
     /// "steps": …, "guidance": …}). The models load once for all of them.
     #[arg(long, value_name = "PATH")]
     pub prompt_file: Option<PathBuf>,
+
+    /// Make an image again from a PNG flux2-klein wrote: its prompt, seed, size, steps,
+    /// guidance, negative prompt and references come from the PNG's metadata; any of those
+    /// options given here wins (e.g. a new --seed for a variation).
+    #[arg(long, value_name = "PNG")]
+    pub config_from_metadata: Option<PathBuf>,
 }
 
 impl PromptArgs {
     /// The jobs to run, in order: the one `--prompt`, or the lines of `--prompt-file`.
     pub fn jobs(&self) -> anyhow::Result<Vec<PromptJob>> {
         use anyhow::Context;
+        if let Some(png) = &self.config_from_metadata {
+            let text = flux2_klein::image_io::read_png_text(png)?;
+            return Ok(vec![PromptJob::from_metadata(&text).map_err(|e| {
+                anyhow::anyhow!("--config-from-metadata {}: {e}", png.display())
+            })?]);
+        }
         let Some(path) = &self.prompt_file else {
             return Ok(self
                 .prompt
@@ -159,6 +172,53 @@ pub struct PromptJob {
 }
 
 impl PromptJob {
+    /// The job that made an image, from the text chunks flux2-klein writes into its PNGs
+    /// (`prompt`, `negative_prompt`, `seed`, `steps`, `guidance`, `size` = `WxH`,
+    /// `references` one path per line).
+    pub fn from_metadata(text: &[(String, String)]) -> Result<Self, String> {
+        let get = |key: &str| text.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let parse = |key: &str| -> Result<Option<f64>, String> {
+            get(key)
+                .map(|v| {
+                    v.parse::<f64>()
+                        .map_err(|_| format!("its {key} {v:?} is not a number"))
+                })
+                .transpose()
+        };
+        let prompt = get("prompt").ok_or(
+            "the PNG has no prompt in its metadata — only images written by flux2-klein (as \
+             PNG) can be made again this way",
+        )?;
+        let seed = get("seed")
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("its seed {v:?} is not a number"))
+            })
+            .transpose()?;
+        let size = get("size")
+            .map(|v| {
+                v.split_once('x')
+                    .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
+                    .ok_or(format!("its size {v:?} is not WxH"))
+            })
+            .transpose()?;
+        Ok(Self {
+            prompt: prompt.to_string(),
+            negative_prompt: get("negative_prompt").map(str::to_string),
+            seed,
+            width: size.map(|s| s.0),
+            height: size.map(|s| s.1),
+            steps: parse("steps")?.map(|s| s as u32),
+            guidance: parse("guidance")?,
+            refs: Some(
+                get("references")
+                    .map(|v| v.lines().map(PathBuf::from).collect())
+                    .unwrap_or_default(),
+            ),
+            output: None,
+        })
+    }
+
     pub fn plain(prompt: String) -> Self {
         Self {
             prompt,

@@ -22,7 +22,11 @@ use flux2_klein::image_io::save_image;
 
 pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     // --- Cheap checks, before any weights are touched. ---
-    let jobs = args.prompt.jobs()?;
+    let mut jobs = args.prompt.jobs()?;
+    if let Some(png) = &args.prompt.config_from_metadata {
+        from_metadata_overrides(args, &mut jobs[0]);
+        check_metadata_inputs(png, args, reporter)?;
+    }
     let first_seed = args.seed.unwrap_or_else(random_seed);
     // Every job (prompt line) makes --count images with seeds s, s + 1, … where s is the
     // line's own seed or --seed.
@@ -164,6 +168,66 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             Ok(())
         },
     )
+}
+
+/// `--config-from-metadata`: an option given on the command line wins over the image's
+/// recorded value (the job's settings would otherwise override it).
+fn from_metadata_overrides(args: &GenerateArgs, job: &mut PromptJob) {
+    if args.seed.is_some() {
+        job.seed = None;
+    }
+    if args.width.is_some() {
+        job.width = None;
+    }
+    if args.height.is_some() {
+        job.height = None;
+    }
+    if args.sampling.steps.is_some() {
+        job.steps = None;
+    }
+    if args.sampling.guidance.is_some() {
+        job.guidance = None;
+    }
+    if args.negative_prompt.is_some() {
+        job.negative_prompt = None;
+    }
+    if !args.refs.is_empty() {
+        job.refs = None;
+    }
+}
+
+/// `--config-from-metadata`: warns when this run cannot give the same image — another model,
+/// or a reference file whose content changed since (its recorded SHA-256).
+fn check_metadata_inputs(png: &Path, args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
+    let text = flux2_klein::image_io::read_png_text(png)?;
+    let get = |key: &str| text.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let model = args.model.model_id();
+    if let Some(recorded) = get("model").filter(|m| *m != model) {
+        reporter.warn(&format!(
+            "{} was made with the model {recorded}; this run uses {model} (pass -m {recorded} \
+             to make the same image)",
+            png.display()
+        ));
+    }
+    if args.refs.is_empty() {
+        let names = get("references").map(|v| v.lines().collect::<Vec<_>>());
+        let hashes = get("references_sha256").map(|v| v.lines().collect::<Vec<_>>());
+        for (name, hash) in names
+            .unwrap_or_default()
+            .iter()
+            .zip(hashes.unwrap_or_default())
+        {
+            let now = flux2_klein::image_io::sha256_file(name).ok();
+            if now.as_deref() != Some(hash) {
+                reporter.warn(&format!(
+                    "the reference {name} is missing or changed since {} was made, so the \
+                     image will differ",
+                    png.display()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Seeds a user can type back: 0 ..= u32::MAX (any u64 is accepted by `--seed`).
