@@ -61,6 +61,16 @@ impl std::fmt::Debug for ModelDir {
     }
 }
 
+/// Whether hub downloads draw hf-hub's progress bars on stderr ([`show_download_progress`]).
+static DOWNLOAD_PROGRESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Hub downloads (the weights are ~16 GB) draw hf-hub's progress bars on stderr from now on;
+/// off by default, for scripts. `flux2-klein fetch` turns it on when stderr is a terminal and
+/// not `-q`.
+pub fn show_download_progress(on: bool) {
+    DOWNLOAD_PROGRESS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 impl ModelDir {
     /// `id`, or `id@revision` when a hub revision was asked for (for messages).
     pub fn label(&self) -> String {
@@ -119,7 +129,7 @@ impl ModelDir {
             .or_else(|| hf_hub::Cache::from_env().token());
         let api = hf_hub::api::sync::ApiBuilder::from_env()
             .with_token(token)
-            .with_progress(false)
+            .with_progress(DOWNLOAD_PROGRESS.load(std::sync::atomic::Ordering::Relaxed))
             .build()
             .context("setting up the Hugging Face hub client")?;
         let repo_spec = match revision {

@@ -508,3 +508,19 @@ fn config_from_a_png_without_metadata() {
     );
     assert_runtime_error(&o, &["gone.png"]);
 }
+
+#[test]
+fn fetch_checks_a_model_and_prints_its_directory() {
+    // A complete local directory: its path on stdout, exit 0. A hub repo that is not cached
+    // while offline: one error line (nothing on stdout).
+    let dir = TempDir::new("fetch");
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-w0");
+    let o = run_in(dir.path(), &["fetch", "-m", tiny.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        tiny.display().to_string()
+    );
+    let o = run_in(dir.path(), &["fetch", "-m", "nobody/no-such-model"]);
+    assert_runtime_error(&o, &["nobody/no-such-model", "HF_HUB_OFFLINE"]);
+}

@@ -69,6 +69,26 @@ pub enum Command {
     /// Compare two images (golden-image checks): prints the max / mean difference and PSNR;
     /// exits 1 when they differ by more than the tolerance.
     Compare(CompareArgs),
+    /// Download every file the model needs into the Hugging Face cache (or check a local
+    /// directory) and print where it is: a setup step for offline runs and CI jobs.
+    Fetch(FetchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FetchArgs {
+    /// Hugging Face repo id or local directory in the diffusers layout.
+    #[arg(
+        short,
+        long,
+        value_name = "REPO_OR_DIR",
+        env = "FLUX2_KLEIN_MODEL",
+        default_value = DEFAULT_MODEL
+    )]
+    pub model: String,
+
+    /// Hub revision (branch, tag or commit) of the model repo.
+    #[arg(long, value_name = "REV")]
+    pub revision: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -9,6 +9,7 @@ pub mod args;
 mod bench;
 mod compare;
 mod device;
+mod fetch;
 mod generate;
 mod output;
 mod progress;
@@ -34,6 +35,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(a, &mut reporter),
         Command::Bench(a) => bench::run(a, &mut reporter),
         Command::Compare(a) => compare::run(a),
+        Command::Fetch(a) => fetch::run(a, &mut reporter),
     };
     // Clear any live display before main prints the error line.
     reporter.finish();
