@@ -22,6 +22,7 @@ log() { echo "[gpu.sh $(date +%T)] $*" | tee -a "$LOG"; }
 # One device call has 600 s: the optional steps below run only while enough of the budget
 # (GPU_BUDGET_S, default 570 s from the start of this script) is left, so the core numbers
 # always come back.
+left() { echo $(( ${GPU_BUDGET_S:-570} - SECONDS )); }
 have() {  # seconds a step needs, its name
   local left=$(( ${GPU_BUDGET_S:-570} - SECONDS ))
   [ "$left" -ge "$1" ] && return 0
@@ -104,12 +105,13 @@ have 200 "profile" && log "flux2-klein profile of one warm 1024² run (FLUX2_KLE
 FLUX2_KLEIN_PROFILE=1 timeout 60 "$BIN" bench -m "$MODEL" --size 1024x1024 --runs 1 --warmup 1 2>&1 | tail -18 | tee -a "$LOG"
 
 log "diffusers: warm per-stage timings"
-timeout 180 env DIFFUSERS_WORKLOADS="${DIFFUSERS_WORKLOADS:-}" python3 scripts/gpu_bench.py diffusers "$MODEL" "$WORK" "$REFS" 2>&1 | grep -E "^(t2i|edit)" | tee -a "$LOG"
+d_limit=$(left); d_limit=$(( d_limit - 20 > 180 ? 180 : (d_limit - 20 < 60 ? 60 : d_limit - 20) ))
+timeout $d_limit env DIFFUSERS_WORKLOADS="${DIFFUSERS_WORKLOADS:-}" python3 scripts/gpu_bench.py diffusers "$MODEL" "$WORK" "$REFS" 2>&1 | grep -E "^(t2i|edit)" | tee -a "$LOG"
 cp "$WORK/diffusers.json" "$WORK/diffusers_t2i_1024.png" "$OUT/" 2>/dev/null
 python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024.png" | tee -a "$LOG"
 if have 90 "bf16 noise floor"; then
   log "bf16 noise floor: diffusers bf16 vs diffusers f32, 1024² (same weights and noise)"
-  timeout $(( ${GPU_BUDGET_S:-570} - SECONDS - 10 )) python3 scripts/gpu_bench.py image "$MODEL" float32 1024 "$WORK/diffusers_f32_1024.png" >/dev/null 2>&1
+  timeout $(( $(left) - 10 )) python3 scripts/gpu_bench.py image "$MODEL" float32 1024 "$WORK/diffusers_f32_1024.png" >/dev/null 2>&1
   python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$WORK/diffusers_f32_1024.png" | tee -a "$LOG"
   python3 scripts/gpu_bench.py psnr "$OUT/ours_t2i_1024.png" "$WORK/diffusers_f32_1024.png" | tee -a "$LOG"
 fi
@@ -118,6 +120,6 @@ finish() { python3 scripts/gpu_bench.py verdict "$OUT" 2>&1 | tee -a "$LOG"; log
 { [ -n "${GPU_SKIP_COLD:-}" ] || ! have 60 "diffusers cold start"; } && finish
 log "diffusers: cold (fresh process, from_pretrained + call)"
 t0=$(date +%s.%N)
-timeout 90 python3 scripts/gpu_bench.py cold "$MODEL" "$WORK/diffusers_cold.png" >/dev/null 2>&1
+timeout $(( $(left) - 5 )) python3 scripts/gpu_bench.py cold "$MODEL" "$WORK/diffusers_cold.png" >/dev/null 2>&1
 t1=$(date +%s.%N); python3 -c "print(round($t1-$t0,2))" > "$OUT/diffusers_cold_s"; log "diffusers cold: $(cat "$OUT/diffusers_cold_s") s"
 finish
