@@ -59,30 +59,54 @@ DEVI Bf16x4 ld4(const u16* p) {
 DEVI void st4(u16* p, const Bf16x4& x) { emu_copy_aligned(p, &x, 8); }
 #endif
 
+// out[i] = op(in[0][i], .., in[N-1][i]) for i < n, this thread taking i = first, first + step,
+// ...: 8 elements per 16-byte access when n % 8 == 0 and every pointer is 16-byte aligned
+// (uniform per block), one at a time otherwise. `op` gets the N input values of an element.
+template <int N, class Op>
+DEVI void map_bf16(const u16* const (&in)[N], u16* out, long long n, long long first,
+                   long long step, const Op& op) {
+    bool vec = (n & 7) == 0 && aligned16(out);
+#pragma unroll
+    for (int k = 0; k < N; ++k) vec = vec && aligned16(in[k]);
+    u16 a[N];
+    if (vec) {
+        for (long long i = 8 * first; i < n; i += 8 * step) {
+            Bf16x8 x[N];
+#pragma unroll
+            for (int k = 0; k < N; ++k) x[k] = ld8(in[k] + i);
+            Bf16x8 o;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+#pragma unroll
+                for (int k = 0; k < N; ++k) a[k] = x[k].v[e];
+                o.v[e] = op(a);
+            }
+            st8(out + i, o);
+        }
+        return;
+    }
+    for (long long i = first; i < n; i += step) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) a[k] = in[k][i];
+        out[i] = op(a);
+    }
+}
+
 // The row-wise kernels below run one thread block per row (blockIdx.x = row) with the threads
 // striding over the columns, so no per-element 64-bit division is needed.
 
 // out[r, j] = bf16( bf16(silu(u[r, j])) * u[r, F + j] )   (torch: F.silu(x1) * x2)
 // u rows start at u + r * row_stride (a view into a wider projection is fine).
-DEVI u16 swiglu_one(u16 gate, u16 value) {
-    return f2bf(bf2f(f2bf(silu_f32(bf2f(gate)))) * bf2f(value));
-}
+struct SwigluOp {
+    __device__ u16 operator()(const u16 (&a)[2]) const {
+        return f2bf(bf2f(f2bf(silu_f32(bf2f(a[0])))) * bf2f(a[1]));
+    }
+};
 extern "C" __global__ void swiglu_bf16(const u16* __restrict__ u, u16* __restrict__ out, int f,
                                        long long row_stride) {
-    long long r = blockIdx.x;
-    const u16* row = u + r * row_stride;
-    u16* orow = out + r * f;
-    if ((f & 7) == 0 && aligned16(row) && aligned16(orow)) {
-        for (int j = threadIdx.x * 8; j < f; j += blockDim.x * 8) {
-            const Bf16x8 a = ld8(row + j), b = ld8(row + f + j);
-            Bf16x8 o;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) o.v[e] = swiglu_one(a.v[e], b.v[e]);
-            st8(orow + j, o);
-        }
-        return;
-    }
-    for (int j = threadIdx.x; j < f; j += blockDim.x) orow[j] = swiglu_one(row[j], row[f + j]);
+    const u16* row = u + blockIdx.x * row_stride;
+    const u16* const in[2] = {row, row + f};
+    map_bf16(in, out + (long long)blockIdx.x * f, f, threadIdx.x, blockDim.x, SwigluOp());
 }
 
 // out = bf16( bf16( x * bf16(1 + scale) ) + shift ), x [B, rows_per_batch, D] contiguous,
@@ -91,31 +115,15 @@ DEVI u16 modulate_one(float x, u16 scale, u16 shift) {
     const float s1 = bf2f(f2bf(1.0f + bf2f(scale)));
     return f2bf(bf2f(f2bf(x * s1)) + bf2f(shift));
 }
-// Whether the row kernels below can move 8 values at a time: D a multiple of 8 and every
-// row start (x, the output, the per-batch vectors) 16-byte aligned.
-DEVI bool rows_vectorizable(int d, const void* a, const void* b, const void* c, const void* o) {
-    return (d & 7) == 0 && aligned16(a) && aligned16(b) && aligned16(c) && aligned16(o);
-}
+struct ModulateOp {
+    __device__ u16 operator()(const u16 (&a)[3]) const { return modulate_one(bf2f(a[0]), a[1], a[2]); }
+};
 extern "C" __global__ void modulate_bf16(const u16* __restrict__ x, const u16* __restrict__ scale,
                                          const u16* __restrict__ shift, u16* __restrict__ out,
                                          long long rows_per_batch, int d) {
-    long long row = blockIdx.x;
-    long long b = row / rows_per_batch;
-    const u16* xr = x + row * d;
-    const u16* sc = scale + b * d;
-    const u16* sh = shift + b * d;
-    u16* orow = out + row * d;
-    if (rows_vectorizable(d, xr, sc, sh, orow)) {
-        for (int c = threadIdx.x * 8; c < d; c += blockDim.x * 8) {
-            const Bf16x8 xv = ld8(xr + c), s = ld8(sc + c), t = ld8(sh + c);
-            Bf16x8 o;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) o.v[e] = modulate_one(bf2f(xv.v[e]), s.v[e], t.v[e]);
-            st8(orow + c, o);
-        }
-        return;
-    }
-    for (int c = threadIdx.x; c < d; c += blockDim.x) orow[c] = modulate_one(bf2f(xr[c]), sc[c], sh[c]);
+    const long long row = blockIdx.x, b = row / rows_per_batch;
+    const u16* const in[3] = {x + row * d, scale + b * d, shift + b * d};
+    map_bf16(in, out + row * d, d, threadIdx.x, blockDim.x, ModulateOp());
 }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the sum.
@@ -155,7 +163,9 @@ extern "C" __global__ void layernorm_modulate_bf16(const u16* __restrict__ x,
     const u16* sc = scale + b * d;
     const u16* sh = shift + b * d;
     u16* orow = out + row * d;
-    const bool vec = rows_vectorizable(d, xr, sc, sh, orow);
+    // 16-byte accesses as in map_bf16: D a multiple of 8, every row start aligned.
+    const bool vec = (d & 7) == 0 && aligned16(xr) && aligned16(sc) && aligned16(sh) &&
+                     aligned16(orow);
     float v[LN_MAX_PER_THREAD];
     if (vec) {
 #pragma unroll
@@ -211,29 +221,17 @@ extern "C" __global__ void layernorm_modulate_bf16(const u16* __restrict__ x,
 
 // out = bf16( x + bf16( y * gate ) )   (torch: x + gate * y, two roundings), x and y
 // [B, rows_per_batch, D] contiguous, gate [B, D] contiguous.
-DEVI u16 gated_one(u16 x, u16 y, u16 gate) {
-    return f2bf(bf2f(x) + bf2f(f2bf(bf2f(y) * bf2f(gate))));
-}
+struct GatedResidualOp {
+    __device__ u16 operator()(const u16 (&a)[3]) const {
+        return f2bf(bf2f(a[0]) + bf2f(f2bf(bf2f(a[1]) * bf2f(a[2]))));
+    }
+};
 extern "C" __global__ void gated_residual_bf16(const u16* __restrict__ x, const u16* __restrict__ y,
                                                const u16* __restrict__ gate, u16* __restrict__ out,
                                                long long rows_per_batch, int d) {
-    long long row = blockIdx.x;
-    long long b = row / rows_per_batch;
-    const u16* xr = x + row * d;
-    const u16* yr = y + row * d;
-    const u16* gr = gate + b * d;
-    u16* orow = out + row * d;
-    if (rows_vectorizable(d, xr, yr, gr, orow)) {
-        for (int c = threadIdx.x * 8; c < d; c += blockDim.x * 8) {
-            const Bf16x8 xv = ld8(xr + c), yv = ld8(yr + c), g = ld8(gr + c);
-            Bf16x8 o;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) o.v[e] = gated_one(xv.v[e], yv.v[e], g.v[e]);
-            st8(orow + c, o);
-        }
-        return;
-    }
-    for (int c = threadIdx.x; c < d; c += blockDim.x) orow[c] = gated_one(xr[c], yr[c], gr[c]);
+    const long long row = blockIdx.x, b = row / rows_per_batch;
+    const u16* const in[3] = {x + row * d, y + row * d, gate + b * d};
+    map_bf16(in, out + row * d, d, threadIdx.x, blockDim.x, GatedResidualOp());
 }
 
 // Interleaved-pair RoPE on x [B, S, H, D] contiguous with f32 tables cos/sin [S, D/2]:
@@ -420,10 +418,14 @@ extern "C" __global__ void gn_finalize(const float* __restrict__ partial, float*
 }
 
 // y = bf16((x - mean) * rstd * w[c] + b[c]); with silu: bf16(silu(y)).
-DEVI u16 gn_one(u16 v, float mean, float rstd, float w, float b, int silu) {
-    const u16 r = f2bf((bf2f(v) - mean) * rstd * w + b);
-    return silu ? f2bf(silu_f32(bf2f(r))) : r;
-}
+struct GroupNormApplyOp {
+    float mean, rstd, w, b;
+    int silu;
+    __device__ u16 operator()(const u16 (&a)[1]) const {
+        const u16 r = f2bf((bf2f(a[0]) - mean) * rstd * w + b);
+        return silu ? f2bf(silu_f32(bf2f(r))) : r;
+    }
+};
 // grid (blocks over H*W, B*C): blockIdx.y is one (batch, channel) plane, so the channel and
 // group come from one 32-bit division per block, not three 64-bit ones per element.
 extern "C" __global__ void gn_apply_bf16(const u16* __restrict__ x, const float* __restrict__ stats,
@@ -432,47 +434,24 @@ extern "C" __global__ void gn_apply_bf16(const u16* __restrict__ x, const float*
                                          int silu) {
     const int bc = blockIdx.y;
     const int ch = bc % c;
-    const int b = bc / c;
-    const int bg = b * groups + ch / (c / groups);
-    const float mean = stats[bg * 2], rstd = stats[bg * 2 + 1];
-    const float wc = w[ch], bc_bias = bias[ch];
-    const u16* xp = x + (long long)bc * hw;
-    u16* op = out + (long long)bc * hw;
-    const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    if ((hw & 7) == 0 && aligned16(xp) && aligned16(op)) {
-        for (long long i = 8 * first; i < hw; i += 8 * stride) {
-            const Bf16x8 xv = ld8(xp + i);
-            Bf16x8 o;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) o.v[e] = gn_one(xv.v[e], mean, rstd, wc, bc_bias, silu);
-            st8(op + i, o);
-        }
-        return;
-    }
-    for (long long i = first; i < hw; i += stride) op[i] = gn_one(xp[i], mean, rstd, wc, bc_bias, silu);
+    const int bg = (bc / c) * groups + ch / (c / groups);
+    const GroupNormApplyOp op{stats[bg * 2], stats[bg * 2 + 1], w[ch], bias[ch], silu};
+    const u16* const in[1] = {x + (long long)bc * hw};
+    map_bf16(in, out + (long long)bc * hw, hw, blockIdx.x * (long long)blockDim.x + threadIdx.x,
+             (long long)gridDim.x * blockDim.x, op);
 }
 
 // out[b, c, :] = bf16(x[b, c, :] + bias[c]) for x [B, C, HW] contiguous: the bias of a
 // convolution, added after cuDNN rounded the conv output (as torch's nn.Conv2d does).
 // grid (blocks over HW, B*C) as gn_apply_bf16.
+struct AddOp {
+    float b;
+    __device__ u16 operator()(const u16 (&a)[1]) const { return f2bf(bf2f(a[0]) + b); }
+};
 extern "C" __global__ void channel_bias_bf16(const u16* __restrict__ x, const u16* __restrict__ bias,
                                              u16* __restrict__ out, int c, long long hw) {
     const int bc = blockIdx.y;
-    const float bv = bf2f(bias[bc % c]);
-    const u16* xp = x + (long long)bc * hw;
-    u16* op = out + (long long)bc * hw;
-    const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    if ((hw & 7) == 0 && aligned16(xp) && aligned16(op)) {
-        for (long long i = 8 * first; i < hw; i += 8 * stride) {
-            const Bf16x8 xv = ld8(xp + i);
-            Bf16x8 o;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) o.v[e] = f2bf(bf2f(xv.v[e]) + bv);
-            st8(op + i, o);
-        }
-        return;
-    }
-    for (long long i = first; i < hw; i += stride) op[i] = f2bf(bf2f(xp[i]) + bv);
+    const u16* const in[1] = {x + (long long)bc * hw};
+    map_bf16(in, out + (long long)bc * hw, hw, blockIdx.x * (long long)blockDim.x + threadIdx.x,
+             (long long)gridDim.x * blockDim.x, AddOp{bf2f(bias[bc % c])});
 }
