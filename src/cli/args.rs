@@ -76,19 +76,8 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct FetchArgs {
-    /// Hugging Face repo id or local directory in the diffusers layout.
-    #[arg(
-        short,
-        long,
-        value_name = "REPO_OR_DIR",
-        env = "FLUX2_KLEIN_MODEL",
-        default_value = DEFAULT_MODEL
-    )]
-    pub model: String,
-
-    /// Hub revision (branch, tag or commit) of the model repo.
-    #[arg(long, value_name = "REV")]
-    pub revision: Option<String>,
+    #[command(flatten)]
+    pub source: ModelSource,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -293,9 +282,9 @@ pub fn parse_prompt_lines(text: &str) -> Result<Vec<PromptJob>, (usize, String)>
     Ok(jobs)
 }
 
-/// Which weights, on which device, in which dtype.
+/// Which model: a hub repo (at a revision) or a local directory.
 #[derive(Debug, Clone, Args)]
-pub struct ModelArgs {
+pub struct ModelSource {
     /// Hugging Face repo id or local directory in the diffusers layout
     /// (model_index.json, text_encoder/, tokenizer/, transformer/, vae/).
     #[arg(
@@ -310,6 +299,29 @@ pub struct ModelArgs {
     /// Hub revision (branch, tag or commit) of the model repo.
     #[arg(long, value_name = "REV")]
     pub revision: Option<String>,
+}
+
+impl ModelSource {
+    /// The model to resolve; an empty value (e.g. `FLUX2_KLEIN_MODEL=` in a CI config) means
+    /// the default, as if unset.
+    pub fn model_id(&self) -> &str {
+        match self.model.trim() {
+            "" => DEFAULT_MODEL,
+            m => m,
+        }
+    }
+
+    /// The model's configs and files (a local directory, or the hub repo through its cache).
+    pub fn resolve(&self) -> anyhow::Result<flux2_klein::model_dir::ModelDir> {
+        flux2_klein::model_dir::ModelDir::resolve(self.model_id(), self.revision.as_deref())
+    }
+}
+
+/// Which weights, on which device, in which dtype.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    pub source: ModelSource,
 
     /// auto (CUDA when built with `--features cuda` and a GPU is present, else CPU), cpu,
     /// cuda or cuda:N.
@@ -327,17 +339,6 @@ pub struct ModelArgs {
     /// Tiled VAE with tiles of N latent pixels (lower memory for large images).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub vae_tile: Option<u32>,
-}
-
-impl ModelArgs {
-    /// The model to resolve; an empty value (e.g. `FLUX2_KLEIN_MODEL=` in a CI config) means
-    /// the default, as if unset.
-    pub fn model_id(&self) -> &str {
-        match self.model.trim() {
-            "" => DEFAULT_MODEL,
-            m => m,
-        }
-    }
 }
 
 /// Sampling options shared by `generate` and `bench`.

@@ -3,7 +3,6 @@
 //! the model's directory on stdout.
 
 use anyhow::{Context, Result};
-use flux2_klein::model_dir::ModelDir;
 
 use super::args::FetchArgs;
 use super::progress::{fmt_bytes, Reporter, Verbosity};
@@ -19,8 +18,7 @@ pub fn run(args: &FetchArgs, reporter: &mut Reporter) -> Result<()> {
         reporter.verbosity() != Verbosity::Quiet
             && std::io::IsTerminal::is_terminal(&std::io::stderr()),
     );
-    let model = args.model.trim();
-    let dir = ModelDir::resolve(model, args.revision.as_deref())?;
+    let dir = args.source.resolve()?;
     for component in CONFIGS {
         dir.config::<serde_json::Value>(component)
             .with_context(|| format!("the {component} config of {}", dir.label()))?;

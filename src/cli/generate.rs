@@ -8,7 +8,6 @@ use std::path::Path;
 
 use anyhow::Result;
 use candle_core::Device;
-use flux2_klein::model_dir::ModelDir;
 use flux2_klein::pipeline::{
     floor_to_multiple_of_16, uses_cfg, Generated, Pipeline, PipelineOptions, Reference, Request,
 };
@@ -201,7 +200,7 @@ fn from_metadata_overrides(args: &GenerateArgs, job: &mut PromptJob) {
 fn check_metadata_inputs(png: &Path, args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     let text = flux2_klein::image_io::read_png_text(png)?;
     let get = |key: &str| text.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
-    let model = args.model.model_id();
+    let model = args.model.source.model_id();
     if let Some(recorded) = get("model").filter(|m| *m != model) {
         reporter.warn(&format!(
             "{} was made with the model {recorded}; this run uses {model} (pass -m {recorded} \
@@ -270,7 +269,7 @@ pub(super) fn load_pipeline(
     options: PipelineOptions,
     reporter: &mut Reporter,
 ) -> Result<(Pipeline, usize, f64)> {
-    let dir = ModelDir::resolve(model.model_id(), model.revision.as_deref())?;
+    let dir = model.source.resolve()?;
     let pipeline = Pipeline::load(dir, options)?;
     let steps = sampling
         .steps
