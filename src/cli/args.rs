@@ -121,15 +121,10 @@ pub struct PromptArgs {
 }
 
 impl PromptArgs {
-    /// The jobs to run, in order: the one `--prompt`, or the lines of `--prompt-file`.
+    /// The jobs to run, in order: the one `--prompt`, or the lines of `--prompt-file`
+    /// (`--config-from-metadata` is read by `generate`, which also checks the PNG's inputs).
     pub fn jobs(&self) -> anyhow::Result<Vec<PromptJob>> {
         use anyhow::Context;
-        if let Some(png) = &self.config_from_metadata {
-            let text = flux2_klein::image_io::read_png_text(png)?;
-            return Ok(vec![PromptJob::from_metadata(&text).map_err(|e| {
-                anyhow::anyhow!("--config-from-metadata {}: {e}", png.display())
-            })?]);
-        }
         let Some(path) = &self.prompt_file else {
             return Ok(self
                 .prompt
@@ -161,6 +156,13 @@ impl PromptArgs {
     }
 }
 
+/// The text of the metadata entry `key` (a PNG text chunk as [`read_png_text`] returns them).
+///
+/// [`read_png_text`]: flux2_klein::image_io::read_png_text
+pub fn metadata_value<'a>(text: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    text.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
 /// One line of a prompt file: a prompt, with optional per-line settings (a JSON line).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -185,7 +187,7 @@ impl PromptJob {
     /// (`prompt`, `negative_prompt`, `seed`, `steps`, `guidance`, `size` = `WxH`,
     /// `references` one path per line).
     pub fn from_metadata(text: &[(String, String)]) -> Result<Self, String> {
-        let get = |key: &str| text.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let get = |key: &str| metadata_value(text, key);
         let parse = |key: &str| -> Result<Option<f64>, String> {
             get(key)
                 .map(|v| {

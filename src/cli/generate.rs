@@ -12,7 +12,7 @@ use flux2_klein::pipeline::{
     floor_to_multiple_of_16, uses_cfg, Generated, Pipeline, PipelineOptions, Reference, Request,
 };
 
-use super::args::{GenerateArgs, ModelArgs, PromptJob, SamplingArgs};
+use super::args::{metadata_value, GenerateArgs, ModelArgs, PromptJob, SamplingArgs};
 use super::device::{device_name, dtype_name, pipeline_options};
 use super::output::{check_output, output_paths, Format};
 use super::progress::{fmt_bytes, fmt_duration, Reporter};
@@ -21,11 +21,10 @@ use flux2_klein::image_io::save_image;
 
 pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     // --- Cheap checks, before any weights are touched. ---
-    let mut jobs = args.prompt.jobs()?;
-    if let Some(png) = &args.prompt.config_from_metadata {
-        from_metadata_overrides(args, &mut jobs[0]);
-        check_metadata_inputs(png, args, reporter)?;
-    }
+    let jobs = match &args.prompt.config_from_metadata {
+        Some(png) => vec![job_from_metadata(png, args, reporter)?],
+        None => args.prompt.jobs()?,
+    };
     let first_seed = args.seed.unwrap_or_else(random_seed);
     // Every job (prompt line) makes --count images with seeds s, s + 1, … where s is the
     // line's own seed or --seed.
@@ -169,9 +168,17 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     )
 }
 
-/// `--config-from-metadata`: an option given on the command line wins over the image's
-/// recorded value (the job's settings would otherwise override it).
-fn from_metadata_overrides(args: &GenerateArgs, job: &mut PromptJob) {
+/// `--config-from-metadata PNG`: the job recorded in the PNG, where an option given on the
+/// command line wins over the recorded value. Warns when this run cannot give the same image:
+/// another model, or a reference file whose content changed since (its recorded SHA-256).
+fn job_from_metadata(
+    png: &Path,
+    args: &GenerateArgs,
+    reporter: &mut Reporter,
+) -> Result<PromptJob> {
+    let text = flux2_klein::image_io::read_png_text(png)?;
+    let mut job = PromptJob::from_metadata(&text)
+        .map_err(|e| anyhow::anyhow!("--config-from-metadata {}: {e}", png.display()))?;
     if args.seed.is_some() {
         job.seed = None;
     }
@@ -193,15 +200,9 @@ fn from_metadata_overrides(args: &GenerateArgs, job: &mut PromptJob) {
     if !args.refs.is_empty() {
         job.refs = None;
     }
-}
 
-/// `--config-from-metadata`: warns when this run cannot give the same image — another model,
-/// or a reference file whose content changed since (its recorded SHA-256).
-fn check_metadata_inputs(png: &Path, args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
-    let text = flux2_klein::image_io::read_png_text(png)?;
-    let get = |key: &str| text.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
     let model = args.model.source.model_id();
-    if let Some(recorded) = get("model").filter(|m| *m != model) {
+    if let Some(recorded) = metadata_value(&text, "model").filter(|m| *m != model) {
         reporter.warn(&format!(
             "{} was made with the model {recorded}; this run uses {model} (pass -m {recorded} \
              to make the same image)",
@@ -209,13 +210,8 @@ fn check_metadata_inputs(png: &Path, args: &GenerateArgs, reporter: &mut Reporte
         ));
     }
     if args.refs.is_empty() {
-        let names = get("references").map(|v| v.lines().collect::<Vec<_>>());
-        let hashes = get("references_sha256").map(|v| v.lines().collect::<Vec<_>>());
-        for (name, hash) in names
-            .unwrap_or_default()
-            .iter()
-            .zip(hashes.unwrap_or_default())
-        {
+        let lines = |key| metadata_value(&text, key).map_or(vec![], |v| v.lines().collect());
+        for (name, hash) in lines("references").iter().zip(lines("references_sha256")) {
             let now = flux2_klein::image_io::sha256_file(name).ok();
             if now.as_deref() != Some(hash) {
                 reporter.warn(&format!(
@@ -226,7 +222,7 @@ fn check_metadata_inputs(png: &Path, args: &GenerateArgs, reporter: &mut Reporte
             }
         }
     }
-    Ok(())
+    Ok(job)
 }
 
 /// Seeds a user can type back: 0 ..= u32::MAX (any u64 is accepted by `--seed`).
