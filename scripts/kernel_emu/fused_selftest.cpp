@@ -9,20 +9,9 @@
 #include <vector>
 
 #include "fused_emu.cpp"
+#include "selftest_rng.hpp"
 
 namespace {
-struct Rng {
-    unsigned long long s;
-    double uniform() {
-        s ^= s >> 12, s ^= s << 25, s ^= s >> 27;
-        return ((s * 0x2545F4914F6CDD1DULL) >> 11) * (1.0 / 9007199254740992.0);
-    }
-    float normal() {
-        double t = 0;
-        for (int i = 0; i < 4; ++i) t += uniform();
-        return (float)((t - 2.0) * 1.7320508);
-    }
-};
 Rng rng{0x243F6A8885A308D3ULL};
 
 float b2f(u16 v) { return bf2f(v); }
