@@ -1,6 +1,6 @@
 // src/cuda/flash_attn.cu compiled for the CPU: the kernel's own code (tiling, copies,
 // swizzle, online softmax, epilogue) with the PTX helpers emulated (ptx_emu.hpp), launched as
-// flash_attn.rs launches it. C entry point for check_flash.py.
+// flash_attn.rs launches it (used by fa_selftest.cpp).
 #include "ptx_emu.hpp"
 
 #undef __shared__

@@ -1,6 +1,8 @@
 // The flash-attention kernel on the CPU without Python (run by tests/kernel_emulation.rs):
 // fa_emu.cpp's launcher on deterministic pseudo-random bf16/f16 inputs, against attention
-// computed in double on the same rounded values. Exit code 1 on a failure.
+// computed in double on the same rounded values; each line ends with a hash of the output
+// bits (scripts/emulate-kernels.sh compares them with another revision's). Exit code 1 on a
+// failure.
 #include <cstdio>
 #include <vector>
 
@@ -68,9 +70,12 @@ bool run_case(int b, int h, int sq, int sk, int dh, bool bf16, bool bshd, bool s
                 }
             }
     const bool ok = std::isfinite(worst) && worst <= 1e-3 + 8e-3 * ref_max;
-    std::printf("%s flash B=%d H=%d Sq=%d Sk=%d D=%d %s %s%s: max abs err %.2e\n", ok ? "ok  " : "FAIL",
-                b, h, sq, sk, dh, bf16 ? "bf16" : "f16", bshd ? "bshd" : "bhsd", sink ? "+sink" : "",
-                worst);
+    // FNV-1a of the output bits: emulate-kernels.sh compares it across kernel revisions.
+    unsigned long long hash = 0xcbf29ce484222325ULL;
+    for (u16 x : o) hash = (hash ^ x) * 0x100000001b3ULL;
+    std::printf("%s flash B=%d H=%d Sq=%d Sk=%d D=%d %s %s%s: max abs err %.2e, output %016llx\n",
+                ok ? "ok  " : "FAIL", b, h, sq, sk, dh, bf16 ? "bf16" : "f16", bshd ? "bshd" : "bhsd",
+                sink ? "+sink" : "", worst, hash);
     return ok;
 }
 }  // namespace
