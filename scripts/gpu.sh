@@ -24,9 +24,9 @@ log() { echo "[gpu.sh $(date +%T)] $*" | tee -a "$LOG"; }
 # always come back.
 left() { echo $(( ${GPU_BUDGET_S:-570} - SECONDS )); }
 have() {  # seconds a step needs, its name
-  local left=$(( ${GPU_BUDGET_S:-570} - SECONDS ))
-  [ "$left" -ge "$1" ] && return 0
-  log "skipped: $2 (needs ~$1 s, $left s left)"; return 1
+  local remaining; remaining=$(left)
+  [ "$remaining" -ge "$1" ] && return 0
+  log "skipped: $2 (needs ~$1 s, $remaining s left)"; return 1
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$LOG"
 

@@ -254,27 +254,26 @@ def image(model, dtype, size, out):
     img.save(out)
 
 
-def psnr(a, b):
+def image_pair(a, b):
     import numpy as np
     from PIL import Image
     x = np.asarray(Image.open(a).convert("RGB"), dtype=np.float64)
     y = np.asarray(Image.open(b).convert("RGB"), dtype=np.float64)
+    return x, y
+
+
+def psnr_db(x, y):
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+
+
+def psnr(a, b):
+    x, y = image_pair(a, b)
     if x.shape != y.shape:
         print(json.dumps({"error": f"shapes differ {x.shape} {y.shape}"}))
         return
-    mse = float(((x - y) ** 2).mean())
-    p = float("inf") if mse == 0 else 10 * math.log10(255 ** 2 / mse)
-    print(json.dumps({"a": a, "b": b, "psnr_db": round(p, 2), "max_diff": int(abs(x - y).max()),
+    print(json.dumps({"a": a, "b": b, "psnr_db": round(psnr_db(x, y), 2), "max_diff": int(abs(x - y).max()),
                       "mean_diff": round(float(abs(x - y).mean()), 4)}))
-
-
-def psnr_value(a, b):
-    import numpy as np
-    from PIL import Image
-    x = np.asarray(Image.open(a).convert("RGB"), dtype=np.float64)
-    y = np.asarray(Image.open(b).convert("RGB"), dtype=np.float64)
-    mse = float(((x - y) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(255 ** 2 / mse)
 
 
 def verdict(out):
@@ -333,7 +332,7 @@ def verdict(out):
     bar("cold start 1024², ours / diffusers", cold_ours / cold_d if cold_ours and cold_d else None, 1.0,
         lambda x: f"{x:.2f}×")
     a, b = os.path.join(out, "ours_t2i_1024.png"), os.path.join(out, "diffusers_t2i_1024.png")
-    p = psnr_value(a, b) if os.path.exists(a) and os.path.exists(b) else None
+    p = psnr_db(*image_pair(a, b)) if os.path.exists(a) and os.path.exists(b) else None
     bar("1024² image, PSNR ours vs diffusers bf16", p, 30.0, lambda x: f"{x:.1f} dB", at_least=True)
     print("issue #7 bars measured by this run:")
     print("\n".join(rows))
