@@ -23,41 +23,35 @@ DEVI u16 f2bf(float f) {
 
 DEVI float silu_f32(float x) { return x / (1.0f + expf(-x)); }
 
-// Eight bf16 values moved as one 16-byte load/store: these kernels are memory-bound, and
-// 2-byte accesses leave most of the bandwidth unused. Every kernel checks at run time that
-// its rows are 16-byte aligned (uniform per block) and keeps a scalar path for the rest.
-struct alignas(16) Bf16x8 {
-    u16 v[8];
+// Eight (four) bf16 values moved as one 16-byte (8-byte) load/store: these kernels are
+// memory-bound, and 2-byte accesses leave most of the bandwidth unused. Every kernel checks at
+// run time that its rows are aligned (uniform per block or warp) and keeps a scalar path.
+template <int N>
+struct alignas(2 * N) Bf16xN {
+    u16 v[N];
 };
+typedef Bf16xN<8> Bf16x8;
+typedef Bf16xN<4> Bf16x4;  // a warp then covers a 128-wide head row at once
 DEVI bool aligned16(const void* p) { return ((unsigned long long)p & 15) == 0; }
-#ifndef FLUX2_KERNEL_EMU
-DEVI Bf16x8 ld8(const u16* p) { return *reinterpret_cast<const Bf16x8*>(p); }
-DEVI void st8(u16* p, const Bf16x8& x) { *reinterpret_cast<Bf16x8*>(p) = x; }
-#else  // scripts/kernel_emu: the same 16 bytes, and a misaligned access aborts as on the GPU
-DEVI Bf16x8 ld8(const u16* p) {
-    Bf16x8 r;
-    emu_copy_aligned(&r, p, 16);
-    return r;
-}
-DEVI void st8(u16* p, const Bf16x8& x) { emu_copy_aligned(p, &x, 16); }
-#endif
-
-// Four bf16 values as one 8-byte access (a warp then covers a 128-wide head row at once).
-struct alignas(8) Bf16x4 {
-    u16 v[4];
-};
 DEVI bool aligned8(const void* p) { return ((unsigned long long)p & 7) == 0; }
+template <int N>
+DEVI Bf16xN<N> ldv(const u16* p) {
 #ifndef FLUX2_KERNEL_EMU
-DEVI Bf16x4 ld4(const u16* p) { return *reinterpret_cast<const Bf16x4*>(p); }
-DEVI void st4(u16* p, const Bf16x4& x) { *reinterpret_cast<Bf16x4*>(p) = x; }
-#else
-DEVI Bf16x4 ld4(const u16* p) {
-    Bf16x4 r;
-    emu_copy_aligned(&r, p, 8);
+    return *reinterpret_cast<const Bf16xN<N>*>(p);
+#else  // scripts/kernel_emu: the same bytes, and a misaligned access aborts as on the GPU
+    Bf16xN<N> r;
+    emu_copy_aligned(&r, p, 2 * N);
     return r;
-}
-DEVI void st4(u16* p, const Bf16x4& x) { emu_copy_aligned(p, &x, 8); }
 #endif
+}
+template <int N>
+DEVI void stv(u16* p, const Bf16xN<N>& x) {
+#ifndef FLUX2_KERNEL_EMU
+    *reinterpret_cast<Bf16xN<N>*>(p) = x;
+#else
+    emu_copy_aligned(p, &x, 2 * N);
+#endif
+}
 
 // out[i] = op(in[0][i], .., in[N-1][i]) for i < n, this thread taking i = first, first + step,
 // ...: 8 elements per 16-byte access when n % 8 == 0 and every pointer is 16-byte aligned
@@ -73,7 +67,7 @@ DEVI void map_bf16(const u16* const (&in)[N], u16* out, long long n, long long f
         for (long long i = 8 * first; i < n; i += 8 * step) {
             Bf16x8 x[N];
 #pragma unroll
-            for (int k = 0; k < N; ++k) x[k] = ld8(in[k] + i);
+            for (int k = 0; k < N; ++k) x[k] = ldv<8>(in[k] + i);
             Bf16x8 o;
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
@@ -81,7 +75,7 @@ DEVI void map_bf16(const u16* const (&in)[N], u16* out, long long n, long long f
                 for (int k = 0; k < N; ++k) a[k] = x[k].v[e];
                 o.v[e] = op(a);
             }
-            st8(out + i, o);
+            stv(out + i, o);
         }
         return;
     }
@@ -172,7 +166,7 @@ extern "C" __global__ void layernorm_modulate_bf16(const u16* __restrict__ x,
         for (int j = 0; j < LN_MAX_PER_THREAD / 8; ++j) {
             const int c0 = ln_col(true, 8 * j);
             Bf16x8 t;
-            if (c0 < d) t = ld8(xr + c0);
+            if (c0 < d) t = ldv<8>(xr + c0);
 #pragma unroll
             for (int e = 0; e < 8; ++e) v[8 * j + e] = c0 < d ? bf2f(t.v[e]) : 0.0f;
         }
@@ -200,14 +194,14 @@ extern "C" __global__ void layernorm_modulate_bf16(const u16* __restrict__ x,
         for (int j = 0; j < LN_MAX_PER_THREAD / 8; ++j) {
             const int c0 = ln_col(true, 8 * j);
             if (c0 < d) {
-                const Bf16x8 s = ld8(sc + c0), t = ld8(sh + c0);
+                const Bf16x8 s = ldv<8>(sc + c0), t = ldv<8>(sh + c0);
                 Bf16x8 o;
 #pragma unroll
                 for (int e = 0; e < 8; ++e) {
                     const float ln = bf2f(f2bf((v[8 * j + e] - mean) * rstd));
                     o.v[e] = modulate_one(ln, s.v[e], t.v[e]);
                 }
-                st8(orow + c0, o);
+                stv(orow + c0, o);
             }
         }
     } else {
@@ -298,7 +292,7 @@ extern "C" __global__ void rmsnorm_rope_bf16(
 #pragma unroll
         for (int j = 0; j < RR_MAX_CHUNKS; ++j) {
             if (128 * j < d) {
-                const Bf16x4 t = ld4(xr + 128 * j + 4 * lane);
+                const Bf16x4 t = ldv<4>(xr + 128 * j + 4 * lane);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     xv[j][e] = bf2f(t.v[e]);
@@ -322,7 +316,7 @@ extern "C" __global__ void rmsnorm_rope_bf16(
                     o.v[2 * m] = f2bf(y0 * c - y1 * sn);
                     o.v[2 * m + 1] = f2bf(y1 * c + y0 * sn);
                 }
-                st4(orow + col, o);
+                stv(orow + col, o);
             }
         }
         return;
