@@ -370,10 +370,7 @@ pub fn is_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 /// "will `flash_attention` use the fused kernel here?").
 pub fn available() -> bool {
     match Device::new_cuda(0) {
-        Ok(Device::Cuda(dev)) => {
-            let cfg = KernelConfig::for_head_dim(128).expect("128 is supported");
-            load_kernel(&dev, &cfg, DType::BF16).is_ok()
-        }
+        Ok(Device::Cuda(dev)) => load_for(&dev, 128, DType::BF16).is_ok(),
         _ => false,
     }
 }
