@@ -46,6 +46,17 @@ fn generate<S: AsRef<std::ffi::OsStr>>(name: &str, args: &[S]) -> (image::RgbIma
     (image::open(&out).unwrap().to_rgb8(), out)
 }
 
+/// Runs `cmd` and asserts it succeeded (its stderr in the failure message).
+fn succeed(cmd: &mut Command) -> std::process::Output {
+    let result = cmd.output().expect("running flux2-klein");
+    assert!(
+        result.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    result
+}
+
 /// (max, mean) absolute per-channel difference.
 fn diff(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
     let d = flux2_klein::image_io::compare_images(a, b).unwrap();
@@ -299,12 +310,7 @@ fn batch_from_a_prompt_file_equals_single_runs() {
         if mode == "resident" {
             cmd.arg("--resident");
         }
-        let result = cmd.output().unwrap();
-        assert!(
-            result.status.success(),
-            "{mode}: {}",
-            String::from_utf8_lossy(&result.stderr)
-        );
+        let result = succeed(&mut cmd);
         let expected: Vec<PathBuf> = ["1-0", "2-1", "3-0", "4-1"]
             .iter()
             .map(|n| out_dir.join(format!("{n}.png")))
@@ -357,23 +363,18 @@ fn batch_edit_shares_prompt_and_references_exactly() {
     // shared; each image still equals its single run (seed 0 is the edit2_64x64 case).
     let (r0, r1) = (case_ref("edit2_64x64", 0), case_ref("edit2_64x64", 1));
     let dir = tmp_dir("batch-edit");
-    let result = bin()
-        .args(["-q", "generate"])
-        .args(run_args(
-            "tiny-w0",
-            GIFU,
-            0,
-            (64, 64),
-            &["-r", &r0, "-r", &r1, "--count", "2"],
-        ))
-        .arg("-o")
-        .arg(dir.join("e-{seed}.png"))
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
+    succeed(
+        bin()
+            .args(["-q", "generate"])
+            .args(run_args(
+                "tiny-w0",
+                GIFU,
+                0,
+                (64, 64),
+                &["-r", &r0, "-r", &r1, "--count", "2"],
+            ))
+            .arg("-o")
+            .arg(dir.join("e-{seed}.png")),
     );
     let first = image::open(dir.join("e-0.png")).unwrap().to_rgb8();
     let second = image::open(dir.join("e-1.png")).unwrap().to_rgb8();
@@ -446,17 +447,12 @@ fn prompt_file_json_lines_set_each_image() {
     ];
     let file = dir.join("jobs.txt");
     std::fs::write(&file, lines.join("\n")).unwrap();
-    let result = bin()
-        .args(["-q", "generate", "-m", &model("tiny-w0"), "--prompt-file"])
-        .arg(&file)
-        .args(["-W", "64", "-H", "64", "--seed", "5", "-o"])
-        .arg(dir.join("plain-{seed}.png"))
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
+    let result = succeed(
+        bin()
+            .args(["-q", "generate", "-m", &model("tiny-w0"), "--prompt-file"])
+            .arg(&file)
+            .args(["-W", "64", "-H", "64", "--seed", "5", "-o"])
+            .arg(dir.join("plain-{seed}.png")),
     );
     let printed: Vec<PathBuf> = String::from_utf8_lossy(&result.stdout)
         .lines()
@@ -484,18 +480,13 @@ fn prompt_file_json_lines_set_each_image() {
 fn json_output_describes_each_image() {
     // `--json`: one record per image on stdout, in order, each naming the file it describes.
     let dir = tmp_dir("json");
-    let result = bin()
-        .args(["-q", "generate", "-m", &model("tiny-w0"), "-p", GIFU])
-        .args([
-            "--seed", "0", "-n", "2", "-W", "64", "-H", "64", "--json", "-o",
-        ])
-        .arg(dir.join("{seed}.png"))
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
+    let result = succeed(
+        bin()
+            .args(["-q", "generate", "-m", &model("tiny-w0"), "-p", GIFU])
+            .args([
+                "--seed", "0", "-n", "2", "-W", "64", "-H", "64", "--json", "-o",
+            ])
+            .arg(dir.join("{seed}.png")),
     );
     let records: Vec<serde_json::Value> = String::from_utf8_lossy(&result.stdout)
         .lines()
