@@ -225,15 +225,11 @@ impl CustomOp2 for Conv2dTensorOps {
         "flux2-cudnn-conv2d"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("the cuDNN conv2d op runs on CUDA only (callers use Tensor::conv2d on the CPU)")
-    }
+    cuda_only_cpu_fwd!(
+        2,
+        self,
+        "the cuDNN conv2d op runs on CUDA only (callers use Tensor::conv2d on the CPU)"
+    );
 
     fn cuda_fwd(
         &self,

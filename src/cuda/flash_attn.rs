@@ -254,17 +254,12 @@ impl CustomOp3 for FlashAttn {
         "flux2-flash-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("the fused flash-attention op runs on CUDA only (flash_attention() falls back to the naive path on CPU)")
-    }
+    cuda_only_cpu_fwd!(
+        3,
+        self,
+        "the fused flash-attention op runs on CUDA only (flash_attention() falls back to the \
+         naive path on CPU)"
+    );
 
     fn cuda_fwd(
         &self,

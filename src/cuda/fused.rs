@@ -93,8 +93,9 @@ fn view_f32<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
     Ok(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..))
 }
 
-fn cpu_only(name: &str) -> Result<(CpuStorage, Shape)> {
-    bail!("{name} is a CUDA-only fused kernel (callers use the candle ops on the CPU)")
+/// The error of a fused op's `cpu_fwd` (unreachable: callers use the candle ops on the CPU).
+fn cuda_only(name: &str) -> String {
+    format!("{name} is a CUDA-only fused kernel (callers use the candle ops on the CPU)")
 }
 
 // ---------------------------------------------------------------- SwiGLU
@@ -106,9 +107,7 @@ impl CustomOp1 for SwiGlu {
         "flux2-swiglu"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_only("swiglu")
-    }
+    cuda_only_cpu_fwd!(1, self, cuda_only("swiglu"));
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let dims = l.dims();
@@ -173,17 +172,7 @@ impl CustomOp3 for RowWise {
         self.kernel
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only(self.kernel)
-    }
+    cuda_only_cpu_fwd!(3, self, cuda_only(self.kernel));
 
     fn cuda_fwd(
         &self,
@@ -285,17 +274,7 @@ impl CustomOp3 for RopeBshd {
         "flux2-rope-bshd"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only("rope_bshd")
-    }
+    cuda_only_cpu_fwd!(3, self, cuda_only("rope_bshd"));
 
     fn cuda_fwd(
         &self,
@@ -385,9 +364,7 @@ impl CustomOp1 for RmsNormRope<'_> {
         "flux2-rmsnorm-rope"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_only("rmsnorm_rope")
-    }
+    cuda_only_cpu_fwd!(1, self, cuda_only("rmsnorm_rope"));
 
     fn cuda_fwd(&self, cs: &CudaStorage, cl: &Layout) -> Result<(CudaStorage, Shape)> {
         let n_seg = self.segments.len();
@@ -525,17 +502,7 @@ impl CustomOp3 for GroupNormOp {
         "flux2-group-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only("group_norm")
-    }
+    cuda_only_cpu_fwd!(3, self, cuda_only("group_norm"));
 
     fn cuda_fwd(
         &self,
@@ -660,15 +627,7 @@ impl CustomOp2 for ChannelBias {
         "flux2-channel-bias"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_only("channel_bias")
-    }
+    cuda_only_cpu_fwd!(2, self, cuda_only("channel_bias"));
 
     fn cuda_fwd(
         &self,
