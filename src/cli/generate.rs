@@ -48,14 +48,19 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             check_output(path)?;
         }
     }
-    // Each distinct reference file is decoded and checked once.
+    // Each distinct reference file is decoded, checked and hashed (for the metadata) once.
     let mut loaded: HashMap<&Path, Reference> = HashMap::new();
+    let mut ref_sha256: HashMap<String, String> = HashMap::new();
     for path in jobs
         .iter()
         .flat_map(|job| job.refs.as_deref().unwrap_or(&args.refs))
     {
         if !loaded.contains_key(path.as_path()) {
-            loaded.insert(path.as_path(), load_reference(path)?);
+            let reference = load_reference(path)?;
+            let hash =
+                flux2_klein::image_io::sha256_file(path).unwrap_or_else(|_| "unreadable".into());
+            ref_sha256.insert(reference.name.clone(), hash);
+            loaded.insert(path.as_path(), reference);
         }
     }
     let references_of = |job: &PromptJob| -> Vec<Reference> {
@@ -140,7 +145,7 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             seed,
         })
         .collect();
-    let run_info = RunInfo::of(&pipeline);
+    let run_info = RunInfo::of(&pipeline, ref_sha256);
     let device = pipeline.options.device.clone();
     // Progress events and the per-image callback both report.
     let reporter = std::cell::RefCell::new(reporter);
@@ -298,10 +303,12 @@ struct RunInfo {
     device: String,
     dtype: &'static str,
     vae_dtype: Option<&'static str>,
+    /// SHA-256 of each reference file's content, by reference name.
+    ref_sha256: HashMap<String, String>,
 }
 
 impl RunInfo {
-    fn of(pipeline: &Pipeline) -> Self {
+    fn of(pipeline: &Pipeline, ref_sha256: HashMap<String, String>) -> Self {
         let o = &pipeline.options;
         Self {
             distilled: pipeline.is_distilled(),
@@ -310,6 +317,7 @@ impl RunInfo {
             device: device_name(&o.device),
             dtype: dtype_name(o.dtype),
             vae_dtype: o.vae_dtype.map(dtype_name),
+            ref_sha256,
         }
     }
 }
@@ -340,10 +348,7 @@ fn metadata(run: &RunInfo, request: &Request, generated: &Generated) -> Vec<(Str
         let names: Vec<&str> = request.references.iter().map(|r| r.name.as_str()).collect();
         meta.push(("references".to_string(), names.join("\n")));
         // Content hashes, so a golden image records exactly which inputs made it.
-        let hashes: Vec<String> = names
-            .iter()
-            .map(|n| flux2_klein::image_io::sha256_file(n).unwrap_or_else(|_| "unreadable".into()))
-            .collect();
+        let hashes: Vec<&str> = names.iter().map(|n| run.ref_sha256[*n].as_str()).collect();
         meta.push(("references_sha256".to_string(), hashes.join("\n")));
     }
     meta.push(("device".to_string(), run.device.clone()));
