@@ -41,6 +41,10 @@ fi
 BIN=/tmp/flux2-klein
 xz -dc carry/flux2-klein.xz > "$BIN" && chmod +x "$BIN" || { log "no carried binary"; exit 1; }
 "$BIN" --version | tee -a "$LOG"
+# A binary built from other sources than this tree would be measured as if it were this code.
+built="$(cut -d' ' -f1 carry/SOURCE 2>/dev/null)"; here="$(bash scripts/source-hash.sh)"
+if [ "$built" = "$here" ]; then log "binary built from this tree ($(cat carry/SOURCE))"
+else log "WARNING: the carried binary was built from other sources (${built:-unknown} vs $here): rebuild and repack"; fi
 
 # 1. Tiny fixtures on CUDA in f32: equal to the CPU/diffusers image within 1/255.
 GIFU='A cat holding a sign that says "Gifu AI Study Group"'

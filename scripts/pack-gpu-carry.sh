@@ -15,6 +15,9 @@ T="${CARGO_TARGET_DIR:-target-cuda}/release"
 [ -n "${SKIP_KERNEL_CHECK:-}" ] || scripts/check-cuda-kernels.sh >/dev/null 2>&1 ||
   { echo "CUDA kernels fail to compile: run scripts/check-cuda-kernels.sh" >&2; exit 1; }
 mkdir -p carry
+# What the binary was built from, checked by scripts/gpu.sh against the tree it runs in.
+echo "$(scripts/source-hash.sh) $(git rev-parse --short HEAD 2>/dev/null || echo ?)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo -dirty)" > carry/SOURCE
+echo "carry/SOURCE $(cat carry/SOURCE)"
 pack() {  # source, name
   strip -o "carry/$2" "$1" && xz -T0 -9e -f "carry/$2"
   echo "carry/$2.xz $(du -h "carry/$2.xz" | cut -f1)"
