@@ -75,6 +75,21 @@ fn swiglu_matches_reference() {
 }
 
 #[test]
+fn prefixed_swiglu_equals_cat_of_swiglu() {
+    let Some(dev) = gpu() else { return };
+    // The single-stream block: attention output [B, S, D] beside swiglu of the MLP part of
+    // the fused projection (a narrow), one pass; bit-identical to cat(o, swiglu(u)).
+    let (d, f) = (96, 80);
+    let wide = randn(&[1, 77, 3 * d + 2 * f], 2.0, &dev);
+    let u = wide.narrow(2, 3 * d, 2 * f).unwrap();
+    let o = randn(&[1, 77, d], 1.0, &dev);
+    let reference = Tensor::cat(&[&o, &fused::swiglu(&u).unwrap()], 2).unwrap();
+    let ours = fused::prefixed_swiglu(&o, &u).unwrap();
+    assert_eq!(ours.dims(), &[1, 77, d + f]);
+    assert_eq!(fraction_equal(&ours, &reference), 1.0);
+}
+
+#[test]
 fn modulate_matches_reference() {
     let Some(dev) = gpu() else { return };
     let x = randn(&[2, 129, 3072], 1.0, &dev);

@@ -18,8 +18,11 @@ Dim3 grid_for(long long n) {  // fused.rs grid_for
 
 extern "C" {
 
-void emu_swiglu(const u16* u, u16* out, int f, long long row_stride, long long rows) {
-    emu_launch(Dim3{(unsigned)rows, 1, 1}, THREADS, [&] { swiglu_bf16(u, out, f, row_stride); });
+// prefix: [rows, d] (d = 0: none); out rows are d + f wide.
+void emu_swiglu(const u16* u, const u16* prefix, u16* out, int d, int f, long long row_stride,
+                long long rows) {
+    emu_launch(Dim3{(unsigned)rows, 1, 1}, THREADS,
+               [&] { swiglu_bf16(u, prefix, out, d, f, row_stride); });
 }
 
 // which: 0 modulate, 1 layernorm_modulate, 2 gated_residual (fused.rs RowWise).

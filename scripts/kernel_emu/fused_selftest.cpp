@@ -45,16 +45,21 @@ void check(const char* name, const std::vector<u16>& got, const std::vector<u16>
     failed |= !ok;
 }
 
-void swiglu(int rows, int f, int pad, int offset) {
-    const int stride = 2 * f + pad;
-    std::vector<u16> buf = randv((size_t)rows * stride + offset + 8), out((size_t)rows * f), want(out.size());
+// With d > 0 the output rows are [prefix | swiglu] (the single-stream block's cat).
+void swiglu(int rows, int f, int pad, int offset, int d = 0) {
+    const int stride = 2 * f + pad, w = d + f;
+    std::vector<u16> buf = randv((size_t)rows * stride + offset + 8), out((size_t)rows * w), want(out.size());
+    std::vector<u16> prefix = randv((size_t)rows * d + 1);
     const u16* u = buf.data() + offset;
-    for (int i = 0; i < rows; ++i)
+    for (int i = 0; i < rows; ++i) {
+        for (int j = 0; j < d; ++j) want[(size_t)i * w + j] = prefix[(size_t)i * d + j];
         for (int j = 0; j < f; ++j)
-            want[(size_t)i * f + j] = rb(r(silu(b2f(u[(size_t)i * stride + j]))) * b2f(u[(size_t)i * stride + f + j]));
-    emu_swiglu(u, out.data(), f, stride, rows);
-    char name[64];
-    std::snprintf(name, sizeof name, "swiglu_bf16 F=%d stride %d offset %d", f, stride, offset);
+            want[(size_t)i * w + d + j] =
+                rb(r(silu(b2f(u[(size_t)i * stride + j]))) * b2f(u[(size_t)i * stride + f + j]));
+    }
+    emu_swiglu(u, prefix.data(), out.data(), d, f, stride, rows);
+    char name[80];
+    std::snprintf(name, sizeof name, "swiglu_bf16 F=%d stride %d offset %d prefix %d", f, stride, offset, d);
     check(name, out, want);
 }
 
@@ -181,6 +186,8 @@ int main() {
     swiglu(13, 304, 8, 0);  // 16-byte path
     swiglu(13, 300, 6, 0);  // F % 8 != 0: scalar
     swiglu(5, 304, 8, 1);   // misaligned rows: scalar
+    swiglu(7, 304, 8, 0, 96);  // with a prefix (single-stream cat), 16-byte paths
+    swiglu(7, 304, 8, 0, 36);  // prefix rows not 16-byte aligned: scalar paths
     row_wise(3040);         // 16-byte path
     row_wise(3036);         // scalar
     rmsnorm_rope(128);      // 8-byte path

@@ -89,18 +89,30 @@ DEVI void map_bf16(const u16* const (&in)[N], u16* out, long long n, long long f
 // The row-wise kernels below run one thread block per row (blockIdx.x = row) with the threads
 // striding over the columns, so no per-element 64-bit division is needed.
 
-// out[r, j] = bf16( bf16(silu(u[r, j])) * u[r, F + j] )   (torch: F.silu(x1) * x2)
-// u rows start at u + r * row_stride (a view into a wider projection is fine).
+// out[r] = [prefix[r, :d] | bf16( bf16(silu(u[r, j])) * u[r, F + j] ) for j < F]
+// (torch: F.silu(x1) * x2, or with a prefix torch.cat([prefix, F.silu(x1) * x2], -1), the
+// single-stream block's input of its output projection, without the separate cat pass).
+// u rows start at u + r * row_stride (a view into a wider projection is fine); prefix is
+// [rows, d] contiguous, or unused with d = 0.
 struct SwigluOp {
     __device__ u16 operator()(const u16 (&a)[2]) const {
         return f2bf(bf2f(f2bf(silu_f32(bf2f(a[0])))) * bf2f(a[1]));
     }
 };
-extern "C" __global__ void swiglu_bf16(const u16* __restrict__ u, u16* __restrict__ out, int f,
-                                       long long row_stride) {
-    const u16* row = u + blockIdx.x * row_stride;
+struct CopyOp {
+    __device__ u16 operator()(const u16 (&a)[1]) const { return a[0]; }
+};
+extern "C" __global__ void swiglu_bf16(const u16* __restrict__ u, const u16* __restrict__ prefix,
+                                       u16* __restrict__ out, int d, int f, long long row_stride) {
+    const long long r = blockIdx.x;
+    u16* out_row = out + r * (d + f);
+    if (d > 0) {
+        const u16* const src[1] = {prefix + r * d};
+        map_bf16(src, out_row, d, threadIdx.x, blockDim.x, CopyOp());
+    }
+    const u16* row = u + r * row_stride;
     const u16* const in[2] = {row, row + f};
-    map_bf16(in, out + (long long)blockIdx.x * f, f, threadIdx.x, blockDim.x, SwigluOp());
+    map_bf16(in, out_row + d, f, threadIdx.x, blockDim.x, SwigluOp());
 }
 
 // out = bf16( bf16( x * bf16(1 + scale) ) + shift ), x [B, rows_per_batch, D] contiguous,

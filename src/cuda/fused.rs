@@ -100,6 +100,72 @@ fn cuda_only(name: &str) -> String {
 
 // ---------------------------------------------------------------- SwiGLU
 
+/// `[.., 2F]` rows of `u` (contiguous last dim, evenly spaced rows): (rows, F, row stride).
+fn swiglu_rows(l: &Layout) -> Result<(usize, usize, usize)> {
+    let (dims, stride) = (l.dims(), l.stride());
+    let r = dims.len();
+    if r < 2 || stride[r - 1] != 1 || !dims[r - 1].is_multiple_of(2) {
+        bail!("swiglu: needs [.., 2F] with a contiguous last dim, got {dims:?} / {stride:?}")
+    }
+    // Rows must be evenly spaced (a contiguous tensor or a narrow of the last dim).
+    for i in 0..r - 2 {
+        if stride[i] != stride[i + 1] * dims[i + 1] {
+            bail!("swiglu: rows are not evenly spaced ({dims:?} / {stride:?})")
+        }
+    }
+    Ok((
+        dims[..r - 1].iter().product(),
+        dims[r - 1] / 2,
+        stride[r - 2],
+    ))
+}
+
+/// Launches `swiglu_bf16` on `u` with an optional contiguous `[.., D]` prefix (same rows):
+/// output rows `[prefix | swiglu(u)]`, shaped like `u` with a last dim of D + F.
+fn launch_swiglu(
+    (us, ul): (&CudaStorage, &Layout),
+    prefix: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    let (rows, f, row_stride) = swiglu_rows(ul)?;
+    let d = match prefix {
+        None => 0,
+        Some((_, pl)) => {
+            let pd = pl.dims();
+            if !pl.is_contiguous() || pd[..pd.len() - 1] != ul.dims()[..ul.dims().len() - 1] {
+                bail!(
+                    "swiglu: the prefix {:?} must be contiguous with the rows of u {:?}",
+                    pd,
+                    ul.dims()
+                )
+            }
+            pd[pd.len() - 1]
+        }
+    };
+    let dev = us.device().clone();
+    let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(rows * (d + f))? };
+    let func = load(&dev, "swiglu_bf16")?;
+    let u = view(us, ul)?;
+    let p = prefix.map(|(ps, pl)| view(ps, pl)).transpose()?;
+    let (d_i, f_i, rs) = (d as i32, f as i32, row_stride as i64);
+    let launch = grid_rows(rows)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&u);
+    match &p {
+        Some(p) => b.arg(p),
+        None => b.arg(&u), // never read with d = 0; any valid pointer will do
+    };
+    b.arg(&out);
+    b.arg(&d_i);
+    b.arg(&f_i);
+    b.arg(&rs);
+    // SAFETY: arguments match `swiglu_bf16`; one block per row writes the whole output row.
+    unsafe { b.launch(launch) }.w()?;
+    let mut shape = ul.dims().to_vec();
+    *shape.last_mut().expect("rank >= 2") = d + f;
+    Ok((bf16::wrap_cuda_slice(out, dev), shape.into()))
+}
+
 struct SwiGlu;
 
 impl CustomOp1 for SwiGlu {
@@ -110,38 +176,28 @@ impl CustomOp1 for SwiGlu {
     cuda_only_cpu_fwd!(1, self, cuda_only("swiglu"));
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dims = l.dims();
-        let stride = l.stride();
-        let r = dims.len();
-        if r < 2 || stride[r - 1] != 1 || !dims[r - 1].is_multiple_of(2) {
-            bail!("swiglu: needs [.., 2F] with a contiguous last dim, got {dims:?} / {stride:?}")
-        }
-        // Rows must be evenly spaced (a contiguous tensor or a narrow of the last dim).
-        let row_stride = stride[r - 2];
-        for i in 0..r - 2 {
-            if stride[i] != stride[i + 1] * dims[i + 1] {
-                bail!("swiglu: rows are not evenly spaced ({dims:?} / {stride:?})")
-            }
-        }
-        let f = dims[r - 1] / 2;
-        let rows: usize = dims[..r - 1].iter().product();
-        let dev = s.device().clone();
-        let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(rows * f)? };
-        let func = load(&dev, "swiglu_bf16")?;
-        let u = view(s, l)?;
-        let (f_i, rs) = (f as i32, row_stride as i64);
-        let launch = grid_rows(rows)?;
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&func);
-        b.arg(&u);
-        b.arg(&out);
-        b.arg(&f_i);
-        b.arg(&rs);
-        // SAFETY: arguments match `swiglu_bf16`; one block per row writes the whole row.
-        unsafe { b.launch(launch) }.w()?;
-        let mut shape = dims.to_vec();
-        shape[r - 1] = f;
-        Ok((bf16::wrap_cuda_slice(out, dev), shape.into()))
+        launch_swiglu((s, l), None)
+    }
+}
+
+/// `cat([prefix, swiglu(u)], -1)` in one pass (arguments: u, prefix).
+struct PrefixedSwiGlu;
+
+impl CustomOp2 for PrefixedSwiGlu {
+    fn name(&self) -> &'static str {
+        "flux2-prefixed-swiglu"
+    }
+
+    cuda_only_cpu_fwd!(2, self, cuda_only("prefixed swiglu"));
+
+    fn cuda_fwd(
+        &self,
+        us: &CudaStorage,
+        ul: &Layout,
+        ps: &CudaStorage,
+        pl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        launch_swiglu((us, ul), Some((ps, pl)))
     }
 }
 
@@ -149,6 +205,13 @@ impl CustomOp1 for SwiGlu {
 /// projection (evenly spaced rows).
 pub fn swiglu(u: &Tensor) -> Result<Tensor> {
     u.apply_op1_no_bwd(&SwiGlu)
+}
+
+/// `cat([prefix, swiglu(u)], -1)` (`prefix` `[.., D]` over the same rows as `u` `[.., 2F]`),
+/// bit-identical to the two ops, in one pass: the single-stream block's attention output and
+/// MLP activation side by side for its output projection.
+pub fn prefixed_swiglu(prefix: &Tensor, u: &Tensor) -> Result<Tensor> {
+    u.apply_op2_no_bwd(&prefix.contiguous()?, &PrefixedSwiGlu)
 }
 
 // ------------------------- modulation, LayerNorm + modulation, gated residual (row-wise)

@@ -191,6 +191,18 @@ fn swiglu(u: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// `cat([attn, swiglu(u)], -1)`: the single-stream block's output-projection input (one
+/// fused pass on CUDA, bit-identical).
+fn attention_and_swiglu(attn: &Tensor, u: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::fused::applies(u) && crate::cuda::fused::applies(attn) {
+        return profile::span("dit.swiglu", u.device(), || {
+            Ok(crate::cuda::fused::prefixed_swiglu(attn, u)?)
+        });
+    }
+    Ok(Tensor::cat(&[attn, &swiglu(u)?], D::Minus1)?)
+}
+
 /// `Flux2FeedForward`: `linear_out(swiglu(linear_in(x)))`.
 #[derive(Debug, Clone)]
 pub struct FeedForward {
@@ -472,8 +484,8 @@ impl SingleStreamBlock {
         let k = heads_of(&u, d, hh, hd)?;
         let v = heads_of(&u, 2 * d, hh, hd)?;
         let o = normed_rope_attention(&[(&q, &self.norm_q)], &[(&k, &self.norm_k)], &v, rope)?;
-        let g = swiglu(&u.narrow(2, 3 * d, 2 * f)?)?;
-        let out = lin(&self.to_out, &Tensor::cat(&[&o, &g], 2)?)?;
+        let mlp_in = u.narrow(2, 3 * d, 2 * f)?;
+        let out = lin(&self.to_out, &attention_and_swiglu(&o, &mlp_in)?)?;
         m.gated_residual(z, &out).context("single-stream residual")
     }
 }
