@@ -135,7 +135,7 @@ def rmsnorm_rope():
 
 
 def group_norm():
-    for hh, ww in ((9, 13), (8, 16)):  # H·W not a multiple of 8 (scalar path), and 8-wide
+    for hh, ww in ((9, 13), (8, 16), (64, 96)):  # H·W not a multiple of 8 (scalar path), 8-wide
         b, c, g, eps = 2, 64, 32, 1e-6
         x = bf(b, c, hh, ww, scale=3.0) + 1.5
         w, bias = torch.rand(c) + 0.5, torch.randn(c) * 0.1

@@ -144,8 +144,8 @@ void rmsnorm_rope(int d) {
     check(name, out, want, 0.01, 1.0 / 256);
 }
 
-void group_norm(int hh, int ww, int silu_on) {
-    const int b = 1, c = 16, g = 4, hw = hh * ww;
+void group_norm(int hh, int ww, int silu_on, int c = 16, int g = 4) {
+    const int b = 1, hw = hh * ww;
     std::vector<u16> x = randv((size_t)b * c * hw, 3.0f, 1.5f), out(x.size()), want(x.size());
     std::vector<float> w(c), bias(c);
     for (auto& v : w) v = 0.5f + (float)rng.uniform();
@@ -194,6 +194,8 @@ int main() {
     rmsnorm_rope(256);      // 8-byte path, two chunks per lane
     rmsnorm_rope(96);       // scalar
     for (int silu_on = 0; silu_on < 2; ++silu_on) group_norm(9, 13, silu_on), group_norm(8, 16, silu_on);
+    group_norm(256, 160, 0, 8, 2);  // 16-byte statistics path, two loads for some threads
+    group_norm(61, 67, 1, 8, 2);    // the same size class on the scalar path
     channel_bias(9, 13);
     channel_bias(8, 16);
     return failed ? 1 : 0;

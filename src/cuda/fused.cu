@@ -372,17 +372,35 @@ extern "C" __global__ void gn_partial_bf16(const u16* __restrict__ x, float* __r
                                            long long group_len, int splits) {
     int bg = blockIdx.x;
     int split = blockIdx.y;
+    const u16* g = x + (long long)bg * group_len;
+    // 16-byte loads when the group is 8-aligned (uniform per block): one Welford update per
+    // 8 values (their mean and squared deviations in registers, then a combine) instead of a
+    // division per value; the split boundaries are then multiples of 8.
+    const bool vec = (group_len & 7) == 0 && aligned16(g);
     long long chunk = (group_len + splits - 1) / splits;
+    if (vec) chunk = (chunk + 7) & ~7LL;
     long long start = (long long)split * chunk;
     long long end = start + chunk < group_len ? start + chunk : group_len;
-    const u16* g = x + (long long)bg * group_len;
     float n = 0.0f, mean = 0.0f, m2 = 0.0f;
-    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
-        float v = bf2f(g[i]);
-        n += 1.0f;
-        float delta = v - mean;
-        mean += delta / n;
-        m2 += delta * (v - mean);
+    if (vec) {
+        for (long long i = start + 8 * threadIdx.x; i < end; i += 8 * blockDim.x) {
+            const Bf16x8 v = ldv<8>(g + i);
+            float f[8], sum = 0.0f, sq = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) sum += (f[e] = bf2f(v.v[e]));
+            const float m = sum * 0.125f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) sq += (f[e] - m) * (f[e] - m);
+            welford_combine(n, mean, m2, 8.0f, m, sq);
+        }
+    } else {
+        for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+            float v = bf2f(g[i]);
+            n += 1.0f;
+            float delta = v - mean;
+            mean += delta / n;
+            m2 += delta * (v - mean);
+        }
     }
     __shared__ float sn[GN_THREADS], smean[GN_THREADS], sm2[GN_THREADS];
     sn[threadIdx.x] = n;
