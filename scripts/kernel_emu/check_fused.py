@@ -46,6 +46,9 @@ def check(name, got, want, max_ulps=1, max_frac=0.0, rel_tol=None):
     if os.environ.get("CHECK_FUSED_SHOW") and worst > 0:
         i = int(ulps.flatten().argmax())
         print(f"     worst element {i}: got {float(got.flatten()[i])}, want {float(want.flatten()[i])}")
+        if rel_tol is not None:
+            for i in torch.nonzero(~((ulps <= max_ulps) | near).flatten()).flatten()[:5].tolist():
+                print(f"     outside: element {i}: got {float(got.flatten()[i])}, want {float(want.flatten()[i])}")
     if not ok:
         failures.append(name)
 
@@ -147,9 +150,11 @@ def group_norm():
             if silu:
                 want = F.silu(want)
             # (x - mean)·rstd·w + bias cancels to near 0 for some elements, where a last-bit
-            # difference in the statistics is several ulps of the tiny result: rel_tol.
-            check(f"gn_partial/finalize/apply_bf16 ({hh}x{ww}, silu={silu})", out, want, max_frac=0.01,
-                  rel_tol=1e-4)
+            # difference in the statistics is several ulps of the tiny result: rel_tol. With
+            # SiLU a 1-ulp difference of the rounded norm can become 2 ulps of silu's output
+            # (an ulp of the input near 0.5 is two ulps of the output near 0.3).
+            check(f"gn_partial/finalize/apply_bf16 ({hh}x{ww}, silu={silu})", out, want,
+                  max_ulps=1 + silu, max_frac=0.01, rel_tol=1e-4)
 
 
 def channel_bias():
