@@ -401,36 +401,35 @@ pub fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result
 /// product, as in FlashAttention); otherwise (CPU, f32, other head dims) it computes
 /// [`naive_attention`].
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
-    if !(is_supported(q, k, v) && scale > 0.0 && scale.is_finite()) {
+    if !kernel_applies(q, k, v, scale) {
         return naive_attention(q, k, v, scale);
     }
-    let (q, k, v) = (kernel_ready(q)?, kernel_ready(k)?, kernel_ready(v)?);
-    q.apply_op3_no_bwd(
-        &k,
-        &v,
-        &FlashAttn {
-            scale,
-            layout: AttnLayout::Bhsd,
-        },
-    )
+    run_kernel(q, k, v, scale, AttnLayout::Bhsd)
 }
 
 /// Like [`flash_attention`] but for the `[B, S, H, D]` layout (inputs and output), which is how
 /// the QKV projections lay out their result: no transposes are needed around the kernel.
 pub fn flash_attention_bshd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
-    if !(is_supported(q, k, v) && scale > 0.0 && scale.is_finite()) {
+    if !kernel_applies(q, k, v, scale) {
         let t = |x: &Tensor| x.transpose(1, 2);
         return naive_attention(&t(q)?, &t(k)?, &t(v)?, scale)?
             .transpose(1, 2)?
             .contiguous();
     }
+    run_kernel(q, k, v, scale, AttnLayout::Bshd)
+}
+
+fn kernel_applies(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> bool {
+    is_supported(q, k, v) && scale > 0.0 && scale.is_finite()
+}
+
+fn run_kernel(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    layout: AttnLayout,
+) -> Result<Tensor> {
     let (q, k, v) = (kernel_ready(q)?, kernel_ready(k)?, kernel_ready(v)?);
-    q.apply_op3_no_bwd(
-        &k,
-        &v,
-        &FlashAttn {
-            scale,
-            layout: AttnLayout::Bshd,
-        },
-    )
+    q.apply_op3_no_bwd(&k, &v, &FlashAttn { scale, layout })
 }

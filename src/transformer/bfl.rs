@@ -15,7 +15,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use super::config::Flux2TransformerConfig;
-use super::model::Flux2Transformer;
+use super::model::{path_names, Flux2Transformer};
 
 /// Where a diffusers tensor comes from in a BFL checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,10 +168,7 @@ pub struct BflBackend {
 impl BflBackend {
     /// Memory-maps the files and detects the key prefix.
     pub fn open(paths: &[impl AsRef<Path>]) -> Result<Self> {
-        let names: Vec<_> = paths
-            .iter()
-            .map(|p| p.as_ref().display().to_string())
-            .collect();
+        let names = path_names(paths);
         // SAFETY: the files are memory-mapped read-only and not modified while loading.
         let tensors = unsafe { MmapedSafetensors::multi(paths) }
             .with_context(|| format!("opening BFL checkpoint {names:?}"))?;
@@ -263,10 +260,7 @@ impl Flux2Transformer {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let names: Vec<_> = paths
-            .iter()
-            .map(|p| p.as_ref().display().to_string())
-            .collect();
+        let names = path_names(paths);
         let backend = BflBackend::open(paths)?;
         let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
         Self::load(vb, cfg).with_context(|| format!("loading BFL checkpoint {names:?}"))

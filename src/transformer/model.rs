@@ -124,10 +124,7 @@ impl Flux2Transformer {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let names: Vec<_> = paths
-            .iter()
-            .map(|p| p.as_ref().display().to_string())
-            .collect();
+        let names = path_names(paths);
         // SAFETY: the files are memory-mapped read-only and not modified while loading.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }
             .with_context(|| format!("opening transformer weights {names:?}"))?;
@@ -368,4 +365,12 @@ impl Flux2Transformer {
         record("norm_out", &z);
         Ok(self.proj_out.forward(&z)?)
     }
+}
+
+/// The paths as printable strings, for error context.
+pub(super) fn path_names(paths: &[impl AsRef<std::path::Path>]) -> Vec<String> {
+    paths
+        .iter()
+        .map(|p| p.as_ref().display().to_string())
+        .collect()
 }
