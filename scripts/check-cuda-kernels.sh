@@ -21,9 +21,12 @@ CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target-cuda}" \
     cargo test --release --features cuda,cudnn --test cuda_kernels_compile -- --nocapture
 
 echo "ptxas (sm_90a) registers and spills per kernel:"
-for src in fused flash_attn; do
+for src in fused flash_attn flash_attn_sm90; do
     ptx="$stub_dir/$src.ptx"
-    nvcc -arch=sm_90a -ptx -DFA_ONLY_D=128 -o "$ptx" "src/cuda/$src.cu"
+    case "$src" in  # flash_attn_sm90: the Hopper (wgmma) variant of flash_attn.cu
+    flash_attn_sm90) nvcc -arch=sm_90a -ptx -DFA_SM90 -DFA_ONLY_D=0 -DFA_ONLY_BF16 -o "$ptx" src/cuda/flash_attn.cu 2>/dev/null ;;
+    *) nvcc -arch=sm_90a -ptx -DFA_ONLY_D=128 -o "$ptx" "src/cuda/$src.cu" ;;
+    esac
     ptxas -v --gpu-name sm_90a "$ptx" -o /dev/null 2>&1 |
         awk '/Compiling entry/ {gsub(/[\047]/, "", $7); k = $7}
              /spill stores/ {sp = $5 " B spill stores"}
@@ -44,4 +47,8 @@ if command -v cuobjdump >/dev/null && command -v nvdisasm >/dev/null; then
         cuobjdump -sass -fun "$k" "$stub_dir/fa$d.cubin" > "$stub_dir/fa$d.sass"
         echo "  $k: $(python3 scripts/kernel_emu/sass_loop_mix.py "$stub_dir/fa$d.sass" | tr "\n" " ")"
     done
+    nvcc -arch=sm_90a -ptx -DFA_SM90 -DFA_ONLY_D=0 -DFA_ONLY_BF16 -o "$stub_dir/fa90.ptx" src/cuda/flash_attn.cu 2>/dev/null
+    ptxas --gpu-name sm_90a "$stub_dir/fa90.ptx" -o "$stub_dir/fa90.cubin"
+    cuobjdump -sass -fun fa90_fwd_bf16_d128 "$stub_dir/fa90.cubin" > "$stub_dir/fa90.sass"
+    echo "  fa90_fwd_bf16_d128: $(python3 scripts/kernel_emu/sass_loop_mix.py "$stub_dir/fa90.sass" | tr "\n" " ")"
 fi

@@ -74,7 +74,7 @@ fi
 # The attention kernel alone (NVRTC through ctypes, torch tensors): correctness for every head
 # dim and layout against f32 math, then its time at 1024² (and tilings) vs torch's FA2/cuDNN.
 [ -z "${GPU_SKIP_ATTN:-}" ] && have 400 "attention kernel check" && timeout 100 scripts/gpu_attention_check.sh kernel 2>&1 |
-  grep -vE "^  (OK) " | tail -24 | tee -a "$LOG"
+  grep -vE "^  (OK) " | tail -30 | tee -a "$LOG"
 [ -n "${GPU_SKIP_FULL:-}" ] && exit 0
 
 # 3. Full-size random klein-4B: diffusers vs flux2-klein, same weights, same noise.
@@ -99,6 +99,17 @@ for f in ['$OUT/ours_bench.json','$OUT/ours_bench_edit.json']:
     except Exception as e: print(f, 'unreadable', e); continue
     print(json.dumps(d.get('summary', d), indent=None)[:1500])
 " | tee -a "$LOG"
+
+# The Hopper (wgmma) attention kernel, opt-in until proven here (it self-checks at load and
+# falls back with a warning): the same warm benches with it.
+if have 300 "wgmma attention A/B"; then
+  log "A/B: FLUX2_KLEIN_ATTN=wgmma (Hopper attention kernel)"
+  FLUX2_KLEIN_ATTN=wgmma timeout 100 "$BIN" bench -m "$MODEL" --size 1024x1024 --runs 2 --warmup 1 --json > "$OUT/ours_bench_wgmma.json" 2>>"$LOG"
+  FLUX2_KLEIN_ATTN=wgmma timeout 100 "$BIN" bench -m "$MODEL" --size 1024x1024 -r $REFS/ref0.png -r $REFS/ref1.png --runs 2 --warmup 1 --json > "$OUT/ours_bench_edit_wgmma.json" 2>>"$LOG"
+  FLUX2_KLEIN_ATTN=wgmma timeout 60 "$BIN" -q generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$OUT/ours_t2i_1024_wgmma.png" 2>>"$LOG"
+  python3 scripts/gpu_bench.py psnr "$OUT/ours_t2i_1024.png" "$OUT/ours_t2i_1024_wgmma.png" | tee -a "$LOG"
+  grep -h '"total_ms"' "$OUT"/ours_bench*wgmma.json | head -c 600 | tee -a "$LOG"; echo
+fi
 
 if [ -z "${GPU_SKIP_AB:-}" ] && have 260 "A/B with the speed paths off"; then
   log "A/B: the same bench with our CUDA speed paths off (FLUX2_KLEIN_FUSED=0: candle ops, candle's cuDNN conv)"

@@ -318,6 +318,12 @@ def verdict(out):
     bar("warm 1024² t2i, ours / diffusers", ratio(ours_t2i, d_t2i, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
     bar("  stretch", ratio(ours_t2i, d_t2i, "total_ms"), 0.7, lambda x: f"{x:.2f}×")
     bar("warm 2-reference edit, ours / diffusers", ratio(ours_edit, d_edit, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
+    # The same with the opt-in Hopper attention kernel (FLUX2_KLEIN_ATTN=wgmma), when measured.
+    w_t2i = ours_summary(load("ours_bench_wgmma.json"), 0)
+    w_edit = ours_summary(load("ours_bench_edit_wgmma.json"), 2)
+    if w_t2i or w_edit:
+        bar("  with wgmma attention: warm 1024² t2i", ratio(w_t2i, d_t2i, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
+        bar("  with wgmma attention: warm edit", ratio(w_edit, d_edit, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
     bar("text encode, ours / diffusers", ratio(ours_t2i, d_t2i, "text_encode_ms"), 0.5, lambda x: f"{x:.2f}×")
     peak = ours_t2i and ours_t2i.get("peak") and ours_t2i["peak"] / 2**30
     bar("warm bench peak memory vs diffusers' peak", peak, (d_t2i or {}).get("peak_gib") or 0,

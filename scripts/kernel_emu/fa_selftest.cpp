@@ -15,7 +15,9 @@ u16 to_half(float f, bool bf16) { return bf16 ? emu_f2bf(f) : emu_f2h(f); }
 float from_half(u16 v, bool bf16) { return bf16 ? emu_bf16(v) : emu_f16(v); }
 
 // One case: B, H, Sq, Sk, head dim, dtype, layout ([B,S,H,D] memory or [B,H,S,D]), sink key.
-bool run_case(int b, int h, int sq, int sk, int dh, bool bf16, bool bshd, bool sink, Rng& rng) {
+// sm90: the Hopper (wgmma) variant instead (bf16, head dim 128 only).
+bool run_case(int b, int h, int sq, int sk, int dh, bool bf16, bool bshd, bool sink, Rng& rng,
+              bool sm90 = false) {
     const int dk = dh <= 16 ? 16 : dh <= 32 ? 32 : dh <= 64 ? 64 : dh <= 128 ? 128 : 256;
     auto strides = [&](int s) {  // (batch, head, token) element strides
         return bshd ? std::vector<long long>{(long long)s * h * dh, dh, (long long)h * dh}
@@ -41,8 +43,13 @@ bool run_case(int b, int h, int sq, int sk, int dh, bool bf16, bool bshd, bool s
     std::vector<long long> all;
     for (auto* st : {&sq_st, &sk_st, &sk_st, &sq_st}) all.insert(all.end(), st->begin(), st->begin() + 3);
     const double scale = 1.0 / std::sqrt((double)dh);
-    if (emu_flash(dk, bf16, q.data(), k.data(), v.data(), o.data(), b, h, sq, sk, dh, all.data(),
-                  (float)(scale * 1.4426950408889634)) != 0) {
+    const float scale_log2 = (float)(scale * 1.4426950408889634);
+    int rc = 1;
+#ifdef FA_HAS_SM90
+    if (sm90) rc = emu_flash90(q.data(), k.data(), v.data(), o.data(), b, h, sq, sk, all.data(), scale_log2);
+#endif
+    if (!sm90) rc = emu_flash(dk, bf16, q.data(), k.data(), v.data(), o.data(), b, h, sq, sk, dh, all.data(), scale_log2);
+    if (rc != 0) {
         std::printf("FAIL no kernel for D=%d\n", dk);
         return false;
     }
@@ -73,8 +80,8 @@ bool run_case(int b, int h, int sq, int sk, int dh, bool bf16, bool bshd, bool s
     // FNV-1a of the output bits: emulate-kernels.sh compares it across kernel revisions.
     unsigned long long hash = 0xcbf29ce484222325ULL;
     for (u16 x : o) hash = (hash ^ x) * 0x100000001b3ULL;
-    std::printf("%s flash B=%d H=%d Sq=%d Sk=%d D=%d %s %s%s: max abs err %.2e, output %016llx\n",
-                ok ? "ok  " : "FAIL", b, h, sq, sk, dh, bf16 ? "bf16" : "f16", bshd ? "bshd" : "bhsd",
+    std::printf("%s flash%s B=%d H=%d Sq=%d Sk=%d D=%d %s %s%s: max abs err %.2e, output %016llx\n",
+                ok ? "ok  " : "FAIL", sm90 ? "90" : "", b, h, sq, sk, dh, bf16 ? "bf16" : "f16", bshd ? "bshd" : "bhsd",
                 sink ? "+sink" : "", worst, hash);
     return ok;
 }
@@ -90,5 +97,13 @@ int main() {
     ok &= run_case(1, 1, 70, 90, 256, true, false, false, rng);
     ok &= run_case(1, 2, 33, 1, 8, true, false, false, rng);
     ok &= run_case(1, 1, 130, 150, 128, false, true, false, rng);  // f16
+#ifdef FA_HAS_SM90
+    // The Hopper variant: two query blocks with a partial one, a partial last key tile, both
+    // layouts, the no-rescale path, one key.
+    ok &= run_case(1, 2, 200, 130, 128, true, false, false, rng, true);
+    ok &= run_case(1, 1, 100, 400, 128, true, true, true, rng, true);
+    ok &= run_case(2, 1, 64, 64, 128, true, true, false, rng, true);
+    ok &= run_case(1, 1, 5, 1, 128, true, false, false, rng, true);
+#endif
     return ok ? 0 : 1;
 }

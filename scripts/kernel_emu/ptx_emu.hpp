@@ -134,3 +134,85 @@ static inline u32 pack2(float lo, float hi) {
 }
 
 static inline float fast_exp2(float x) { return std::exp2(x); }
+
+// ---- wgmma (the FA_SM90 kernel), from the PTX ISA's definitions ----
+// Shared-memory operands through matrix descriptors with 128-byte swizzling: the element's
+// byte address from the canonical layout (K-major: ((8,m),(T,2k)):((8T,SBO),(1,T)); N-major:
+// ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)), T = 8 16-bit elements), then address bits 4-6 XOR
+// bits 7-9. Register operands and accumulators in the m64nNk16 fragment layouts (warp w of the
+// warpgroup holds rows 16w + groupID (+8); accumulator i of a thread is column
+// 8(i/4) + 2 threadID_in_group + i%2 of row + 8((i/2)%2); A register r holds row +8 for r odd,
+// columns +8 for r >= 2, two consecutive columns per register). The wgmmas complete at once
+// (so a missing wait cannot show); every thread of the block must call them together.
+static inline void wg_fence() {}
+static inline void wg_commit() {}
+static inline void wg_wait_all() {}
+static inline void fence_proxy_async() {}
+template <int N>
+static inline void pin(float (&)[N]) {}
+
+struct EmuDesc {
+    u32 start, lbo, sbo;
+};
+static inline EmuDesc emu_desc(unsigned long long d) {
+    if ((d >> 62) != 1 || ((d >> 49) & 7) != 0) {
+        std::fprintf(stderr, "wgmma descriptor: not 128B swizzle with base offset 0\n");
+        std::abort();
+    }
+    EmuDesc r{(u32)(d & 0x3FFF) << 4, (u32)((d >> 16) & 0x3FFF) << 4, (u32)((d >> 32) & 0x3FFF) << 4};
+    if (((r.start >> 7) & 7) != 0) {  // the swizzle pattern must start on a 1024-byte boundary
+        std::fprintf(stderr, "wgmma descriptor: start %u not on a swizzle-atom row 0\n", r.start);
+        std::abort();
+    }
+    return r;
+}
+static inline u32 emu_sw128(u32 addr) { return addr ^ (((addr >> 7) & 7) << 4); }
+// Element (mn, kidx) of a K-major operand (row mn of M or N, column kidx < 16 of K).
+static inline u16 emu_kmajor(const EmuDesc& d, int mn, int kidx) {
+    return emu_smem_b16(emu_sw128(d.start + (mn % 8) * 128 + (mn / 8) * d.sbo + (kidx / 8) * 16 + (kidx % 8) * 2));
+}
+// Element (kidx, n) of an N-major operand.
+static inline u16 emu_nmajor(const EmuDesc& d, int kidx, int n) {
+    return emu_smem_b16(emu_sw128(d.start + (n % 64) * 2 + (n / 64) * d.lbo + (kidx % 8) * 128 + (kidx / 8) * d.sbo));
+}
+static inline void emu_acc_pos(int i, int& row, int& col) {
+    const int w = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    row = 16 * w + lane / 4 + 8 * ((i / 2) % 2);
+    col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+}
+
+// d[64x64] += A (K-major descriptor) * B (K-major descriptor, N = 64), bf16.
+static inline void wgmma_qk(float (&d)[32], unsigned long long desc_a, unsigned long long desc_b) {
+    const EmuDesc a = emu_desc(desc_a), b = emu_desc(desc_b);
+    for (int i = 0; i < 32; ++i) {
+        int row, col;
+        emu_acc_pos(i, row, col);
+        float acc = d[i];
+        for (int kk = 0; kk < 16; ++kk)
+            acc = std::fma(emu_bf16(emu_kmajor(a, row, kk)), emu_bf16(emu_kmajor(b, col, kk)), acc);
+        d[i] = acc;
+    }
+}
+
+inline u32 emu_wg_a[8][128][4];  // per warpgroup of the block, per thread: its A registers
+
+// d[64x128] += A (registers) * B (N-major descriptor), bf16.
+static inline void wgmma_pv(float (&d)[64], const u32 (&a)[4], unsigned long long desc_b) {
+    const int wg = threadIdx.x / 128, t = threadIdx.x % 128;
+    for (int r = 0; r < 4; ++r) emu_wg_a[wg][t][r] = a[r];
+    __syncthreads();
+    const EmuDesc b = emu_desc(desc_b);
+    auto A = [&](int row, int kidx) {  // element (row, kidx) of the warpgroup's 64x16 A
+        const int w = row / 16, g = row % 8, tg = (kidx % 8) / 2;
+        const int reg = ((row % 16) >= 8 ? 1 : 0) + (kidx >= 8 ? 2 : 0);
+        return emu_half<true>(emu_wg_a[wg][32 * w + 4 * g + tg][reg], kidx % 2);
+    };
+    for (int i = 0; i < 64; ++i) {
+        int row, col;
+        emu_acc_pos(i, row, col);
+        float acc = d[i];
+        for (int kk = 0; kk < 16; ++kk) acc = std::fma(A(row, kk), emu_bf16(emu_nmajor(b, kk, col)), acc);
+        d[i] = acc;
+    }
+    __syncthreads();
+}

@@ -490,3 +490,276 @@ FA_KERNEL(bf16, true, 128, 4, 1, 32)
 FA_KERNEL(bf16, true, 128, 8, 1, 32)
 FA_KERNEL(bf16, true, 128, 4, 2, 32)
 #endif
+
+
+// ================================================================================================
+// Hopper variant (FA_SM90, compiled for compute_90a): the same algorithm with warpgroup MMAs
+// (wgmma.mma_async) instead of mma.sync, bf16, head dim 128. A block of two warpgroups owns 128
+// query rows (64 per warpgroup); K/V tiles of 64 keys are double buffered with cp.async as
+// above. S = Q K^T reads Q and K straight from shared memory through matrix descriptors; P V
+// takes P from registers (the S accumulator layout is the A-fragment layout) and V from shared
+// memory, N-major (imm-trans-b). Shared-memory tiles use the canonical 128-byte-swizzle layout
+// of the PTX ISA ("Shared Memory Matrix Layout"): the head dim in panels of 64 columns, each
+// panel [rows][128 B] with 16-byte chunk c of row r stored at chunk c ^ (r & 7), panels and
+// tiles 1024-byte aligned (descriptor base offset 0). One wgmma k-step (16 columns, 32 bytes)
+// is the panel's descriptor start advanced by 32 bytes; the hardware applies the swizzle to the
+// address bits. scripts/kernel_emu emulates the instructions from that definition.
+#ifdef FA_SM90
+#define FA_HAS_SM90 1  // for scripts/kernel_emu (older revisions of this file lack the variant)
+#ifndef FLUX2_KERNEL_EMU
+DEVI void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+DEVI void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+DEVI void wg_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// cp.async writes shared memory through the generic proxy, wgmma reads it through the async
+// proxy: each writing thread orders the two before the barrier.
+DEVI void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// The accumulators change behind the compiler's back until wgmma.wait_group: pin each one
+// (CUTLASS's warpgroup_fence_operand) so no read or write moves across the wait.
+template <int N>
+DEVI void pin(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d[64x64] += A[64x16] (descriptor, K-major) * B[16x64] (descriptor, K-major), bf16 -> f32.
+DEVI void wgmma_qk(float (&d)[32], unsigned long long desc_a, unsigned long long desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+          "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+          "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(1)
+        : "memory");
+}
+
+// d[64x128] += A[64x16] (registers) * B[16x128] (descriptor, N-major), bf16 -> f32.
+DEVI void wgmma_pv(float (&d)[64], const u32 (&a)[4], unsigned long long desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+          "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+          "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+          "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+          "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+          "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1)
+        : "memory");
+}
+#endif  // FLUX2_KERNEL_EMU
+
+// Matrix descriptor (PTX ISA "Matrix Descriptor Format"): start address, leading and stride
+// byte offsets (each >> 4), 128-byte swizzle (mode 1 in bits 62-63), base offset 0.
+DEVI unsigned long long sw128_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) |
+           ((unsigned long long)((lbo & 0x3FFFF) >> 4) << 16) |
+           ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
+}
+
+// Async-load rows [row0, row0 + ROWS) of a [S, 128] matrix (row stride ss) into the swizzled
+// panel layout at dst (1024-byte aligned); rows past nrows are zero-filled. Thread tid (of 256)
+// copies chunk column c = tid % 16 of rows tid / 16 + 16 j: with 16 a multiple of the swizzle
+// period, its destinations are one offset plus j * 16 rows.
+template <int ROWS>
+DEVI void load_panels(u32 dst, const u16* src, long long ss, int row0, int nrows, int tid) {
+    const int c = tid & 15, r0 = tid >> 4;
+    const u32 d0 = dst + (c >> 3) * (ROWS * 128) + r0 * 128 + (((c & 7) ^ (r0 & 7)) << 4);
+    const u16* p = src + (long long)(row0 + r0) * ss + c * 8;
+#pragma unroll
+    for (int j = 0; j < ROWS / 16; ++j) {
+        const bool ok = row0 + r0 + 16 * j < nrows;
+        cp_async16(d0 + j * (16 * 128), ok ? p + (long long)(16 * j) * ss : src, ok);
+    }
+}
+
+DEVI void fa90_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
+                        const u16* __restrict__ v, u16* __restrict__ o, int sq, int sk,
+                        long long q_sb, long long q_sh, long long q_ss, long long k_sb,
+                        long long k_sh, long long k_ss, long long v_sb, long long v_sh,
+                        long long v_ss, long long o_sb, long long o_sh, long long o_ss,
+                        float scale_log2) {
+    constexpr int D = 128, BM = 128, BN = 64;
+    constexpr int PANEL_Q = BM * 128, PANEL_KV = BN * 128;  // bytes per 64-column panel
+    extern __shared__ Chunk16 smem_chunks[];
+    const u32 base = (smem_u32(smem_chunks) + 1023) & ~1023u;  // launched with +1024 bytes
+    const u32 qs = base;                   // 2 panels of BM rows
+    const u32 ks = qs + BM * D * 2;        // 2 buffers of 2 panels of BN rows
+    const u32 vs = ks + 2 * BN * D * 2;    // 2 buffers of 2 panels of BN rows
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
+    const int gid = lane >> 2, tig = lane & 3;
+    const int m0 = blockIdx.x * BM;
+    const long long h = blockIdx.y, b = blockIdx.z;
+    q += b * q_sb + h * q_sh;
+    k += b * k_sb + h * k_sh;
+    v += b * v_sb + h * v_sh;
+    o += b * o_sb + h * o_sh;
+
+    load_panels<BM>(qs, q, q_ss, m0, sq, tid);
+    load_panels<BN>(ks, k, k_ss, 0, sk, tid);
+    load_panels<BN>(vs, v, v_ss, 0, sk, tid);
+    cp_async_commit();
+
+    float acc[64];  // O rows (wq*16 + gid, + 8) of this warpgroup, 16 n-tiles of 8 columns
+    float row_max[2], row_sum[2];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    row_max[0] = row_max[1] = -__int_as_float(0x7f800000);
+    row_sum[0] = row_sum[1] = 0.f;
+
+    // Descriptors of the first k-step; the others add their byte offset >> 4 to the start
+    // address field (14 bits: no carry into the next field, shared memory is < 256 KiB).
+    const unsigned long long q_desc = sw128_desc(qs + wg * 64 * 128, 16, 1024);  // own 64 rows
+    const unsigned long long k_desc = sw128_desc(ks, 16, 1024);
+    const unsigned long long v_desc = sw128_desc(vs, PANEL_KV, 1024);
+    const int ntiles = (sk + BN - 1) / BN;
+    for (int t = 0; t < ntiles; ++t) {
+        cp_async_wait_all();
+        fence_proxy_async();
+        __syncthreads();  // tile t visible to both warpgroups; tile t-1's buffers are free
+        if (t + 1 < ntiles) {
+            const int nb = (t + 1) & 1;
+            load_panels<BN>(ks + nb * BN * D * 2, k, k_ss, (t + 1) * BN, sk, tid);
+            load_panels<BN>(vs + nb * BN * D * 2, v, v_ss, (t + 1) * BN, sk, tid);
+        }
+        cp_async_commit();
+        const unsigned long long buf = (t & 1) * (BN * D * 2 / 16);  // K/V buffer, >> 4
+
+        // ---- S = Q K^T: 8 k-steps of 16 columns (4 per panel) ----
+        float s[32];
+#pragma unroll
+        for (int i = 0; i < 32; ++i) s[i] = 0.f;
+        pin(s);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const int panel = kk >> 2, off = (kk & 3) * 32;
+            wgmma_qk(s, q_desc + (panel * PANEL_Q + off) / 16,
+                     k_desc + buf + (panel * PANEL_KV + off) / 16);
+        }
+        wg_commit();
+        wg_wait_all();
+        pin(s);
+
+        // s[4j + e]: row gid (e < 2) or gid + 8, key t*BN + 8j + 2 tig + (e & 1)
+        if ((t + 1) * BN > sk) {
+            const float ninf = -__int_as_float(0x7f800000);
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const int c = t * BN + 8 * j + 2 * tig;
+                if (c >= sk) { s[4 * j] = ninf; s[4 * j + 2] = ninf; }
+                if (c + 1 >= sk) { s[4 * j + 1] = ninf; s[4 * j + 3] = ninf; }
+            }
+        }
+
+        // ---- online softmax (rows gid and gid + 8 of this warp's 16) ----
+        float alpha[2];
+        bool max_moved = false;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float raw = s[2 * r];
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) raw = fmaxf(raw, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+            raw = fmaxf(raw, __shfl_xor_sync(0xffffffffu, raw, 1));
+            raw = fmaxf(raw, __shfl_xor_sync(0xffffffffu, raw, 2));
+            const float mx = fmaxf(row_max[r], raw * scale_log2);
+            alpha[r] = fast_exp2(row_max[r] - mx);
+            max_moved |= mx != row_max[r];
+            row_max[r] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const float p0 = fast_exp2(fmaf(s[4 * j + 2 * r], scale_log2, -mx));
+                const float p1 = fast_exp2(fmaf(s[4 * j + 2 * r + 1], scale_log2, -mx));
+                s[4 * j + 2 * r] = p0;
+                s[4 * j + 2 * r + 1] = p1;
+                sum += p0 + p1;
+            }
+            row_sum[r] = row_sum[r] * alpha[r] + sum;
+        }
+        if (__any_sync(0xffffffffu, max_moved)) {
+#pragma unroll
+            for (int j = 0; j < D / 8; ++j) {
+                acc[4 * j] *= alpha[0];
+                acc[4 * j + 1] *= alpha[0];
+                acc[4 * j + 2] *= alpha[1];
+                acc[4 * j + 3] *= alpha[1];
+            }
+        }
+
+        // ---- O += P V: 4 k-steps of 16 keys; V N-major (LBO: panel stride, SBO: 8 keys) ----
+        u32 pa[BN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            pa[kk][0] = pack2<true>(s[8 * kk], s[8 * kk + 1]);
+            pa[kk][1] = pack2<true>(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = pack2<true>(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = pack2<true>(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+        pin(acc);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            wgmma_pv(acc, pa[kk], v_desc + buf + kk * (16 * 128 / 16));
+        }
+        wg_commit();
+        wg_wait_all();
+        pin(acc);
+    }
+    cp_async_wait_all();
+
+    // ---- epilogue: O / l straight to global memory (4-byte stores) ----
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = row_sum[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        inv[r] = 1.f / l;
+    }
+    const int row = m0 + wg * 64 + wq * 16 + gid;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+        const int c = 8 * j + 2 * tig;
+        if (row < sq)
+            *reinterpret_cast<u32*>(o + (long long)row * o_ss + c) =
+                pack2<true>(acc[4 * j] * inv[0], acc[4 * j + 1] * inv[0]);
+        if (row + 8 < sq)
+            *reinterpret_cast<u32*>(o + (long long)(row + 8) * o_ss + c) =
+                pack2<true>(acc[4 * j + 2] * inv[1], acc[4 * j + 3] * inv[1]);
+    }
+}
+
+// Grid: (ceil(Sq / 128), H, B); block: 256 threads (two warpgroups);
+// dynamic shared memory: (128 + 4 * 64) * 128 * 2 + 1024 bytes (the +1024 aligns the tiles).
+extern "C" __global__ void __launch_bounds__(256, 1)
+    fa90_fwd_bf16_d128(const u16* __restrict__ q, const u16* __restrict__ k,
+                       const u16* __restrict__ v, u16* __restrict__ o, int sq, int sk, int dact,
+                       long long q_sb, long long q_sh, long long q_ss, long long k_sb,
+                       long long k_sh, long long k_ss, long long v_sb, long long v_sh,
+                       long long v_ss, long long o_sb, long long o_sh, long long o_ss,
+                       float scale_log2) {
+    (void)dact;  // always 128: flash_attn.rs launches this kernel only for head dim 128
+    fa90_fwd_impl(q, k, v, o, sq, sk, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb,
+                  o_sh, o_ss, scale_log2);
+}
+#endif  // FA_SM90

@@ -58,13 +58,42 @@ pub enum AttnLayout {
 }
 
 /// One compiled tiling of the kernel: `NW` warps × `MT` m16-slices of queries per block,
-/// `BN` keys per K/V tile, compiled head dim `d`.
+/// `BN` keys per K/V tile, compiled head dim `d`; or (`hopper`) the sm_90a wgmma variant
+/// (bf16, head dim 128, two warpgroups of 64 query rows, 64-key tiles).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct KernelConfig {
     d: usize,
     warps: usize,
     m_tiles: usize,
     block_n: usize,
+    hopper: bool,
+}
+
+/// What [`compiled_variants`] lists for the compile check: the architecture a variant needs
+/// (compute capability and target suffix, e.g. `(90, "a")`; `None`: any), its NVRTC defines
+/// and the kernels they define.
+pub(crate) struct CompiledVariant {
+    pub arch: Option<(u32, &'static str)>,
+    pub defines: Vec<String>,
+    pub entries: Vec<String>,
+}
+
+/// Set when the Hopper kernel failed its self-check ([`load_for`]): the mma.sync kernel runs.
+static HOPPER_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether attention on `dev` for this head dim and dtype runs the Hopper (wgmma) variant:
+/// compute capability 9.0, bf16, head dim 128, and opted into with `FLUX2_KLEIN_ATTN=wgmma`
+/// (off by default until it has been checked on a GPU; `scripts/gpu.sh` compares both).
+fn use_hopper(dev: &CudaDevice, head_dim: usize, dtype: DType) -> bool {
+    static OPT_IN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let opted_in = *OPT_IN.get_or_init(|| {
+        std::env::var("FLUX2_KLEIN_ATTN").is_ok_and(|v| v.eq_ignore_ascii_case("wgmma"))
+    });
+    opted_in
+        && !HOPPER_FAILED.load(std::sync::atomic::Ordering::Relaxed)
+        && head_dim == 128
+        && dtype == DType::BF16
+        && matches!(dev.cuda_stream().context().compute_capability(), Ok((9, 0)))
 }
 
 impl KernelConfig {
@@ -84,20 +113,44 @@ impl KernelConfig {
             warps: 4,
             m_tiles,
             block_n,
+            hopper: false,
         })
+    }
+
+    /// The sm_90a wgmma kernel `fa90_fwd_bf16_d128` (see the end of flash_attn.cu).
+    const HOPPER: Self = Self {
+        d: 128,
+        warps: 8,
+        m_tiles: 1,
+        block_n: 64,
+        hopper: true,
+    };
+
+    /// The kernel for `head_dim`/`dtype` on `dev`.
+    fn select(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Option<Self> {
+        if use_hopper(dev, head_dim, dtype) {
+            return Some(Self::HOPPER);
+        }
+        Self::for_head_dim(head_dim)
     }
 
     fn block_m(&self) -> usize {
         16 * self.m_tiles * self.warps
     }
 
-    /// Q tile + double-buffered K and V tiles, 2 bytes per element.
+    /// Q tile + double-buffered K and V tiles, 2 bytes per element (the Hopper kernel aligns
+    /// its tiles to 1024 bytes itself: 1024 more).
     fn shared_mem_bytes(&self) -> usize {
-        (self.block_m() + 4 * self.block_n) * self.d * 2
+        (self.block_m() + 4 * self.block_n) * self.d * 2 + if self.hopper { 1024 } else { 0 }
     }
 
     /// The NVRTC defines that compile only this configuration's kernel for `dtype`.
     fn defines(&self, dtype: DType) -> Vec<String> {
+        if self.hopper {
+            return ["-DFA_SM90", "-DFA_ONLY_D=0", "-DFA_ONLY_BF16"]
+                .map(String::from)
+                .to_vec();
+        }
         let only = if dtype == DType::BF16 { "BF16" } else { "F16" };
         vec![
             format!("-DFA_ONLY_D={}", self.d),
@@ -106,34 +159,90 @@ impl KernelConfig {
     }
 
     fn kernel_name(&self, dtype: DType) -> String {
+        if self.hopper {
+            return "fa90_fwd_bf16_d128".into();
+        }
         let dt = if dtype == DType::BF16 { "bf16" } else { "f16" };
         format!(
             "fa_fwd_{dt}_d{}_w{}_m{}_n{}",
             self.d, self.warps, self.m_tiles, self.block_n
         )
     }
+
+    /// The NVRTC target suffix (`compute_90a` for wgmma).
+    fn arch_suffix(&self) -> &'static str {
+        if self.hopper {
+            "a"
+        } else {
+            ""
+        }
+    }
 }
 
-/// Every (defines, kernel names) pair [`load_kernel`] may ask NVRTC for: one per supported
-/// head dim and dtype (checked by [`super::check_kernels`]).
-pub(crate) fn compiled_variants() -> Vec<(Vec<String>, Vec<String>)> {
-    [16, 32, 64, 128, 256]
+/// Every variant [`load_kernel`] may ask NVRTC for: one per supported head dim and dtype, and
+/// the Hopper kernel (checked by [`super::check_kernels`]).
+pub(crate) fn compiled_variants() -> Vec<CompiledVariant> {
+    let mut variants: Vec<CompiledVariant> = [16, 32, 64, 128, 256]
         .into_iter()
         .filter_map(KernelConfig::for_head_dim)
         .flat_map(|cfg| {
-            [DType::BF16, DType::F16]
-                .map(|dtype| (cfg.defines(dtype), vec![cfg.kernel_name(dtype)]))
+            [DType::BF16, DType::F16].map(|dtype| CompiledVariant {
+                arch: None,
+                defines: cfg.defines(dtype),
+                entries: vec![cfg.kernel_name(dtype)],
+            })
         })
-        .collect()
+        .collect();
+    let hopper = KernelConfig::HOPPER;
+    variants.push(CompiledVariant {
+        arch: Some((90, "a")),
+        defines: hopper.defines(DType::BF16),
+        entries: vec![hopper.kernel_name(DType::BF16)],
+    });
+    variants
 }
 
 /// Compiles (NVRTC, cached) and loads the kernel for `head_dim` and `dtype` on `dev`; nothing
 /// for a head dim the kernel does not cover (that model runs the naive path anyway).
 pub(crate) fn load_for(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Result<()> {
-    match KernelConfig::for_head_dim(head_dim) {
-        Some(cfg) => load_kernel(dev, &cfg, dtype).map(|_| ()),
-        None => Ok(()),
+    let Some(cfg) = KernelConfig::select(dev, head_dim, dtype) else {
+        return Ok(());
+    };
+    if cfg.hopper {
+        // Opted in but not yet proven on this machine: compare it with f32 attention once and
+        // fall back to the mma.sync kernel (with a warning) if it fails to load or disagrees.
+        if let Err(e) = load_kernel(dev, &cfg, dtype).and_then(|_| hopper_self_check(dev)) {
+            HOPPER_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+            eprintln!(
+                "warning: FLUX2_KLEIN_ATTN=wgmma: the Hopper attention kernel failed its \
+                 self-check ({e}); using the mma.sync kernel"
+            );
+            return load_for(dev, head_dim, dtype);
+        }
+        return Ok(());
     }
+    load_kernel(dev, &cfg, dtype).map(|_| ())
+}
+
+/// The Hopper kernel against f32 attention on a small problem with partial query and key
+/// tiles (bf16 tolerance).
+fn hopper_self_check(dev: &CudaDevice) -> Result<()> {
+    let device = Device::Cuda(dev.clone());
+    let rand = |s: usize| Tensor::randn(0f32, 1f32, (1, 2, s, 128), &device);
+    let (q, k, v) = (rand(200)?, rand(300)?, rand(300)?);
+    let bf = |t: &Tensor| t.to_dtype(DType::BF16);
+    let (q, k, v) = (bf(&q)?, bf(&k)?, bf(&v)?);
+    let scale = 1.0 / (128f32).sqrt();
+    let ours = flash_attention(&q, &k, &v, scale)?.to_dtype(DType::F32)?;
+    let f = |t: &Tensor| t.to_dtype(DType::F32);
+    let scores = (f(&q)?.matmul(&f(&k)?.t()?)? * scale as f64)?;
+    let reference = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&f(&v)?)?;
+    let err = (ours - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let top = reference.abs()?.max_all()?.to_scalar::<f32>()?;
+    if err.is_nan() || err > 2e-2 * top.max(1e-6) {
+        bail!("max abs error {err:.3e} against f32 attention (max |out| {top:.3e})")
+    }
+    Ok(())
 }
 
 /// The loaded kernel for `cfg`/`dtype` on `dev` (candle caches the module per device).
@@ -146,12 +255,13 @@ fn load_kernel(dev: &CudaDevice, cfg: &KernelConfig, dtype: DType) -> Result<Cud
              cp.async), this one is {major}.{minor}"
         )
     }
-    let func = super::nvrtc::load_function(
+    let func = super::nvrtc::load_function_arch(
         dev,
         "flash_attn",
         KERNEL_SOURCE,
         &cfg.defines(dtype),
         &cfg.kernel_name(dtype),
+        cfg.arch_suffix(),
     )?;
     // More than 48 KiB of dynamic shared memory must be opted into per function.
     func.set_attribute(
@@ -291,9 +401,9 @@ impl CustomOp3 for FlashAttn {
         if sk == 0 || d % 8 != 0 || d > MAX_HEAD_DIM {
             bail!("flash attention: needs Sk > 0 and a head dim that is a multiple of 8 up to {MAX_HEAD_DIM}, got Sk={sk}, D={d}")
         }
-        let cfg = KernelConfig::for_head_dim(d)
-            .ok_or_else(|| candle_core::Error::Msg(format!("flash attention: head dim {d}")))?;
         let dtype = qs.dtype();
+        let cfg = KernelConfig::select(qs.device(), d, dtype)
+            .ok_or_else(|| candle_core::Error::Msg(format!("flash attention: head dim {d}")))?;
         if ks.dtype() != dtype || vs.dtype() != dtype {
             bail!(
                 "flash attention: q/k/v dtypes differ ({dtype:?}, {:?}, {:?})",

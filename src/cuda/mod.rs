@@ -89,17 +89,24 @@ pub use flash_attn::{
 pub fn check_kernels(compute_cap: u32) -> Result<Vec<String>> {
     let mut checked = Vec::new();
     let fused: Vec<String> = fused::FUNCTIONS.iter().map(|f| f.to_string()).collect();
-    nvrtc::check_compiles("fused", fused::KERNEL_SOURCE, compute_cap, &[], &fused)?;
+    let arch = compute_cap.to_string();
+    nvrtc::check_compiles("fused", fused::KERNEL_SOURCE, &arch, &[], &fused)?;
     checked.extend(fused);
-    for (defines, entries) in flash_attn::compiled_variants() {
+    for variant in flash_attn::compiled_variants() {
+        // Architecture-specific variants (sm_90a) compile only for their own architecture.
+        let arch = match variant.arch {
+            Some((cap, suffix)) if cap == compute_cap => format!("{cap}{suffix}"),
+            Some(_) => continue,
+            None => arch.clone(),
+        };
         nvrtc::check_compiles(
             "flash_attn",
             flash_attn::KERNEL_SOURCE,
-            compute_cap,
-            &defines,
-            &entries,
+            &arch,
+            &variant.defines,
+            &variant.entries,
         )?;
-        checked.extend(entries);
+        checked.extend(variant.entries);
     }
     Ok(checked)
 }

@@ -60,17 +60,17 @@ fn disk_cache_path(name: &str, key: u64) -> Option<PathBuf> {
     )
 }
 
-/// Compiles `source` for `compute_XY` with `defines`, bypassing both caches, and checks
+/// Compiles `source` for `compute_{arch}` (e.g. `90`, `90a`) with `defines`, bypassing both caches, and checks
 /// that the PTX defines every kernel in `entries`. Needs NVRTC but no GPU, so a machine that
 /// only builds the `cuda` binary can still catch a source that would fail at run time.
 pub fn check_compiles(
     name: &str,
     source: &str,
-    compute_cap: u32,
+    arch: &str,
     defines: &[String],
     entries: &[String],
 ) -> Result<()> {
-    let mut options = vec![format!("--gpu-architecture=compute_{compute_cap}")];
+    let mut options = vec![format!("--gpu-architecture=compute_{arch}")];
     options.extend(defines.iter().cloned());
     let ptx = compile(name, source, &options)?;
     let missing: Vec<&String> = entries
@@ -122,11 +122,27 @@ pub fn load_function(
     defines: &[String],
     function: &str,
 ) -> Result<CudaFunction> {
+    load_function_arch(dev, name, source, defines, function, "")
+}
+
+/// [`load_function`] for the architecture-specific target `compute_XY{suffix}` (`"a"`: the
+/// sm_90a instructions such as wgmma, which run only on that exact architecture).
+pub fn load_function_arch(
+    dev: &CudaDevice,
+    name: &str,
+    source: &'static str,
+    defines: &[String],
+    function: &str,
+    suffix: &str,
+) -> Result<CudaFunction> {
     let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
-    let mut options = vec![format!("--gpu-architecture=compute_{major}{minor}")];
+    let mut options = vec![format!("--gpu-architecture=compute_{major}{minor}{suffix}")];
     options.extend(defines.iter().cloned());
     let ptx = ptx(name, source, options)?;
-    let module = format!("flux2_{name}_sm{major}{minor}_{}", defines.join("_"));
+    let module = format!(
+        "flux2_{name}_sm{major}{minor}{suffix}_{}",
+        defines.join("_")
+    );
     Ok(dev
         .get_or_load_custom_func(function, &module, &ptx)?
         .into_cuda_function())
