@@ -26,6 +26,11 @@
 //!   with the extra columns zero-filled, so every head dim that is a multiple of 8 up to 256
 //!   is supported.
 //!
+//! * **Hopper variant** (opt-in with `FLUX2_KLEIN_ATTN=wgmma`, compute capability 9.0, bf16,
+//!   head dim 128): the same algorithm on warpgroup MMAs (`wgmma.mma_async`, compiled for
+//!   `compute_90a`), which mma.sync cannot match on H100/H200. Emulated on the CPU in CI and
+//!   self-checked against f32 attention when it loads; not timed on a GPU yet, hence opt-in.
+//!
 //! Inputs may be strided (views from `narrow`/`transpose`) as long as the head dim is the
 //! innermost, contiguous dimension and every other stride is a multiple of 8 elements (16-byte
 //! chunks); anything else is made contiguous first. `flash_attention_bshd` takes and returns the
