@@ -142,11 +142,12 @@ static inline float fast_exp2(float x) { return std::exp2(x); }
 // bits 7-9. Register operands and accumulators in the m64nNk16 fragment layouts (warp w of the
 // warpgroup holds rows 16w + groupID (+8); accumulator i of a thread is column
 // 8(i/4) + 2 threadID_in_group + i%2 of row + 8((i/2)%2); A register r holds row +8 for r odd,
-// columns +8 for r >= 2, two consecutive columns per register). The wgmmas complete at once
-// (so a missing wait cannot show); every thread of the block must call them together.
-static inline void wg_fence() {}
-static inline void wg_commit() {}
-static inline void wg_wait_all() {}
+// columns +8 for r >= 2, two consecutive columns per register).
+// Asynchronous as on the GPU: a wgmma only records its operands; it executes when a
+// wgmma.wait_group retires its committed group, reading the accumulators, the A registers
+// and shared memory *then*. So a kernel that reads an accumulator before the wait, or
+// overwrites P or a shared tile before the wgmma that uses it has been waited for, computes
+// wrong values here too. Every thread of the block must reach the waits together.
 static inline void fence_proxy_async() {}
 template <int N>
 static inline void pin(float (&)[N]) {}
@@ -181,38 +182,71 @@ static inline void emu_acc_pos(int i, int& row, int& col) {
     col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
 }
 
-// d[64x64] += A (K-major descriptor) * B (K-major descriptor, N = 64), bf16.
-static inline void wgmma_qk(float (&d)[32], unsigned long long desc_a, unsigned long long desc_b) {
-    const EmuDesc a = emu_desc(desc_a), b = emu_desc(desc_b);
-    for (int i = 0; i < 32; ++i) {
-        int row, col;
-        emu_acc_pos(i, row, col);
-        float acc = d[i];
-        for (int kk = 0; kk < 16; ++kk)
-            acc = std::fma(emu_bf16(emu_kmajor(a, row, kk)), emu_bf16(emu_kmajor(b, col, kk)), acc);
-        d[i] = acc;
-    }
-}
-
+struct EmuWgmma {
+    bool pv;         // m64n128k16 with A in registers (else m64n64k16, A from shared memory)
+    float* d;        // the accumulators (32 or 64)
+    const u32* a;    // the A registers (pv), read when the wgmma executes
+    unsigned long long desc_a, desc_b;
+};
+inline thread_local std::vector<EmuWgmma> emu_wg_open;                   // not yet committed
+inline thread_local std::vector<std::vector<EmuWgmma>> emu_wg_groups;    // committed, oldest first
+inline thread_local int emu_wg_fenced = 0;  // wgmma.fence seen since the last wait
 inline u32 emu_wg_a[8][128][4];  // per warpgroup of the block, per thread: its A registers
 
-// d[64x128] += A (registers) * B (N-major descriptor), bf16.
-static inline void wgmma_pv(float (&d)[64], const u32 (&a)[4], unsigned long long desc_b) {
+static inline void emu_wgmma_run(const EmuWgmma& op) {
     const int wg = threadIdx.x / 128, t = threadIdx.x % 128;
-    for (int r = 0; r < 4; ++r) emu_wg_a[wg][t][r] = a[r];
-    __syncthreads();
-    const EmuDesc b = emu_desc(desc_b);
-    auto A = [&](int row, int kidx) {  // element (row, kidx) of the warpgroup's 64x16 A
-        const int w = row / 16, g = row % 8, tg = (kidx % 8) / 2;
-        const int reg = ((row % 16) >= 8 ? 1 : 0) + (kidx >= 8 ? 2 : 0);
-        return emu_half<true>(emu_wg_a[wg][32 * w + 4 * g + tg][reg], kidx % 2);
-    };
-    for (int i = 0; i < 64; ++i) {
+    if (op.pv) {
+        for (int r = 0; r < 4; ++r) emu_wg_a[wg][t][r] = op.a[r];
+        __syncthreads();
+    }
+    const EmuDesc b = emu_desc(op.desc_b);
+    for (int i = 0; i < (op.pv ? 64 : 32); ++i) {
         int row, col;
         emu_acc_pos(i, row, col);
-        float acc = d[i];
-        for (int kk = 0; kk < 16; ++kk) acc = std::fma(A(row, kk), emu_bf16(emu_nmajor(b, kk, col)), acc);
-        d[i] = acc;
+        float acc = op.d[i];
+        for (int kk = 0; kk < 16; ++kk) {
+            float x, y;
+            if (op.pv) {
+                const int w = row / 16, g = row % 8, tg = (kk % 8) / 2;
+                const int reg = ((row % 16) >= 8 ? 1 : 0) + (kk >= 8 ? 2 : 0);
+                x = emu_half<true>(emu_wg_a[wg][32 * w + 4 * g + tg][reg], kk % 2);
+                y = emu_bf16(emu_nmajor(b, kk, col));
+            } else {
+                const EmuDesc a = emu_desc(op.desc_a);
+                x = emu_bf16(emu_kmajor(a, row, kk));
+                y = emu_bf16(emu_kmajor(b, col, kk));
+            }
+            acc = std::fma(x, y, acc);
+        }
+        op.d[i] = acc;
     }
-    __syncthreads();
+    if (op.pv) __syncthreads();
 }
+
+static inline void wg_fence() { emu_wg_fenced = 1; }
+static inline void emu_wg_issue(const EmuWgmma& op) {
+    if (!emu_wg_fenced) {  // PTX: wgmma.fence before the first wgmma after register changes
+        std::fprintf(stderr, "wgmma issued without a wgmma.fence since the last wait\n");
+        std::abort();
+    }
+    emu_wg_open.push_back(op);
+}
+static inline void wgmma_qk(float (&d)[32], unsigned long long desc_a, unsigned long long desc_b) {
+    emu_wg_issue({false, d, nullptr, desc_a, desc_b});
+}
+static inline void wgmma_pv(float (&d)[64], const u32 (&a)[4], unsigned long long desc_b) {
+    emu_wg_issue({true, d, a, 0, desc_b});
+}
+static inline void wg_commit() {
+    emu_wg_groups.push_back(std::move(emu_wg_open));
+    emu_wg_open.clear();
+}
+template <int N>
+static inline void wg_wait() {
+    while (emu_wg_groups.size() > (size_t)N) {
+        for (const EmuWgmma& op : emu_wg_groups.front()) emu_wgmma_run(op);
+        emu_wg_groups.erase(emu_wg_groups.begin());
+    }
+    emu_wg_fenced = 0;
+}
+static inline void wg_wait_all() { wg_wait<0>(); }
