@@ -151,6 +151,10 @@ static inline float fast_exp2(float x) { return std::exp2(x); }
 static inline void fence_proxy_async() {}
 template <int N>
 static inline void pin(float (&)[N]) {}
+template <int M, int N>
+static inline void pin(u32 (&)[M][N]) {}
+template <int N>
+static inline void pin_desc(unsigned long long (&)[N]) {}
 
 struct EmuDesc {
     u32 start, lbo, sbo;
@@ -184,6 +188,7 @@ static inline void emu_acc_pos(int i, int& row, int& col) {
 
 struct EmuWgmma {
     bool pv;         // m64n128k16 with A in registers (else m64n64k16, A from shared memory)
+    bool accumulate;  // d += A B (else d = A B)
     float* d;        // the accumulators (32 or 64)
     const u32* a;    // the A registers (pv), read when the wgmma executes
     unsigned long long desc_a, desc_b;
@@ -203,7 +208,7 @@ static inline void emu_wgmma_run(const EmuWgmma& op) {
     for (int i = 0; i < (op.pv ? 64 : 32); ++i) {
         int row, col;
         emu_acc_pos(i, row, col);
-        float acc = op.d[i];
+        float acc = op.accumulate ? op.d[i] : 0.0f;
         for (int kk = 0; kk < 16; ++kk) {
             float x, y;
             if (op.pv) {
@@ -231,11 +236,12 @@ static inline void emu_wg_issue(const EmuWgmma& op) {
     }
     emu_wg_open.push_back(op);
 }
+template <int ACCUMULATE>
 static inline void wgmma_qk(float (&d)[32], unsigned long long desc_a, unsigned long long desc_b) {
-    emu_wg_issue({false, d, nullptr, desc_a, desc_b});
+    emu_wg_issue({false, ACCUMULATE != 0, d, nullptr, desc_a, desc_b});
 }
 static inline void wgmma_pv(float (&d)[64], const u32 (&a)[4], unsigned long long desc_b) {
-    emu_wg_issue({true, d, a, 0, desc_b});
+    emu_wg_issue({true, true, d, a, 0, desc_b});
 }
 static inline void wg_commit() {
     emu_wg_groups.push_back(std::move(emu_wg_open));
@@ -249,4 +255,3 @@ static inline void wg_wait() {
     }
     emu_wg_fenced = 0;
 }
-static inline void wg_wait_all() { wg_wait<0>(); }
