@@ -566,3 +566,33 @@ fn config_from_metadata_makes_the_same_image_again() {
     assert!(text.contains(&("size".to_string(), "128x64".to_string())));
     assert_ne!(diff(&first, &varied).0, 0);
 }
+
+/// `flux2-klein bench --json` (what scripts/gpu.sh records): every timed run, one summary row
+/// per size, and the settings that make a number comparable, including the attention kernel
+/// (`naive` on the CPU).
+#[test]
+fn bench_json_records_runs_and_settings() {
+    let tiny = model("tiny-w0");
+    let out = succeed(bin().args([
+        "bench", "-m", &tiny, "--size", "64x64", "--size", "64x96", "--runs", "2", "--warmup", "0",
+        "--json",
+    ]));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(doc["device"], "cpu");
+    assert_eq!(doc["dtype"], "f32");
+    assert_eq!(doc["attention_kernel"], "naive");
+    assert_eq!(doc["steps"], 4);
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4, "2 runs x 2 sizes");
+    for run in runs {
+        assert_eq!(run["step_ms"].as_array().unwrap().len(), 4);
+        assert!(run["total_ms"].as_f64().unwrap() > 0.0);
+    }
+    let summary = doc["summary"].as_array().unwrap();
+    assert_eq!(summary.len(), 2);
+    assert_eq!(
+        (&summary[1]["width"], &summary[1]["height"]),
+        (&64.into(), &96.into())
+    );
+    assert!(summary[0]["total_ms"]["mean"].as_f64().unwrap() > 0.0);
+}

@@ -157,12 +157,13 @@ const COLUMNS: [Column; 5] = [
 fn header(args: &BenchArgs, pipeline: &Pipeline, steps: usize, guidance: f64) -> String {
     let o = &pipeline.options;
     format!(
-        "model: {}, device: {}, dtype: {} (VAE {}), steps: {steps}, guidance: {guidance}, \
-         runs: {} (+{} warmup), seed: {}",
+        "model: {}, device: {}, dtype: {} (VAE {}), attention: {}, steps: {steps}, \
+         guidance: {guidance}, runs: {} (+{} warmup), seed: {}",
         pipeline.model.label(),
         device_name(&o.device),
         dtype_name(o.dtype),
         dtype_name(o.vae_dtype.unwrap_or(o.dtype)),
+        pipeline.attention_kernel(),
         args.runs,
         args.warmup,
         args.seed,
@@ -314,6 +315,7 @@ fn to_json(
         "revision": pipeline.model.revision,
         "device": device_name(&o.device),
         "dtype": dtype_name(o.dtype),
+        "attention_kernel": pipeline.attention_kernel(),
         "vae_dtype": dtype_name(o.vae_dtype.unwrap_or(o.dtype)),
         "vae_tile": o.vae_tile,
         "prompt": args.prompt,

@@ -207,6 +207,16 @@ pub(crate) fn compiled_variants() -> Vec<CompiledVariant> {
     variants
 }
 
+/// The name of the kernel attention with this head dim and dtype runs on `dev` (after
+/// [`load_for`], which may have ruled out the Hopper variant), or `None` where the naive path
+/// runs (f32, unsupported head dims).
+pub fn attention_kernel_name(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Option<String> {
+    if !matches!(dtype, DType::BF16 | DType::F16) || !head_dim.is_multiple_of(8) {
+        return None;
+    }
+    KernelConfig::select(dev, head_dim, dtype).map(|cfg| cfg.kernel_name(dtype))
+}
+
 /// Compiles (NVRTC, cached) and loads the kernel for `head_dim` and `dtype` on `dev`; nothing
 /// for a head dim the kernel does not cover (that model runs the naive path anyway).
 pub(crate) fn load_for(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Result<()> {

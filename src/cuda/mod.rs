@@ -79,7 +79,8 @@ pub fn preflight(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Result<()> 
 }
 
 pub use flash_attn::{
-    available, flash_attention, flash_attention_bshd, is_supported, naive_attention,
+    attention_kernel_name, available, flash_attention, flash_attention_bshd, is_supported,
+    naive_attention,
 };
 
 /// Compiles every CUDA source of ours with NVRTC for `compute_cap` (e.g. 90), with each set of
