@@ -319,8 +319,11 @@ def verdict(out):
     bar("  stretch", ratio(ours_t2i, d_t2i, "total_ms"), 0.7, lambda x: f"{x:.2f}×")
     bar("warm 2-reference edit, ours / diffusers", ratio(ours_edit, d_edit, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
     # The same with the opt-in Hopper attention kernel (FLUX2_KLEIN_ATTN=wgmma), when measured.
-    w_t2i = ours_summary(load("ours_bench_wgmma.json"), 0)
+    w_doc = load("ours_bench_wgmma.json")
+    w_t2i = ours_summary(w_doc, 0)
     w_edit = ours_summary(load("ours_bench_edit_wgmma.json"), 2)
+    if w_doc:  # the Hopper kernel self-checks at load and falls back when it fails
+        rows.append(f"  note: with FLUX2_KLEIN_ATTN=wgmma the attention kernel was {w_doc.get('attention_kernel')}")
     if w_t2i or w_edit:
         bar("  with wgmma attention: warm 1024² t2i", ratio(w_t2i, d_t2i, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
         bar("  with wgmma attention: warm edit", ratio(w_edit, d_edit, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
