@@ -503,7 +503,11 @@ FA_KERNEL(bf16, true, 128, 4, 2, 32)
 // panel [rows][128 B] with 16-byte chunk c of row r stored at chunk c ^ (r & 7), panels and
 // tiles 1024-byte aligned (descriptor base offset 0). One wgmma k-step (16 columns, 32 bytes)
 // is the panel's descriptor start advanced by 32 bytes; the hardware applies the swizzle to the
-// address bits. scripts/kernel_emu emulates the instructions from that definition.
+// address bits. Per tile, S(t+1) = Q K(t+1)^T and O += P(t) V(t) are issued together and the
+// softmax of S(t+1) runs while P(t) V(t) is still on the tensor cores (FlashAttention-3's
+// intra-warpgroup overlap); K(t+2) and V(t+1) load meanwhile. scripts/kernel_emu emulates the
+// instructions from the PTX ISA's definitions, asynchronously (a wgmma reads its operands when
+// its group is waited for), so a missing wait or an early overwrite shows there too.
 #ifdef FA_SM90
 #define FA_HAS_SM90 1  // for scripts/kernel_emu (older revisions of this file lack the variant)
 #ifndef FLUX2_KERNEL_EMU
