@@ -799,7 +799,15 @@ DEVI void fa90_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
     // address field (14 bits: no carry into the next field, shared memory is < 256 KiB).
     const unsigned long long q_desc = sw128_desc(qs + wg * 64 * 128, 16, 1024);  // own 64 rows
     const unsigned long long k_desc = sw128_desc(ks, 16, 1024);
+    // V is N-major: per the PTX ISA the leading byte offset steps along N (to the next 64
+    // head-dim columns, a panel) and the stride byte offset along K (the next 8 keys).
+    // FA90_V_OFFSETS_SWAPPED builds the other reading, for scripts/gpu_attention_check.sh to
+    // try should this one fail on a GPU (it does not pass the CPU emulation).
+#ifndef FA90_V_OFFSETS_SWAPPED
     const unsigned long long v_desc = sw128_desc(vs, PANEL_KV, 1024);
+#else
+    const unsigned long long v_desc = sw128_desc(vs, 1024, PANEL_KV);
+#endif
 
     float s[32];    // S of the tile whose softmax comes next
     u32 pa[4][4];   // P of the tile whose P V runs (bf16 A fragments of 4 k-steps)
