@@ -1,6 +1,8 @@
 //! Our CUDA kernels' own code, run on the CPU (`scripts/kernel_emu/`): the flash-attention
-//! kernel with its PTX helpers (ldmatrix, mma.sync, cp.async, cvt) emulated per warp, against
-//! attention computed in double precision, and its index arithmetic exhaustively; the fused
+//! kernel with its PTX helpers (ldmatrix, mma.sync, cp.async, cvt) emulated per warp, and its
+//! Hopper variant with wgmma emulated per warpgroup from the PTX ISA's layouts and
+//! asynchronously (operands read at the wait), against attention computed in double precision,
+//! and the index arithmetic exhaustively; the fused
 //! kernels of `src/cuda/fused.cu`, launched as `fused.rs` launches them, against the op
 //! sequences they replace with torch's roundings. No GPU, no CUDA toolkit, no Python: g++ with
 //! C++20 (skipped with a message where there is none). So a kernel change that breaks them
