@@ -268,6 +268,10 @@ def psnr_db(x, y):
 
 
 def psnr(a, b):
+    missing = [p for p in (a, b) if not os.path.exists(p)]
+    if missing:  # an earlier step failed or was skipped; its log says why
+        print(json.dumps({"error": f"missing {missing}"}))
+        return
     x, y = image_pair(a, b)
     if x.shape != y.shape:
         print(json.dumps({"error": f"shapes differ {x.shape} {y.shape}"}))
