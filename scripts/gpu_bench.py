@@ -318,7 +318,9 @@ def verdict(out):
             rows.append(f"  {'PASS' if ok else 'FAIL'} {name}: {fmt(value)} "
                         f"(bar {'≥' if at_least else '≤'} {fmt(limit)})")
 
-    ratio = lambda a, b, k: a[k] / b[k] if a and b else None
+    def ratio(a, b, k):  # None where either side was not measured
+        x, y = (a or {}).get(k), (b or {}).get(k)
+        return x / y if x is not None and y else None
     bar("warm 1024² t2i, ours / diffusers", ratio(ours_t2i, d_t2i, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
     bar("  stretch", ratio(ours_t2i, d_t2i, "total_ms"), 0.7, lambda x: f"{x:.2f}×")
     bar("warm 2-reference edit, ours / diffusers", ratio(ours_edit, d_edit, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
