@@ -49,6 +49,8 @@ if command -v cuobjdump >/dev/null && command -v nvdisasm >/dev/null; then
     done
     nvcc -arch=sm_90a -ptx -DFA_SM90 -DFA_ONLY_D=0 -DFA_ONLY_BF16 -o "$stub_dir/fa90.ptx" src/cuda/flash_attn.cu 2>/dev/null
     ptxas --gpu-name sm_90a "$stub_dir/fa90.ptx" -o "$stub_dir/fa90.cubin"
-    cuobjdump -sass -fun fa90_fwd_bf16_d128 "$stub_dir/fa90.cubin" > "$stub_dir/fa90.sass"
-    echo "  fa90_fwd_bf16_d128: $(python3 scripts/kernel_emu/sass_loop_mix.py "$stub_dir/fa90.sass" | tr "\n" " ")"
+    for k in fa90_fwd_bf16_d128 fa90_fwd_bf16_d128_n128; do
+        cuobjdump -sass -fun "$k" "$stub_dir/fa90.cubin" > "$stub_dir/$k.sass"
+        echo "  $k: $(python3 scripts/kernel_emu/sass_loop_mix.py "$stub_dir/$k.sass" | tr "\n" " ")"
+    done
 fi

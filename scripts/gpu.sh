@@ -116,11 +116,13 @@ cp "$WORK/diffusers.json" "$WORK/diffusers_t2i_1024.png" "$OUT/" 2>/dev/null
 python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024.png" | tee -a "$LOG"
 
 # The Hopper (wgmma) attention kernel, opt-in until proven here (it self-checks at load and
-# falls back with a warning): the same warm benches with it.
-if have 200 "wgmma attention A/B"; then
+# falls back with a warning): the same warm benches with it (64-key tiles; 128-key tiles for
+# 1024² text-to-image).
+if have 240 "wgmma attention A/B"; then
   log "A/B: FLUX2_KLEIN_ATTN=wgmma (Hopper attention kernel)"
   FLUX2_KLEIN_ATTN=wgmma timeout 100 "$BIN" bench -m "$MODEL" --size 1024x1024 --runs 2 --warmup 1 --json > "$OUT/ours_bench_wgmma.json" 2>>"$LOG"
   FLUX2_KLEIN_ATTN=wgmma timeout 100 "$BIN" bench -m "$MODEL" --size 1024x1024 -r $REFS/ref0.png -r $REFS/ref1.png --runs 2 --warmup 1 --json > "$OUT/ours_bench_edit_wgmma.json" 2>>"$LOG"
+  FLUX2_KLEIN_ATTN=wgmma128 timeout 100 "$BIN" bench -m "$MODEL" --size 1024x1024 --runs 2 --warmup 1 --json > "$OUT/ours_bench_wgmma128.json" 2>>"$LOG"
   FLUX2_KLEIN_ATTN=wgmma timeout 60 "$BIN" -q generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$OUT/ours_t2i_1024_wgmma.png" 2>>"$LOG"
   python3 scripts/gpu_bench.py psnr "$OUT/ours_t2i_1024.png" "$OUT/ours_t2i_1024_wgmma.png" | tee -a "$LOG"
   grep -h '"total_ms"' "$OUT"/ours_bench*wgmma.json | head -c 600 | tee -a "$LOG"; echo

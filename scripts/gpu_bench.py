@@ -330,9 +330,12 @@ def verdict(out):
     w_edit = ours_summary(load("ours_bench_edit_wgmma.json"), 2)
     if w_doc:  # the Hopper kernel self-checks at load and falls back when it fails
         rows.append(f"  note: with FLUX2_KLEIN_ATTN=wgmma the attention kernel was {w_doc.get('attention_kernel')}")
-    if w_t2i or w_edit:
+    w128 = ours_summary(load("ours_bench_wgmma128.json"), 0)
+    if w_t2i or w_edit or w128:
         bar("  with wgmma attention: warm 1024² t2i", ratio(w_t2i, d_t2i, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
         bar("  with wgmma attention: warm edit", ratio(w_edit, d_edit, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
+        bar("  with wgmma attention, 128-key tiles: warm 1024² t2i", ratio(w128, d_t2i, "total_ms"), 1.0,
+            lambda x: f"{x:.2f}×")
     bar("text encode, ours / diffusers", ratio(ours_t2i, d_t2i, "text_encode_ms"), 0.5, lambda x: f"{x:.2f}×")
     peak = ours_t2i and ours_t2i.get("peak") and ours_t2i["peak"] / 2**30
     bar("warm bench peak memory vs diffusers' peak", peak, (d_t2i or {}).get("peak_gib") or 0,

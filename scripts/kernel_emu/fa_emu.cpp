@@ -44,14 +44,19 @@ extern "C" int emu_flash(int d, int bf16, const u16* q, const u16* k, const u16*
 
 #ifdef FA_HAS_SM90
 // The Hopper variant (bf16, head dim 128), launched as flash_attn.rs launches it.
-extern "C" int emu_flash90(const u16* q, const u16* k, const u16* v, u16* o, int b, int h, int sq,
-                           int sk, const long long* strides, float scale_log2) {
+// bn: keys per tile, 64 (fa90_fwd_bf16_d128) or 128 (fa90_fwd_bf16_d128_n128).
+extern "C" int emu_flash90(int bn, const u16* q, const u16* k, const u16* v, u16* o, int b, int h,
+                           int sq, int sk, const long long* strides, float scale_log2) {
     const long long* s = strides;
     emu_smem = reinterpret_cast<unsigned char*>(emu_smem_chunks);
     Dim3 grid{(unsigned)((sq + 127) / 128), (unsigned)h, (unsigned)b};
     emu_launch(grid, 256, [&] {
-        fa90_fwd_bf16_d128(q, k, v, o, sq, sk, 128, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
-                           s[8], s[9], s[10], s[11], scale_log2);
+        if (bn == 64)
+            fa90_fwd_bf16_d128(q, k, v, o, sq, sk, 128, s[0], s[1], s[2], s[3], s[4], s[5], s[6],
+                               s[7], s[8], s[9], s[10], s[11], scale_log2);
+        else
+            fa90_fwd_bf16_d128_n128(q, k, v, o, sq, sk, 128, s[0], s[1], s[2], s[3], s[4], s[5],
+                                    s[6], s[7], s[8], s[9], s[10], s[11], scale_log2);
     });
     return 0;
 }

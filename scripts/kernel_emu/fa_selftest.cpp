@@ -15,9 +15,10 @@ u16 to_half(float f, bool bf16) { return bf16 ? emu_f2bf(f) : emu_f2h(f); }
 float from_half(u16 v, bool bf16) { return bf16 ? emu_bf16(v) : emu_f16(v); }
 
 // One case: B, H, Sq, Sk, head dim, dtype, layout ([B,S,H,D] memory or [B,H,S,D]), sink key.
-// sm90: the Hopper (wgmma) variant instead (bf16, head dim 128 only).
+// sm90: the Hopper (wgmma) variant with sm90 keys per tile (64 or 128) instead (bf16, head
+// dim 128 only).
 bool run_case(int b, int h, int sq, int sk, int dh, bool bf16, bool bshd, bool sink, Rng& rng,
-              bool sm90 = false) {
+              int sm90 = 0) {
     const int dk = dh <= 16 ? 16 : dh <= 32 ? 32 : dh <= 64 ? 64 : dh <= 128 ? 128 : 256;
     auto strides = [&](int s) {  // (batch, head, token) element strides
         return bshd ? std::vector<long long>{(long long)s * h * dh, dh, (long long)h * dh}
@@ -46,7 +47,7 @@ bool run_case(int b, int h, int sq, int sk, int dh, bool bf16, bool bshd, bool s
     const float scale_log2 = (float)(scale * 1.4426950408889634);
     int rc = 1;
 #ifdef FA_HAS_SM90
-    if (sm90) rc = emu_flash90(q.data(), k.data(), v.data(), o.data(), b, h, sq, sk, all.data(), scale_log2);
+    if (sm90) rc = emu_flash90(sm90, q.data(), k.data(), v.data(), o.data(), b, h, sq, sk, all.data(), scale_log2);
 #endif
     if (!sm90) rc = emu_flash(dk, bf16, q.data(), k.data(), v.data(), o.data(), b, h, sq, sk, dh, all.data(), scale_log2);
     if (rc != 0) {
@@ -81,7 +82,7 @@ bool run_case(int b, int h, int sq, int sk, int dh, bool bf16, bool bshd, bool s
     unsigned long long hash = 0xcbf29ce484222325ULL;
     for (u16 x : o) hash = (hash ^ x) * 0x100000001b3ULL;
     std::printf("%s flash%s B=%d H=%d Sq=%d Sk=%d D=%d %s %s%s: max abs err %.2e, output %016llx\n",
-                ok ? "ok  " : "FAIL", sm90 ? "90" : "", b, h, sq, sk, dh, bf16 ? "bf16" : "f16", bshd ? "bshd" : "bhsd",
+                ok ? "ok  " : "FAIL", sm90 == 0 ? "" : sm90 == 64 ? "90" : "90/n128", b, h, sq, sk, dh, bf16 ? "bf16" : "f16", bshd ? "bshd" : "bhsd",
                 sink ? "+sink" : "", worst, hash);
     return ok;
 }
@@ -100,10 +101,13 @@ int main() {
 #ifdef FA_HAS_SM90
     // The Hopper variant: two query blocks with a partial one, a partial last key tile, both
     // layouts, the no-rescale path, one key.
-    ok &= run_case(1, 2, 200, 130, 128, true, false, false, rng, true);
-    ok &= run_case(1, 1, 100, 400, 128, true, true, true, rng, true);
-    ok &= run_case(2, 1, 64, 64, 128, true, true, false, rng, true);
-    ok &= run_case(1, 1, 5, 1, 128, true, false, false, rng, true);
+    for (int bn : {64, 128}) {
+        ok &= run_case(1, 2, 200, 130, 128, true, false, false, rng, bn);
+        ok &= run_case(1, 1, 100, 400, 128, true, true, true, rng, bn);
+        ok &= run_case(2, 1, 64, 64, 128, true, true, false, rng, bn);
+        ok &= run_case(1, 1, 5, 1, 128, true, false, false, rng, bn);
+        ok &= run_case(1, 1, 130, 700, 128, true, true, false, rng, bn);  // 6 and 11 key tiles
+    }
 #endif
     return ok ? 0 : 1;
 }

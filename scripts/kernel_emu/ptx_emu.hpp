@@ -187,9 +187,10 @@ static inline void emu_acc_pos(int i, int& row, int& col) {
 }
 
 struct EmuWgmma {
-    bool pv;         // m64n128k16 with A in registers (else m64n64k16, A from shared memory)
+    bool pv;         // m64n128k16 with A in registers (else m64nNk16, A from shared memory)
     bool accumulate;  // d += A B (else d = A B)
-    float* d;        // the accumulators (32 or 64)
+    float* d;        // the accumulators
+    int nacc;        // how many (N / 2)
     const u32* a;    // the A registers (pv), read when the wgmma executes
     unsigned long long desc_a, desc_b;
 };
@@ -205,7 +206,7 @@ static inline void emu_wgmma_run(const EmuWgmma& op) {
         __syncthreads();
     }
     const EmuDesc b = emu_desc(op.desc_b);
-    for (int i = 0; i < (op.pv ? 64 : 32); ++i) {
+    for (int i = 0; i < op.nacc; ++i) {
         int row, col;
         emu_acc_pos(i, row, col);
         float acc = op.accumulate ? op.d[i] : 0.0f;
@@ -236,12 +237,12 @@ static inline void emu_wg_issue(const EmuWgmma& op) {
     }
     emu_wg_open.push_back(op);
 }
-template <int ACCUMULATE>
-static inline void wgmma_qk(float (&d)[32], unsigned long long desc_a, unsigned long long desc_b) {
-    emu_wg_issue({false, ACCUMULATE != 0, d, nullptr, desc_a, desc_b});
+template <int ACCUMULATE, int NACC>
+static inline void wgmma_qk(float (&d)[NACC], unsigned long long desc_a, unsigned long long desc_b) {
+    emu_wg_issue({false, ACCUMULATE != 0, d, NACC, nullptr, desc_a, desc_b});
 }
 static inline void wgmma_pv(float (&d)[64], const u32 (&a)[4], unsigned long long desc_b) {
-    emu_wg_issue({true, true, d, a, 0, desc_b});
+    emu_wg_issue({true, true, d, 64, a, 0, desc_b});
 }
 static inline void wg_commit() {
     emu_wg_groups.push_back(std::move(emu_wg_open));

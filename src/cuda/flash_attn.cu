@@ -562,6 +562,33 @@ DEVI void wgmma_qk(float (&d)[32], unsigned long long desc_a, unsigned long long
         : "memory");
 }
 
+// d[64x128] = A[64x16] (descriptor, K-major) * B[16x128] (descriptor, K-major) (+ d when
+// accumulate), bf16 -> f32: the S tile of the 128-key variant.
+template <int ACCUMULATE>
+DEVI void wgmma_qk(float (&d)[64], unsigned long long desc_a, unsigned long long desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+          "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+          "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+          "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+          "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+          "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+          "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "n"(ACCUMULATE)
+        : "memory");
+}
+
 // d[64x128] += A[64x16] (registers) * B[16x128] (descriptor, N-major), bf16 -> f32.
 DEVI void wgmma_pv(float (&d)[64], const u32 (&a)[4], unsigned long long desc_b) {
     asm volatile(
@@ -596,8 +623,10 @@ DEVI unsigned long long sw128_desc(u32 addr, u32 lbo, u32 sbo) {
            ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
 }
 
-// d = Q K^T over the 8 k-steps of head dim 128 (descriptors per k-step).
-DEVI void wgmma_qk_all(float (&d)[32], const unsigned long long (&dq)[8],
+// d = Q K^T (64 x N keys, N = 2 * the accumulator count) over the 8 k-steps of head dim 128
+// (descriptors per k-step).
+template <int NACC>
+DEVI void wgmma_qk_all(float (&d)[NACC], const unsigned long long (&dq)[8],
                        const unsigned long long (&dk)[8]) {
     wgmma_qk<0>(d, dq[0], dk[0]);
 #pragma unroll
@@ -619,18 +648,19 @@ DEVI void load_panels(u32 dst, const u16* src, long long ss, int row0, int nrows
         cp_async16(d0 + j * (16 * 128), ok ? p + (long long)(16 * j) * ss : src, ok);
     }
 }
-// Tile `tile` of K or V (64 rows) into the buffer at dst.
+// Tile `tile` of K or V (BN rows) into the buffer at dst.
+template <int BN>
 DEVI void load_kv_tile(u32 dst, const u16* src, long long ss, int tile, int sk, int tid) {
-    if ((tile + 1) * 64 <= sk) load_panels<64, true>(dst, src, ss, tile * 64, sk, tid);
-    else load_panels<64, false>(dst, src, ss, tile * 64, sk, tid);
+    if ((tile + 1) * BN <= sk) load_panels<BN, true>(dst, src, ss, tile * BN, sk, tid);
+    else load_panels<BN, false>(dst, src, ss, tile * BN, sk, tid);
 }
 
-// Score s[idx] of an S tile, -inf for keys past sk when MASKED (only the last tile can hold
-// them). s[4j + e]: row gid (e < 2) or gid + 8, key tile*64 + 8j + 2 tig + (e & 1).
-template <bool MASKED>
-DEVI float score(const float (&s)[32], int idx, int tile, int sk, int tig) {
+// Score s[idx] of an S tile of BN keys, -inf for keys past sk when MASKED (only the last
+// tile can hold them). s[4j + e]: row gid (e < 2) or gid + 8, key tile*BN + 8j + 2 tig + (e & 1).
+template <bool MASKED, int BN>
+DEVI float score(const float (&s)[BN / 2], int idx, int tile, int sk, int tig) {
     if (!MASKED) return s[idx];
-    const int key = tile * 64 + 8 * (idx >> 2) + 2 * tig + (idx & 1);
+    const int key = tile * BN + 8 * (idx >> 2) + 2 * tig + (idx & 1);
     return key < sk ? s[idx] : -__int_as_float(0x7f800000);
 }
 
@@ -640,31 +670,31 @@ DEVI float score(const float (&s)[32], int idx, int tile, int sk, int tig) {
 // warp moved its max. s is only read: ptxas serializes every wgmma of the kernel (warning
 // C7513) if the registers of a wgmma's accumulator are written while another wgmma is in
 // flight, and this runs while P V is.
-template <bool MASKED>
-DEVI bool softmax_tile(const float (&s)[32], int tile, int sk, int tig, float scale_log2,
+template <bool MASKED, int BN>
+DEVI bool softmax_tile(const float (&s)[BN / 2], int tile, int sk, int tig, float scale_log2,
                        float (&row_max)[2], float (&row_sum)[2], float (&alpha)[2],
-                       u32 (&pa)[4][4]) {
+                       u32 (&pa)[BN / 16][4]) {
     bool max_moved = false;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        float raw = score<MASKED>(s, 2 * r, tile, sk, tig);
+        float raw = score<MASKED, BN>(s, 2 * r, tile, sk, tig);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            raw = fmaxf(raw, fmaxf(score<MASKED>(s, 4 * j + 2 * r, tile, sk, tig),
-                                   score<MASKED>(s, 4 * j + 2 * r + 1, tile, sk, tig)));
+        for (int j = 0; j < BN / 8; ++j) {
+            raw = fmaxf(raw, fmaxf(score<MASKED, BN>(s, 4 * j + 2 * r, tile, sk, tig),
+                                   score<MASKED, BN>(s, 4 * j + 2 * r + 1, tile, sk, tig)));
         }
         raw = fmaxf(raw, __shfl_xor_sync(0xffffffffu, raw, 1));
         raw = fmaxf(raw, __shfl_xor_sync(0xffffffffu, raw, 2));
-        // Finite: key tile*64 < sk is always valid, so every row has a real score.
+        // Finite: key tile*BN < sk is always valid, so every row has a real score.
         const float mx = fmaxf(row_max[r], raw * scale_log2);
         alpha[r] = fast_exp2(row_max[r] - mx);
         max_moved |= mx != row_max[r];
         row_max[r] = mx;
         float sum = 0.f;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const float p0 = fast_exp2(fmaf(score<MASKED>(s, 4 * j + 2 * r, tile, sk, tig), scale_log2, -mx));
-            const float p1 = fast_exp2(fmaf(score<MASKED>(s, 4 * j + 2 * r + 1, tile, sk, tig), scale_log2, -mx));
+        for (int j = 0; j < BN / 8; ++j) {
+            const float p0 = fast_exp2(fmaf(score<MASKED, BN>(s, 4 * j + 2 * r, tile, sk, tig), scale_log2, -mx));
+            const float p1 = fast_exp2(fmaf(score<MASKED, BN>(s, 4 * j + 2 * r + 1, tile, sk, tig), scale_log2, -mx));
             sum += p0 + p1;
             pa[j >> 1][r + 2 * (j & 1)] = pack2<true>(p0, p1);
         }
@@ -674,8 +704,9 @@ DEVI bool softmax_tile(const float (&s)[32], int tile, int sk, int tig, float sc
 }
 
 // The tiles of fa90_fwd_impl's main loop (everything inlines into registers).
+template <int BN>
 struct Fa90Loop {
-    static constexpr int D = 128, BN = 64;
+    static constexpr int D = 128;
     static constexpr int PANEL_Q = 128 * 128, PANEL_KV = BN * 128;  // bytes per 64-column panel
     static constexpr int TILE = BN * D * 2;                        // bytes per K or V buffer
     const u16* k;
@@ -688,16 +719,16 @@ struct Fa90Loop {
 
     // Tile t < ntiles - 1: S(t+1) = Q K(t+1)^T and O += P(t) V(t) (P(t) in pc) in flight
     // together, the softmax of S(t+1) (into pn) while P V runs.
-    __device__ __forceinline__ void step(int t, float (&s)[32], float (&acc)[64], u32 (&pc)[4][4],
-                                         u32 (&pn)[4][4], float (&row_max)[2],
-                                         float (&row_sum)[2]) const {
+    __device__ __forceinline__ void step(int t, float (&s)[BN / 2], float (&acc)[64],
+                                         u32 (&pc)[BN / 16][4], u32 (&pn)[BN / 16][4],
+                                         float (&row_max)[2], float (&row_sum)[2]) const {
         // Everything loaded so far has landed (K(t+1), V(t)); both warpgroups are done with
         // S(t) and P(t-1) V(t-1), so K buffer t&1 and V buffer (t+1)&1 are free.
         cp_async_wait_all();
         fence_proxy_async();
         __syncthreads();
-        if (t + 2 < ntiles) load_kv_tile(ks + (t & 1) * TILE, k, k_ss, t + 2, sk, tid);
-        load_kv_tile(vs + ((t + 1) & 1) * TILE, v, v_ss, t + 1, sk, tid);
+        if (t + 2 < ntiles) load_kv_tile<BN>(ks + (t & 1) * TILE, k, k_ss, t + 2, sk, tid);
+        load_kv_tile<BN>(vs + ((t + 1) & 1) * TILE, v, v_ss, t + 1, sk, tid);
         cp_async_commit();
 
         // All descriptors before the fence: ptxas serializes the wgmmas (warning C7513) when
@@ -728,8 +759,8 @@ struct Fa90Loop {
         float alpha[2];
         const bool rescale =
             t + 2 == ntiles
-                ? softmax_tile<true>(s, t + 1, sk, tig, scale_log2, row_max, row_sum, alpha, pn)
-                : softmax_tile<false>(s, t + 1, sk, tig, scale_log2, row_max, row_sum, alpha, pn);
+                ? softmax_tile<true, BN>(s, t + 1, sk, tig, scale_log2, row_max, row_sum, alpha, pn)
+                : softmax_tile<false, BN>(s, t + 1, sk, tig, scale_log2, row_max, row_sum, alpha, pn);
         wg_wait<0>();
         pin(acc);
         pin(pc);
@@ -745,7 +776,7 @@ struct Fa90Loop {
     }
 
     // The last tile t: P(t) V(t) only.
-    __device__ __forceinline__ void last(int t, float (&acc)[64], u32 (&pc)[4][4]) const {
+    __device__ __forceinline__ void last(int t, float (&acc)[64], u32 (&pc)[BN / 16][4]) const {
         cp_async_wait_all();
         fence_proxy_async();
         __syncthreads();
@@ -768,13 +799,14 @@ struct Fa90Loop {
 // The structure per warpgroup (FlashAttention-3's intra-warpgroup pipelining): while the
 // tensor cores run O += P(t) V(t), the warps already do the softmax of S(t+1), whose wgmmas
 // were issued just before; the K/V tiles for t+2 / t+1 load meanwhile (cp.async).
+template <int BN>
 DEVI void fa90_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
                         const u16* __restrict__ v, u16* __restrict__ o, int sq, int sk,
                         long long q_sb, long long q_sh, long long q_ss, long long k_sb,
                         long long k_sh, long long k_ss, long long v_sb, long long v_sh,
                         long long v_ss, long long o_sb, long long o_sh, long long o_ss,
                         float scale_log2) {
-    constexpr int D = 128, BM = 128, BN = 64;
+    constexpr int D = 128, BM = 128;
     constexpr int PANEL_Q = BM * 128, PANEL_KV = BN * 128;  // bytes per 64-column panel
     constexpr int TILE = BN * D * 2;                        // bytes per K or V buffer
     extern __shared__ Chunk16 smem_chunks[];
@@ -809,9 +841,9 @@ DEVI void fa90_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
     const unsigned long long v_desc = sw128_desc(vs, 1024, PANEL_KV);
 #endif
 
-    float s[32];    // S of the tile whose softmax comes next
-    u32 pa[4][4];   // P of the tile whose P V runs (bf16 A fragments of 4 k-steps)
-    u32 pn[4][4];   // P of the next tile, written while pa is still being read
+    float s[BN / 2];      // S of the tile whose softmax comes next
+    u32 pa[BN / 16][4];   // P of the tile whose P V runs (bf16 A fragments per 16-key k-step)
+    u32 pn[BN / 16][4];   // P of the next tile, written while pa is still being read
     float acc[64];  // O rows (wq*16 + gid, + 8) of this warpgroup, 16 n-tiles of 8 columns
     float row_max[2], row_sum[2], alpha[2];
 #pragma unroll
@@ -821,9 +853,9 @@ DEVI void fa90_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
 
     // Prologue: Q, K0, V0 (and K1), then S(0) and its softmax.
     load_panels<BM, false>(qs, q, q_ss, m0, sq, tid);
-    load_kv_tile(ks, k, k_ss, 0, sk, tid);
-    load_kv_tile(vs, v, v_ss, 0, sk, tid);
-    if (ntiles > 1) load_kv_tile(ks + TILE, k, k_ss, 1, sk, tid);
+    load_kv_tile<BN>(ks, k, k_ss, 0, sk, tid);
+    load_kv_tile<BN>(vs, v, v_ss, 0, sk, tid);
+    if (ntiles > 1) load_kv_tile<BN>(ks + TILE, k, k_ss, 1, sk, tid);
     cp_async_commit();
     cp_async_wait_all();
     fence_proxy_async();
@@ -844,13 +876,13 @@ DEVI void fa90_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
         wg_wait<0>();
         pin(s);
     }
-    if (ntiles == 1) softmax_tile<true>(s, 0, sk, tig, scale_log2, row_max, row_sum, alpha, pa);
-    else softmax_tile<false>(s, 0, sk, tig, scale_log2, row_max, row_sum, alpha, pa);
+    if (ntiles == 1) softmax_tile<true, BN>(s, 0, sk, tig, scale_log2, row_max, row_sum, alpha, pa);
+    else softmax_tile<false, BN>(s, 0, sk, tig, scale_log2, row_max, row_sum, alpha, pa);
 
     // Every tile but the last: S(t+1) and P(t) V(t) in flight together, P in two register
     // sets used in turn (a copy from one to the other lets ptxas merge them, and it then
     // serializes every wgmma of the kernel, warning C7513).
-    const Fa90Loop loop{k, v, k_ss, v_ss, sk, ntiles, tid, tig, scale_log2, ks, vs, q_desc, k_desc, v_desc};
+    const Fa90Loop<BN> loop{k, v, k_ss, v_ss, sk, ntiles, tid, tig, scale_log2, ks, vs, q_desc, k_desc, v_desc};
     int t = 0;
     for (;;) {
         if (t + 1 == ntiles) { loop.last(t, acc, pa); break; }
@@ -882,17 +914,20 @@ DEVI void fa90_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
     }
 }
 
-// Grid: (ceil(Sq / 128), H, B); block: 256 threads (two warpgroups);
-// dynamic shared memory: (128 + 4 * 64) * 128 * 2 + 1024 bytes (the +1024 aligns the tiles).
-extern "C" __global__ void __launch_bounds__(256, 1)
-    fa90_fwd_bf16_d128(const u16* __restrict__ q, const u16* __restrict__ k,
-                       const u16* __restrict__ v, u16* __restrict__ o, int sq, int sk, int dact,
-                       long long q_sb, long long q_sh, long long q_ss, long long k_sb,
-                       long long k_sh, long long k_ss, long long v_sb, long long v_sh,
-                       long long v_ss, long long o_sb, long long o_sh, long long o_ss,
-                       float scale_log2) {
-    (void)dact;  // always 128: flash_attn.rs launches this kernel only for head dim 128
-    fa90_fwd_impl(q, k, v, o, sq, sk, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb,
-                  o_sh, o_ss, scale_log2);
-}
+// Grid: (ceil(Sq / 128), H, B); block: 256 threads (two warpgroups); dynamic shared memory:
+// (128 + 4 * BN) * 128 * 2 + 1024 bytes (the +1024 aligns the tiles). BN = 64 keys per tile
+// (fa90_fwd_bf16_d128) or 128 (..._n128: half the per-tile overhead, 64 more registers).
+#define FA90_KERNEL(NAME, BN)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                        \
+        NAME(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,   \
+             u16* __restrict__ o, int sq, int sk, int dact, long long q_sb, long long q_sh,     \
+             long long q_ss, long long k_sb, long long k_sh, long long k_ss, long long v_sb,    \
+             long long v_sh, long long v_ss, long long o_sb, long long o_sh, long long o_ss,    \
+             float scale_log2) {                                                                \
+        (void)dact; /* always 128: flash_attn.rs launches these only for head dim 128 */       \
+        fa90_fwd_impl<BN>(q, k, v, o, sq, sk, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh,   \
+                          v_ss, o_sb, o_sh, o_ss, scale_log2);                                 \
+    }
+FA90_KERNEL(fa90_fwd_bf16_d128, 64)
+FA90_KERNEL(fa90_fwd_bf16_d128_n128, 128)
 #endif  // FA_SM90

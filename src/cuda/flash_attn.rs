@@ -26,7 +26,8 @@
 //!   with the extra columns zero-filled, so every head dim that is a multiple of 8 up to 256
 //!   is supported.
 //!
-//! * **Hopper variant** (opt-in with `FLUX2_KLEIN_ATTN=wgmma`, compute capability 9.0, bf16,
+//! * **Hopper variant** (opt-in with `FLUX2_KLEIN_ATTN=wgmma`, or `wgmma128` for 128-key
+//!   tiles; compute capability 9.0, bf16,
 //!   head dim 128): the same algorithm on warpgroup MMAs (`wgmma.mma_async`, compiled for
 //!   `compute_90a`), which mma.sync cannot match on H100/H200. Emulated on the CPU in CI and
 //!   self-checked against f32 attention when it loads; not timed on a GPU yet, hence opt-in.
@@ -86,19 +87,29 @@ pub(crate) struct CompiledVariant {
 /// Set when the Hopper kernel failed its self-check ([`load_for`]): the mma.sync kernel runs.
 static HOPPER_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether attention on `dev` for this head dim and dtype runs the Hopper (wgmma) variant:
+/// The Hopper (wgmma) variant attention on `dev` runs for this head dim and dtype, if any:
 /// compute capability 9.0, bf16, head dim 128, and opted into with `FLUX2_KLEIN_ATTN=wgmma`
-/// (off by default until it has been checked on a GPU; `scripts/gpu.sh` compares both).
-fn use_hopper(dev: &CudaDevice, head_dim: usize, dtype: DType) -> bool {
-    static OPT_IN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+/// (64-key tiles) or `wgmma128` (128-key tiles); off by default until it has been checked on a
+/// GPU (`scripts/gpu.sh` compares it with the mma.sync kernel).
+fn hopper_variant(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Option<KernelConfig> {
+    static OPT_IN: std::sync::OnceLock<Option<KernelConfig>> = std::sync::OnceLock::new();
     let opted_in = *OPT_IN.get_or_init(|| {
-        std::env::var("FLUX2_KLEIN_ATTN").is_ok_and(|v| v.eq_ignore_ascii_case("wgmma"))
+        match std::env::var("FLUX2_KLEIN_ATTN")
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "wgmma" => Some(KernelConfig::HOPPER),
+            "wgmma128" => Some(KernelConfig::HOPPER_N128),
+            _ => None,
+        }
     });
-    opted_in
-        && !HOPPER_FAILED.load(std::sync::atomic::Ordering::Relaxed)
-        && head_dim == 128
-        && dtype == DType::BF16
-        && matches!(dev.cuda_stream().context().compute_capability(), Ok((9, 0)))
+    opted_in.filter(|_| {
+        !HOPPER_FAILED.load(std::sync::atomic::Ordering::Relaxed)
+            && head_dim == 128
+            && dtype == DType::BF16
+            && matches!(dev.cuda_stream().context().compute_capability(), Ok((9, 0)))
+    })
 }
 
 impl KernelConfig {
@@ -131,12 +142,15 @@ impl KernelConfig {
         hopper: true,
     };
 
+    /// The same with 128-key tiles, `fa90_fwd_bf16_d128_n128`.
+    const HOPPER_N128: Self = Self {
+        block_n: 128,
+        ..Self::HOPPER
+    };
+
     /// The kernel for `head_dim`/`dtype` on `dev`.
     fn select(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Option<Self> {
-        if use_hopper(dev, head_dim, dtype) {
-            return Some(Self::HOPPER);
-        }
-        Self::for_head_dim(head_dim)
+        hopper_variant(dev, head_dim, dtype).or_else(|| Self::for_head_dim(head_dim))
     }
 
     fn block_m(&self) -> usize {
@@ -165,7 +179,8 @@ impl KernelConfig {
 
     fn kernel_name(&self, dtype: DType) -> String {
         if self.hopper {
-            return "fa90_fwd_bf16_d128".into();
+            let tiles = if self.block_n == 64 { "" } else { "_n128" };
+            return format!("fa90_fwd_bf16_d128{tiles}");
         }
         let dt = if dtype == DType::BF16 { "bf16" } else { "f16" };
         format!(
@@ -198,11 +213,12 @@ pub(crate) fn compiled_variants() -> Vec<CompiledVariant> {
             })
         })
         .collect();
-    let hopper = KernelConfig::HOPPER;
+    // One compile defines both Hopper kernels.
+    let hopper = [KernelConfig::HOPPER, KernelConfig::HOPPER_N128];
     variants.push(CompiledVariant {
         arch: Some((90, "a")),
-        defines: hopper.defines(DType::BF16),
-        entries: vec![hopper.kernel_name(DType::BF16)],
+        defines: hopper[0].defines(DType::BF16),
+        entries: hopper.map(|cfg| cfg.kernel_name(DType::BF16)).to_vec(),
     });
     variants
 }
@@ -229,8 +245,8 @@ pub(crate) fn load_for(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Resul
         if let Err(e) = load_kernel(dev, &cfg, dtype).and_then(|_| hopper_self_check(dev)) {
             HOPPER_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
             eprintln!(
-                "warning: FLUX2_KLEIN_ATTN=wgmma: the Hopper attention kernel failed its \
-                 self-check ({e}); using the mma.sync kernel"
+                "warning: FLUX2_KLEIN_ATTN: the Hopper attention kernel failed its self-check \
+                 ({e}); using the mma.sync kernel"
             );
             return load_for(dev, head_dim, dtype);
         }
