@@ -23,8 +23,9 @@ CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target-cuda}" \
 echo "ptxas (sm_90a) registers and spills per kernel:"
 for src in fused flash_attn flash_attn_sm90; do
     ptx="$stub_dir/$src.ptx"
-    case "$src" in  # flash_attn_sm90: the Hopper (wgmma) variant of flash_attn.cu
-    flash_attn_sm90) nvcc -arch=sm_90a -ptx -DFA_SM90 -DFA_ONLY_D=0 -DFA_ONLY_BF16 -o "$ptx" src/cuda/flash_attn.cu 2>/dev/null ;;
+    case "$src" in  # flash_attn_sm90: the Hopper (wgmma) variant, appended to flash_attn.cu
+    flash_attn_sm90) cat src/cuda/flash_attn.cu src/cuda/flash_attn_sm90.cu > "$stub_dir/fa90_full.cu"
+                     nvcc -arch=sm_90a -ptx -DFA_ONLY_D=0 -DFA_ONLY_BF16 -o "$ptx" "$stub_dir/fa90_full.cu" 2>/dev/null ;;
     *) nvcc -arch=sm_90a -ptx -DFA_ONLY_D=128 -o "$ptx" "src/cuda/$src.cu" ;;
     esac
     ptxas -v --gpu-name sm_90a "$ptx" -o /dev/null 2>&1 |
@@ -47,7 +48,8 @@ if command -v cuobjdump >/dev/null && command -v nvdisasm >/dev/null; then
         cuobjdump -sass -fun "$k" "$stub_dir/fa$d.cubin" > "$stub_dir/fa$d.sass"
         echo "  $k: $(python3 scripts/kernel_emu/sass_loop_mix.py "$stub_dir/fa$d.sass" | tr "\n" " ")"
     done
-    nvcc -arch=sm_90a -ptx -DFA_SM90 -DFA_ONLY_D=0 -DFA_ONLY_BF16 -o "$stub_dir/fa90.ptx" src/cuda/flash_attn.cu 2>/dev/null
+    cat src/cuda/flash_attn.cu src/cuda/flash_attn_sm90.cu > "$stub_dir/fa90_full.cu"
+    nvcc -arch=sm_90a -ptx -DFA_ONLY_D=0 -DFA_ONLY_BF16 -o "$stub_dir/fa90.ptx" "$stub_dir/fa90_full.cu" 2>/dev/null
     ptxas --gpu-name sm_90a "$stub_dir/fa90.ptx" -o "$stub_dir/fa90.cubin"
     for k in fa90_fwd_bf16_d128 fa90_fwd_bf16_d128_n128; do
         cuobjdump -sass -fun "$k" "$stub_dir/fa90.cubin" > "$stub_dir/$k.sass"

@@ -18,7 +18,8 @@ flags=(-std=c++20 -Wall -Wno-unknown-pragmas -Wno-sign-compare -pthread)
 g++ "${flags[@]}" -O1 -o "$(dirname "$lib")/fa_index_check" fa_index_check.cpp
 "$(dirname "$lib")/fa_index_check"
 tmp="$(dirname "$lib")"
-g++ "${flags[@]}" -O2 -DFA_SOURCE='"../../src/cuda/flash_attn.cu"' -o "$tmp/fa_selftest" fa_selftest.cpp
+g++ "${flags[@]}" -O2 -DFA_SOURCE='"../../src/cuda/flash_attn.cu"' \
+  -DFA_SM90_SOURCE='"../../src/cuda/flash_attn_sm90.cu"' -o "$tmp/fa_selftest" fa_selftest.cpp
 "$tmp/fa_selftest" | tee "$tmp/fa_this.txt"
 if [ -n "${FA_OTHER_REV:-}" ]; then
   # The other revision's helpers get the same FLUX2_KERNEL_EMU guard if they lack it.

@@ -198,7 +198,7 @@ def naive():
     return torch.matmul(torch.softmax(s, -1), v)
 print(f"  torch naive bf16 (matmul, softmax, matmul): {bench(naive):.3f} ms", flush=True)
 
-# ---- the Hopper variant (FA_SM90: wgmma, bf16, D = 128), compiled for compute_90a ----
+# ---- the Hopper variant (flash_attn_sm90.cu appended: wgmma, bf16, D = 128), compute_90a ----
 # Last, because a faulting kernel leaves the CUDA context unusable.
 if (major, minor) != (9, 0):
     print("fa90 (wgmma): skipped, needs compute capability 9.0"); sys.exit(0)
@@ -206,8 +206,9 @@ def smem_for(bn):
     return (128 + 4 * bn) * 128 * 2 + 1024
 def load90(extra=(), name=b"fa90_fwd_bf16_d128", bn=64):
     prog90 = ctypes.c_void_p()
-    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog90), src, b"flash_attn.cu", 0, None, None) == 0
-    opts90 = [b"--gpu-architecture=compute_90a", b"-DFA_SM90", b"-DFA_ONLY_D=0", b"-DFA_ONLY_BF16", *extra]
+    src90 = src + open(src_path.replace("flash_attn.cu", "flash_attn_sm90.cu"), "rb").read()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog90), src90, b"flash_attn_sm90.cu", 0, None, None) == 0
+    opts90 = [b"--gpu-architecture=compute_90a", b"-DFA_ONLY_D=0", b"-DFA_ONLY_BF16", *extra]
     rc = nvrtc.nvrtcCompileProgram(prog90, len(opts90), (ctypes.c_char_p * len(opts90))(*opts90))
     nvrtc.nvrtcGetProgramLogSize(prog90, ctypes.byref(n)); log = ctypes.create_string_buffer(n.value)
     nvrtc.nvrtcGetProgramLog(prog90, log)

@@ -56,7 +56,10 @@ fn compile_and_run(source: &str, defines: &[&str]) {
 fn flash_attention_kernel_matches_exact_attention_on_cpu() {
     compile_and_run(
         "fa_selftest.cpp",
-        &["-DFA_SOURCE=\"../../src/cuda/flash_attn.cu\""],
+        &[
+            "-DFA_SOURCE=\"../../src/cuda/flash_attn.cu\"",
+            "-DFA_SM90_SOURCE=\"../../src/cuda/flash_attn_sm90.cu\"",
+        ],
     );
 }
 

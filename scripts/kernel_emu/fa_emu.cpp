@@ -7,9 +7,12 @@
 #define __shared__
 #define __launch_bounds__(...)
 #define FLUX2_KERNEL_EMU 1
-#define FA_SM90 1  // the Hopper (wgmma) variant too, where the source has it
 #define smem_chunks emu_smem_chunks  // the kernel's dynamic shared memory, defined below
 #include FA_SOURCE
+#ifdef FA_SM90_SOURCE  // the Hopper (wgmma) variant, appended as NVRTC gets it
+#include FA_SM90_SOURCE
+#define FA_HAS_SM90 1
+#endif
 #undef smem_chunks
 Chunk16 emu_smem_chunks[256 * 1024 / sizeof(Chunk16)];
 

@@ -135,7 +135,7 @@ static inline u32 pack2(float lo, float hi) {
 
 static inline float fast_exp2(float x) { return std::exp2(x); }
 
-// ---- wgmma (the FA_SM90 kernel), from the PTX ISA's definitions ----
+// ---- wgmma (src/cuda/flash_attn_sm90.cu), from the PTX ISA's definitions ----
 // Shared-memory operands through matrix descriptors with 128-byte swizzling: the element's
 // byte address from the canonical layout (K-major: ((8,m),(T,2k)):((8T,SBO),(1,T)); N-major:
 // ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)), T = 8 16-bit elements), then address bits 4-6 XOR

@@ -51,6 +51,13 @@ use candle_core::{
 /// The CUDA C++ source of the kernels (no `#include`s: NVRTC needs no toolkit headers).
 pub const KERNEL_SOURCE: &str = include_str!("flash_attn.cu");
 
+/// The Hopper (wgmma) variant: `flash_attn_sm90.cu` appended to `flash_attn.cu`, whose
+/// helpers it uses (one NVRTC program, compiled for `compute_90a`).
+pub const HOPPER_SOURCE: &str = concat!(
+    include_str!("flash_attn.cu"),
+    include_str!("flash_attn_sm90.cu")
+);
+
 /// Largest supported head dim.
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -79,6 +86,7 @@ struct KernelConfig {
 /// (compute capability and target suffix, e.g. `(90, "a")`; `None`: any), its NVRTC defines
 /// and the kernels they define.
 pub(crate) struct CompiledVariant {
+    pub source: &'static str,
     pub arch: Option<(u32, &'static str)>,
     pub defines: Vec<String>,
     pub entries: Vec<String>,
@@ -133,7 +141,7 @@ impl KernelConfig {
         })
     }
 
-    /// The sm_90a wgmma kernel `fa90_fwd_bf16_d128` (see the end of flash_attn.cu).
+    /// The sm_90a wgmma kernel `fa90_fwd_bf16_d128` (flash_attn_sm90.cu).
     const HOPPER: Self = Self {
         d: 128,
         warps: 8,
@@ -166,7 +174,8 @@ impl KernelConfig {
     /// The NVRTC defines that compile only this configuration's kernel for `dtype`.
     fn defines(&self, dtype: DType) -> Vec<String> {
         if self.hopper {
-            return ["-DFA_SM90", "-DFA_ONLY_D=0", "-DFA_ONLY_BF16"]
+            // Only the Hopper kernels: none of flash_attn.cu's own instances.
+            return ["-DFA_ONLY_D=0", "-DFA_ONLY_BF16"]
                 .map(String::from)
                 .to_vec();
         }
@@ -207,6 +216,7 @@ pub(crate) fn compiled_variants() -> Vec<CompiledVariant> {
         .filter_map(KernelConfig::for_head_dim)
         .flat_map(|cfg| {
             [DType::BF16, DType::F16].map(|dtype| CompiledVariant {
+                source: KERNEL_SOURCE,
                 arch: None,
                 defines: cfg.defines(dtype),
                 entries: vec![cfg.kernel_name(dtype)],
@@ -216,6 +226,7 @@ pub(crate) fn compiled_variants() -> Vec<CompiledVariant> {
     // One compile defines both Hopper kernels.
     let hopper = [KernelConfig::HOPPER, KernelConfig::HOPPER_N128];
     variants.push(CompiledVariant {
+        source: HOPPER_SOURCE,
         arch: Some((90, "a")),
         defines: hopper[0].defines(DType::BF16),
         entries: hopper.map(|cfg| cfg.kernel_name(DType::BF16)).to_vec(),
@@ -286,10 +297,15 @@ fn load_kernel(dev: &CudaDevice, cfg: &KernelConfig, dtype: DType) -> Result<Cud
              cp.async), this one is {major}.{minor}"
         )
     }
+    let (name, source) = if cfg.hopper {
+        ("flash_attn_sm90", HOPPER_SOURCE)
+    } else {
+        ("flash_attn", KERNEL_SOURCE)
+    };
     let func = super::nvrtc::load_function_arch(
         dev,
-        "flash_attn",
-        KERNEL_SOURCE,
+        name,
+        source,
         &cfg.defines(dtype),
         &cfg.kernel_name(dtype),
         cfg.arch_suffix(),

@@ -102,7 +102,7 @@ pub fn check_kernels(compute_cap: u32) -> Result<Vec<String>> {
         };
         nvrtc::check_compiles(
             "flash_attn",
-            flash_attn::KERNEL_SOURCE,
+            variant.source,
             &arch,
             &variant.defines,
             &variant.entries,
