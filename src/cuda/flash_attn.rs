@@ -107,9 +107,16 @@ fn hopper_variant(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Option<Ker
             .to_ascii_lowercase()
             .as_str()
         {
+            "" | "default" | "mma" => None,
             "wgmma" => Some(KernelConfig::HOPPER),
             "wgmma128" => Some(KernelConfig::HOPPER_N128),
-            _ => None,
+            other => {
+                eprintln!(
+                    "warning: FLUX2_KLEIN_ATTN={other} is not one of wgmma, wgmma128, mma; \
+                     using the default attention kernel"
+                );
+                None
+            }
         }
     });
     opted_in.filter(|_| {
