@@ -21,6 +21,8 @@ tmp="$(dirname "$lib")"
 g++ "${flags[@]}" -O2 -DFA_SOURCE='"../../src/cuda/flash_attn.cu"' \
   -DFA_SM90_SOURCE='"../../src/cuda/flash_attn_sm90.cu"' -o "$tmp/fa_selftest" fa_selftest.cpp
 "$tmp/fa_selftest" | tee "$tmp/fa_this.txt"
+# FA_FUZZ=N: N random shapes more through both Hopper variants.
+[ -z "${FA_FUZZ:-}" ] || "$tmp/fa_selftest" fuzz "$FA_FUZZ" | grep -v '^ok' || true
 if [ -n "${FA_OTHER_REV:-}" ]; then
   # The other revision's helpers get the same FLUX2_KERNEL_EMU guard if they lack it.
   git show "$FA_OTHER_REV:src/cuda/flash_attn.cu" | "$PY" -c '

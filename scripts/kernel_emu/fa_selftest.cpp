@@ -4,6 +4,8 @@
 // bits (scripts/emulate-kernels.sh compares them with another revision's). Exit code 1 on a
 // failure.
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "fa_emu.cpp"
@@ -88,9 +90,22 @@ bool run_case(int b, int h, int sq, int sk, int dh, bool bf16, bool bshd, bool s
 }
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
     Rng rng{0x9E3779B97F4A7C15ULL};
     bool ok = true;
+#ifdef FA_HAS_SM90
+    // `fa_selftest fuzz N`: N random shapes through both Hopper variants (not run in CI).
+    if (argc == 3 && std::string(argv[1]) == "fuzz") {
+        for (int i = 0, n = std::atoi(argv[2]); i < n; ++i) {
+            const int b = 1 + (int)(rng.uniform() * 2), h = 1 + (int)(rng.uniform() * 2);
+            const int sq = 1 + (int)(rng.uniform() * 300), sk = 1 + (int)(rng.uniform() * 600);
+            const bool bshd = rng.uniform() < 0.5, sink = rng.uniform() < 0.2;
+            for (int bn : {64, 128}) ok &= run_case(b, h, sq, sk, 128, true, bshd, sink, rng, bn);
+        }
+        return ok ? 0 : 1;
+    }
+#endif
+    (void)argc, (void)argv;
     ok &= run_case(1, 2, 200, 130, 128, true, false, false, rng);  // 2 query blocks, partial tile
     ok &= run_case(1, 1, 100, 400, 128, true, true, true, rng);    // no-rescale path
     ok &= run_case(2, 1, 70, 64, 64, true, true, false, rng);      // one full key tile
