@@ -125,6 +125,7 @@ if have 240 "wgmma attention A/B"; then
   FLUX2_KLEIN_ATTN=wgmma128 timeout 100 "$BIN" bench -m "$MODEL" --size 1024x1024 --runs 2 --warmup 1 --json > "$OUT/ours_bench_wgmma128.json" 2>>"$LOG"
   FLUX2_KLEIN_ATTN=wgmma timeout 60 "$BIN" -q generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$OUT/ours_t2i_1024_wgmma.png" 2>>"$LOG"
   python3 scripts/gpu_bench.py psnr "$OUT/ours_t2i_1024.png" "$OUT/ours_t2i_1024_wgmma.png" | tee -a "$LOG"
+  python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024_wgmma.png" | tee -a "$LOG"
   grep -h '"total_ms"' "$OUT"/ours_bench*wgmma.json | head -c 600 | tee -a "$LOG"; echo
 fi
 

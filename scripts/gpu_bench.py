@@ -352,6 +352,9 @@ def verdict(out):
     a, b = os.path.join(out, "ours_t2i_1024.png"), os.path.join(out, "diffusers_t2i_1024.png")
     p = psnr_db(*image_pair(a, b)) if os.path.exists(a) and os.path.exists(b) else None
     bar("1024² image, PSNR ours vs diffusers bf16", p, 30.0, lambda x: f"{x:.1f} dB", at_least=True)
+    w = os.path.join(out, "ours_t2i_1024_wgmma.png")
+    if os.path.exists(w) and os.path.exists(b):
+        bar("  with wgmma attention", psnr_db(*image_pair(w, b)), 30.0, lambda x: f"{x:.1f} dB", at_least=True)
     print("issue #7 bars measured by this run:")
     print("\n".join(rows))
 
