@@ -206,6 +206,7 @@ static inline void emu_wgmma_run(const EmuWgmma& op) {
         __syncthreads();
     }
     const EmuDesc b = emu_desc(op.desc_b);
+    const EmuDesc a = op.pv ? EmuDesc{} : emu_desc(op.desc_a);
     for (int i = 0; i < op.nacc; ++i) {
         int row, col;
         emu_acc_pos(i, row, col);
@@ -218,7 +219,6 @@ static inline void emu_wgmma_run(const EmuWgmma& op) {
                 x = emu_half<true>(emu_wg_a[wg][32 * w + 4 * g + tg][reg], kk % 2);
                 y = emu_bf16(emu_nmajor(b, kk, col));
             } else {
-                const EmuDesc a = emu_desc(op.desc_a);
                 x = emu_bf16(emu_kmajor(a, row, kk));
                 y = emu_bf16(emu_kmajor(b, col, kk));
             }

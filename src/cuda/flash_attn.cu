@@ -339,6 +339,18 @@ struct FaTile {
     }
 };
 
+// Moves q, k, v, o to this block's (batch, head) = (blockIdx.z, blockIdx.y) slice.
+DEVI void to_batch_head(const u16* __restrict__& q, const u16* __restrict__& k,
+                        const u16* __restrict__& v, u16* __restrict__& o, long long q_sb,
+                        long long q_sh, long long k_sb, long long k_sh, long long v_sb,
+                        long long v_sh, long long o_sb, long long o_sh) {
+    const long long h = blockIdx.y, b = blockIdx.z;
+    q += b * q_sb + h * q_sh;
+    k += b * k_sb + h * k_sh;
+    v += b * v_sb + h * v_sh;
+    o += b * o_sb + h * o_sh;
+}
+
 template <int D, int NW, int MT, int BN, bool BF16>
 DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
                       const u16* __restrict__ v, u16* __restrict__ o, int sq, int sk, int dact,
@@ -361,11 +373,7 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
     const int lane = tid & 31, warp = tid >> 5;
     const int gid = lane >> 2, tig = lane & 3;
     const int m0 = blockIdx.x * BM;
-    const long long h = blockIdx.y, b = blockIdx.z;
-    q += b * q_sb + h * q_sh;
-    k += b * k_sb + h * k_sh;
-    v += b * v_sb + h * v_sh;
-    o += b * o_sb + h * o_sh;
+    to_batch_head(q, k, v, o, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh, o_sb, o_sh);
 
     load_tile<D, BM, NT, false>(qs, q, q_ss, m0, sq, dact, tid);
     load_tile<D, BN, NT, false>(ks, k, k_ss, 0, sk, dact, tid);

@@ -222,6 +222,38 @@ struct Fa90Loop {
     u32 ks, vs;
     unsigned long long q_desc, k_desc, v_desc;
 
+    // Descriptors of the 8 k-steps of S(tile) = Q K(tile)^T, K in buffer tile & 1: the
+    // first k-step's plus each one's byte offset >> 4 in the start address field (14 bits: no
+    // carry into the next field, shared memory is < 256 KiB).
+    __device__ __forceinline__ void qk_descs(int tile, unsigned long long (&dq)[D / 16],
+                                             unsigned long long (&dk)[D / 16]) const {
+        const unsigned long long kbuf = (tile & 1) * (TILE / 16);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const int panel = kk >> 2, off = (kk & 3) * 32;
+            dq[kk] = q_desc + (panel * PANEL_Q + off) / 16;
+            dk[kk] = k_desc + kbuf + (panel * PANEL_KV + off) / 16;
+        }
+    }
+    // Descriptors of the BN / 16 k-steps of P V(tile), V in buffer tile & 1.
+    __device__ __forceinline__ void v_descs(int tile, unsigned long long (&dv)[BN / 16]) const {
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) dv[kk] = v_desc + (tile & 1) * (TILE / 16) + kk * (16 * 128 / 16);
+    }
+
+    // S(0) into s (K(0) loaded and visible).
+    __device__ __forceinline__ void first(float (&s)[BN / 2]) const {
+        unsigned long long dq[D / 16], dk[D / 16];
+        qk_descs(0, dq, dk);
+        pin_desc(dq);
+        pin_desc(dk);
+        wg_fence();
+        wgmma_qk_all(s, dq, dk);
+        wg_commit();
+        wg_wait<0>();
+        pin(s);
+    }
+
     // Tile t < ntiles - 1: S(t+1) = Q K(t+1)^T and O += P(t) V(t) (P(t) in pc) in flight
     // together, the softmax of S(t+1) (into pn) while P V runs.
     __device__ __forceinline__ void step(int t, float (&s)[BN / 2], float (&acc)[64],
@@ -238,16 +270,9 @@ struct Fa90Loop {
 
         // All descriptors before the fence: ptxas serializes the wgmmas (warning C7513) when
         // their input registers are computed between the fence and the wait.
-        const unsigned long long kbuf = ((t + 1) & 1) * (TILE / 16), vbuf = (t & 1) * (TILE / 16);
         unsigned long long dq[D / 16], dk[D / 16], dv[BN / 16];
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const int panel = kk >> 2, off = (kk & 3) * 32;
-            dq[kk] = q_desc + (panel * PANEL_Q + off) / 16;
-            dk[kk] = k_desc + kbuf + (panel * PANEL_KV + off) / 16;
-        }
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) dv[kk] = v_desc + vbuf + kk * (16 * 128 / 16);
+        qk_descs(t + 1, dq, dk);
+        v_descs(t, dv);
         pin_desc(dq);
         pin_desc(dk);
         pin_desc(dv);
@@ -286,8 +311,7 @@ struct Fa90Loop {
         fence_proxy_async();
         __syncthreads();
         unsigned long long dv[BN / 16];
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) dv[kk] = v_desc + (t & 1) * (TILE / 16) + kk * (16 * 128 / 16);
+        v_descs(t, dv);
         pin_desc(dv);
         pin(pc);
         pin(acc);
@@ -312,8 +336,8 @@ DEVI void fa90_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
                         long long v_ss, long long o_sb, long long o_sh, long long o_ss,
                         float scale_log2) {
     constexpr int D = 128, BM = 128;
-    constexpr int PANEL_Q = BM * 128, PANEL_KV = BN * 128;  // bytes per 64-column panel
-    constexpr int TILE = BN * D * 2;                        // bytes per K or V buffer
+    constexpr int PANEL_KV = BN * 128;  // bytes per 64-column panel of a K or V buffer
+    constexpr int TILE = BN * D * 2;    // bytes per K or V buffer
     extern __shared__ Chunk16 smem_chunks[];
     const u32 base = (smem_u32(smem_chunks) + 1023) & ~1023u;  // launched with +1024 bytes
     const u32 qs = base;             // 2 panels of BM rows
@@ -325,15 +349,10 @@ DEVI void fa90_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
     const int wg = warp >> 2, wq = warp & 3;  // warpgroup, warp within it
     const int gid = lane >> 2, tig = lane & 3;
     const int m0 = blockIdx.x * BM;
-    const long long h = blockIdx.y, b = blockIdx.z;
-    q += b * q_sb + h * q_sh;
-    k += b * k_sb + h * k_sh;
-    v += b * v_sb + h * v_sh;
-    o += b * o_sb + h * o_sh;
+    to_batch_head(q, k, v, o, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh, o_sb, o_sh);
     const int ntiles = (sk + BN - 1) / BN;
 
-    // Descriptors of the first k-step; the others add their byte offset >> 4 to the start
-    // address field (14 bits: no carry into the next field, shared memory is < 256 KiB).
+    // Descriptors of the first k-step of each operand (Fa90Loop derives the others).
     const unsigned long long q_desc = sw128_desc(qs + wg * 64 * 128, 16, 1024);  // own 64 rows
     const unsigned long long k_desc = sw128_desc(ks, 16, 1024);
     // V is N-major: per the PTX ISA the leading byte offset steps along N (to the next 64
@@ -365,29 +384,14 @@ DEVI void fa90_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();
-    {
-        unsigned long long dq[D / 16], dk[D / 16];
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const int panel = kk >> 2, off = (kk & 3) * 32;
-            dq[kk] = q_desc + (panel * PANEL_Q + off) / 16;
-            dk[kk] = k_desc + (panel * PANEL_KV + off) / 16;
-        }
-        pin_desc(dq);
-        pin_desc(dk);
-        wg_fence();
-        wgmma_qk_all(s, dq, dk);
-        wg_commit();
-        wg_wait<0>();
-        pin(s);
-    }
+    const Fa90Loop<BN> loop{k, v, k_ss, v_ss, sk, ntiles, tid, tig, scale_log2, ks, vs, q_desc, k_desc, v_desc};
+    loop.first(s);
     if (ntiles == 1) softmax_tile<true, BN>(s, 0, sk, tig, scale_log2, row_max, row_sum, alpha, pa);
     else softmax_tile<false, BN>(s, 0, sk, tig, scale_log2, row_max, row_sum, alpha, pa);
 
     // Every tile but the last: S(t+1) and P(t) V(t) in flight together, P in two register
     // sets used in turn (a copy from one to the other lets ptxas merge them, and it then
     // serializes every wgmma of the kernel, warning C7513).
-    const Fa90Loop<BN> loop{k, v, k_ss, v_ss, sk, ntiles, tid, tig, scale_log2, ks, vs, q_desc, k_desc, v_desc};
     int t = 0;
     for (;;) {
         if (t + 1 == ntiles) { loop.last(t, acc, pa); break; }
