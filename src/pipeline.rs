@@ -294,18 +294,16 @@ impl Pipeline {
 
     /// The attention the transformer runs: the CUDA kernel's name (e.g.
     /// `fa_fwd_bf16_d128_w4_m2_n64`, or `fa90_fwd_bf16_d128` with `FLUX2_KLEIN_ATTN=wgmma` on a
-    /// Hopper GPU), or `naive` (candle ops: the CPU, f32, or the CUDA speed paths off).
+    /// Hopper GPU), or `naive` (candle ops: the CPU, f32, or our kernels unusable here).
     /// Benchmarks record it.
     pub fn attention_kernel(&self) -> String {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = &self.options.device {
-            if crate::ops::cuda_speedups_enabled() && crate::cuda::kernels_usable() {
-                let head_dim = self.transformer_config.attention_head_dim;
-                if let Some(name) =
-                    crate::cuda::attention_kernel_name(dev, head_dim, self.options.dtype)
-                {
-                    return name;
-                }
+            let head_dim = self.transformer_config.attention_head_dim;
+            if let Some(name) =
+                crate::cuda::attention_kernel_name(dev, head_dim, self.options.dtype)
+            {
+                return name;
             }
         }
         "naive".into()

@@ -92,14 +92,16 @@ pub(crate) struct CompiledVariant {
     pub entries: Vec<String>,
 }
 
-/// Set when the Hopper kernel failed its self-check ([`load_for`]): the mma.sync kernel runs.
-static HOPPER_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Set once the requested Hopper kernel passed its self-check ([`load_for`]); until then (or
+/// when it fails) the mma.sync kernel runs.
+static HOPPER_PASSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// The Hopper (wgmma) variant attention on `dev` runs for this head dim and dtype, if any:
-/// compute capability 9.0, bf16, head dim 128, and opted into with `FLUX2_KLEIN_ATTN=wgmma`
-/// (64-key tiles) or `wgmma128` (128-key tiles); off by default until it has been checked on a
-/// GPU (`scripts/gpu.sh` compares it with the mma.sync kernel).
-fn hopper_variant(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Option<KernelConfig> {
+/// The Hopper (wgmma) variant requested for this head dim and dtype on `dev`, if any: compute
+/// capability 9.0, bf16, head dim 128, and opted into with `FLUX2_KLEIN_ATTN=wgmma` (64-key
+/// tiles) or `wgmma128` (128-key tiles); off by default until it has been checked on a GPU
+/// (`scripts/gpu.sh` compares it with the mma.sync kernel). It runs only after
+/// [`load_for`]'s self-check passed.
+fn hopper_requested(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Option<KernelConfig> {
     static OPT_IN: std::sync::OnceLock<Option<KernelConfig>> = std::sync::OnceLock::new();
     let opted_in = *OPT_IN.get_or_init(|| {
         match std::env::var("FLUX2_KLEIN_ATTN")
@@ -120,8 +122,7 @@ fn hopper_variant(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Option<Ker
         }
     });
     opted_in.filter(|_| {
-        !HOPPER_FAILED.load(std::sync::atomic::Ordering::Relaxed)
-            && head_dim == 128
+        head_dim == 128
             && dtype == DType::BF16
             && matches!(dev.cuda_stream().context().compute_capability(), Ok((9, 0)))
     })
@@ -165,7 +166,9 @@ impl KernelConfig {
 
     /// The kernel for `head_dim`/`dtype` on `dev`.
     fn select(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Option<Self> {
-        hopper_variant(dev, head_dim, dtype).or_else(|| Self::for_head_dim(head_dim))
+        hopper_requested(dev, head_dim, dtype)
+            .filter(|_| HOPPER_PASSED.load(std::sync::atomic::Ordering::Relaxed))
+            .or_else(|| Self::for_head_dim(head_dim))
     }
 
     fn block_m(&self) -> usize {
@@ -241,11 +244,16 @@ pub(crate) fn compiled_variants() -> Vec<CompiledVariant> {
     variants
 }
 
-/// The name of the kernel attention with this head dim and dtype runs on `dev` (after
-/// [`load_for`], which may have ruled out the Hopper variant), or `None` where the naive path
-/// runs (f32, unsupported head dims).
+/// The name of the kernel attention with this head dim and dtype runs on `dev` (the Hopper
+/// variant only once [`load_for`] checked it), or `None` where the naive path runs (f32,
+/// unsupported head dims, kernels unusable): the conditions of [`is_supported`].
 pub fn attention_kernel_name(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Option<String> {
-    if !matches!(dtype, DType::BF16 | DType::F16) || !head_dim.is_multiple_of(8) {
+    let supported = super::kernels_usable()
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && head_dim > 0
+        && head_dim.is_multiple_of(8)
+        && head_dim <= MAX_HEAD_DIM;
+    if !supported {
         return None;
     }
     KernelConfig::select(dev, head_dim, dtype).map(|cfg| cfg.kernel_name(dtype))
@@ -254,38 +262,43 @@ pub fn attention_kernel_name(dev: &CudaDevice, head_dim: usize, dtype: DType) ->
 /// Compiles (NVRTC, cached) and loads the kernel for `head_dim` and `dtype` on `dev`; nothing
 /// for a head dim the kernel does not cover (that model runs the naive path anyway).
 pub(crate) fn load_for(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Result<()> {
-    let Some(cfg) = KernelConfig::select(dev, head_dim, dtype) else {
-        return Ok(());
-    };
-    if cfg.hopper {
+    if let Some(cfg) = hopper_requested(dev, head_dim, dtype) {
         // Opted in but not yet proven on this machine: compare it with f32 attention once and
-        // fall back to the mma.sync kernel (with a warning) if it fails to load or disagrees.
-        if let Err(e) = load_kernel(dev, &cfg, dtype).and_then(|_| hopper_self_check(dev)) {
-            HOPPER_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
-            eprintln!(
+        // keep the mma.sync kernel (with a warning) if it fails to load or disagrees.
+        match load_kernel(dev, &cfg, dtype).and_then(|_| hopper_self_check(dev, cfg)) {
+            Ok(()) => HOPPER_PASSED.store(true, std::sync::atomic::Ordering::Relaxed),
+            Err(e) => eprintln!(
                 "warning: FLUX2_KLEIN_ATTN: the Hopper attention kernel failed its self-check \
                  ({e}); using the mma.sync kernel"
-            );
-            return load_for(dev, head_dim, dtype);
+            ),
         }
-        return Ok(());
     }
-    load_kernel(dev, &cfg, dtype).map(|_| ())
+    match KernelConfig::select(dev, head_dim, dtype) {
+        Some(cfg) => load_kernel(dev, &cfg, dtype).map(|_| ()),
+        None => Ok(()),
+    }
 }
 
-/// The Hopper kernel against f32 attention on a small problem with partial query and key
-/// tiles (bf16 tolerance).
-fn hopper_self_check(dev: &CudaDevice) -> Result<()> {
+/// The Hopper kernel `cfg` against f32 attention on a small problem with partial query and
+/// key tiles (bf16 tolerance).
+fn hopper_self_check(dev: &CudaDevice, cfg: KernelConfig) -> Result<()> {
     let device = Device::Cuda(dev.clone());
     let rand = |s: usize| Tensor::randn(0f32, 1f32, (1, 2, s, 128), &device);
     let (q, k, v) = (rand(200)?, rand(300)?, rand(300)?);
     let bf = |t: &Tensor| t.to_dtype(DType::BF16);
-    let (q, k, v) = (bf(&q)?, bf(&k)?, bf(&v)?);
     let scale = 1.0 / (128f32).sqrt();
-    let ours = flash_attention(&q, &k, &v, scale)?.to_dtype(DType::F32)?;
-    let f = |t: &Tensor| t.to_dtype(DType::F32);
-    let scores = (f(&q)?.matmul(&f(&k)?.t()?)? * scale as f64)?;
-    let reference = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&f(&v)?)?;
+    let ours = run_kernel(
+        &bf(&q)?,
+        &bf(&k)?,
+        &bf(&v)?,
+        scale,
+        AttnLayout::Bhsd,
+        Some(cfg),
+    )?
+    .to_dtype(DType::F32)?;
+    // The same bf16 values in f32.
+    let f = |t: &Tensor| bf(t)?.to_dtype(DType::F32);
+    let reference = naive_attention(&f(&q)?, &f(&k)?, &f(&v)?, scale)?;
     let err = (ours - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
     let top = reference.abs()?.max_all()?.to_scalar::<f32>()?;
     if err.is_nan() || err > 2e-2 * top.max(1e-6) {
@@ -326,10 +339,12 @@ fn load_kernel(dev: &CudaDevice, cfg: &KernelConfig, dtype: DType) -> Result<Cud
     Ok(func)
 }
 
-/// The custom op: `q`, `k`, `v` in `layout`, output contiguous in the same layout.
+/// The custom op: `q`, `k`, `v` in `layout`, output contiguous in the same layout; the kernel
+/// is [`KernelConfig::select`]'s, or `config` when given (the Hopper self-check).
 struct FlashAttn {
     scale: f32,
     layout: AttnLayout,
+    config: Option<KernelConfig>,
 }
 
 /// (batch, heads, seq, head_dim) and the element strides (batch, heads, seq) of one tensor.
@@ -456,7 +471,9 @@ impl CustomOp3 for FlashAttn {
             bail!("flash attention: needs Sk > 0 and a head dim that is a multiple of 8 up to {MAX_HEAD_DIM}, got Sk={sk}, D={d}")
         }
         let dtype = qs.dtype();
-        let cfg = KernelConfig::select(qs.device(), d, dtype)
+        let cfg = self
+            .config
+            .or_else(|| KernelConfig::select(qs.device(), d, dtype))
             .ok_or_else(|| candle_core::Error::Msg(format!("flash attention: head dim {d}")))?;
         if ks.dtype() != dtype || vs.dtype() != dtype {
             bail!(
@@ -568,7 +585,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result
     if !kernel_applies(q, k, v, scale) {
         return naive_attention(q, k, v, scale);
     }
-    run_kernel(q, k, v, scale, AttnLayout::Bhsd)
+    run_kernel(q, k, v, scale, AttnLayout::Bhsd, None)
 }
 
 /// Like [`flash_attention`] but for the `[B, S, H, D]` layout (inputs and output), which is how
@@ -580,7 +597,7 @@ pub fn flash_attention_bshd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> R
             .transpose(1, 2)?
             .contiguous();
     }
-    run_kernel(q, k, v, scale, AttnLayout::Bshd)
+    run_kernel(q, k, v, scale, AttnLayout::Bshd, None)
 }
 
 fn kernel_applies(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> bool {
@@ -593,7 +610,16 @@ fn run_kernel(
     v: &Tensor,
     scale: f32,
     layout: AttnLayout,
+    config: Option<KernelConfig>,
 ) -> Result<Tensor> {
     let (q, k, v) = (kernel_ready(q)?, kernel_ready(k)?, kernel_ready(v)?);
-    q.apply_op3_no_bwd(&k, &v, &FlashAttn { scale, layout })
+    q.apply_op3_no_bwd(
+        &k,
+        &v,
+        &FlashAttn {
+            scale,
+            layout,
+            config,
+        },
+    )
 }
