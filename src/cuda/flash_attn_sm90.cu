@@ -12,7 +12,9 @@
 // is the panel's descriptor start advanced by 32 bytes; the hardware applies the swizzle to the
 // address bits. Per tile, S(t+1) = Q K(t+1)^T and O += P(t) V(t) are issued together and the
 // softmax of S(t+1) runs while P(t) V(t) is still on the tensor cores (FlashAttention-3's
-// intra-warpgroup overlap); K(t+2) and V(t+1) load meanwhile. scripts/kernel_emu emulates the
+// intra-warpgroup overlap); K(t+2) and V(t+1) load meanwhile. The key tiles are visited last
+// first (as FlashAttention-3 does): the one partial tile is the prologue's, so the main loop
+// holds no key mask and no bounds-checked load. scripts/kernel_emu emulates the
 // instructions from the PTX ISA's definitions, asynchronously (a wgmma reads its operands when
 // its group is waited for), so a missing wait or an early overwrite shows there too.
 #ifndef FLUX2_KERNEL_EMU
@@ -153,14 +155,7 @@ DEVI void load_panels(u32 dst, const u16* src, long long ss, int row0, int nrows
         cp_async16(d0 + j * (16 * 128), ok ? p + (long long)(16 * j) * ss : src, ok);
     }
 }
-// Tile `tile` of K or V (BN rows) into the buffer at dst.
-template <int BN>
-DEVI void load_kv_tile(u32 dst, const u16* src, long long ss, int tile, int sk, int tid) {
-    if ((tile + 1) * BN <= sk) load_panels<BN, true>(dst, src, ss, tile * BN, sk, tid);
-    else load_panels<BN, false>(dst, src, ss, tile * BN, sk, tid);
-}
-
-// Score s[idx] of an S tile of BN keys, -inf for keys past sk when MASKED (only the last
+// Score s[idx] of an S tile of BN keys, -inf for keys past sk when MASKED (only the last key
 // tile can hold them). s[4j + e]: row gid (e < 2) or gid + 8, key tile*BN + 8j + 2 tig + (e & 1).
 template <bool MASKED, int BN>
 DEVI float score(const float (&s)[BN / 2], int idx, int tile, int sk, int tig) {
@@ -169,7 +164,7 @@ DEVI float score(const float (&s)[BN / 2], int idx, int tile, int sk, int tig) {
     return key < sk ? s[idx] : -__int_as_float(0x7f800000);
 }
 
-// Online softmax of one S tile into the bf16 A fragments of P (pa[k-step][register]: register
+// Online softmax of one S tile (key tile `tile`) into the bf16 A fragments of P (pa[k-step][register]: register
 // r + 2 (j & 1) of k-step j / 2 holds row r's pair of n-tile j), updating the row statistics;
 // alpha gets each row's rescale factor for O, and the return value says whether any row of the
 // warp moved its max. s is only read: ptxas serializes every wgmma of the kernel (warning
@@ -208,7 +203,8 @@ DEVI bool softmax_tile(const float (&s)[BN / 2], int tile, int sk, int tig, floa
     return __any_sync(0xffffffffu, max_moved);
 }
 
-// The tiles of fa90_fwd_impl's main loop (everything inlines into registers).
+// The tiles of fa90_fwd_impl's main loop (everything inlines into registers). Tile t (the
+// order of processing) is key tile ntiles - 1 - t; its K and V go to buffer t & 1.
 template <int BN>
 struct Fa90Loop {
     static constexpr int D = 128;
@@ -255,7 +251,8 @@ struct Fa90Loop {
     }
 
     // Tile t < ntiles - 1: S(t+1) = Q K(t+1)^T and O += P(t) V(t) (P(t) in pc) in flight
-    // together, the softmax of S(t+1) (into pn) while P V runs.
+    // together, the softmax of S(t+1) (into pn) while P V runs. Tiles t+1 and t+2 are full
+    // (only tile 0 is partial): no mask, no bounds checks.
     __device__ __forceinline__ void step(int t, float (&s)[BN / 2], float (&acc)[64],
                                          u32 (&pc)[BN / 16][4], u32 (&pn)[BN / 16][4],
                                          float (&row_max)[2], float (&row_sum)[2]) const {
@@ -264,8 +261,9 @@ struct Fa90Loop {
         cp_async_wait_all();
         fence_proxy_async();
         __syncthreads();
-        if (t + 2 < ntiles) load_kv_tile<BN>(ks + (t & 1) * TILE, k, k_ss, t + 2, sk, tid);
-        load_kv_tile<BN>(vs + ((t + 1) & 1) * TILE, v, v_ss, t + 1, sk, tid);
+        const int key_tile = ntiles - 1 - t;  // of tile t; tile t+1 is key_tile - 1
+        if (t + 2 < ntiles) load_panels<BN, true>(ks + (t & 1) * TILE, k, k_ss, (key_tile - 2) * BN, sk, tid);
+        load_panels<BN, true>(vs + ((t + 1) & 1) * TILE, v, v_ss, (key_tile - 1) * BN, sk, tid);
         cp_async_commit();
 
         // All descriptors before the fence: ptxas serializes the wgmmas (warning C7513) when
@@ -288,9 +286,7 @@ struct Fa90Loop {
         pin(s);
         float alpha[2];
         const bool rescale =
-            t + 2 == ntiles
-                ? softmax_tile<true, BN>(s, t + 1, sk, tig, scale_log2, row_max, row_sum, alpha, pn)
-                : softmax_tile<false, BN>(s, t + 1, sk, tig, scale_log2, row_max, row_sum, alpha, pn);
+            softmax_tile<false, BN>(s, key_tile - 1, sk, tig, scale_log2, row_max, row_sum, alpha, pn);
         wg_wait<0>();
         pin(acc);
         pin(pc);
@@ -375,30 +371,35 @@ DEVI void fa90_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
     row_max[0] = row_max[1] = -__int_as_float(0x7f800000);
     row_sum[0] = row_sum[1] = 0.f;
 
-    // Prologue: Q, K0, V0 (and K1), then S(0) and its softmax.
+    // Prologue: Q, tile 0 (the last key tile, the only partial one: bounds-checked and
+    // masked) and K of tile 1, then S(0) and its softmax.
+    const int last_key_tile = ntiles - 1;
     load_panels<BM, false>(qs, q, q_ss, m0, sq, tid);
-    load_kv_tile<BN>(ks, k, k_ss, 0, sk, tid);
-    load_kv_tile<BN>(vs, v, v_ss, 0, sk, tid);
-    if (ntiles > 1) load_kv_tile<BN>(ks + TILE, k, k_ss, 1, sk, tid);
+    load_panels<BN, false>(ks, k, k_ss, last_key_tile * BN, sk, tid);
+    load_panels<BN, false>(vs, v, v_ss, last_key_tile * BN, sk, tid);
+    if (ntiles > 1) load_panels<BN, true>(ks + TILE, k, k_ss, (last_key_tile - 1) * BN, sk, tid);
     cp_async_commit();
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();
     const Fa90Loop<BN> loop{k, v, k_ss, v_ss, sk, ntiles, tid, tig, scale_log2, ks, vs, q_desc, k_desc, v_desc};
     loop.first(s);
-    if (ntiles == 1) softmax_tile<true, BN>(s, 0, sk, tig, scale_log2, row_max, row_sum, alpha, pa);
-    else softmax_tile<false, BN>(s, 0, sk, tig, scale_log2, row_max, row_sum, alpha, pa);
+    softmax_tile<true, BN>(s, last_key_tile, sk, tig, scale_log2, row_max, row_sum, alpha, pa);
 
     // Every tile but the last: S(t+1) and P(t) V(t) in flight together, P in two register
     // sets used in turn (a copy from one to the other lets ptxas merge them, and it then
-    // serializes every wgmma of the kernel, warning C7513).
+    // serializes every wgmma of the kernel, warning C7513). The last tile's P V runs after
+    // the loop, from the set that holds its P.
     int t = 0;
+    bool p_in_pn = false;
     for (;;) {
-        if (t + 1 == ntiles) { loop.last(t, acc, pa); break; }
+        if (t + 1 == ntiles) break;
         loop.step(t++, s, acc, pa, pn, row_max, row_sum);
-        if (t + 1 == ntiles) { loop.last(t, acc, pn); break; }
+        if (t + 1 == ntiles) { p_in_pn = true; break; }
         loop.step(t++, s, acc, pn, pa, row_max, row_sum);
     }
+    if (p_in_pn) loop.last(t, acc, pn);
+    else loop.last(t, acc, pa);
     cp_async_wait_all();
 
     // ---- epilogue: O / l straight to global memory (4-byte stores) ----
