@@ -19,7 +19,40 @@ pub fn pipeline_options(args: &ModelArgs, keep_resident: bool) -> Result<Pipelin
     options.vae_dtype = args.vae_dtype.map(to_dtype);
     options.keep_resident = keep_resident;
     options.vae_tile = args.vae_tile.map(|t| t as usize);
+    check_bf16_support(&options)?;
     Ok(options)
+}
+
+/// bf16 on CUDA needs compute capability 8.0 (candle's bf16 kernels and ours are built for
+/// Ampere and newer): on an older GPU say so before any weights load, instead of failing at
+/// the first kernel launch with a missing-kernel error.
+fn check_bf16_support(options: &PipelineOptions) -> Result<()> {
+    let uses_bf16 = options.dtype == DType::BF16 || options.vae_dtype == Some(DType::BF16);
+    if !uses_bf16 {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = &options.device {
+        if let Ok(cc) = dev.cuda_stream().context().compute_capability() {
+            if let Some(msg) = bf16_unsupported(cc) {
+                bail!("{msg}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The error for bf16 on a GPU of compute capability `cc`, if it has no bf16 support.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn bf16_unsupported(cc: (i32, i32)) -> Option<String> {
+    (cc.0 < 8).then(|| {
+        format!(
+            "this GPU (compute capability {}.{}) cannot compute in bf16, which needs 8.0 or newer \
+             (Ampere, Ada, Hopper) — run with --dtype f32 (about twice the GPU memory), or on \
+             another GPU with --device cuda:N",
+            cc.0, cc.1
+        )
+    })
 }
 
 fn to_dtype(d: DTypeArg) -> DType {
@@ -91,6 +124,23 @@ fn open_cuda(n: usize) -> Result<Device> {
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "the CUDA driver could not be loaded".into());
             bail!("{msg}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bf16_unsupported;
+
+    #[test]
+    fn bf16_needs_ampere_or_newer() {
+        for cc in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)] {
+            assert_eq!(bf16_unsupported(cc), None, "{cc:?}");
+        }
+        for cc in [(7, 5), (7, 0), (6, 1)] {
+            let msg = bf16_unsupported(cc).expect("an error");
+            assert!(msg.contains(&format!("{}.{}", cc.0, cc.1)) && msg.contains("--dtype f32"));
+            assert!(!msg.contains('\n'), "one line: {msg}");
         }
     }
 }
