@@ -177,13 +177,15 @@ def run_once(pipe, w, h, refs):
         last[0] = now
         return {}
 
+    # The references are decoded before the clock starts: `flux2-klein bench` decodes its
+    # --ref files once, before its runs, so neither side's time includes file decoding.
+    kwargs = {}
+    if refs:
+        from PIL import Image
+        kwargs["image"] = [Image.open(r).convert("RGB") for r in refs]
     pipe.encode_prompt, pipe.vae.decode = enc, dec
     try:
         sync(); t0 = time.perf_counter()
-        kwargs = {}
-        if refs:
-            from PIL import Image
-            kwargs["image"] = [Image.open(r).convert("RGB") for r in refs]
         # the first step's clock starts after the text encoder and reference encoding
         orig_prepare = pipe.prepare_latents
         orig_prepare_image = pipe.prepare_image_latents
