@@ -164,12 +164,12 @@ DEVI float score(const float (&s)[BN / 2], int idx, int tile, int sk, int tig) {
     return key < sk ? s[idx] : -__int_as_float(0x7f800000);
 }
 
-// Online softmax of one S tile (key tile `tile`) into the bf16 A fragments of P (pa[k-step][register]: register
-// r + 2 (j & 1) of k-step j / 2 holds row r's pair of n-tile j), updating the row statistics;
-// alpha gets each row's rescale factor for O, and the return value says whether any row of the
-// warp moved its max. s is only read: ptxas serializes every wgmma of the kernel (warning
-// C7513) if the registers of a wgmma's accumulator are written while another wgmma is in
-// flight, and this runs while P V is.
+// Online softmax of one S tile (key tile `tile`) into the bf16 A fragments of P
+// (pa[k-step][register]: register r + 2 (j & 1) of k-step j / 2 holds row r's pair of n-tile
+// j), updating the row statistics; alpha gets each row's rescale factor for O, and the return
+// value says whether any row of the warp moved its max. s is only read: ptxas serializes every
+// wgmma of the kernel (warning C7513) if the registers of a wgmma's accumulator are written
+// while another wgmma is in flight, and this runs while P V is.
 template <bool MASKED, int BN>
 DEVI bool softmax_tile(const float (&s)[BN / 2], int tile, int sk, int tig, float scale_log2,
                        float (&row_max)[2], float (&row_sum)[2], float (&alpha)[2],
@@ -262,7 +262,8 @@ struct Fa90Loop {
         fence_proxy_async();
         __syncthreads();
         const int key_tile = ntiles - 1 - t;  // of tile t; tile t+1 is key_tile - 1
-        if (t + 2 < ntiles) load_panels<BN, true>(ks + (t & 1) * TILE, k, k_ss, (key_tile - 2) * BN, sk, tid);
+        if (t + 2 < ntiles)
+            load_panels<BN, true>(ks + (t & 1) * TILE, k, k_ss, (key_tile - 2) * BN, sk, tid);
         load_panels<BN, true>(vs + ((t + 1) & 1) * TILE, v, v_ss, (key_tile - 1) * BN, sk, tid);
         cp_async_commit();
 
