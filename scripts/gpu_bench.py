@@ -5,6 +5,9 @@
     gpu_bench.py refs DIR                the two reference images of the edit workload
     gpu_bench.py diffusers DIR OUTDIR    warm per-stage timings + images (same noise as --seed)
     gpu_bench.py cold DIR OUT.png        one fresh-process run (from_pretrained + call)
+    gpu_bench.py image DIR DTYPE SIZE OUT.png [bf16]
+                                         one SIZE² image in float32/bfloat16 (bf16: an f32 run
+                                         fed a bf16 run's timesteps, the noise floor's reference)
     gpu_bench.py psnr A.png B.png        PSNR and max difference of two images
     gpu_bench.py verdict OUT             issue #7's speed/quality bars from the files in OUT
 
@@ -243,12 +246,25 @@ def cold(model, out):
     img.save(out)
 
 
-def image(model, dtype, size, out):
-    """One image with diffusers in `dtype` (float32 or bfloat16) at `size` (e.g. 512), seed-0 noise."""
+def image(model, dtype, size, out, timesteps="exact"):
+    """One image with diffusers in `dtype` (float32 or bfloat16) at `size` (e.g. 512), seed-0 noise.
+    `timesteps=bf16`: the transformer gets the time value a bf16 run computes (the pipeline rounds
+    t to bf16, divides by 1000 in bf16, the transformer multiplies by 1000 in bf16; 773.41 becomes
+    772). On random weights that rounding alone moves the image as far as all other bf16
+    rounding together (CPU, 512²: f32 vs f32 with bf16 timesteps 35.6 dB, bf16 vs f32 35.4 dB,
+    bf16 vs f32 with bf16 timesteps 51.9 dB; scripts/bf16_psnr_probe.py), and flux2-klein feeds
+    the bf16 value bit for bit, so an f32 floor for a bf16 comparison must use it too."""
     import torch
     from diffusers import Flux2KleinPipeline
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     pipe = Flux2KleinPipeline.from_pretrained(model, torch_dtype=dt).to(device())
+    if timesteps == "bf16":
+        forward = pipe.transformer.forward
+
+        def bf16_t(ts):
+            return (((ts * 1000).to(torch.bfloat16) / 1000) * 1000).to(dt) / 1000
+
+        pipe.transformer.forward = lambda *a, **k: forward(*a, **{**k, "timestep": bf16_t(k["timestep"])})
     n = int(size)
     lat = noise_latents(n, n, pipe.transformer.config.in_channels).to(dt)
     img = pipe(prompt=PROMPT, height=n, width=n, num_inference_steps=4, guidance_scale=1.0,
