@@ -246,14 +246,9 @@ pub(crate) fn compiled_variants() -> Vec<CompiledVariant> {
 
 /// The name of the kernel attention with this head dim and dtype runs on `dev` (the Hopper
 /// variant only once [`load_for`] checked it), or `None` where the naive path runs (f32,
-/// unsupported head dims, kernels unusable): the conditions of [`is_supported`].
+/// unsupported head dims, kernels unusable): [`is_supported`]'s conditions on those two.
 pub fn attention_kernel_name(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Option<String> {
-    let supported = super::kernels_usable()
-        && matches!(dtype, DType::BF16 | DType::F16)
-        && head_dim > 0
-        && head_dim.is_multiple_of(8)
-        && head_dim <= MAX_HEAD_DIM;
-    if !supported {
+    if !kernel_handles(head_dim, dtype) {
         return None;
     }
     KernelConfig::select(dev, head_dim, dtype).map(|cfg| cfg.kernel_name(dtype))
@@ -526,8 +521,7 @@ impl CustomOp3 for FlashAttn {
 pub fn is_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     let d = q.dim(D::Minus1).unwrap_or(0);
     matches!(q.device(), Device::Cuda(_))
-        && super::kernels_usable()
-        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && kernel_handles(d, q.dtype())
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype()
         && k.device().same_device(q.device())
@@ -535,11 +529,17 @@ pub fn is_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && q.rank() == 4
         && k.rank() == 4
         && v.rank() == 4
-        && d > 0
-        && d.is_multiple_of(8)
-        && d <= MAX_HEAD_DIM
         && k.dims()[3] == d
         && v.dims()[3] == d
+}
+
+/// Whether the kernels are usable here and one exists for this head dim and dtype.
+fn kernel_handles(head_dim: usize, dtype: DType) -> bool {
+    super::kernels_usable()
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && head_dim > 0
+        && head_dim.is_multiple_of(8)
+        && head_dim <= MAX_HEAD_DIM
 }
 
 /// True when CUDA device 0 exists and the kernel compiles and loads on it (a quick way to ask
