@@ -22,7 +22,7 @@ log() { echo "[gpu.sh $(date +%T)] $*" | tee -a "$LOG"; }
 # One device call has 600 s: the optional steps below run only while enough of the budget
 # (GPU_BUDGET_S, default 570 s from the start of this script) is left, so the core numbers
 # always come back. Before the diffusers run an optional step asks for its own time plus
-# diffusers' (~200 s); the wgmma attention A/B comes right after it, the rest last.
+# diffusers' (~200 s); the attention-kernel A/B comes right after it, the rest last.
 left() { echo $(( ${GPU_BUDGET_S:-570} - SECONDS )); }
 have() {  # seconds a step needs, its name
   local remaining; remaining=$(left)
@@ -89,6 +89,8 @@ log "flux2-klein: cold generate 1024² (process start to file written)"
 t0=$(date +%s.%N)
 timeout 90 "$BIN" -v generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$OUT/ours_t2i_1024.png" 2>&1 | tail -8 | tee -a "$LOG"
 t1=$(date +%s.%N); python3 -c "print(round($t1-$t0,2))" > "$OUT/ours_cold_s"; log "ours cold: $(cat "$OUT/ours_cold_s") s"
+# Its peak device memory (text encoder freed before the transformer loads): the "lean" bar.
+grep -o 'peak device memory: [0-9.]* GiB' "$LOG" | tail -1 | awk '{print $4}' > "$OUT/ours_generate_peak_gib"
 
 log "flux2-klein bench (warm, everything resident)"
 timeout 130 "$BIN" bench -m "$MODEL" --size 1024x1024 --size 512x512 --runs 2 --warmup 1 --json > "$OUT/ours_bench.json" 2>>"$LOG"
@@ -115,18 +117,17 @@ timeout $d_limit env DIFFUSERS_WORKLOADS="${DIFFUSERS_WORKLOADS:-}" python3 scri
 cp "$WORK/diffusers.json" "$WORK/diffusers_t2i_1024.png" "$OUT/" 2>/dev/null
 python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024.png" | tee -a "$LOG"
 
-# The Hopper (wgmma) attention kernel, opt-in until proven here (it self-checks at load and
-# falls back with a warning): the same warm benches with it (64-key tiles; 128-key tiles for
-# 1024² text-to-image).
-if have 240 "wgmma attention A/B"; then
-  log "A/B: FLUX2_KLEIN_ATTN=wgmma (Hopper attention kernel)"
+# The attention kernels against each other: the default on Hopper is the wgmma kernel with
+# 128-key tiles (it self-checks at load and falls back with a warning); the same warm benches
+# with the mma.sync kernel (the default elsewhere) and the 64-key-tile wgmma kernel.
+if have 240 "attention kernel A/B"; then
+  log "A/B: FLUX2_KLEIN_ATTN=mma (the mma.sync kernel) and FLUX2_KLEIN_ATTN=wgmma (64-key tiles)"
+  FLUX2_KLEIN_ATTN=mma timeout 100 "$BIN" bench -m "$MODEL" --size 1024x1024 --runs 2 --warmup 1 --json > "$OUT/ours_bench_mma.json" 2>>"$LOG"
+  FLUX2_KLEIN_ATTN=mma timeout 100 "$BIN" bench -m "$MODEL" --size 1024x1024 -r $REFS/ref0.png -r $REFS/ref1.png --runs 2 --warmup 1 --json > "$OUT/ours_bench_edit_mma.json" 2>>"$LOG"
   FLUX2_KLEIN_ATTN=wgmma timeout 100 "$BIN" bench -m "$MODEL" --size 1024x1024 --runs 2 --warmup 1 --json > "$OUT/ours_bench_wgmma.json" 2>>"$LOG"
-  FLUX2_KLEIN_ATTN=wgmma timeout 100 "$BIN" bench -m "$MODEL" --size 1024x1024 -r $REFS/ref0.png -r $REFS/ref1.png --runs 2 --warmup 1 --json > "$OUT/ours_bench_edit_wgmma.json" 2>>"$LOG"
-  FLUX2_KLEIN_ATTN=wgmma128 timeout 100 "$BIN" bench -m "$MODEL" --size 1024x1024 --runs 2 --warmup 1 --json > "$OUT/ours_bench_wgmma128.json" 2>>"$LOG"
-  FLUX2_KLEIN_ATTN=wgmma timeout 60 "$BIN" -q generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$OUT/ours_t2i_1024_wgmma.png" 2>>"$LOG"
-  python3 scripts/gpu_bench.py psnr "$OUT/ours_t2i_1024.png" "$OUT/ours_t2i_1024_wgmma.png" | tee -a "$LOG"
-  python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024_wgmma.png" | tee -a "$LOG"
-  grep -h '"total_ms"' "$OUT"/ours_bench*wgmma.json | head -c 600 | tee -a "$LOG"; echo
+  FLUX2_KLEIN_ATTN=mma timeout 60 "$BIN" -q generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$OUT/ours_t2i_1024_mma.png" 2>>"$LOG"
+  python3 scripts/gpu_bench.py psnr "$OUT/ours_t2i_1024.png" "$OUT/ours_t2i_1024_mma.png" | tee -a "$LOG"
+  python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024_mma.png" | tee -a "$LOG"
 fi
 
 if have 90 "bf16 noise floor"; then

@@ -293,8 +293,7 @@ impl Pipeline {
     }
 
     /// The attention the transformer runs: the CUDA kernel's name (e.g.
-    /// `fa_fwd_bf16_d128_w4_m2_n64`, or `fa90_fwd_bf16_d128` with `FLUX2_KLEIN_ATTN=wgmma` on a
-    /// Hopper GPU), or `naive` (candle ops: the CPU, f32, or our kernels unusable here).
+    /// `fa90_fwd_bf16_d128_n128` on a Hopper GPU, `fa_fwd_bf16_d128_w4_m2_n64` elsewhere), or `naive` (candle ops: the CPU, f32, or our kernels unusable here).
     /// Benchmarks record it.
     pub fn attention_kernel(&self) -> String {
         #[cfg(feature = "cuda")]

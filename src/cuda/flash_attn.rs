@@ -26,11 +26,14 @@
 //!   with the extra columns zero-filled, so every head dim that is a multiple of 8 up to 256
 //!   is supported.
 //!
-//! * **Hopper variant** (opt-in with `FLUX2_KLEIN_ATTN=wgmma`, or `wgmma128` for 128-key
-//!   tiles; compute capability 9.0, bf16,
-//!   head dim 128): the same algorithm on warpgroup MMAs (`wgmma.mma_async`, compiled for
-//!   `compute_90a`), which mma.sync cannot match on H100/H200. Emulated on the CPU in CI and
-//!   self-checked against f32 attention when it loads; not timed on a GPU yet, hence opt-in.
+//! * **Hopper variant** (the default on compute capability 9.0 for bf16, head dim 128): the
+//!   same algorithm on warpgroup MMAs (`wgmma.mma_async`, compiled for `compute_90a`), 128
+//!   query rows per warpgroup pair and 128 keys per tile. On an H100 (2026-11-26) one
+//!   attention at S = 4608 takes 0.554 ms (471 TFLOP/s) against 0.707 ms for the mma.sync
+//!   kernel and 0.783 ms for PyTorch's FlashAttention-2; at S = 10514 (the 2-reference edit)
+//!   2.716 / 3.683 / 3.939 ms. Emulated on the CPU in CI and self-checked against f32
+//!   attention when it loads (the mma.sync kernel runs if that fails).
+//!   `FLUX2_KLEIN_ATTN=wgmma` selects 64-key tiles, `FLUX2_KLEIN_ATTN=mma` the mma.sync kernel.
 //!
 //! Inputs may be strided (views from `narrow`/`transpose`) as long as the head dim is the
 //! innermost, contiguous dimension and every other stride is a multiple of 8 elements (16-byte
@@ -96,32 +99,32 @@ pub(crate) struct CompiledVariant {
 /// when it fails) the mma.sync kernel runs.
 static HOPPER_PASSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// The Hopper (wgmma) variant requested for this head dim and dtype on `dev`, if any: compute
-/// capability 9.0, bf16, head dim 128, and opted into with `FLUX2_KLEIN_ATTN=wgmma` (64-key
-/// tiles) or `wgmma128` (128-key tiles); off by default until it has been checked on a GPU
-/// (`scripts/gpu.sh` compares it with the mma.sync kernel). It runs only after
-/// [`load_for`]'s self-check passed.
+/// The Hopper (wgmma) variant for this head dim and dtype on `dev`, if any: compute capability
+/// 9.0 (H100/H200), bf16, head dim 128. The default there is the 128-key-tile kernel (measured
+/// on an H100 with `scripts/gpu.sh`: 1024² text-to-image 361 ms against 387 ms with mma.sync,
+/// BENCHMARKS.md); `FLUX2_KLEIN_ATTN=wgmma` picks 64-key tiles, `FLUX2_KLEIN_ATTN=mma` the
+/// mma.sync kernel. It runs only after [`load_for`]'s self-check passed.
 fn hopper_requested(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Option<KernelConfig> {
-    static OPT_IN: std::sync::OnceLock<Option<KernelConfig>> = std::sync::OnceLock::new();
-    let opted_in = *OPT_IN.get_or_init(|| {
+    static CHOICE: std::sync::OnceLock<Option<KernelConfig>> = std::sync::OnceLock::new();
+    let choice = *CHOICE.get_or_init(|| {
         match std::env::var("FLUX2_KLEIN_ATTN")
             .unwrap_or_default()
             .to_ascii_lowercase()
             .as_str()
         {
-            "" | "default" | "mma" => None,
+            "mma" => None,
             "wgmma" => Some(KernelConfig::HOPPER),
-            "wgmma128" => Some(KernelConfig::HOPPER_N128),
+            "" | "default" | "wgmma128" => Some(KernelConfig::HOPPER_N128),
             other => {
                 eprintln!(
                     "warning: FLUX2_KLEIN_ATTN={other} is not one of wgmma, wgmma128, mma; \
                      using the default attention kernel"
                 );
-                None
+                Some(KernelConfig::HOPPER_N128)
             }
         }
     });
-    opted_in.filter(|_| {
+    choice.filter(|_| {
         head_dim == 128
             && dtype == DType::BF16
             && matches!(dev.cuda_stream().context().compute_capability(), Ok((9, 0)))
@@ -258,13 +261,14 @@ pub fn attention_kernel_name(dev: &CudaDevice, head_dim: usize, dtype: DType) ->
 /// for a head dim the kernel does not cover (that model runs the naive path anyway).
 pub(crate) fn load_for(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Result<()> {
     if let Some(cfg) = hopper_requested(dev, head_dim, dtype) {
-        // Opted in but not yet proven on this machine: compare it with f32 attention once and
-        // keep the mma.sync kernel (with a warning) if it fails to load or disagrees.
+        // Compare it with f32 attention once per process and keep the mma.sync kernel (with a
+        // warning) if it fails to load or disagrees: a driver or NVRTC we have not run on
+        // degrades to the portable kernel instead of wrong images.
         match load_kernel(dev, &cfg, dtype).and_then(|_| hopper_self_check(dev, cfg)) {
             Ok(()) => HOPPER_PASSED.store(true, std::sync::atomic::Ordering::Relaxed),
             Err(e) => eprintln!(
-                "warning: FLUX2_KLEIN_ATTN: the Hopper attention kernel failed its self-check \
-                 ({e}); using the mma.sync kernel"
+                "warning: the Hopper attention kernel failed its self-check ({e}); using the \
+                 mma.sync kernel"
             ),
         }
     }
