@@ -10,6 +10,7 @@
 #   GPU_SKIP_FULL=1 scripts/gpu.sh # only the tiny-model correctness checks
 #   GPU_SKIP_AB=1, GPU_SKIP_COLD=1  # skip the speed-paths-off run / the cold-start runs
 #   GPU_SKIP_ATTN=1                # skip the attention-kernel check and timings
+#   GPU_RUNS=2, DIFFUSERS_RUNS=3   # timed runs per workload (after one warm-up), ours / diffusers
 #   GPU_BUDGET_S=570               # optional steps are skipped (and logged) when the time left
 #                                  # in this budget is short, so the core numbers come back
 set -uo pipefail
@@ -93,8 +94,8 @@ t1=$(date +%s.%N); python3 -c "print(round($t1-$t0,2))" > "$OUT/ours_cold_s"; lo
 grep -o 'peak device memory: [0-9.]* GiB' "$LOG" | tail -1 | awk '{print $4}' > "$OUT/ours_generate_peak_gib"
 
 log "flux2-klein bench (warm, everything resident)"
-timeout 130 "$BIN" bench -m "$MODEL" --size 1024x1024 --size 512x512 --runs 2 --warmup 1 --json > "$OUT/ours_bench.json" 2>>"$LOG"
-timeout 110 "$BIN" bench -m "$MODEL" --size 1024x1024 -r $REFS/ref0.png -r $REFS/ref1.png --runs 2 --warmup 1 --json > "$OUT/ours_bench_edit.json" 2>>"$LOG"
+timeout 130 "$BIN" bench -m "$MODEL" --size 1024x1024 --size 512x512 --runs ${GPU_RUNS:-2} --warmup 1 --json > "$OUT/ours_bench.json" 2>>"$LOG"
+timeout 110 "$BIN" bench -m "$MODEL" --size 1024x1024 -r $REFS/ref0.png -r $REFS/ref1.png --runs ${GPU_RUNS:-2} --warmup 1 --json > "$OUT/ours_bench_edit.json" 2>>"$LOG"
 python3 -c "
 import json,sys
 for f in ['$OUT/ours_bench.json','$OUT/ours_bench_edit.json']:
@@ -113,7 +114,7 @@ FLUX2_KLEIN_PROFILE=1 timeout 60 "$BIN" bench -m "$MODEL" --size 1024x1024 --run
 
 log "diffusers: warm per-stage timings"
 d_limit=$(left); d_limit=$(( d_limit - 20 > 180 ? 180 : (d_limit - 20 < 60 ? 60 : d_limit - 20) ))
-timeout $d_limit env DIFFUSERS_WORKLOADS="${DIFFUSERS_WORKLOADS:-}" python3 scripts/gpu_bench.py diffusers "$MODEL" "$WORK" "$REFS" 2>&1 | grep -E "^(t2i|edit)" | tee -a "$LOG"
+timeout $d_limit env DIFFUSERS_WORKLOADS="${DIFFUSERS_WORKLOADS:-}" DIFFUSERS_RUNS="${DIFFUSERS_RUNS:-3}" python3 scripts/gpu_bench.py diffusers "$MODEL" "$WORK" "$REFS" 2>&1 | grep -E "^(t2i|edit)" | tee -a "$LOG"
 cp "$WORK/diffusers.json" "$WORK/diffusers_t2i_1024.png" "$OUT/" 2>/dev/null
 python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024.png" | tee -a "$LOG"
 

@@ -231,7 +231,7 @@ def diffusers_bench(model, outdir, refdir):
         run_once(pipe, w, h, refs)  # warm-up
         torch.cuda.reset_peak_memory_stats()
         runs = []
-        for _ in range(3):
+        for _ in range(int(os.environ.get("DIFFUSERS_RUNS", "3"))):
             img, t = run_once(pipe, w, h, refs)
             runs.append(t)
         img.save(os.path.join(outdir, f"diffusers_{name}.png"))
