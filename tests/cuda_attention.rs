@@ -9,7 +9,10 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
-use flux2_klein::cuda::{flash_attention, flash_attention_bshd, naive_attention};
+use flux2_klein::cuda::{
+    causal_is_supported, flash_attention, flash_attention_bshd, flash_attention_causal,
+    naive_attention,
+};
 use std::time::Instant;
 
 fn cuda_device() -> Option<Device> {
@@ -112,6 +115,78 @@ fn run_case(dev: &Device, c: &Case) -> Result<(f32, f32, f32)> {
         .all(|x| x.is_finite());
     let err = if finite { err } else { f32::INFINITY };
     Ok((err, err_naive, max_abs(&reference)?))
+}
+
+/// Causal attention over a right-padded row in f32: query `i` sees keys `0..=min(i, valid-1)`;
+/// `k`/`v` have `h / group` heads. `[1, h, s, d]`.
+fn causal_reference(q: &Tensor, k: &Tensor, v: &Tensor, valid: usize) -> Result<Tensor> {
+    let (_, h, s, d) = q.dims4()?;
+    let group = h / k.dim(1)?;
+    let f = |t: &Tensor| t.to_dtype(DType::F32);
+    let expand = |t: &Tensor| -> Result<Tensor> {
+        let (b, hk, s, d) = t.dims4()?;
+        t.unsqueeze(2)?
+            .broadcast_as((b, hk, group, s, d))?
+            .reshape((b, hk * group, s, d))
+    };
+    let (q, k, v) = (f(q)?, expand(&f(k)?)?, expand(&f(v)?)?);
+    let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+    let mask: Vec<f32> = (0..s)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= i.min(valid - 1) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (1, 1, s, s), q.device())?;
+    let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+    p.matmul(&v)
+}
+
+#[test]
+fn causal_flash_attention_matches_masked_reference() -> Result<()> {
+    let Some(dev) = cuda_device() else {
+        return Ok(());
+    };
+    // (heads, kv heads, seq, head dim, real tokens per batch row): Qwen3-4B's text encoder
+    // (32 heads over 8 K/V heads, 512 tokens, a short prompt and a CFG negative prompt), a
+    // tile-edge length, a full row, one real token, D = 64.
+    let cases: [(usize, usize, usize, usize, &[usize]); 5] = [
+        (32, 8, 512, 128, &[26, 512]),
+        (8, 8, 300, 128, &[64]),
+        (4, 2, 200, 128, &[200]),
+        (4, 1, 77, 128, &[1]),
+        (6, 3, 150, 64, &[100, 37]),
+    ];
+    let mut failures = Vec::new();
+    for (h, hk, s, d, valid) in cases {
+        let b = valid.len();
+        let q = rand(&dev, [b, h, s, d], DType::BF16, 1.0)?;
+        let k = rand(&dev, [b, hk, s, d], DType::BF16, 1.0)?;
+        let v = rand(&dev, [b, hk, s, d], DType::BF16, 1.0)?;
+        assert!(causal_is_supported(&q, &k, &v));
+        let ours = flash_attention_causal(&q, &k, &v, 1.0 / (d as f32).sqrt(), valid)?;
+        for (row, &n) in valid.iter().enumerate() {
+            let (qr, kr, vr) = (q.i(row..row + 1)?, k.i(row..row + 1)?, v.i(row..row + 1)?);
+            let reference = causal_reference(&qr, &kr, &vr, n)?;
+            let err = max_abs_diff(&ours.i(row..row + 1)?, &reference)?;
+            let top = max_abs(&reference)?;
+            let ok = err <= 1e-2 * top.max(1e-3);
+            println!(
+                "causal H={h} Hkv={hk} S={s} D={d} real={n}: max abs err {err:.3e} (max |ref| {top:.3e}) {}",
+                if ok { "ok" } else { "FAIL" }
+            );
+            if !ok {
+                failures.push(format!("H={h} S={s} D={d} real={n}: {err:.3e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "causal kernel errors: {failures:?}");
+    Ok(())
 }
 
 #[test]

@@ -28,6 +28,10 @@ inline Dim3 blockDim, gridDim;
 // shared memory.
 #define __shared__ static
 
+// CUDA's built-in integer min/max.
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+
 inline float __uint_as_float(unsigned u) {
     float f;
     std::memcpy(&f, &u, 4);

@@ -1,6 +1,7 @@
-// Flash-attention style forward kernel (no mask) for bf16 / f16 on sm_80+ (built for sm_90 at
-// run time with NVRTC, see flash_attn.rs). Its Hopper (wgmma) variant is flash_attn_sm90.cu,
-// compiled appended to this file.
+// Flash-attention style forward kernel for bf16 / f16 on sm_80+ (built for sm_90 at run time
+// with NVRTC, see flash_attn.rs): no mask (the transformer's joint attention), or, compiled
+// with FA_CAUSAL, causal over right-padded rows with grouped K/V heads (the Qwen3 text
+// encoder). Its Hopper (wgmma) variant is flash_attn_sm90.cu, compiled appended to this file.
 //
 //   O[b,h,i,:] = sum_j softmax_j(scale * <Q[b,h,i,:], K[b,h,j,:]>) * V[b,h,j,:]
 //
@@ -193,7 +194,7 @@ enum { NEXT_NONE, NEXT_PARTIAL, NEXT_FULL };
 // last two tiles separately, so the loop has no per-tile mask or bounds work (ptxas would
 // otherwise predicate it into every tile). The per-thread constants live here; the
 // accumulators stay with the caller (everything is inlined into registers).
-template <int D, int NW, int MT, int BN, bool BF16>
+template <int D, int NW, int MT, int BN, bool BF16, bool CAUSAL = false>
 struct FaTile {
     static constexpr int ND = D / 8;   // n-tiles of the output (8 columns each)
     static constexpr int NK = BN / 8;  // n-tiles of the scores (8 keys each)
@@ -207,6 +208,9 @@ struct FaTile {
     float scale_log2;
     u32 q_warp;  // shared address of this warp's Q rows
     LdsmLane<D> qv_lane, k_lane;
+    // CAUSAL only: the last key each of this thread's rows may see, min(row, kv_valid - 1),
+    // for rows gid and gid + 8 of each 16-row slice.
+    int key_last[MT][2];
 
     template <bool MASKED, int NEXT>
     __device__ __forceinline__ void run(const int t, float (&acc)[MT][ND][4],
@@ -265,6 +269,23 @@ struct FaTile {
             }
         }
 
+        // ---- causal / padding mask: keys past each row's last visible key ----
+        if (CAUSAL && MASKED) {
+            const float ninf = -__int_as_float(0x7f800000);
+#pragma unroll
+            for (int n = 0; n < NK; ++n) {
+                const int c = t * BN + n * 8 + tig * 2;
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        if (c > key_last[mt][r]) s[mt][n][2 * r] = ninf;
+                        if (c + 1 > key_last[mt][r]) s[mt][n][2 * r + 1] = ninf;
+                    }
+                }
+            }
+        }
+
         // ---- online softmax (rows gid and gid+8 of each 16-row slice) ----
         float alpha[MT][2];
         bool max_moved = false;
@@ -282,6 +303,8 @@ struct FaTile {
                 raw = fmaxf(raw, __shfl_xor_sync(0xffffffffu, raw, 1));
                 raw = fmaxf(raw, __shfl_xor_sync(0xffffffffu, raw, 2));
                 // Finite: key t*BN < sk is always valid, so every row has a real score.
+                // (CAUSAL: a row may see no key of a later tile, raw = -inf; key 0, in the
+                // first tile, is visible to every row, so row_max is finite by then.)
                 const float mx = fmaxf(row_max[mt][r], raw * scale_log2);
                 alpha[mt][r] = fast_exp2(row_max[mt][r] - mx);
                 max_moved |= mx != row_max[mt][r];
@@ -343,21 +366,25 @@ struct FaTile {
 DEVI void to_batch_head(const u16* __restrict__& q, const u16* __restrict__& k,
                         const u16* __restrict__& v, u16* __restrict__& o, long long q_sb,
                         long long q_sh, long long k_sb, long long k_sh, long long v_sb,
-                        long long v_sh, long long o_sb, long long o_sh) {
+                        long long v_sh, long long o_sb, long long o_sh, int kv_group = 1) {
     const long long h = blockIdx.y, b = blockIdx.z;
+    const long long kv_h = h / kv_group;  // grouped-query attention: kv_group query heads per K/V head
     q += b * q_sb + h * q_sh;
-    k += b * k_sb + h * k_sh;
-    v += b * v_sb + h * v_sh;
+    k += b * k_sb + kv_h * k_sh;
+    v += b * v_sb + kv_h * v_sh;
     o += b * o_sb + h * o_sh;
 }
 
-template <int D, int NW, int MT, int BN, bool BF16>
+// CAUSAL: query row i sees key j iff j <= i and j < kv_valid (a causal decoder over a
+// right-padded sequence: Qwen3 in the text encoder), and kv_group query heads share one K/V
+// head. Otherwise every query sees every key (kv_valid and kv_group are unused).
+template <int D, int NW, int MT, int BN, bool BF16, bool CAUSAL = false>
 DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
                       const u16* __restrict__ v, u16* __restrict__ o, int sq, int sk, int dact,
                       long long q_sb, long long q_sh, long long q_ss, long long k_sb,
                       long long k_sh, long long k_ss, long long v_sb, long long v_sh,
                       long long v_ss, long long o_sb, long long o_sh, long long o_ss,
-                      float scale_log2) {
+                      float scale_log2, int kv_valid = 0, int kv_group = 1) {
     static_assert(D % 16 == 0 && BN % 16 == 0, "tile sizes");
     constexpr int NCH = D / 8;
     constexpr int BM = 16 * MT * NW;
@@ -373,7 +400,11 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
     const int lane = tid & 31, warp = tid >> 5;
     const int gid = lane >> 2, tig = lane & 3;
     const int m0 = blockIdx.x * BM;
-    to_batch_head(q, k, v, o, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh, o_sb, o_sh);
+    to_batch_head(q, k, v, o, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh, o_sb, o_sh,
+                  CAUSAL ? kv_group : 1);
+    // CAUSAL: no row of this block sees a key past min(m0 + BM, kv_valid); the block reads
+    // only those (the host guarantees 1 <= kv_valid <= sk).
+    if (CAUSAL) sk = min(sk, min(m0 + BM, kv_valid));
 
     load_tile<D, BM, NT, false>(qs, q, q_ss, m0, sq, dact, tid);
     load_tile<D, BN, NT, false>(ks, k, k_ss, 0, sk, dact, tid);
@@ -402,12 +433,29 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
     const LdsmLane<D> k_lane((lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);  // K (B, non-trans)
     const u32 q_warp = smem_u32(qs) + 2 * wr0 * D;  // this warp's Q rows
 
-    const FaTile<D, NW, MT, BN, BF16> tile{ks, vs, k, v, k_ss, v_ss, sk, dact, tid, ntiles, tig,
-                                          scale_log2, q_warp, qv_lane, k_lane};
+    FaTile<D, NW, MT, BN, BF16, CAUSAL> tile{ks, vs, k, v, k_ss, v_ss, sk, dact, tid, ntiles,
+                                             tig, scale_log2, q_warp, qv_lane, k_lane};
     int t = 0;
-    for (; t + 2 < ntiles; ++t) tile.template run<false, NEXT_FULL>(t, acc, row_max, row_sum);
-    if (t + 1 < ntiles) tile.template run<false, NEXT_PARTIAL>(t++, acc, row_max, row_sum);
-    if (t < ntiles) tile.template run<true, NEXT_NONE>(t, acc, row_max, row_sum);
+    if (CAUSAL) {
+        // Tiles every row of the block sees whole run unmasked; the ones across the diagonal
+        // (or the padding edge) mask per row. Short sequences: the copies stay bounds-checked.
+        const int first_row_last_key = min(m0, kv_valid - 1);
+        const int full_tiles = (first_row_last_key + 1) / BN;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                tile.key_last[mt][r] = min(m0 + wr0 + mt * 16 + gid + 8 * r, kv_valid - 1);
+        for (; t + 1 < ntiles; ++t) {
+            if (t < full_tiles) tile.template run<false, NEXT_PARTIAL>(t, acc, row_max, row_sum);
+            else tile.template run<true, NEXT_PARTIAL>(t, acc, row_max, row_sum);
+        }
+        if (t < ntiles) tile.template run<true, NEXT_NONE>(t, acc, row_max, row_sum);
+    } else {
+        for (; t + 2 < ntiles; ++t) tile.template run<false, NEXT_FULL>(t, acc, row_max, row_sum);
+        if (t + 1 < ntiles) tile.template run<false, NEXT_PARTIAL>(t++, acc, row_max, row_sum);
+        if (t < ntiles) tile.template run<true, NEXT_NONE>(t, acc, row_max, row_sum);
+    }
     cp_async_wait_all();
 
     // ---- epilogue: O / l, staged through this warp's own Q rows ----
@@ -459,18 +507,40 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
                                             scale_log2);                                        \
     }
 
+// The causal variant (FaTile CAUSAL): fa_causal_<dtype>_d<D>_w<NW>_m<MT>_n<BN>, the same
+// arguments plus kv_valid (keys 0..kv_valid are real tokens, 1 <= kv_valid <= sk) and kv_group
+// (query heads per K/V head; grid.y counts query heads). Compiled instead of the plain
+// instances when FA_CAUSAL is defined (its own NVRTC module, loaded only by the text encoder).
+#define FA_CAUSAL_KERNEL(DT, IS_BF16, D, NW, MT, BN)                                            \
+    extern "C" __global__ void __launch_bounds__(NW * 32)                                       \
+        fa_causal_##DT##_d##D##_w##NW##_m##MT##_n##BN(                                          \
+            const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,    \
+            u16* __restrict__ o, int sq, int sk, int dact, long long q_sb, long long q_sh,      \
+            long long q_ss, long long k_sb, long long k_sh, long long k_ss, long long v_sb,     \
+            long long v_sh, long long v_ss, long long o_sb, long long o_sh, long long o_ss,     \
+            float scale_log2, int kv_valid, int kv_group) {                                     \
+        fa_fwd_impl<D, NW, MT, BN, IS_BF16, true>(q, k, v, o, sq, sk, dact, q_sb, q_sh, q_ss,    \
+                                                  k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb,     \
+                                                  o_sh, o_ss, scale_log2, kv_valid, kv_group);  \
+    }
+#ifdef FA_CAUSAL
+#define FA_INSTANCE FA_CAUSAL_KERNEL
+#else
+#define FA_INSTANCE FA_KERNEL
+#endif
+
 // flash_attn.rs compiles one head dim and one dtype at a time (-DFA_ONLY_D=<D>,
 // -DFA_ONLY_BF16 / -DFA_ONLY_F16): NVRTC and the driver's JIT take ~1 s per instance, and a
 // process only needs the head dim and dtype of its model (first-run cold start).
 #if defined(FA_ONLY_F16)
 #define FA_KERNEL_BF16(D, NW, MT, BN)
 #else
-#define FA_KERNEL_BF16(D, NW, MT, BN) FA_KERNEL(bf16, true, D, NW, MT, BN)
+#define FA_KERNEL_BF16(D, NW, MT, BN) FA_INSTANCE(bf16, true, D, NW, MT, BN)
 #endif
 #if defined(FA_ONLY_BF16)
 #define FA_KERNEL_F16(D, NW, MT, BN)
 #else
-#define FA_KERNEL_F16(D, NW, MT, BN) FA_KERNEL(f16, false, D, NW, MT, BN)
+#define FA_KERNEL_F16(D, NW, MT, BN) FA_INSTANCE(f16, false, D, NW, MT, BN)
 #endif
 #define FA_KERNELS(D, NW, MT, BN) FA_KERNEL_BF16(D, NW, MT, BN) FA_KERNEL_F16(D, NW, MT, BN)
 

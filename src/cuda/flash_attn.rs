@@ -75,7 +75,9 @@ pub enum AttnLayout {
 
 /// One compiled tiling of the kernel: `NW` warps × `MT` m16-slices of queries per block,
 /// `BN` keys per K/V tile, compiled head dim `d`; or (`hopper`) the sm_90a wgmma variant
-/// (bf16, head dim 128, two warpgroups of 64 query rows, 64-key tiles).
+/// (bf16, head dim 128, two warpgroups of 64 query rows, 64-key tiles). `causal`: the
+/// mma.sync tiling's causal, right-padded, grouped-query instance (`fa_causal_*`, the text
+/// encoder's), compiled as its own module with `-DFA_CAUSAL`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct KernelConfig {
     d: usize,
@@ -83,6 +85,7 @@ struct KernelConfig {
     m_tiles: usize,
     block_n: usize,
     hopper: bool,
+    causal: bool,
 }
 
 /// What [`compiled_variants`] lists for the compile check: the architecture a variant needs
@@ -149,6 +152,15 @@ impl KernelConfig {
             m_tiles,
             block_n,
             hopper: false,
+            causal: false,
+        })
+    }
+
+    /// The causal instance of [`KernelConfig::for_head_dim`]'s tiling.
+    fn causal_for_head_dim(head_dim: usize) -> Option<Self> {
+        Self::for_head_dim(head_dim).map(|cfg| Self {
+            causal: true,
+            ..cfg
         })
     }
 
@@ -159,6 +171,7 @@ impl KernelConfig {
         m_tiles: 1,
         block_n: 64,
         hopper: true,
+        causal: false,
     };
 
     /// The same with 128-key tiles, `fa90_fwd_bf16_d128_n128`.
@@ -193,10 +206,14 @@ impl KernelConfig {
                 .to_vec();
         }
         let only = if dtype == DType::BF16 { "BF16" } else { "F16" };
-        vec![
+        let mut defines = vec![
             format!("-DFA_ONLY_D={}", self.d),
             format!("-DFA_ONLY_{only}"),
-        ]
+        ];
+        if self.causal {
+            defines.push("-DFA_CAUSAL".to_string());
+        }
+        defines
     }
 
     fn kernel_name(&self, dtype: DType) -> String {
@@ -205,8 +222,9 @@ impl KernelConfig {
             return format!("fa90_fwd_bf16_d128{tiles}");
         }
         let dt = if dtype == DType::BF16 { "bf16" } else { "f16" };
+        let kind = if self.causal { "causal" } else { "fwd" };
         format!(
-            "fa_fwd_{dt}_d{}_w{}_m{}_n{}",
+            "fa_{kind}_{dt}_d{}_w{}_m{}_n{}",
             self.d, self.warps, self.m_tiles, self.block_n
         )
     }
@@ -221,12 +239,18 @@ impl KernelConfig {
     }
 }
 
-/// Every variant [`load_kernel`] may ask NVRTC for: one per supported head dim and dtype, and
-/// the Hopper kernel (checked by [`super::check_kernels`]).
+/// Every variant [`load_kernel`] may ask NVRTC for: one per supported head dim and dtype, plain
+/// and causal, and the Hopper kernel (checked by [`super::check_kernels`]).
 pub(crate) fn compiled_variants() -> Vec<CompiledVariant> {
     let mut variants: Vec<CompiledVariant> = [16, 32, 64, 128, 256]
         .into_iter()
-        .filter_map(KernelConfig::for_head_dim)
+        .flat_map(|d| {
+            [
+                KernelConfig::for_head_dim(d),
+                KernelConfig::causal_for_head_dim(d),
+            ]
+        })
+        .flatten()
         .flat_map(|cfg| {
             [DType::BF16, DType::F16].map(|dtype| CompiledVariant {
                 source: KERNEL_SOURCE,
@@ -339,11 +363,21 @@ fn load_kernel(dev: &CudaDevice, cfg: &KernelConfig, dtype: DType) -> Result<Cud
 }
 
 /// The custom op: `q`, `k`, `v` in `layout`, output contiguous in the same layout; the kernel
-/// is [`KernelConfig::select`]'s, or `config` when given (the Hopper self-check).
+/// is [`KernelConfig::select`]'s, or `config` when given (the Hopper self-check), or the causal
+/// instance with `causal`.
 struct FlashAttn {
     scale: f32,
     layout: AttnLayout,
     config: Option<KernelConfig>,
+    causal: Option<CausalMask>,
+}
+
+/// The causal kernel's mask: query `i` sees key `j` iff `j <= i` and `j < kv_valid`; K/V have
+/// `heads / kv_group` heads (grouped-query attention).
+#[derive(Clone, Copy, Debug)]
+struct CausalMask {
+    kv_valid: usize,
+    kv_group: usize,
 }
 
 /// (batch, heads, seq, head_dim) and the element strides (batch, heads, seq) of one tensor.
@@ -392,6 +426,8 @@ struct KernelArgs {
     strides: [[i64; 3]; 4],
     scale_log2: f32,
     n_out: usize,
+    /// The causal kernel's two extra arguments (kv_valid, kv_group).
+    causal: Option<[i32; 2]>,
 }
 
 impl KernelArgs {
@@ -420,6 +456,10 @@ impl KernelArgs {
             builder.arg(s);
         }
         builder.arg(&self.scale_log2);
+        if let Some(extra) = &self.causal {
+            builder.arg(&extra[0]);
+            builder.arg(&extra[1]);
+        }
         // SAFETY: the argument list matches the kernel signature in flash_attn.cu, and the
         // launch configuration matches the kernel's compile-time tiling (`KernelConfig`).
         unsafe { builder.launch(launch) }.w()?;
@@ -451,7 +491,11 @@ impl CustomOp3 for FlashAttn {
         let ([b, h, sq, d], q_st) = dims_and_strides("q", ql, self.layout)?;
         let ([kb, kh, sk, kd], k_st) = dims_and_strides("k", kl, self.layout)?;
         let ([vb, vh, sv, vd], v_st) = dims_and_strides("v", vl, self.layout)?;
-        if (kb, kh, kd) != (b, h, d) || (vb, vh, sv, vd) != (kb, kh, sk, kd) {
+        let kv_group = self.causal.map_or(1, |c| c.kv_group);
+        if kv_group == 0
+            || (kb, kh * kv_group, kd) != (b, h, d)
+            || (vb, vh, sv, vd) != (kb, kh, sk, kd)
+        {
             bail!(
                 "flash attention: shape mismatch q {:?}, k {:?}, v {:?} ({:?} layout)",
                 ql.shape(),
@@ -469,11 +513,23 @@ impl CustomOp3 for FlashAttn {
         if sk == 0 || d % 8 != 0 || d > MAX_HEAD_DIM {
             bail!("flash attention: needs Sk > 0 and a head dim that is a multiple of 8 up to {MAX_HEAD_DIM}, got Sk={sk}, D={d}")
         }
+        if let Some(c) = self.causal {
+            if sq != sk || c.kv_valid == 0 || c.kv_valid > sk {
+                bail!(
+                    "causal flash attention: needs Sq = Sk and 1 <= kv_valid <= Sk, got Sq={sq}, \
+                     Sk={sk}, kv_valid={}",
+                    c.kv_valid
+                )
+            }
+        }
         let dtype = qs.dtype();
-        let cfg = self
-            .config
-            .or_else(|| KernelConfig::select(qs.device(), d, dtype))
-            .ok_or_else(|| candle_core::Error::Msg(format!("flash attention: head dim {d}")))?;
+        let cfg = match self.causal {
+            Some(_) => KernelConfig::causal_for_head_dim(d),
+            None => self
+                .config
+                .or_else(|| KernelConfig::select(qs.device(), d, dtype)),
+        }
+        .ok_or_else(|| candle_core::Error::Msg(format!("flash attention: head dim {d}")))?;
         if ks.dtype() != dtype || vs.dtype() != dtype {
             bail!(
                 "flash attention: q/k/v dtypes differ ({dtype:?}, {:?}, {:?})",
@@ -507,6 +563,7 @@ impl CustomOp3 for FlashAttn {
             strides: [q_st, k_st, v_st, o_st],
             scale_log2: self.scale * std::f32::consts::LOG2_E,
             n_out: out_shape.elem_count(),
+            causal: self.causal.map(|c| [c.kv_valid as i32, c.kv_group as i32]),
         };
         let inputs = [(qs, ql), (ks, kl), (vs, vl)];
         let storage = match dtype {
@@ -624,6 +681,164 @@ fn run_kernel(
             scale,
             layout,
             config,
+            causal: None,
         },
     )
+}
+
+/// Whether the causal kernel runs for this device, head dim and dtype: CUDA, bf16/f16, head
+/// dim a multiple of 8 up to 256, our kernels usable, and the kernel compiled and loaded (the
+/// first call compiles it, later ones hit the caches). Callers decide their mask form with it
+/// before any tensor exists; if the kernel cannot load they keep their reference path (with
+/// one warning) instead of failing.
+pub fn causal_kernel_ready(device: &Device, head_dim: usize, dtype: DType) -> bool {
+    // (head dim, dtype) → whether the kernel loaded and passed its self-check.
+    static READY: std::sync::Mutex<Vec<((usize, DType), bool)>> = std::sync::Mutex::new(Vec::new());
+    let Device::Cuda(dev) = device else {
+        return false;
+    };
+    let Some(cfg) = KernelConfig::causal_for_head_dim(head_dim) else {
+        return false;
+    };
+    if !kernel_handles(head_dim, dtype) {
+        return false;
+    }
+    let Ok(mut ready) = READY.lock() else {
+        return false;
+    };
+    if let Some(&(_, ok)) = ready.iter().find(|(key, _)| *key == (head_dim, dtype)) {
+        return ok;
+    }
+    let checked =
+        load_kernel(dev, &cfg, dtype).and_then(|_| causal_self_check(device, head_dim, dtype));
+    if let Err(e) = &checked {
+        eprintln!(
+            "warning: the causal attention kernel failed to load or its self-check ({e}); the \
+             text encoder uses candle's ops"
+        );
+    }
+    ready.push(((head_dim, dtype), checked.is_ok()));
+    checked.is_ok()
+}
+
+/// The causal kernel against f32 masked attention on a small problem (two query blocks,
+/// right padding inside the first key tile's range, grouped K/V heads), once per process
+/// before the text encoder relies on it: a driver or NVRTC we have not run on degrades to the
+/// reference path instead of a wrong prompt embedding.
+fn causal_self_check(device: &Device, head_dim: usize, dtype: DType) -> Result<()> {
+    let (h, kv_heads, s, real) = (4, 2, 150, 100);
+    let rand =
+        |heads: usize| Tensor::randn(0f32, 1f32, (1, heads, s, head_dim), device)?.to_dtype(dtype);
+    let (q, k, v) = (rand(h)?, rand(kv_heads)?, rand(kv_heads)?);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let ours = flash_attention_causal(&q, &k, &v, scale, &[real])?.to_dtype(DType::F32)?;
+    // The same rounded values in f32, K/V heads repeated, mask j <= min(i, real - 1).
+    let expand = |t: &Tensor| -> Result<Tensor> {
+        t.to_dtype(DType::F32)?
+            .unsqueeze(2)?
+            .broadcast_as((1, kv_heads, h / kv_heads, s, head_dim))?
+            .reshape((1, h, s, head_dim))
+    };
+    let mask: Vec<f32> = (0..s)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= i.min(real - 1) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (1, 1, s, s), device)?;
+    let scores = (q.to_dtype(DType::F32)?.matmul(&expand(&k)?.t()?)? * scale as f64)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+    let reference = probs.matmul(&expand(&v)?)?;
+    let err = (ours - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let top = reference.abs()?.max_all()?.to_scalar::<f32>()?;
+    if err.is_nan() || err > 2e-2 * top.max(1e-6) {
+        bail!("max abs error {err:.3e} against f32 masked attention (max |out| {top:.3e})")
+    }
+    Ok(())
+}
+
+/// Whether [`flash_attention_causal`] runs on these inputs: [`is_supported`]'s conditions,
+/// with `k`/`v` allowed fewer heads than `q` (a divisor: grouped-query attention) and Sq = Sk.
+pub fn causal_is_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let (Ok((b, h, s, d)), Ok((kb, kh, ks, kd))) = (q.dims4(), k.dims4()) else {
+        return false;
+    };
+    matches!(q.device(), Device::Cuda(_))
+        && kernel_handles(d, q.dtype())
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && k.device().same_device(q.device())
+        && v.device().same_device(q.device())
+        && kh > 0
+        && h % kh == 0
+        && (kb, ks, kd) == (b, s, d)
+        && v.dims() == k.dims()
+}
+
+/// Causal attention over right-padded sequences, `q` `[B, H, S, D]`, `k`/`v` `[B, Hkv, S, D]`
+/// (`H` a multiple of `Hkv`: query head `h` reads K/V head `h / (H / Hkv)`), for the text
+/// encoder: in batch row `b`, query `i` sees key `j` iff `j <= i` and `j < kv_valid[b]` (the
+/// row's real tokens come first). Returns `[B, H, S, D]` in q's dtype. Needs
+/// [`causal_is_supported`] and `1 <= kv_valid[b] <= S`.
+///
+/// Numerics as [`flash_attention`]'s: f32 scores and softmax statistics, probabilities
+/// rounded to the input dtype for P·V with f32 accumulation, like the FlashAttention /
+/// memory-efficient kernels torch's SDPA runs for a masked bf16 call on CUDA.
+pub fn flash_attention_causal(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    kv_valid: &[usize],
+) -> Result<Tensor> {
+    if !causal_is_supported(q, k, v) {
+        bail!(
+            "causal flash attention: unsupported inputs q {:?} {:?}, k {:?}, v {:?} on {:?}",
+            q.dims(),
+            q.dtype(),
+            k.dims(),
+            v.dims(),
+            q.device().location()
+        )
+    }
+    let (b, h, _, _) = q.dims4()?;
+    if kv_valid.len() != b {
+        bail!(
+            "causal flash attention: {} kv_valid lengths for a batch of {b}",
+            kv_valid.len()
+        )
+    }
+    let kv_group = h / k.dim(1)?;
+    // One launch per batch row: the rows' padding differs (prompt and negative prompt).
+    let rows = (0..b)
+        .map(|i| {
+            let (q, k, v) = (
+                kernel_ready(&q.narrow(0, i, 1)?)?,
+                kernel_ready(&k.narrow(0, i, 1)?)?,
+                kernel_ready(&v.narrow(0, i, 1)?)?,
+            );
+            q.apply_op3_no_bwd(
+                &k,
+                &v,
+                &FlashAttn {
+                    scale,
+                    layout: AttnLayout::Bhsd,
+                    config: None,
+                    causal: Some(CausalMask {
+                        kv_valid: kv_valid[i],
+                        kv_group,
+                    }),
+                },
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if rows.len() == 1 {
+        return Ok(rows.into_iter().next().expect("one row"));
+    }
+    Tensor::cat(&rows, 0)
 }

@@ -16,6 +16,12 @@
 //! * SwiGLU: `silu` evaluated in f32 and rounded once (torch's bf16 kernels compute in f32),
 //!   the product with `up` rounded to the compute dtype.
 //! * every residual add rounds to the compute dtype.
+//!
+//! On CUDA in bf16/f16 the masked attention runs on our causal flash kernel instead
+//! (`cuda::flash_attention_causal`: the mask is causal plus right padding, so each row needs
+//! only its count of real tokens; f32 scores and statistics, P rounded to the compute dtype,
+//! online softmax, like the memory-efficient kernel torch's SDPA picks for a masked call on
+//! CUDA). `FLUX2_KLEIN_FUSED=0` keeps the op-by-op path there too.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -210,6 +216,16 @@ impl Qwen3RmsNorm {
     }
 }
 
+/// How the decoder layers mask attention (built once per forward).
+enum LayerMask {
+    /// Additive f32 bias `[B,1,1,L,L]` for [`sdpa`] (the op-by-op reference path).
+    Bias(Tensor),
+    /// CUDA: the causal flash kernel, with each batch row's number of real tokens (the row's
+    /// first tokens; the rest is padding).
+    #[cfg(feature = "cuda")]
+    CausalKernel(Vec<usize>),
+}
+
 /// `Qwen3Attention` without cache (spec §2.2).
 #[derive(Debug, Clone)]
 struct Qwen3Attention {
@@ -242,9 +258,8 @@ impl Qwen3Attention {
         })
     }
 
-    /// `x` [B,L,H]; `cos`/`sin` [L,head_dim/2] in the compute dtype; `mask` additive f32
-    /// [B,1,1,L,L] (0 = attend, -inf = blocked).
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `x` [B,L,H]; `cos`/`sin` [L,head_dim/2] in the compute dtype.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &LayerMask) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // q/k RMSNorm per head *before* RoPE (Qwen3), on [B,L,heads,hd], then [B,heads,L,hd].
@@ -262,7 +277,14 @@ impl Qwen3Attention {
         // `q*cos + rotate_half(q)*sin`.
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let out = sdpa(&q, &k, &v.contiguous()?, mask, nkv)?; // [B,nh,L,hd]
+        let out = match mask {
+            LayerMask::Bias(bias) => sdpa(&q, &k, &v.contiguous()?, bias, nkv)?, // [B,nh,L,hd]
+            #[cfg(feature = "cuda")]
+            LayerMask::CausalKernel(real_tokens) => {
+                let scale = 1.0 / (hd as f32).sqrt();
+                crate::cuda::flash_attention_causal(&q, &k, &v, scale, real_tokens)?
+            }
+        };
         let out = out.transpose(1, 2)?.reshape((b, l, nh * hd))?;
         Ok(self.o_proj.forward(&out)?)
     }
@@ -345,7 +367,7 @@ impl Qwen3DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &LayerMask) -> Result<Tensor> {
         let h = self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
@@ -367,6 +389,8 @@ pub struct Qwen3TextEncoder {
     embed_tokens: Embedding,
     layers: Vec<Qwen3DecoderLayer>,
     inv_freq: Vec<f32>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    head_dim: usize,
     dtype: DType,
     device: Device,
 }
@@ -399,6 +423,7 @@ impl Qwen3TextEncoder {
             embed_tokens,
             layers,
             inv_freq: rope_inv_freq(cfg.rope_theta(), cfg.head_dim()),
+            head_dim: cfg.head_dim(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
@@ -435,6 +460,24 @@ impl Qwen3TextEncoder {
         let cos = Tensor::from_vec(cos, (seq_len, half), &self.device)?.to_dtype(self.dtype)?;
         let sin = Tensor::from_vec(sin, (seq_len, half), &self.device)?.to_dtype(self.dtype)?;
         Ok((cos, sin))
+    }
+
+    /// The mask for [`Qwen3DecoderLayer::forward`]: the causal kernel's real-token counts on
+    /// CUDA (bf16/f16, supported head dim, speed paths on, the kernel loaded, every row's real
+    /// tokens first and at least one), the additive bias otherwise.
+    fn layer_mask(&self, attention_mask: &Tensor, seq_len: usize) -> Result<LayerMask> {
+        #[cfg(feature = "cuda")]
+        if crate::ops::cuda_speedups_enabled()
+            && crate::cuda::causal_kernel_ready(&self.device, self.head_dim, self.dtype)
+        {
+            if let Some(real_tokens) = right_padded_lengths(attention_mask)? {
+                return Ok(LayerMask::CausalKernel(real_tokens));
+            }
+        }
+        Ok(LayerMask::Bias(Self::attention_bias(
+            attention_mask,
+            seq_len,
+        )?))
     }
 
     /// Additive f32 mask `[B,1,1,L,L]`: query `i` may see key `j` iff `j <= i` and
@@ -486,7 +529,7 @@ impl Qwen3TextEncoder {
         }
         let mut h = hidden.to_device(&self.device)?.to_dtype(self.dtype)?;
         let (cos, sin) = self.rope_tables(l)?;
-        let mask = Self::attention_bias(&attention_mask.to_device(&self.device)?, l)?;
+        let mask = self.layer_mask(&attention_mask.to_device(&self.device)?, l)?;
         for i in from..to {
             h = self.layers[i]
                 .forward(&h, &cos, &sin, &mask)
@@ -545,7 +588,7 @@ impl Qwen3TextEncoder {
         record(0, &h);
         if deepest > 0 {
             let (cos, sin) = self.rope_tables(l)?;
-            let mask = Self::attention_bias(&attention_mask, l)?;
+            let mask = self.layer_mask(&attention_mask, l)?;
             for (i, layer) in self.layers[..deepest].iter().enumerate() {
                 h = layer
                     .forward(&h, &cos, &sin, &mask)
@@ -557,5 +600,41 @@ impl Qwen3TextEncoder {
             .into_iter()
             .map(|o| o.context("internal: hidden state not recorded"))
             .collect()
+    }
+}
+
+/// Each row's number of real tokens when every row of `attention_mask` `[B, L]` is right
+/// padded (ones, then zeros) and holds at least one real token; `None` for any other pattern
+/// (left padding, holes), which the additive bias handles.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn right_padded_lengths(attention_mask: &Tensor) -> Result<Option<Vec<usize>>> {
+    let rows = attention_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let real = row.iter().take_while(|&&m| m != 0.0).count();
+            (real > 0 && row[real..].iter().all(|&m| m == 0.0)).then_some(real)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn right_padded_lengths_accepts_only_right_padding() -> Result<()> {
+        let mask = |rows: &[&[u32]]| {
+            let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+            Tensor::from_vec(flat, (rows.len(), rows[0].len()), &Device::Cpu)
+        };
+        let lengths = |rows: &[&[u32]]| right_padded_lengths(&mask(rows)?);
+        assert_eq!(lengths(&[&[1, 1, 0, 0], &[1, 1, 1, 1]])?, Some(vec![2, 4]));
+        assert_eq!(lengths(&[&[1, 0, 0, 0]])?, Some(vec![1]));
+        assert_eq!(lengths(&[&[0, 1, 1, 1]])?, None, "left padding");
+        assert_eq!(lengths(&[&[1, 0, 1, 0]])?, None, "a hole");
+        assert_eq!(lengths(&[&[0, 0, 0, 0]])?, None, "no real token");
+        assert_eq!(lengths(&[&[1, 1], &[0, 1]])?, None, "one bad row");
+        Ok(())
     }
 }
