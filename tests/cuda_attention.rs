@@ -11,7 +11,7 @@
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use flux2_klein::cuda::{
     causal_is_supported, flash_attention, flash_attention_bshd, flash_attention_causal,
-    naive_attention,
+    flash_attention_causal_bshd, naive_attention,
 };
 use std::time::Instant;
 
@@ -170,6 +170,16 @@ fn causal_flash_attention_matches_masked_reference() -> Result<()> {
         let v = rand(&dev, [b, hk, s, d], DType::BF16, 1.0)?;
         assert!(causal_is_supported(&q, &k, &v));
         let ours = flash_attention_causal(&q, &k, &v, 1.0 / (d as f32).sqrt(), valid)?;
+        // The [B, S, H, D] entry (the text encoder's) computes the same numbers.
+        let t = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+        let ours_bshd =
+            flash_attention_causal_bshd(&t(&q)?, &t(&k)?, &t(&v)?, 1.0 / (d as f32).sqrt(), valid)?;
+        let layout_diff = max_abs_diff(&ours_bshd.transpose(1, 2)?, &ours)?;
+        if layout_diff != 0.0 {
+            failures.push(format!(
+                "H={h} S={s}: bshd differs from bhsd by {layout_diff:.3e}"
+            ));
+        }
         for (row, &n) in valid.iter().enumerate() {
             let (qr, kr, vr) = (q.i(row..row + 1)?, k.i(row..row + 1)?, v.i(row..row + 1)?);
             let reference = causal_reference(&qr, &kr, &vr, n)?;

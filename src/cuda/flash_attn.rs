@@ -731,7 +731,11 @@ fn causal_self_check(device: &Device, head_dim: usize, dtype: DType) -> Result<(
         |heads: usize| Tensor::randn(0f32, 1f32, (1, heads, s, head_dim), device)?.to_dtype(dtype);
     let (q, k, v) = (rand(h)?, rand(kv_heads)?, rand(kv_heads)?);
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let ours = flash_attention_causal(&q, &k, &v, scale, &[real])?.to_dtype(DType::F32)?;
+    // The [B, S, H, D] entry the text encoder uses, on contiguous [B, S, H, D] copies.
+    let bshd = |t: &Tensor| t.transpose(1, 2)?.contiguous();
+    let ours = flash_attention_causal_bshd(&bshd(&q)?, &bshd(&k)?, &bshd(&v)?, scale, &[real])?
+        .transpose(1, 2)?
+        .to_dtype(DType::F32)?;
     // The same rounded values in f32, K/V heads repeated, mask j <= min(i, real - 1).
     let expand = |t: &Tensor| -> Result<Tensor> {
         t.to_dtype(DType::F32)?
@@ -762,12 +766,23 @@ fn causal_self_check(device: &Device, head_dim: usize, dtype: DType) -> Result<(
     Ok(())
 }
 
-/// Whether [`flash_attention_causal`] runs on these inputs: [`is_supported`]'s conditions,
-/// with `k`/`v` allowed fewer heads than `q` (a divisor: grouped-query attention) and Sq = Sk.
+/// Whether [`flash_attention_causal`] runs on these `[B, H, S, D]` inputs: [`is_supported`]'s
+/// conditions, with `k`/`v` allowed fewer heads than `q` (a divisor: grouped-query attention)
+/// and Sq = Sk.
 pub fn causal_is_supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    let (Ok((b, h, s, d)), Ok((kb, kh, ks, kd))) = (q.dims4(), k.dims4()) else {
+    causal_supported_in(q, k, v, AttnLayout::Bhsd)
+}
+
+fn causal_supported_in(q: &Tensor, k: &Tensor, v: &Tensor, layout: AttnLayout) -> bool {
+    let (Ok(qd), Ok(kd)) = (q.dims4(), k.dims4()) else {
         return false;
     };
+    // (batch, heads, seq, head dim) whatever the layout.
+    let bhsd = |(b, x, y, d): (usize, usize, usize, usize)| match layout {
+        AttnLayout::Bhsd => (b, x, y, d),
+        AttnLayout::Bshd => (b, y, x, d),
+    };
+    let ((b, h, s, d), (kb, kh, ks, kd)) = (bhsd(qd), bhsd(kd));
     matches!(q.device(), Device::Cuda(_))
         && kernel_handles(d, q.dtype())
         && k.dtype() == q.dtype()
@@ -796,9 +811,32 @@ pub fn flash_attention_causal(
     scale: f32,
     kv_valid: &[usize],
 ) -> Result<Tensor> {
-    if !causal_is_supported(q, k, v) {
+    causal_in(q, k, v, scale, kv_valid, AttnLayout::Bhsd)
+}
+
+/// [`flash_attention_causal`] in the `[B, S, H, D]` layout (inputs and output), as the
+/// projections produce it: no transposes around the kernel.
+pub fn flash_attention_causal_bshd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    kv_valid: &[usize],
+) -> Result<Tensor> {
+    causal_in(q, k, v, scale, kv_valid, AttnLayout::Bshd)
+}
+
+fn causal_in(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    kv_valid: &[usize],
+    layout: AttnLayout,
+) -> Result<Tensor> {
+    if !causal_supported_in(q, k, v, layout) {
         bail!(
-            "causal flash attention: unsupported inputs q {:?} {:?}, k {:?}, v {:?} on {:?}",
+            "causal flash attention: unsupported inputs q {:?} {:?}, k {:?}, v {:?} ({layout:?}) on {:?}",
             q.dims(),
             q.dtype(),
             k.dims(),
@@ -806,14 +844,18 @@ pub fn flash_attention_causal(
             q.device().location()
         )
     }
-    let (b, h, _, _) = q.dims4()?;
+    let b = q.dim(0)?;
     if kv_valid.len() != b {
         bail!(
             "causal flash attention: {} kv_valid lengths for a batch of {b}",
             kv_valid.len()
         )
     }
-    let kv_group = h / k.dim(1)?;
+    let heads_dim = match layout {
+        AttnLayout::Bhsd => 1,
+        AttnLayout::Bshd => 2,
+    };
+    let kv_group = q.dim(heads_dim)? / k.dim(heads_dim)?;
     // One launch per batch row: the rows' padding differs (prompt and negative prompt).
     let rows = (0..b)
         .map(|i| {
@@ -827,7 +869,7 @@ pub fn flash_attention_causal(
                 &v,
                 &FlashAttn {
                     scale,
-                    layout: AttnLayout::Bhsd,
+                    layout,
                     config: None,
                     causal: Some(CausalMask {
                         kv_valid: kv_valid[i],

@@ -262,30 +262,33 @@ impl Qwen3Attention {
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &LayerMask) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        // q/k RMSNorm per head *before* RoPE (Qwen3), on [B,L,heads,hd], then [B,heads,L,hd].
+        // q/k RMSNorm per head *before* RoPE (Qwen3), on [B,L,heads,hd].
         let q = self.q_proj.forward(x)?.reshape((b, l, nh, hd))?;
-        let q = self.q_norm.forward(&q)?.transpose(1, 2)?.contiguous()?;
+        let q = self.q_norm.forward(&q)?;
         let k = self.k_proj.forward(x)?.reshape((b, l, nkv, hd))?;
-        let k = self.k_norm.forward(&k)?.transpose(1, 2)?.contiguous()?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((b, l, nkv, hd))?
-            .transpose(1, 2)?;
+        let k = self.k_norm.forward(&k)?;
+        let v = self.v_proj.forward(x)?.reshape((b, l, nkv, hd))?;
         // Half-split rotation (`rotate_half`) in the compute dtype: candle's `rope` computes
         // `x1·cos − x2·sin`, `x1·sin + x2·cos` with one rounding per op like torch's
-        // `q*cos + rotate_half(q)*sin`.
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        // `q*cos + rotate_half(q)*sin` (`rope_thd` is the same per element, for [B,L,H,D]).
         let out = match mask {
-            LayerMask::Bias(bias) => sdpa(&q, &k, &v.contiguous()?, bias, nkv)?, // [B,nh,L,hd]
+            LayerMask::Bias(bias) => {
+                let bhsd = |t: Tensor| t.transpose(1, 2)?.contiguous();
+                let q = candle_nn::rotary_emb::rope(&bhsd(q)?, cos, sin)?;
+                let k = candle_nn::rotary_emb::rope(&bhsd(k)?, cos, sin)?;
+                let v = bhsd(v)?;
+                sdpa(&q, &k, &v, bias, nkv)?.transpose(1, 2)? // [B,L,nh,hd]
+            }
+            // The kernel reads and writes [B,L,H,D]: no transposes around it.
             #[cfg(feature = "cuda")]
             LayerMask::CausalKernel(real_tokens) => {
+                let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?;
+                let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?;
                 let scale = 1.0 / (hd as f32).sqrt();
-                crate::cuda::flash_attention_causal(&q, &k, &v, scale, real_tokens)?
+                crate::cuda::flash_attention_causal_bshd(&q, &k, &v, scale, real_tokens)?
             }
         };
-        let out = out.transpose(1, 2)?.reshape((b, l, nh * hd))?;
+        let out = out.reshape((b, l, nh * hd))?;
         Ok(self.o_proj.forward(&out)?)
     }
 }
@@ -621,6 +624,25 @@ fn right_padded_lengths(attention_mask: &Tensor) -> Result<Option<Vec<usize>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CUDA path rotates q/k in [B,L,H,D] with `rope_thd`, the reference path in
+    /// [B,H,L,D] with `rope`: the same values, bit for bit (candle's CPU kernels; the CUDA
+    /// kernels evaluate the same per-element expression).
+    #[test]
+    fn rope_thd_equals_rope_on_the_transpose() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 7, 3, 8), &dev)?.to_dtype(DType::BF16)?;
+        let cos = Tensor::randn(0f32, 1.0, (7, 4), &dev)?.to_dtype(DType::BF16)?;
+        let sin = Tensor::randn(0f32, 1.0, (7, 4), &dev)?.to_dtype(DType::BF16)?;
+        let thd = candle_nn::rotary_emb::rope_thd(&x, &cos, &sin)?;
+        let bhsd = candle_nn::rotary_emb::rope(&x.transpose(1, 2)?.contiguous()?, &cos, &sin)?;
+        let diff = (thd.to_dtype(DType::F32)? - bhsd.transpose(1, 2)?.to_dtype(DType::F32)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
+    }
 
     #[test]
     fn right_padded_lengths_accepts_only_right_padding() -> Result<()> {
