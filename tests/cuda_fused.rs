@@ -346,3 +346,35 @@ fn channel_bias_matches_broadcast_add() {
         assert_eq!(same, 1.0, "channel_bias {h}x{w}");
     }
 }
+
+#[test]
+fn qwen3_silu_mul_and_rms_norm_match_reference() {
+    let Some(dev) = gpu() else { return };
+    // The text encoder's MLP activation, [B, L, I] (odd I: the scalar path too).
+    for dims in [[1usize, 512, 9728], [2, 37, 301]] {
+        let (gate, up) = (randn(&dims, 2.0, &dev), randn(&dims, 1.0, &dev));
+        let reference = (silu_ref(&gate) * &up).unwrap();
+        let ours = fused::silu_mul(&gate, &up).unwrap();
+        assert!(rel("silu_mul", &ours, &reference) <= 1e-2);
+        assert!(fraction_equal(&ours, &reference) >= 0.99);
+    }
+    // Qwen3RMSNorm over the hidden states [1, 512, 2560] and per head [1, 512, 32, 128]:
+    // candle's f32 rms_norm (unit weight) rounded, then × weight in bf16.
+    for dims in [&[1usize, 512, 2560][..], &[1, 512, 32, 128], &[1, 9, 4, 8]] {
+        let d = *dims.last().unwrap();
+        let x = randn(dims, 3.0, &dev);
+        let w = (randn(&[d], 0.2, &dev).to_dtype(DType::F32).unwrap() + 1.0)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let ones = Tensor::ones(d, DType::F32, &dev).unwrap();
+        let normed = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32).unwrap(), &ones, 1e-6)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let reference = normed.broadcast_mul(&w).unwrap();
+        let ours = fused::rms_norm_scale(&x, &w, 1e-6).unwrap();
+        assert!(rel("rms_norm_scale", &ours, &reference) <= 1e-2);
+        assert!(fraction_equal(&ours, &reference) >= 0.99);
+    }
+}

@@ -166,6 +166,23 @@ def channel_bias():
         check(f"channel_bias_bf16 ({hh}x{ww})", out, x + bias[None, :, None, None])
 
 
-for case in (channel_bias, swiglu, row_wise, rope, rmsnorm_rope, group_norm):
+def qwen3():
+    """The text encoder's kernels against transformers' Qwen3 ops in bf16."""
+    for n in (512 * 96, 37 * 300 + 3):  # 8-wide path; odd length: scalar path
+        gate, up = bf(n, scale=2.0), bf(n)
+        out = torch.empty(n, dtype=torch.bfloat16)
+        lib.emu_silu_mul(ptr(gate), ptr(up), ptr(out), I64(n))
+        check(f"silu_mul_bf16 (n={n})", out, F.silu(gate) * up, max_frac=0.002)
+    eps = 1e-6
+    for rows, d in ((37, 2560), (300, 128), (13, 8)):  # hidden states, q/k heads, tiny heads
+        x, w = bf(rows, d, scale=3.0), (1 + bf(d, scale=0.2).float()).to(torch.bfloat16)
+        out = torch.empty(rows, d, dtype=torch.bfloat16)
+        lib.emu_rmsnorm_scale(ptr(x), ptr(w), ptr(out), I64(rows), I32(d), F32(eps))
+        h = x.float()
+        want = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(torch.bfloat16)
+        check(f"rmsnorm_scale_bf16 (rows={rows}, D={d})", out, want, max_frac=0.002)
+
+
+for case in (channel_bias, swiglu, row_wise, rope, rmsnorm_rope, group_norm, qwen3):
     case()
 sys.exit(1 if failures else 0)

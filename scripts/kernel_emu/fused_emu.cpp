@@ -67,6 +67,16 @@ void emu_group_norm(const u16* x, const float* w, const float* bias, u16* out, i
     });
 }
 
+void emu_silu_mul(const u16* gate, const u16* up, u16* out, long long n) {
+    emu_launch(grid_for((n + 7) / 8), THREADS, [&] { silu_mul_bf16(gate, up, out, n); });
+}
+
+void emu_rmsnorm_scale(const u16* x, const u16* w, u16* out, long long rows, int d, float eps) {
+    const unsigned warps = 8;  // fused.rs RmsNormScale WARPS
+    emu_launch(Dim3{(unsigned)((rows + warps - 1) / warps), 1, 1}, warps * 32,
+               [&] { rmsnorm_scale_bf16(x, w, out, rows, d, eps); });
+}
+
 void emu_channel_bias(const u16* x, const u16* bias, u16* out, int b, int c, long long hw) {
     long long per_plane = (hw + THREADS * 4 - 1) / (THREADS * 4);
     per_plane = per_plane < 1 ? 1 : (per_plane > (1 << 16) ? (1 << 16) : per_plane);

@@ -115,6 +115,39 @@ extern "C" __global__ void swiglu_bf16(const u16* __restrict__ u, const u16* __r
     map_bf16(in, out_row + d, f, threadIdx.x, blockDim.x, SwigluOp());
 }
 
+// The text encoder's MLP activation (transformers Qwen3MLP: act_fn(gate_proj(x)) * up_proj(x)):
+// out = bf16( bf16(silu(gate)) * up ), gate/up/out n contiguous elements each. One grid over
+// the elements (grid-stride, 8 per 16-byte access where aligned).
+extern "C" __global__ void silu_mul_bf16(const u16* __restrict__ gate, const u16* __restrict__ up,
+                                         u16* __restrict__ out, long long n) {
+    const u16* const in[2] = {gate, up};
+    map_bf16(in, out, n, (long long)blockIdx.x * blockDim.x + threadIdx.x,
+             (long long)gridDim.x * blockDim.x, SwigluOp());
+}
+
+// The text encoder's Qwen3RMSNorm over rows of d (transformers: x.float() *
+// rsqrt(x.float().pow(2).mean(-1) + eps), rounded to bf16, then weight * that in bf16):
+// out = bf16( w * bf16( x * rsqrt(mean(x^2) + eps) ) ). One warp per
+// row (the rows are the hidden states, d = 2560, or one head's q/k, d = 128), x and out
+// contiguous, w [d].
+extern "C" __global__ void rmsnorm_scale_bf16(const u16* __restrict__ x, const u16* __restrict__ w,
+                                              u16* __restrict__ out, long long rows, int d,
+                                              float eps) {
+    const int lane = threadIdx.x & 31;
+    const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;  // whole warps leave together: the shuffles below stay full
+    const u16* xr = x + row * d;
+    u16* orow = out + row * d;
+    float sq = 0.0f;
+    for (int c = lane; c < d; c += 32) {
+        const float v = bf2f(xr[c]);
+        sq += v * v;
+    }
+    for (int mask = 16; mask > 0; mask >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, mask, 32);
+    const float r = rsqrtf(sq / d + eps);
+    for (int c = lane; c < d; c += 32) orow[c] = f2bf(bf2f(w[c]) * bf2f(f2bf(bf2f(xr[c]) * r)));
+}
+
 // out = bf16( bf16( x * bf16(1 + scale) ) + shift ), x [B, rows_per_batch, D] contiguous,
 // scale/shift [B, D] contiguous (the modulation of batch element b).
 DEVI u16 modulate_one(float x, u16 scale, u16 shift) {

@@ -54,6 +54,8 @@ pub(crate) const FUNCTIONS: &[&str] = &[
     "gn_finalize",
     "gn_apply_bf16",
     "channel_bias_bf16",
+    "silu_mul_bf16",
+    "rmsnorm_scale_bf16",
 ];
 
 fn load(dev: &CudaDevice, function: &str) -> Result<CudaFunction> {
@@ -212,6 +214,122 @@ pub fn swiglu(u: &Tensor) -> Result<Tensor> {
 /// MLP activation side by side for its output projection.
 pub fn prefixed_swiglu(prefix: &Tensor, u: &Tensor) -> Result<Tensor> {
     u.apply_op2_no_bwd(&prefix.contiguous()?, &PrefixedSwiGlu)
+}
+
+// ------------------------- the text encoder's SiLU·up and RMSNorm (Qwen3)
+
+/// `silu(gate) * up` with torch's two roundings (`silu` in f32 rounded once, the product
+/// rounded): Qwen3's MLP activation without the f32 round trip. `gate` and `up` same shape
+/// (made contiguous).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?
+        .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "flux2-silu-mul"
+    }
+
+    cuda_only_cpu_fwd!(2, self, cuda_only("silu_mul"));
+
+    fn cuda_fwd(
+        &self,
+        gs: &CudaStorage,
+        gl: &Layout,
+        us: &CudaStorage,
+        ul: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        if gl.dims() != ul.dims() || !gl.is_contiguous() || !ul.is_contiguous() {
+            bail!(
+                "silu_mul: gate {:?} and up {:?} must be contiguous and of one shape",
+                gl.dims(),
+                ul.dims()
+            )
+        }
+        let n = gl.shape().elem_count();
+        let dev = gs.device().clone();
+        // SAFETY: the grid-stride loop writes every element below n.
+        let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(n)? };
+        let func = load(&dev, "silu_mul_bf16")?;
+        let (g, u, n_i) = (view(gs, gl)?, view(us, ul)?, n as i64);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&g);
+        b.arg(&u);
+        b.arg(&out);
+        b.arg(&n_i);
+        // SAFETY: arguments match `silu_mul_bf16`; 8 elements per thread on the vector path.
+        unsafe { b.launch(grid_for(n.div_ceil(8))) }.w()?;
+        Ok((bf16::wrap_cuda_slice(out, dev), gl.shape().clone()))
+    }
+}
+
+/// Qwen3's RMSNorm: `weight * bf16(x * rsqrt(mean(x²) + eps))` over the last dim, the
+/// normalisation in f32 and rounded, then multiplied by the bf16 `weight` `[D]` and rounded
+/// (transformers' `Qwen3RMSNorm`), in one pass. `x` is made contiguous.
+pub fn rms_norm_scale(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(&weight.contiguous()?, &RmsNormScale { eps })
+}
+
+struct RmsNormScale {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormScale {
+    fn name(&self) -> &'static str {
+        "flux2-rmsnorm-scale"
+    }
+
+    cuda_only_cpu_fwd!(2, self, cuda_only("rms_norm_scale"));
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let d = *xl.dims().last().unwrap_or(&0);
+        if d == 0 || !xl.is_contiguous() || wl.dims() != [d] || !wl.is_contiguous() {
+            bail!(
+                "rms_norm_scale: needs contiguous x [.., D] and weight [D], got {:?} and {:?}",
+                xl.dims(),
+                wl.dims()
+            )
+        }
+        let rows = xl.shape().elem_count() / d;
+        // One warp per row, 8 warps per block.
+        const WARPS: usize = 8;
+        if rows.div_ceil(WARPS) > i32::MAX as usize || d > i32::MAX as usize {
+            bail!("rms_norm_scale: {rows} rows of {d} do not fit one launch")
+        }
+        let dev = xs.device().clone();
+        // SAFETY: one warp per row writes the whole row.
+        let out: CudaSlice<bf16> = unsafe { dev.alloc::<bf16>(rows * d)? };
+        let func = load(&dev, "rmsnorm_scale_bf16")?;
+        let (x, w) = (view(xs, xl)?, view(ws, wl)?);
+        let (rows_i, d_i) = (rows as i64, d as i32);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
+        b.arg(&x);
+        b.arg(&w);
+        b.arg(&out);
+        b.arg(&rows_i);
+        b.arg(&d_i);
+        b.arg(&self.eps);
+        let launch = LaunchConfig {
+            grid_dim: (rows.div_ceil(WARPS).max(1) as u32, 1, 1),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match `rmsnorm_scale_bf16`.
+        unsafe { b.launch(launch) }.w()?;
+        Ok((bf16::wrap_cuda_slice(out, dev), xl.shape().clone()))
+    }
 }
 
 // ------------------------- modulation, LayerNorm + modulation, gated residual (row-wise)

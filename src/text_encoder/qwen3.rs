@@ -17,7 +17,9 @@
 //!   the product with `up` rounded to the compute dtype.
 //! * every residual add rounds to the compute dtype.
 //!
-//! On CUDA in bf16/f16 the masked attention runs on our causal flash kernel instead
+//! On CUDA in bf16 the RMSNorms and the SiLU·up product run as single fused kernels with the
+//! same roundings (`cuda::fused::{rms_norm_scale, silu_mul}`), and (bf16/f16) the masked
+//! attention runs on our causal flash kernel instead
 //! (`cuda::flash_attention_causal`: the mask is causal plus right padding, so each row needs
 //! only its count of real tokens; f32 scores and statistics, P rounded to the compute dtype,
 //! online softmax, like the memory-efficient kernel torch's SDPA picks for a masked call on
@@ -206,6 +208,16 @@ impl Qwen3RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // CUDA bf16: the same two roundings in one kernel (the f32 normalisation multiplies by
+        // rsqrt, as transformers does).
+        #[cfg(feature = "cuda")]
+        if crate::cuda::fused::applies(x) && self.weight.dtype() == DType::BF16 {
+            return Ok(crate::cuda::fused::rms_norm_scale(
+                x,
+                &self.weight,
+                self.eps,
+            )?);
+        }
         let dtype = x.dtype();
         let normed = candle_nn::ops::rms_norm(
             &x.to_dtype(DType::F32)?.contiguous()?,
@@ -340,8 +352,13 @@ impl Qwen3Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
-        let act = crate::ops::silu(&gate)?;
         let up = self.up_proj.forward(x)?;
+        #[cfg(feature = "cuda")]
+        if crate::cuda::fused::applies(&gate) {
+            let act = crate::cuda::fused::silu_mul(&gate, &up)?;
+            return Ok(self.down_proj.forward(&act)?);
+        }
+        let act = crate::ops::silu(&gate)?;
         Ok(self.down_proj.forward(&(act * up)?)?)
     }
 }
