@@ -3,8 +3,8 @@
 #
 # Runs on a GPU machine with python3 + torch + transformers (diffusers may come as a wheel in
 # .whl/). Needs the CUDA binary, built elsewhere with scripts/build-cuda.sh and carried as
-# carry/flux2-klein.xz (strip + xz), and optionally carry/cuda_attention.xz (the test
-# executable of tests/cuda_attention.rs). Writes logs, JSON and images under $OUT.
+# carry/flux2-klein.xz (strip + xz), and optionally carry/cuda_gpu.xz (the test executable
+# of tests/cuda_gpu/, every kernel test). Writes logs, JSON and images under $OUT.
 #
 #   scripts/gpu.sh                 # everything
 #   GPU_SKIP_FULL=1 scripts/gpu.sh # only the tiny-model correctness checks
@@ -64,14 +64,12 @@ tiny cuda_f32_t2i_64x64 $C/t2i_64x64/image.png -m $M/tiny-w0 -p "$GIFU" --seed 0
 "$BIN" -q generate -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64 --device cuda --dtype bf16 -o "$WORK/cuda_bf16_t2i.png" >>"$LOG" 2>&1 \
   && python3 scripts/gpu_bench.py psnr $C/t2i_64x64_bf16/image.png "$WORK/cuda_bf16_t2i.png" | tee -a "$LOG"
 
-# 2. The fused attention kernel against the naive path.
-if [ -f carry/cuda_fused.xz ]; then
-  xz -dc carry/cuda_fused.xz > /tmp/cuda_fused && chmod +x /tmp/cuda_fused
-  timeout 60 /tmp/cuda_fused --nocapture --test-threads 1 2>&1 | grep -E "rel err|test result|panicked|skipped" | tee -a "$LOG"
-fi
-if [ -f carry/cuda_attention.xz ]; then
-  xz -dc carry/cuda_attention.xz > /tmp/cuda_attention && chmod +x /tmp/cuda_attention
-  timeout 120 /tmp/cuda_attention --nocapture --test-threads 1 2>&1 | tail -40 | tee -a "$LOG"
+# 2. Our kernels against their references (tests/cuda_gpu: fused kernels, cuDNN convs, the
+# flash-attention kernels incl. the text encoder's causal one).
+if [ -f carry/cuda_gpu.xz ]; then
+  xz -dc carry/cuda_gpu.xz > /tmp/cuda_gpu && chmod +x /tmp/cuda_gpu
+  timeout 150 /tmp/cuda_gpu --nocapture --test-threads 1 2>&1 |
+    grep -E "rel err|max abs err|causal|test result|panicked|skipped|FAIL|NVRTC|TFLOP|ms" | tail -70 | tee -a "$LOG"
 fi
 # The attention kernel alone (NVRTC through ctypes, torch tensors): correctness for every head
 # dim and layout against f32 math, then its time at 1024² (and tilings) vs torch's FA2/cuDNN.

@@ -2,7 +2,7 @@
 # gpu_attention_check.sh — checks of our fused attention kernel (src/cuda/flash_attn.cu) on a
 # GPU machine that has no Rust toolchain.
 #
-#   scripts/gpu_attention_check.sh rust TEST_EXE   run the prebuilt `tests/cuda_attention.rs`
+#   scripts/gpu_attention_check.sh rust TEST_EXE   run the prebuilt `tests/cuda_gpu` executable
 #                                                   executable (correctness vs the naive path +
 #                                                   timings), with the CUDA 13 libraries on the
 #                                                   library path
@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 
 case "$mode" in
 rust)
-  exe="${2:?usage: $0 rust PATH/TO/cuda_attention-<hash>}"
+  exe="${2:?usage: $0 rust PATH/TO/cuda_gpu-<hash>}"
   chmod +x "$exe"
   exec "$exe" --test-threads=1 --nocapture
   ;;

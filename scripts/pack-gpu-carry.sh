@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # Packs the CUDA build for a device run of scripts/gpu.sh: strips and xz-compresses the binary
-# and the GPU test executables (tests/cuda_fused.rs, tests/cuda_attention.rs) into carry/
+# and the GPU test executable (tests/cuda_gpu/: every kernel test in one binary) into carry/
 # (git-ignored; pass `carry` to the device tool). The device copy of the tree is limited to
-# 64 MiB and the tracked files take ~46 MB (+ 6.4 MB of wheels in .whl/), so cuda_attention
-# is packed only with PACK_ATTENTION=1 (the attention kernel is checked on the GPU by
-# gpu_attention_check.sh and on the CPU by tests/kernel_emulation.rs). xz -9e: ~13 MB.
+# 64 MiB and the tracked files take ~46 MB (+ 6.4 MB of wheels in .whl/); xz -9e: ~13 MB.
 # Build first, e.g.:
 #   eval "$(scripts/build-cuda.sh -e)"; CARGO_TARGET_DIR=target-cuda \
 #     cargo build --release --features cuda,cudnn --all-targets
@@ -23,9 +21,8 @@ pack() {  # source, name
   echo "carry/$2.xz $(du -h "carry/$2.xz" | cut -f1)"
 }
 pack "$T/flux2-klein" flux2-klein
-tests=(cuda_fused); [ -n "${PACK_ATTENTION:-}" ] && tests+=(cuda_attention)
-rm -f carry/cuda_attention.xz
-for t in "${tests[@]}"; do
+rm -f carry/cuda_attention.xz carry/cuda_fused.xz  # the separate test binaries of before
+for t in cuda_gpu; do
   exe="$(ls -t "$T"/deps/"$t"-* 2>/dev/null | grep -v '\.d$' | head -1 || true)"
   [ -n "$exe" ] && pack "$exe" "$t"
 done

@@ -26,7 +26,7 @@ const MAX_SCORE_BYTES: usize = 1 << 30;
 /// GEMMs need). Returns `[B, H, S, D]` in `q`'s dtype.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     // CUDA bf16/f16: our fused FlashAttention-2 kernel (src/cuda), tested against this naive
-    // path on the GPU (tests/cuda_attention.rs).
+    // path on the GPU (tests/cuda_gpu/attention.rs).
     #[cfg(feature = "cuda")]
     if crate::cuda::is_supported(q, k, v) {
         let scale = 1.0 / (q.dim(3)? as f32).sqrt();

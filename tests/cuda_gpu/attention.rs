@@ -6,7 +6,6 @@
 //! in bf16) is printed next to it.
 //!
 //! Run with `--test-threads=1 --nocapture` to see the numbers.
-#![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use flux2_klein::cuda::{

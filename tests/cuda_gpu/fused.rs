@@ -1,6 +1,5 @@
 //! The fused bf16 CUDA kernels (src/cuda/fused.cu) against the candle reference ops they
 //! replace, on the GPU. Skipped (passes with a message) where no CUDA device is present.
-#![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, D};
 use flux2_klein::cuda::fused;
