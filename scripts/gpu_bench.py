@@ -342,6 +342,13 @@ def verdict(out):
     bar("warm 1024² t2i, ours / diffusers", ratio(ours_t2i, d_t2i, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
     bar("  stretch", ratio(ours_t2i, d_t2i, "total_ms"), 0.7, lambda x: f"{x:.2f}×")
     bar("warm 2-reference edit, ours / diffusers", ratio(ours_edit, d_edit, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
+    # Each step's mean over the 1024² runs: a first step slower than the rest means work of an
+    # earlier stage was still queued (stage times are synchronised since 2026-11-26 17:00).
+    runs = [r for r in (load("ours_bench.json") or {}).get("runs", [])
+            if r.get("width") == 1024 and r.get("height") == 1024 and r.get("step_ms")]
+    if runs:
+        steps = [sum(r["step_ms"][i] for r in runs) / len(runs) for i in range(len(runs[0]["step_ms"]))]
+        rows.append("  note: ours 1024² steps (ms): " + ", ".join(f"{x:.1f}" for x in steps))
     # The default attention kernel, and the same benches with the other kernels when measured.
     rows.append(f"  note: the attention kernel was {(load('ours_bench.json') or {}).get('attention_kernel')}")
     for env, t2i_name, edit_name in (("mma", "ours_bench_mma.json", "ours_bench_edit_mma.json"),
