@@ -45,10 +45,12 @@ extern "C" int emu_flash(int d, int bf16, const u16* q, const u16* k, const u16*
     return 1;
 }
 
-// The causal variant (the text encoder's): D = 128 or 64, as flash_attn.rs launches it with
-// -DFA_CAUSAL. kv_valid: real keys; group: query heads per K/V head (h counts query heads).
+// The causal variant (the text encoder's): D = 128, 64 or 16 (the tiny fixtures' head dim 8),
+// as flash_attn.rs launches it with -DFA_CAUSAL. kv_valid: real keys; group: query heads per
+// K/V head (h counts query heads).
 FA_CAUSAL_KERNEL(bf16, true, 128, 4, 2, 64)
 FA_CAUSAL_KERNEL(bf16, true, 64, 4, 1, 64)
+FA_CAUSAL_KERNEL(bf16, true, 16, 4, 1, 64)
 extern "C" int emu_flash_causal(int d, const u16* q, const u16* k, const u16* v, u16* o, int b,
                                 int h, int sq, int sk, int dact, const long long* strides,
                                 float scale_log2, int kv_valid, int group) {
@@ -56,14 +58,18 @@ extern "C" int emu_flash_causal(int d, const u16* q, const u16* k, const u16* v,
     emu_smem = reinterpret_cast<unsigned char*>(emu_smem_chunks);
     const int bm = d == 128 ? 128 : 64;
     Dim3 grid{(unsigned)((sq + bm - 1) / bm), (unsigned)h, (unsigned)b};
-    if (d != 128 && d != 64) return 1;
+    if (d != 128 && d != 64 && d != 16) return 1;
     emu_launch(grid, 128, [&] {
         if (d == 128)
             fa_causal_bf16_d128_w4_m2_n64(q, k, v, o, sq, sk, dact, s[0], s[1], s[2], s[3], s[4],
                                           s[5], s[6], s[7], s[8], s[9], s[10], s[11], scale_log2,
                                           kv_valid, group);
-        else
+        else if (d == 64)
             fa_causal_bf16_d64_w4_m1_n64(q, k, v, o, sq, sk, dact, s[0], s[1], s[2], s[3], s[4],
+                                         s[5], s[6], s[7], s[8], s[9], s[10], s[11], scale_log2,
+                                         kv_valid, group);
+        else
+            fa_causal_bf16_d16_w4_m1_n64(q, k, v, o, sq, sk, dact, s[0], s[1], s[2], s[3], s[4],
                                          s[5], s[6], s[7], s[8], s[9], s[10], s[11], scale_log2,
                                          kv_valid, group);
     });

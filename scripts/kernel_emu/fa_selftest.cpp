@@ -138,6 +138,7 @@ int main(int argc, char** argv) {
     ok &= run_case(1, 2, 130, 130, 128, true, false, true, rng, 0, 130, 2);
     ok &= run_case(1, 2, 70, 70, 64, true, true, false, rng, 0, 65, 2);
     ok &= run_case(1, 1, 9, 9, 128, true, false, false, rng, 0, 1, 1);
+    ok &= run_case(2, 4, 77, 77, 8, true, true, false, rng, 0, 13, 2);  // the tiny fixtures' D=8
 #ifdef FA_HAS_SM90
     // The Hopper variant: two query blocks with a partial one, a partial last key tile, both
     // layouts, the no-rescale path, one key.
