@@ -1,4 +1,4 @@
-//! Peak device memory, for `-v` and `bench`.
+//! Peak device memory, for `-v` and `bench`, and the CUDA pool's release policy.
 //!
 //! candle's CUDA backend allocates through cudarc's stream-ordered allocator
 //! (`cuMemAllocAsync`), i.e. from the device's default memory pool, so the pool's
@@ -27,10 +27,45 @@ pub fn reset_peak(device: &Device) {
     let _ = device;
 }
 
+/// Makes the CUDA device's default memory pool keep freed memory for reuse instead of handing
+/// it back to the driver at every synchronisation. The pool's release threshold defaults to
+/// 0, so each `synchronize` (the pipeline takes one per denoising step and stage) unmaps every
+/// freed block, and the next step maps its activations again; PyTorch's caching allocator,
+/// which diffusers runs on, keeps them. Peak *used* memory (what [`peak`] and the bars
+/// count) is unchanged; the pool's reservation stays at its high-water mark, as torch's does.
+pub fn keep_freed_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        cuda::set_release_threshold(dev, u64::MAX);
+    }
+    let _ = device;
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::sys;
     use candle_core::CudaDevice;
+
+    /// Sets the default pool's `RELEASE_THRESHOLD` (bytes kept across synchronisations).
+    pub fn set_release_threshold(dev: &CudaDevice, bytes: u64) {
+        let stream = dev.cuda_stream();
+        let ctx = stream.context();
+        if ctx.bind_to_thread().is_err() {
+            return;
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut value = bytes;
+        // SAFETY: driver calls on a valid device handle with pointers we own; a failure only
+        // leaves the default threshold in place.
+        unsafe {
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+                == sys::CUresult::CUDA_SUCCESS
+            {
+                let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+                let _ = sys::cuMemPoolSetAttribute(pool, attr, &mut value as *mut u64 as *mut _);
+            }
+        }
+    }
 
     /// Reads (or, with `reset`, zeroes) the default pool's `USED_MEM_HIGH` attribute.
     pub fn pool_attribute(dev: &CudaDevice, reset: bool) -> Option<u64> {

@@ -265,6 +265,7 @@ impl Pipeline {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = &options.device {
             if crate::ops::cuda_speedups_enabled() {
+                crate::device_memory::keep_freed_memory(&options.device);
                 let head_dim = transformer_config.attention_head_dim;
                 if let Err(e) = crate::cuda::preflight(dev, head_dim, options.dtype) {
                     eprintln!(
