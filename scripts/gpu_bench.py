@@ -350,7 +350,8 @@ def verdict(out):
         steps = [sum(r["step_ms"][i] for r in runs) / len(runs) for i in range(len(runs[0]["step_ms"]))]
         rows.append("  note: ours 1024² steps (ms): " + ", ".join(f"{x:.1f}" for x in steps))
     # The default attention kernel, and the same benches with the other kernels when measured.
-    rows.append(f"  note: the attention kernel was {(load('ours_bench.json') or {}).get('attention_kernel')}")
+    rows.append(f"  note: the attention kernel was {(load('ours_bench.json') or {}).get('attention_kernel')}, "
+                f"the text encoder's {(load('ours_bench.json') or {}).get('text_attention_kernel')}")
     for env, t2i_name, edit_name in (("mma", "ours_bench_mma.json", "ours_bench_edit_mma.json"),
                                      ("wgmma", "ours_bench_wgmma.json", None)):
         doc = load(t2i_name)

@@ -316,6 +316,7 @@ fn to_json(
         "device": device_name(&o.device),
         "dtype": dtype_name(o.dtype),
         "attention_kernel": pipeline.attention_kernel(),
+        "text_attention_kernel": pipeline.text_attention_kernel(),
         "vae_dtype": dtype_name(o.vae_dtype.unwrap_or(o.dtype)),
         "vae_tile": o.vae_tile,
         "prompt": args.prompt,

@@ -766,6 +766,11 @@ fn causal_self_check(device: &Device, head_dim: usize, dtype: DType) -> Result<(
     Ok(())
 }
 
+/// The causal kernel's name for this head dim and dtype (what [`causal_kernel_ready`] loads).
+pub fn causal_kernel_name(head_dim: usize, dtype: DType) -> Option<String> {
+    KernelConfig::causal_for_head_dim(head_dim).map(|cfg| cfg.kernel_name(dtype))
+}
+
 /// Whether [`flash_attention_causal`] runs on these `[B, H, S, D]` inputs: [`is_supported`]'s
 /// conditions, with `k`/`v` allowed fewer heads than `q` (a divisor: grouped-query attention)
 /// and Sq = Sk.

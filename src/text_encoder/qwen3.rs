@@ -458,6 +458,21 @@ impl Qwen3TextEncoder {
         &self.device
     }
 
+    /// The attention a right-padded prompt runs on: the causal CUDA kernel's name, or `naive`
+    /// (the op-by-op reference: CPU, f32, speed paths off, or the kernel unusable here).
+    /// Benchmarks record it.
+    pub fn attention_kernel(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if crate::ops::cuda_speedups_enabled()
+            && crate::cuda::causal_kernel_ready(&self.device, self.head_dim, self.dtype)
+        {
+            if let Some(name) = crate::cuda::causal_kernel_name(self.head_dim, self.dtype) {
+                return name;
+            }
+        }
+        "naive".into()
+    }
+
     /// Number of decoder layers loaded (= the deepest hidden-state index available).
     pub fn num_loaded_layers(&self) -> usize {
         self.layers.len()
