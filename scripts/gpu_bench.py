@@ -322,7 +322,8 @@ def verdict(out):
         return {"total_ms": mean("total_ms"), "text_encode_ms": mean("text_encode_ms"),
                 "peak_gib": doc[name].get("peak_gib")}
 
-    ours_t2i = ours_summary(load("ours_bench.json"), 0)
+    ours_doc = load("ours_bench.json") or {}
+    ours_t2i = ours_summary(ours_doc, 0)
     ours_edit = ours_summary(load("ours_bench_edit.json"), 2)
     d = load("diffusers.json")
     d_t2i, d_edit = theirs(d, "t2i_1024"), theirs(d, "edit2_1024")
@@ -344,14 +345,14 @@ def verdict(out):
     bar("warm 2-reference edit, ours / diffusers", ratio(ours_edit, d_edit, "total_ms"), 1.0, lambda x: f"{x:.2f}×")
     # Each step's mean over the 1024² runs: a first step slower than the rest means work of an
     # earlier stage was still queued (stage times are synchronised since 2026-11-26 17:00).
-    runs = [r for r in (load("ours_bench.json") or {}).get("runs", [])
+    runs = [r for r in ours_doc.get("runs", [])
             if r.get("width") == 1024 and r.get("height") == 1024 and r.get("step_ms")]
     if runs:
         steps = [sum(r["step_ms"][i] for r in runs) / len(runs) for i in range(len(runs[0]["step_ms"]))]
         rows.append("  note: ours 1024² steps (ms): " + ", ".join(f"{x:.1f}" for x in steps))
     # The default attention kernel, and the same benches with the other kernels when measured.
-    rows.append(f"  note: the attention kernel was {(load('ours_bench.json') or {}).get('attention_kernel')}, "
-                f"the text encoder's {(load('ours_bench.json') or {}).get('text_attention_kernel')}")
+    rows.append(f"  note: the attention kernel was {ours_doc.get('attention_kernel')}, "
+                f"the text encoder's {ours_doc.get('text_attention_kernel')}")
     for env, t2i_name, edit_name in (("mma", "ours_bench_mma.json", "ours_bench_edit_mma.json"),
                                      ("wgmma", "ours_bench_wgmma.json", None)):
         doc = load(t2i_name)
@@ -367,16 +368,16 @@ def verdict(out):
     peak = ours_t2i and ours_t2i.get("peak") and ours_t2i["peak"] / 2**30
     bar("warm bench peak memory vs diffusers' peak", peak, (d_t2i or {}).get("peak_gib") or 0,
         lambda x: f"{x:.2f} GiB")
-    def seconds(name):
+    def number(name):  # a file holding one number (seconds, GiB)
         try:
             return float(open(os.path.join(out, name)).read())
         except Exception:
             return None
 
-    single_peak = seconds("ours_generate_peak_gib")  # a number in a file, like the seconds
+    single_peak = number("ours_generate_peak_gib")
     bar("single generate 1024², peak device memory", single_peak, 12.0, lambda x: f"{x:.2f} GiB")
     bar("  stretch", single_peak, 10.0, lambda x: f"{x:.2f} GiB")
-    cold_ours, cold_d = seconds("ours_cold_s"), seconds("diffusers_cold_s")
+    cold_ours, cold_d = number("ours_cold_s"), number("diffusers_cold_s")
     bar("cold start 1024², ours / diffusers", cold_ours / cold_d if cold_ours and cold_d else None, 1.0,
         lambda x: f"{x:.2f}×")
     a, b = os.path.join(out, "ours_t2i_1024.png"), os.path.join(out, "diffusers_t2i_1024.png")
