@@ -46,48 +46,43 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::sys;
     use candle_core::CudaDevice;
 
-    /// Sets the default pool's `RELEASE_THRESHOLD` (bytes kept across synchronisations).
-    pub fn set_release_threshold(dev: &CudaDevice, bytes: u64) {
+    /// The device's default memory pool (the one candle's `cuMemAllocAsync` draws from), with
+    /// the device's context bound to this thread for the calls that follow.
+    fn default_pool(dev: &CudaDevice) -> Option<sys::CUmemoryPool> {
         let stream = dev.cuda_stream();
         let ctx = stream.context();
-        if ctx.bind_to_thread().is_err() {
-            return;
-        }
+        ctx.bind_to_thread().ok()?;
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        let mut value = bytes;
-        // SAFETY: driver calls on a valid device handle with pointers we own; a failure only
-        // leaves the default threshold in place.
-        unsafe {
-            if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-                == sys::CUresult::CUDA_SUCCESS
-            {
-                let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
-                let _ = sys::cuMemPoolSetAttribute(pool, attr, &mut value as *mut u64 as *mut _);
-            }
+        // SAFETY: a plain driver query on a valid device handle with an out-pointer we own.
+        let ok = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+        (ok == sys::CUresult::CUDA_SUCCESS).then_some(pool)
+    }
+
+    /// Sets the default pool's `RELEASE_THRESHOLD` (bytes kept across synchronisations); a
+    /// failure leaves the driver's default in place.
+    pub fn set_release_threshold(dev: &CudaDevice, bytes: u64) {
+        if let Some(pool) = default_pool(dev) {
+            let mut value = bytes;
+            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+            // SAFETY: a valid pool handle and a u64 the attribute expects.
+            let _ =
+                unsafe { sys::cuMemPoolSetAttribute(pool, attr, &mut value as *mut u64 as *mut _) };
         }
     }
 
     /// Reads (or, with `reset`, zeroes) the default pool's `USED_MEM_HIGH` attribute.
     pub fn pool_attribute(dev: &CudaDevice, reset: bool) -> Option<u64> {
-        let stream = dev.cuda_stream();
-        let ctx = stream.context();
-        ctx.bind_to_thread().ok()?;
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        // SAFETY: plain driver queries on a valid device handle with out-pointers we own.
-        unsafe {
-            if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-                != sys::CUresult::CUDA_SUCCESS
-            {
-                return None;
-            }
-            let mut value: u64 = 0;
-            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-            let ok = if reset {
+        let pool = default_pool(dev)?;
+        let mut value: u64 = 0;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        // SAFETY: a valid pool handle and a u64 the attribute expects.
+        let ok = unsafe {
+            if reset {
                 sys::cuMemPoolSetAttribute(pool, attr, &mut value as *mut u64 as *mut _)
             } else {
                 sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut _)
-            };
-            (ok == sys::CUresult::CUDA_SUCCESS).then_some(value)
-        }
+            }
+        };
+        (ok == sys::CUresult::CUDA_SUCCESS).then_some(value)
     }
 }

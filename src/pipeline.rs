@@ -293,9 +293,6 @@ impl Pipeline {
         })
     }
 
-    /// The attention the transformer runs: the CUDA kernel's name (e.g.
-    /// `fa90_fwd_bf16_d128_n128` on a Hopper GPU, `fa_fwd_bf16_d128_w4_m2_n64` elsewhere), or `naive` (candle ops: the CPU, f32, or our kernels unusable here).
-    /// Benchmarks record it.
     /// The text encoder's attention (see [`Qwen3TextEncoder::attention_kernel`]), or
     /// `not loaded` before the first prompt was encoded (or after `generate` freed it).
     pub fn text_attention_kernel(&self) -> String {
@@ -304,6 +301,9 @@ impl Pipeline {
             .map_or_else(|| "not loaded".into(), |te| te.attention_kernel())
     }
 
+    /// The attention the transformer runs: the CUDA kernel's name (e.g.
+    /// `fa90_fwd_bf16_d128_n128` on a Hopper GPU, `fa_fwd_bf16_d128_w4_m2_n64` elsewhere), or
+    /// `naive` (candle ops: the CPU, f32, or our kernels unusable here). Benchmarks record it.
     pub fn attention_kernel(&self) -> String {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = &self.options.device {

@@ -494,17 +494,21 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
 // Kernel entry points: fa_fwd_<dtype>_d<D>_w<NW>_m<MT>_n<BN>.
 // Grid: (ceil(Sq / (16*MT*NW)), H, B); block: NW*32 threads;
 // dynamic shared memory: (16*MT*NW + 4*BN) * D * 2 bytes.
+// FA_PARAMS / FA_ARGS: the entries' common parameter list (flash_attn.rs pushes it in this
+// order) and its forwarding to fa_fwd_impl.
+#define FA_PARAMS                                                                              \
+    const u16 *__restrict__ q, const u16 *__restrict__ k, const u16 *__restrict__ v,           \
+        u16 *__restrict__ o, int sq, int sk, int dact, long long q_sb, long long q_sh,         \
+        long long q_ss, long long k_sb, long long k_sh, long long k_ss, long long v_sb,        \
+        long long v_sh, long long v_ss, long long o_sb, long long o_sh, long long o_ss,        \
+        float scale_log2
+#define FA_ARGS                                                                                \
+    q, k, v, o, sq, sk, dact, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, \
+        o_ss, scale_log2
 #define FA_KERNEL(DT, IS_BF16, D, NW, MT, BN)                                                   \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                       \
-        fa_fwd_##DT##_d##D##_w##NW##_m##MT##_n##BN(                                             \
-            const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,    \
-            u16* __restrict__ o, int sq, int sk, int dact, long long q_sb, long long q_sh,      \
-            long long q_ss, long long k_sb, long long k_sh, long long k_ss, long long v_sb,     \
-            long long v_sh, long long v_ss, long long o_sb, long long o_sh, long long o_ss,     \
-            float scale_log2) {                                                                 \
-        fa_fwd_impl<D, NW, MT, BN, IS_BF16>(q, k, v, o, sq, sk, dact, q_sb, q_sh, q_ss, k_sb,   \
-                                            k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss,     \
-                                            scale_log2);                                        \
+        fa_fwd_##DT##_d##D##_w##NW##_m##MT##_n##BN(FA_PARAMS) {                                 \
+        fa_fwd_impl<D, NW, MT, BN, IS_BF16>(FA_ARGS);                                           \
     }
 
 // The causal variant (FaTile CAUSAL): fa_causal_<dtype>_d<D>_w<NW>_m<MT>_n<BN>, the same
@@ -513,15 +517,8 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
 // instances when FA_CAUSAL is defined (its own NVRTC module, loaded only by the text encoder).
 #define FA_CAUSAL_KERNEL(DT, IS_BF16, D, NW, MT, BN)                                            \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                       \
-        fa_causal_##DT##_d##D##_w##NW##_m##MT##_n##BN(                                          \
-            const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,    \
-            u16* __restrict__ o, int sq, int sk, int dact, long long q_sb, long long q_sh,      \
-            long long q_ss, long long k_sb, long long k_sh, long long k_ss, long long v_sb,     \
-            long long v_sh, long long v_ss, long long o_sb, long long o_sh, long long o_ss,     \
-            float scale_log2, int kv_valid, int kv_group) {                                     \
-        fa_fwd_impl<D, NW, MT, BN, IS_BF16, true>(q, k, v, o, sq, sk, dact, q_sb, q_sh, q_ss,    \
-                                                  k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb,     \
-                                                  o_sh, o_ss, scale_log2, kv_valid, kv_group);  \
+        fa_causal_##DT##_d##D##_w##NW##_m##MT##_n##BN(FA_PARAMS, int kv_valid, int kv_group) {  \
+        fa_fwd_impl<D, NW, MT, BN, IS_BF16, true>(FA_ARGS, kv_valid, kv_group);                 \
     }
 #ifdef FA_CAUSAL
 #define FA_INSTANCE FA_CAUSAL_KERNEL

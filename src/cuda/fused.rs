@@ -87,6 +87,20 @@ fn grid_rows(rows: usize) -> Result<LaunchConfig> {
     })
 }
 
+/// One warp per row, 8 warps per block (the row-wise kernels over short rows: `rmsnorm_rope`,
+/// `rmsnorm_scale`; row = blockIdx.x * 8 + warp).
+fn grid_warp_rows(rows: usize) -> Result<LaunchConfig> {
+    const WARPS: usize = 8;
+    if rows.div_ceil(WARPS) > i32::MAX as usize {
+        bail!("fused kernel: {rows} rows do not fit one launch")
+    }
+    Ok(LaunchConfig {
+        grid_dim: (rows.div_ceil(WARPS).max(1) as u32, 1, 1),
+        block_dim: ((WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 fn view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, bf16>> {
     Ok(s.as_cuda_slice::<bf16>()?.slice(l.start_offset()..))
 }
@@ -302,10 +316,9 @@ impl CustomOp2 for RmsNormScale {
             )
         }
         let rows = xl.shape().elem_count() / d;
-        // One warp per row, 8 warps per block.
-        const WARPS: usize = 8;
-        if rows.div_ceil(WARPS) > i32::MAX as usize || d > i32::MAX as usize {
-            bail!("rms_norm_scale: {rows} rows of {d} do not fit one launch")
+        let launch = grid_warp_rows(rows)?;
+        if d > i32::MAX as usize {
+            bail!("rms_norm_scale: rows of {d} do not fit one launch")
         }
         let dev = xs.device().clone();
         // SAFETY: one warp per row writes the whole row.
@@ -321,11 +334,6 @@ impl CustomOp2 for RmsNormScale {
         b.arg(&rows_i);
         b.arg(&d_i);
         b.arg(&self.eps);
-        let launch = LaunchConfig {
-            grid_dim: (rows.div_ceil(WARPS).max(1) as u32, 1, 1),
-            block_dim: ((WARPS * 32) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: arguments match `rmsnorm_scale_bf16`.
         unsafe { b.launch(launch) }.w()?;
         Ok((bf16::wrap_cuda_slice(out, dev), xl.shape().clone()))
@@ -640,12 +648,7 @@ impl CustomOp1 for RmsNormRope<'_> {
             bld.arg(st);
         }
         bld.arg(&self.eps);
-        const WARPS: usize = 8;
-        let launch = LaunchConfig {
-            grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
-            block_dim: ((WARPS * 32) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let launch = grid_warp_rows(rows)?;
         // SAFETY: arguments match `rmsnorm_rope_bf16`; each warp writes its whole output row,
         // and every row < rows has a warp.
         unsafe { bld.launch(launch) }.w()?;

@@ -60,7 +60,9 @@ pub fn encode_prompts(
         row.push(idx as u32);
     }
     let tokens = tokenizer.encode(&unique)?;
-    let (ids, mask) = tokens.to_tensors(encoder.device())?;
+    // On the host: the encoder moves the ids to its device and reads the padding from the
+    // mask without a round trip.
+    let (ids, mask) = tokens.to_tensors(&candle_core::Device::Cpu)?;
     let hidden = encoder
         .forward(&ids, &mask, layers)
         .context("running the Qwen3 text encoder")?;

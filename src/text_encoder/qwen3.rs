@@ -463,14 +463,20 @@ impl Qwen3TextEncoder {
     /// Benchmarks record it.
     pub fn attention_kernel(&self) -> String {
         #[cfg(feature = "cuda")]
-        if crate::ops::cuda_speedups_enabled()
-            && crate::cuda::causal_kernel_ready(&self.device, self.head_dim, self.dtype)
-        {
+        if self.uses_causal_kernel() {
             if let Some(name) = crate::cuda::causal_kernel_name(self.head_dim, self.dtype) {
                 return name;
             }
         }
         "naive".into()
+    }
+
+    /// Whether right-padded prompts run on the causal CUDA kernel: CUDA, bf16/f16, a supported
+    /// head dim, speed paths on, and the kernel loaded and self-checked.
+    #[cfg(feature = "cuda")]
+    fn uses_causal_kernel(&self) -> bool {
+        crate::ops::cuda_speedups_enabled()
+            && crate::cuda::causal_kernel_ready(&self.device, self.head_dim, self.dtype)
     }
 
     /// Number of decoder layers loaded (= the deepest hidden-state index available).
@@ -497,20 +503,19 @@ impl Qwen3TextEncoder {
         Ok((cos, sin))
     }
 
-    /// The mask for [`Qwen3DecoderLayer::forward`]: the causal kernel's real-token counts on
-    /// CUDA (bf16/f16, supported head dim, speed paths on, the kernel loaded, every row's real
-    /// tokens first and at least one), the additive bias otherwise.
+    /// The mask for [`Qwen3DecoderLayer::forward`] from the caller's `attention_mask` (on any
+    /// device; the tokenizer's is on the host, so reading the padding costs no transfer): the
+    /// causal kernel's real-token counts where [`Self::uses_causal_kernel`] and every row's
+    /// real tokens come first, the additive bias on this encoder's device otherwise.
     fn layer_mask(&self, attention_mask: &Tensor, seq_len: usize) -> Result<LayerMask> {
         #[cfg(feature = "cuda")]
-        if crate::ops::cuda_speedups_enabled()
-            && crate::cuda::causal_kernel_ready(&self.device, self.head_dim, self.dtype)
-        {
+        if self.uses_causal_kernel() {
             if let Some(real_tokens) = right_padded_lengths(attention_mask)? {
                 return Ok(LayerMask::CausalKernel(real_tokens));
             }
         }
         Ok(LayerMask::Bias(Self::attention_bias(
-            attention_mask,
+            &attention_mask.to_device(&self.device)?,
             seq_len,
         )?))
     }
@@ -564,7 +569,7 @@ impl Qwen3TextEncoder {
         }
         let mut h = hidden.to_device(&self.device)?.to_dtype(self.dtype)?;
         let (cos, sin) = self.rope_tables(l)?;
-        let mask = self.layer_mask(&attention_mask.to_device(&self.device)?, l)?;
+        let mask = self.layer_mask(attention_mask, l)?;
         for i in from..to {
             h = self.layers[i]
                 .forward(&h, &cos, &sin, &mask)
@@ -607,7 +612,6 @@ impl Qwen3TextEncoder {
             );
         }
         let input_ids = input_ids.to_device(&self.device)?;
-        let attention_mask = attention_mask.to_device(&self.device)?;
         let mut outputs: Vec<Option<Tensor>> = vec![None; layers.len()];
         let mut record = |k: usize, h: &Tensor| {
             for (slot, &want) in outputs.iter_mut().zip(layers) {
@@ -623,7 +627,7 @@ impl Qwen3TextEncoder {
         record(0, &h);
         if deepest > 0 {
             let (cos, sin) = self.rope_tables(l)?;
-            let mask = self.layer_mask(&attention_mask, l)?;
+            let mask = self.layer_mask(attention_mask, l)?;
             for (i, layer) in self.layers[..deepest].iter().enumerate() {
                 h = layer
                     .forward(&h, &cos, &sin, &mask)
