@@ -58,20 +58,15 @@ extern "C" int emu_flash_causal(int d, const u16* q, const u16* k, const u16* v,
     emu_smem = reinterpret_cast<unsigned char*>(emu_smem_chunks);
     const int bm = d == 128 ? 128 : 64;
     Dim3 grid{(unsigned)((sq + bm - 1) / bm), (unsigned)h, (unsigned)b};
-    if (d != 128 && d != 64 && d != 16) return 1;
+    // The three instances share one signature: pick one, launch it once.
+    auto* kernel = d == 128 ? fa_causal_bf16_d128_w4_m2_n64
+                   : d == 64 ? fa_causal_bf16_d64_w4_m1_n64
+                   : d == 16 ? fa_causal_bf16_d16_w4_m1_n64
+                             : nullptr;
+    if (!kernel) return 1;
     emu_launch(grid, 128, [&] {
-        if (d == 128)
-            fa_causal_bf16_d128_w4_m2_n64(q, k, v, o, sq, sk, dact, s[0], s[1], s[2], s[3], s[4],
-                                          s[5], s[6], s[7], s[8], s[9], s[10], s[11], scale_log2,
-                                          kv_valid, group);
-        else if (d == 64)
-            fa_causal_bf16_d64_w4_m1_n64(q, k, v, o, sq, sk, dact, s[0], s[1], s[2], s[3], s[4],
-                                         s[5], s[6], s[7], s[8], s[9], s[10], s[11], scale_log2,
-                                         kv_valid, group);
-        else
-            fa_causal_bf16_d16_w4_m1_n64(q, k, v, o, sq, sk, dact, s[0], s[1], s[2], s[3], s[4],
-                                         s[5], s[6], s[7], s[8], s[9], s[10], s[11], scale_log2,
-                                         kv_valid, group);
+        kernel(q, k, v, o, sq, sk, dact, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9],
+               s[10], s[11], scale_log2, kv_valid, group);
     });
     return 0;
 }

@@ -647,6 +647,41 @@ pub fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result
     probs.matmul(&v.contiguous()?)
 }
 
+/// The unfused reference of [`flash_attention_causal`] with one `kv_valid` for every batch
+/// row: [`naive_attention`] with the K/V heads repeated to `q`'s (`[B, Hkv, S, D]` →
+/// `[B, H, S, D]`) and query `i` seeing keys `0..=min(i, kv_valid - 1)`, in the inputs' dtype.
+/// Returns `[B, H, S, D]`.
+pub fn naive_causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    kv_valid: usize,
+) -> Result<Tensor> {
+    let (_, h, s, _) = q.dims4()?;
+    let repeat_heads = |t: &Tensor| -> Result<Tensor> {
+        let (b, hk, s, d) = t.dims4()?;
+        t.unsqueeze(2)?
+            .broadcast_as((b, hk, h / hk, s, d))?
+            .reshape((b, h, s, d))
+    };
+    let mask: Vec<f32> = (0..s)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= i.min(kv_valid.saturating_sub(1)) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (1, 1, s, s), q.device())?.to_dtype(q.dtype())?;
+    let scores = (q.contiguous()?.matmul(&repeat_heads(k)?.t()?)? * scale as f64)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+    probs.matmul(&repeat_heads(v)?)
+}
+
 /// Attention without mask for `q: [B, H, Sq, D]`, `k, v: [B, H, Sk, D]`, returning
 /// `[B, H, Sq, D]` (contiguous) in q's dtype.
 ///
@@ -748,28 +783,9 @@ fn causal_self_check(device: &Device, head_dim: usize, dtype: DType) -> Result<(
     let ours = flash_attention_causal_bshd(&bshd(&q)?, &bshd(&k)?, &bshd(&v)?, scale, &[real])?
         .transpose(1, 2)?
         .to_dtype(DType::F32)?;
-    // The same rounded values in f32, K/V heads repeated, mask j <= min(i, real - 1).
-    let expand = |t: &Tensor| -> Result<Tensor> {
-        t.to_dtype(DType::F32)?
-            .unsqueeze(2)?
-            .broadcast_as((1, kv_heads, h / kv_heads, s, head_dim))?
-            .reshape((1, h, s, head_dim))
-    };
-    let mask: Vec<f32> = (0..s)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j <= i.min(real - 1) {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (1, 1, s, s), device)?;
-    let scores = (q.to_dtype(DType::F32)?.matmul(&expand(&k)?.t()?)? * scale as f64)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
-    let reference = probs.matmul(&expand(&v)?)?;
+    // The same rounded values in f32.
+    let f = |t: &Tensor| t.to_dtype(DType::F32);
+    let reference = naive_causal_attention(&f(&q)?, &f(&k)?, &f(&v)?, scale, real)?;
     check_close(&ours, &reference, "f32 masked attention")
 }
 

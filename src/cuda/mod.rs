@@ -81,7 +81,7 @@ pub fn preflight(dev: &CudaDevice, head_dim: usize, dtype: DType) -> Result<()> 
 pub use flash_attn::{
     attention_kernel_name, available, causal_is_supported, causal_kernel_name, causal_kernel_ready,
     flash_attention, flash_attention_bshd, flash_attention_causal, flash_attention_causal_bshd,
-    is_supported, naive_attention,
+    is_supported, naive_attention, naive_causal_attention,
 };
 
 /// Compiles every CUDA source of ours with NVRTC for `compute_cap` (e.g. 90), with each set of

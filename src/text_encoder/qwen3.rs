@@ -20,7 +20,7 @@
 //! On CUDA in bf16 the RMSNorms and the SiLU·up product run as single fused kernels with the
 //! same roundings (`cuda::fused::{rms_norm_scale, silu_mul}`), and (bf16/f16) the masked
 //! attention runs on our causal flash kernel instead
-//! (`cuda::flash_attention_causal`: the mask is causal plus right padding, so each row needs
+//! (`cuda::flash_attention_causal_bshd`: the mask is causal plus right padding, so each row needs
 //! only its count of real tokens; f32 scores and statistics, P rounded to the compute dtype,
 //! online softmax, like the memory-efficient kernel torch's SDPA picks for a masked call on
 //! CUDA). `FLUX2_KLEIN_FUSED=0` keeps the op-by-op path there too.

@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use flux2_klein::cuda::{
     causal_is_supported, flash_attention, flash_attention_bshd, flash_attention_causal,
-    flash_attention_causal_bshd, naive_attention,
+    flash_attention_causal_bshd, naive_attention, naive_causal_attention,
 };
 use std::time::Instant;
 
@@ -116,36 +116,6 @@ fn run_case(dev: &Device, c: &Case) -> Result<(f32, f32, f32)> {
     Ok((err, err_naive, max_abs(&reference)?))
 }
 
-/// Causal attention over a right-padded row in f32: query `i` sees keys `0..=min(i, valid-1)`;
-/// `k`/`v` have `h / group` heads. `[1, h, s, d]`.
-fn causal_reference(q: &Tensor, k: &Tensor, v: &Tensor, valid: usize) -> Result<Tensor> {
-    let (_, h, s, d) = q.dims4()?;
-    let group = h / k.dim(1)?;
-    let f = |t: &Tensor| t.to_dtype(DType::F32);
-    let expand = |t: &Tensor| -> Result<Tensor> {
-        let (b, hk, s, d) = t.dims4()?;
-        t.unsqueeze(2)?
-            .broadcast_as((b, hk, group, s, d))?
-            .reshape((b, hk * group, s, d))
-    };
-    let (q, k, v) = (f(q)?, expand(&f(k)?)?, expand(&f(v)?)?);
-    let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-    let mask: Vec<f32> = (0..s)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j <= i.min(valid - 1) {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (1, 1, s, s), q.device())?;
-    let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
-    p.matmul(&v)
-}
-
 #[test]
 fn causal_flash_attention_matches_masked_reference() -> Result<()> {
     let Some(dev) = cuda_device() else {
@@ -168,20 +138,22 @@ fn causal_flash_attention_matches_masked_reference() -> Result<()> {
         let k = rand(&dev, [b, hk, s, d], DType::BF16, 1.0)?;
         let v = rand(&dev, [b, hk, s, d], DType::BF16, 1.0)?;
         assert!(causal_is_supported(&q, &k, &v));
-        let ours = flash_attention_causal(&q, &k, &v, 1.0 / (d as f32).sqrt(), valid)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let ours = flash_attention_causal(&q, &k, &v, scale, valid)?;
         // The [B, S, H, D] entry (the text encoder's) computes the same numbers.
         let t = |x: &Tensor| x.transpose(1, 2)?.contiguous();
-        let ours_bshd =
-            flash_attention_causal_bshd(&t(&q)?, &t(&k)?, &t(&v)?, 1.0 / (d as f32).sqrt(), valid)?;
+        let ours_bshd = flash_attention_causal_bshd(&t(&q)?, &t(&k)?, &t(&v)?, scale, valid)?;
         let layout_diff = max_abs_diff(&ours_bshd.transpose(1, 2)?, &ours)?;
         if layout_diff != 0.0 {
             failures.push(format!(
                 "H={h} S={s}: bshd differs from bhsd by {layout_diff:.3e}"
             ));
         }
+        // Each batch row against f32 masked attention on the same rounded values.
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
         for (row, &n) in valid.iter().enumerate() {
             let (qr, kr, vr) = (q.i(row..row + 1)?, k.i(row..row + 1)?, v.i(row..row + 1)?);
-            let reference = causal_reference(&qr, &kr, &vr, n)?;
+            let reference = naive_causal_attention(&f(&qr)?, &f(&kr)?, &f(&vr)?, scale, n)?;
             let err = max_abs_diff(&ours.i(row..row + 1)?, &reference)?;
             let top = max_abs(&reference)?;
             let ok = err <= 1e-2 * top.max(1e-3);
