@@ -139,7 +139,7 @@ fn pipeline(c: &mut Criterion) {
         keep_resident: true,
         ..PipelineOptions::for_device(Device::Cpu)
     };
-    let mut p = Pipeline::load(model, options).unwrap();
+    let mut p = Pipeline::open(model, options).unwrap();
     let mut request = Request::new(PROMPT, 0);
     request.width = Some(64);
     request.height = Some(64);

@@ -11,7 +11,6 @@
 //! Every module reproduces diffusers 0.42.1 `Flux2KleinPipeline`; the dtype rules that make
 //! the numbers match live next to the op they govern and cite the spec section.
 
-pub mod device_memory;
 pub mod image_io;
 pub mod latents;
 pub mod model_dir;
@@ -26,3 +25,9 @@ pub mod vae;
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+
+/// `text` on one line: every run of whitespace (newlines included) folded to one space. Error
+/// and warning texts go through it, so each reaches the terminal as one line.
+pub fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}

@@ -1,4 +1,4 @@
-//! `Pipeline::load` then `generate(Request)`: the whole of diffusers' `Flux2KleinPipeline.__call__`
+//! `Pipeline::open` then `generate(Request)`: the whole of diffusers' `Flux2KleinPipeline.__call__`
 //! (spec §1, §8), with component lifetimes managed for low peak memory.
 //!
 //! Order of work for one request (each stage loads its component only when needed, and frees
@@ -22,6 +22,7 @@ use crate::image_io;
 use crate::latents;
 use crate::model_dir::ModelDir;
 use crate::noise;
+use crate::ops::KernelOptions;
 use crate::scheduler::{self, Schedule, SchedulerConfig};
 use crate::text_encoder::{self, PromptTokenizer, Qwen3Config, Qwen3TextEncoder};
 use crate::transformer::{Flux2Transformer, Flux2TransformerConfig};
@@ -46,6 +47,11 @@ pub struct PipelineOptions {
     /// Qwen3 hidden states stacked into the prompt embedding (diffusers'
     /// `text_encoder_out_layers`).
     pub text_layers: Vec<usize>,
+    /// The kernel switches (process-wide, installed by [`Pipeline::open`]).
+    pub kernels: KernelOptions,
+    /// Time synchronised regions of the device work and report them as [`Event::Profile`]
+    /// after each batch (slows the run down; off by default).
+    pub profile: bool,
 }
 
 impl PipelineOptions {
@@ -63,7 +69,14 @@ impl PipelineOptions {
             keep_resident: false,
             vae_tile: None,
             text_layers: text_encoder::DEFAULT_LAYERS.to_vec(),
+            kernels: KernelOptions::default(),
+            profile: false,
         }
+    }
+
+    /// The VAE's dtype: [`Self::vae_dtype`] if set, else the compute dtype.
+    pub fn vae_dtype(&self) -> DType {
+        self.vae_dtype.unwrap_or(self.dtype)
     }
 }
 
@@ -109,14 +122,48 @@ pub struct Reference {
     pub name: String,
 }
 
+/// The stages of a request, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    LoadTextEncoder,
+    EncodePrompt,
+    LoadVaeEncoder,
+    EncodeReferences,
+    LoadTransformer,
+    Denoise,
+    LoadVaeDecoder,
+    Decode,
+}
+
+impl Stage {
+    /// The name progress lines show.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::LoadTextEncoder => "load text encoder",
+            Stage::EncodePrompt => "encode prompt",
+            Stage::LoadVaeEncoder => "load vae encoder",
+            Stage::EncodeReferences => "encode references",
+            Stage::LoadTransformer => "load transformer",
+            Stage::Denoise => "denoise",
+            Stage::LoadVaeDecoder => "load vae decoder",
+            Stage::Decode => "decode",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Progress and diagnostics, reported while `generate` runs.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A stage starts ("load text encoder", "encode prompt", "encode references",
-    /// "load transformer", "denoise", "load vae", "decode").
-    StageStart(&'static str),
+    /// A stage starts.
+    StageStart(Stage),
     /// A stage ended, with its wall time.
-    StageEnd(&'static str, Duration),
+    StageEnd(Stage, Duration),
     /// Denoising step `index` (0-based) of `total` finished.
     Step {
         index: usize,
@@ -128,6 +175,9 @@ pub enum Event {
     /// In a batch of `total > 1` requests, the events that follow (until the next `Job`)
     /// belong to request `index` (0-based).
     Job { index: usize, total: usize },
+    /// With [`PipelineOptions::profile`]: the table of synchronised region times of the
+    /// batch that just ended.
+    Profile(String),
 }
 
 /// Wall time per stage of one `generate` call.
@@ -251,35 +301,28 @@ pub struct Pipeline {
     transformer: Option<Flux2Transformer>,
     vae_encoder: Option<AutoencoderKLFlux2>,
     vae_decoder: Option<AutoencoderKLFlux2>,
+    /// Warnings of [`Pipeline::open`], not yet delivered.
+    pending_warnings: Vec<String>,
 }
 
 impl Pipeline {
-    /// Resolves configs and the tokenizer; components are loaded when first needed.
-    pub fn load(model: ModelDir, options: PipelineOptions) -> Result<Self> {
+    /// Resolves configs and the tokenizer and installs the kernel switches; the components
+    /// are loaded when a request first needs them. Warnings found here (e.g. CUDA kernels
+    /// that cannot run) are delivered as [`Event::Warning`] by the first `generate`.
+    pub fn open(model: ModelDir, options: PipelineOptions) -> Result<Self> {
         if options.text_layers.is_empty() {
             bail!("at least one text encoder layer must be requested");
         }
         let scheduler_config: SchedulerConfig = model.config("scheduler")?;
         let transformer_config: Flux2TransformerConfig = model.config("transformer")?;
         let tokenizer = PromptTokenizer::from_file(&model.tokenizer()?, MAX_SEQUENCE_LENGTH)?;
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(dev) = &options.device {
-            if crate::ops::cuda_speedups_enabled() {
-                crate::device_memory::keep_freed_memory(&options.device);
-                let head_dim = transformer_config.attention_head_dim;
-                if let Err(e) = crate::cuda::preflight(dev, head_dim, options.dtype) {
-                    eprintln!(
-                        "warning: flux2-klein's CUDA kernels cannot run here ({}); using \
-                         candle's ops instead, which is slower. An NVIDIA driver for CUDA 13.0 \
-                         (580 or newer) runs them.",
-                        e.to_string()
-                            .split_whitespace()
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    );
-                }
-            }
-        }
+        options.kernels.install();
+        crate::profile::set_enabled(options.profile);
+        let pending_warnings = crate::ops::prepare_device(
+            &options.device,
+            transformer_config.attention_head_dim,
+            options.dtype,
+        );
         Ok(Self {
             model,
             options,
@@ -290,6 +333,7 @@ impl Pipeline {
             transformer: None,
             vae_encoder: None,
             vae_decoder: None,
+            pending_warnings,
         })
     }
 
@@ -344,7 +388,7 @@ impl Pipeline {
     }
 
     fn vae_dtype(&self) -> DType {
-        self.options.vae_dtype.unwrap_or(self.options.dtype)
+        self.options.vae_dtype()
     }
 
     fn var_builder(&self, component: &str, dtype: DType) -> Result<VarBuilder<'static>> {
@@ -410,6 +454,9 @@ impl Pipeline {
         events: &mut dyn FnMut(Event),
         on_image: &mut dyn FnMut(usize, Generated) -> Result<()>,
     ) -> Result<()> {
+        for w in self.pending_warnings.drain(..) {
+            events(Event::Warning(w));
+        }
         let total = requests.len();
         let chunk_len = if self.options.keep_resident {
             1
@@ -458,7 +505,7 @@ impl Pipeline {
             }
         }
         if let Some(report) = crate::profile::take_report() {
-            eprint!("{report}");
+            events(Event::Profile(report));
         }
         Ok(())
     }
@@ -556,11 +603,11 @@ impl Pipeline {
             }
         }
         if self.text_encoder.is_none() {
-            let t = stage(events, "load text encoder");
+            let t = stage(events, Stage::LoadTextEncoder);
             self.text_encoder = Some(self.load_text_encoder()?);
-            job.timings.load += end(events, "load text encoder", t);
+            job.timings.load += end(events, Stage::LoadTextEncoder, t);
         }
-        let t = stage(events, "encode prompt");
+        let t = stage(events, Stage::EncodePrompt);
         let mut prompts = vec![job.request.prompt.as_str()];
         if job.do_cfg {
             prompts.push(job.request.negative_prompt.as_str());
@@ -586,7 +633,7 @@ impl Pipeline {
         // queued when the host returns, and without this their tail was billed to the first
         // denoising step (H100: text encode read ~19 ms, step 1 ~22 ms slower than steps 2–4).
         self.options.device.synchronize()?;
-        job.timings.text_encode = end(events, "encode prompt", t);
+        job.timings.text_encode = end(events, Stage::EncodePrompt, t);
         job.timings.total += t_job.elapsed();
         reuse.prompt = Some((
             key,
@@ -617,14 +664,14 @@ impl Pipeline {
         let t_job = Instant::now();
         let device = self.options.device.clone();
         if self.vae_encoder.is_none() {
-            let t = stage(events, "load vae encoder");
+            let t = stage(events, Stage::LoadVaeEncoder);
             self.vae_encoder = Some(self.load_vae(VaeParts {
                 encoder: true,
                 decoder: false,
             })?);
-            job.timings.load += end(events, "load vae encoder", t);
+            job.timings.load += end(events, Stage::LoadVaeEncoder, t);
         }
-        let t = stage(events, "encode references");
+        let t = stage(events, Stage::EncodeReferences);
         let vae = self.vae_encoder.as_ref().expect("loaded above");
         let mut tokens = Vec::with_capacity(job.references.len());
         for (i, rgb) in job.references.iter().enumerate() {
@@ -650,7 +697,7 @@ impl Pipeline {
         }
         job.reference_tokens = Some(Tensor::cat(&tokens, 1)?);
         device.synchronize()?; // the stage's own time, as for the prompt
-        job.timings.reference_encode = end(events, "encode references", t);
+        job.timings.reference_encode = end(events, Stage::EncodeReferences, t);
         job.timings.total += t_job.elapsed();
         reuse.references = Some((
             job.references.clone(),
@@ -692,13 +739,13 @@ impl Pipeline {
         let schedule = Schedule::new(&self.scheduler_config, steps, n_target)?;
 
         if self.transformer.is_none() {
-            let t = stage(events, "load transformer");
+            let t = stage(events, Stage::LoadTransformer);
             self.transformer = Some(self.load_transformer()?);
-            job.timings.load += end(events, "load transformer", t);
+            job.timings.load += end(events, Stage::LoadTransformer, t);
         }
         let transformer = self.transformer.as_ref().expect("loaded above");
         let rope = transformer.rope(&img_ids, &txt_ids)?;
-        let t_denoise = stage(events, "denoise");
+        let t_denoise = stage(events, Stage::Denoise);
         for i in 0..steps {
             let t_step = Instant::now();
             let x_in = match &image_latents {
@@ -734,7 +781,7 @@ impl Pipeline {
                 elapsed,
             });
         }
-        end(events, "denoise", t_denoise);
+        end(events, Stage::Denoise, t_denoise);
         job.latents = Some(latents_packed);
         job.timings.total += t_job.elapsed();
         Ok(())
@@ -744,14 +791,14 @@ impl Pipeline {
     fn decode(&mut self, job: &mut Job, events: &mut dyn FnMut(Event)) -> Result<Generated> {
         let t_job = Instant::now();
         if self.vae_decoder.is_none() {
-            let t = stage(events, "load vae decoder");
+            let t = stage(events, Stage::LoadVaeDecoder);
             self.vae_decoder = Some(self.load_vae(VaeParts {
                 encoder: false,
                 decoder: true,
             })?);
-            job.timings.load += end(events, "load vae decoder", t);
+            job.timings.load += end(events, Stage::LoadVaeDecoder, t);
         }
-        let t = stage(events, "decode");
+        let t = stage(events, Stage::Decode);
         let vae = self.vae_decoder.as_ref().expect("loaded above");
         let vae_dtype = self.vae_dtype();
         let latents_packed = job.latents.take().context("latents not denoised")?;
@@ -768,7 +815,7 @@ impl Pipeline {
             None => vae.decode(&z)?,
         };
         let mut images = vae::to_rgb8(&decoded)?;
-        job.timings.vae_decode = end(events, "decode", t);
+        job.timings.vae_decode = end(events, Stage::Decode, t);
         job.timings.total += t_job.elapsed();
         Ok(Generated {
             image: images.remove(0),
@@ -784,12 +831,12 @@ impl Pipeline {
     /// Peak device memory in bytes since the last reset (or process start), where the device
     /// can tell (CUDA: live tensor memory, like torch's `max_memory_allocated`).
     pub fn peak_device_memory(&self) -> Option<u64> {
-        crate::device_memory::peak(&self.options.device)
+        crate::ops::device::peak(&self.options.device)
     }
 
     /// Starts a new peak-memory measurement (`bench` does this per workload).
     pub fn reset_peak_device_memory(&self) {
-        crate::device_memory::reset_peak(&self.options.device)
+        crate::ops::device::reset_peak(&self.options.device)
     }
 }
 
@@ -812,13 +859,16 @@ fn in_job<T>(result: Result<T>, index: usize, total: usize) -> Result<T> {
     }
 }
 
-fn stage(events: &mut dyn FnMut(Event), name: &'static str) -> Instant {
+fn stage(events: &mut dyn FnMut(Event), name: Stage) -> Instant {
     events(Event::StageStart(name));
     Instant::now()
 }
 
-fn end(events: &mut dyn FnMut(Event), name: &'static str, t: Instant) -> Duration {
+fn end(events: &mut dyn FnMut(Event), name: Stage, t: Instant) -> Duration {
     let d = t.elapsed();
+    for w in crate::ops::take_warnings() {
+        events(Event::Warning(w));
+    }
     events(Event::StageEnd(name, d));
     d
 }

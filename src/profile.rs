@@ -1,6 +1,7 @@
-//! Opt-in region timing to see where device time goes: with `FLUX2_KLEIN_PROFILE=1` the
-//! device is synchronised around named regions and `generate` prints a table per call on
-//! stderr. Off (the default) it costs one relaxed load per region and changes nothing.
+//! Opt-in region timing to see where device time goes: with `PipelineOptions::profile` (the
+//! CLI sets it from `FLUX2_KLEIN_PROFILE=1`) the device is synchronised around named regions
+//! and each batch ends with the table as `Event::Profile`. Off (the default) it costs one
+//! relaxed load per region and changes nothing.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -9,20 +10,18 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
-static STATE: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 off, 2 on
+static STATE: AtomicU8 = AtomicU8::new(0); // 0 never set, 1 off, 2 on
 static TOTALS: Mutex<BTreeMap<&'static str, (Duration, u64)>> = Mutex::new(BTreeMap::new());
 
-/// Whether `FLUX2_KLEIN_PROFILE` is set (to anything but `0`).
+/// Whether profiling is on ([`set_enabled`]; off by default).
 pub fn enabled() -> bool {
-    match STATE.load(Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => {
-            let on = std::env::var("FLUX2_KLEIN_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0");
-            STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-            on
-        }
-    }
+    STATE.load(Ordering::Relaxed) == 2
+}
+
+/// Turns profiling on or off for the process (the pipeline does this from
+/// `PipelineOptions::profile`).
+pub fn set_enabled(on: bool) {
+    STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
 }
 
 /// Runs `f`, and when profiling is on adds its synchronised wall time to `name`.

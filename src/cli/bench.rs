@@ -62,7 +62,7 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
     let generate = |pipeline: &mut Pipeline, reporter: &mut Reporter, size: Size| {
         let req = request(size);
         let result = pipeline.generate(&req, &mut |e| match e {
-            Event::Warning(_) => reporter.event(e),
+            Event::Warning(_) | Event::Profile(_) => reporter.event(e),
             _ if verbose => reporter.event(e),
             _ => {}
         });

@@ -2,6 +2,7 @@
 
 use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
+use flux2_klein::ops::KernelOptions;
 use flux2_klein::pipeline::PipelineOptions;
 
 use super::args::{DTypeArg, DeviceArg, ModelArgs};
@@ -19,6 +20,9 @@ pub fn pipeline_options(args: &ModelArgs, keep_resident: bool) -> Result<Pipelin
     options.vae_dtype = args.vae_dtype.map(to_dtype);
     options.keep_resident = keep_resident;
     options.vae_tile = args.vae_tile.map(|t| t as usize);
+    // The library reads no environment: its kernel switches and profiling come from here.
+    options.kernels = KernelOptions::from_env(&mut |w| eprintln!("warning: {w}"));
+    options.profile = std::env::var("FLUX2_KLEIN_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0");
     check_bf16_support(&options)?;
     Ok(options)
 }

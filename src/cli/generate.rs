@@ -271,7 +271,7 @@ pub(super) fn load_pipeline(
     reporter: &mut Reporter,
 ) -> Result<(Pipeline, usize, f64)> {
     let dir = model.source.resolve()?;
-    let pipeline = Pipeline::load(dir, options)?;
+    let pipeline = Pipeline::open(dir, options)?;
     let steps = sampling
         .steps
         .map(|s| s as usize)
@@ -389,7 +389,7 @@ fn summarize(g: &Generated, device: &Device, reporter: &Reporter) {
         fmt_duration(t.vae_decode),
         fmt_duration(t.total),
     ));
-    if let Some(peak) = flux2_klein::device_memory::peak(device) {
+    if let Some(peak) = flux2_klein::ops::device::peak(device) {
         reporter.detail(&format!("peak device memory: {}", fmt_bytes(peak)));
     }
 }

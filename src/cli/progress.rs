@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use flux2_klein::pipeline::Event;
+use flux2_klein::pipeline::{Event, Stage};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -29,7 +29,7 @@ pub struct Reporter {
 /// The live display: one bar per running stage.
 struct Live {
     multi: MultiProgress,
-    bars: Vec<(&'static str, ProgressBar)>,
+    bars: Vec<(Stage, ProgressBar)>,
 }
 
 impl Reporter {
@@ -89,6 +89,7 @@ impl Reporter {
     pub fn event(&mut self, event: Event) {
         match event {
             Event::Warning(msg) => self.warn(&msg),
+            Event::Profile(report) => self.print(report.trim_end()),
             Event::Job { index, total } => {
                 let width = total.to_string().len();
                 self.job = format!("[{:width$}/{total}] ", index + 1);
@@ -124,13 +125,13 @@ impl Reporter {
                         let i = live
                             .bars
                             .iter()
-                            .rposition(|(s, _)| *s == "denoise")
+                            .rposition(|(s, _)| *s == Stage::Denoise)
                             .or_else(|| live.bars.len().checked_sub(1));
                         let bar = match i {
                             Some(i) => live.bars[i].1.clone(),
                             None => {
                                 let bar = live.multi.add(ProgressBar::new(total as u64));
-                                live.bars.push(("denoise", bar.clone()));
+                                live.bars.push((Stage::Denoise, bar.clone()));
                                 bar
                             }
                         };

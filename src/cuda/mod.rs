@@ -45,6 +45,7 @@ macro_rules! cuda_only_cpu_fwd {
 pub mod conv;
 pub mod flash_attn;
 pub mod fused;
+pub mod memory;
 mod nvrtc;
 
 use std::sync::atomic::{AtomicBool, Ordering};
