@@ -23,6 +23,7 @@ pub mod text_encoder;
 pub mod transformer;
 pub mod vae;
 
+// Our CUDA kernels; only `ops` (and the CUDA tests) call them.
 #[cfg(feature = "cuda")]
 pub mod cuda;
 

@@ -16,6 +16,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -209,15 +211,28 @@ impl ModelDir {
         }
     }
 
-    /// Parses `{component}/{config_name}` into `T`; the error names the file.
-    pub fn config<T: DeserializeOwned>(&self, component: &str) -> Result<T> {
+    /// Reads, parses and validates the config of `component` (`{component}/config.json`, the
+    /// scheduler's `scheduler/scheduler_config.json`); the error names the file.
+    pub fn config<T: ComponentConfig>(&self, component: &str) -> Result<T> {
         let name = if component == "scheduler" {
             "scheduler/scheduler_config.json".to_string()
         } else {
             format!("{component}/config.json")
         };
-        let path = self.file(&name)?;
-        read_json(&path)
+        read_config(&self.file(&name)?)
+    }
+
+    /// A `VarBuilder` over the weights of `component` ([`Self::weights`]: the single file or
+    /// every shard), converting them to `dtype` on `device`.
+    pub fn var_builder(
+        &self,
+        component: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        let files = self.weights(component)?;
+        var_builder(&files, dtype, device)
+            .with_context(|| format!("loading the {component} weights of {}", self.id))
     }
 
     /// The safetensors files of a component: the single file, or every shard named by the
@@ -268,12 +283,59 @@ fn shard_names(index_path: &Path) -> Result<Vec<String>> {
     Ok(set.into_iter().collect())
 }
 
+/// A `VarBuilder` over memory-mapped safetensors files (a component's single file or its
+/// shards), converting the weights to `dtype` on `device`.
+pub fn var_builder(
+    files: &[impl AsRef<Path>],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    // SAFETY: the weight files are memory-mapped read-only and not modified while mapped.
+    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.with_context(|| {
+        let names: Vec<String> = files
+            .iter()
+            .map(|f| f.as_ref().display().to_string())
+            .collect();
+        format!("opening {}", names.join(", "))
+    })
+}
+
 /// Reads and parses a json file; the error names the file and what is wrong.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text)
         .map_err(|e| anyhow!("{} is not a valid config: {e}", path.display()))
+}
+
+/// A component's `config.json` as a serde struct that can say whether this port supports it.
+/// [`ModelDir::config`] and [`read_config`] are the one way configs are loaded.
+pub trait ComponentConfig: DeserializeOwned {
+    /// What the file is, for messages ("transformer config").
+    const WHAT: &'static str;
+
+    /// Rejects values the port does not implement or that contradict each other.
+    fn validate(&self) -> Result<()>;
+}
+
+/// Any json: parsed, never validated (`fetch` reads configs this way to find their files).
+impl ComponentConfig for serde_json::Value {
+    const WHAT: &'static str = "config";
+
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads, parses and validates a config file; the error names the file and what is wrong.
+pub fn read_config<T: ComponentConfig>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {} {}", T::WHAT, path.display()))?;
+    let cfg: T = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{} {} is not a valid config: {e}", T::WHAT, path.display()))?;
+    cfg.validate()
+        .with_context(|| format!("invalid {} {}", T::WHAT, path.display()))?;
+    Ok(cfg)
 }
 
 fn looks_like_path(s: &str) -> bool {

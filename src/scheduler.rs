@@ -63,16 +63,9 @@ impl SchedulerConfig {
         }
     }
 
-    /// Reads `scheduler_config.json` and rejects options this port does not implement.
+    /// Reads and validates the scheduler config file ([`crate::model_dir::read_config`]).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading scheduler config {}", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .with_context(|| format!("parsing scheduler config {}", path.display()))?;
-        cfg.validate()
-            .with_context(|| format!("scheduler config {}", path.display()))?;
-        Ok(cfg)
+        crate::model_dir::read_config(path.as_ref())
     }
 
     /// Errors for settings diffusers supports but the klein pipeline never uses (and this port
@@ -279,6 +272,14 @@ pub fn euler_step(
         other => bail!("euler_step: unsupported dtype {other:?}"),
     };
     Ok(out)
+}
+
+impl crate::model_dir::ComponentConfig for SchedulerConfig {
+    const WHAT: &'static str = "scheduler config";
+
+    fn validate(&self) -> Result<()> {
+        SchedulerConfig::validate(self)
+    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,33 @@
-//! Elementwise ops with PyTorch's rounding, shared by the text encoder, transformer and VAE.
+//! The op layer between the models and the kernels.
+//!
+//! The models (text encoder, transformer, VAE) call these ops; each op picks our fused CUDA
+//! kernel when it applies (CUDA, the dtype the kernel is for, speed paths on) and otherwise
+//! computes the reference with PyTorch's roundings (spec §1), which is also what the CPU
+//! runs. So the model files hold no device dispatch: the `cfg(feature = "cuda")` seams live
+//! here and in `crate::cuda`.
+//!
+//! * [`linear`]: [`Linear`], one `forward` over the stored weight kind;
+//! * [`attention`]: scaled dot-product attention with a [`Mask`], FLUX.2's joint q/k-norm +
+//!   RoPE attention, and the VAE's f32 attention;
+//! * [`norm`]: LayerNorm (+ modulation), the two RMSNorm rounding rules, GroupNorm (+ SiLU);
+//! * [`mlp`]: SwiGLU and SiLU·up; [`elementwise`]: modulation and the gated residual;
+//! * [`rope`]: the interleaved (FLUX.2) and half-split (Qwen3) rotations;
+//! * [`conv`]: the VAE's `Conv2d`; [`device`]: peak memory and the CUDA pool policy;
+//! * the kernel switches ([`KernelOptions`]), device preparation and the warnings queue.
 
+pub mod attention;
+pub mod conv;
 pub mod device;
+pub mod elementwise;
 mod kernels;
+pub mod linear;
+pub mod mlp;
+pub mod norm;
+pub mod rope;
 
+pub use attention::{attention, Layout, Mask};
 pub use kernels::{AttentionKernel, KernelOptions};
+pub use linear::Linear;
 
 use candle_core::{DType, Result, Tensor};
 

@@ -17,17 +17,23 @@
 //!   the product with `up` rounded to the compute dtype.
 //! * every residual add rounds to the compute dtype.
 //!
-//! On CUDA in bf16 the RMSNorms and the SiLU·up product run as single fused kernels with the
-//! same roundings (`cuda::fused::{rms_norm_scale, silu_mul}`), and (bf16/f16) the masked
-//! attention runs on our causal flash kernel instead
-//! (`cuda::flash_attention_causal_bshd`: the mask is causal plus right padding, so each row needs
-//! only its count of real tokens; f32 scores and statistics, P rounded to the compute dtype,
-//! online softmax, like the memory-efficient kernel torch's SDPA picks for a masked call on
-//! CUDA). `FLUX2_KLEIN_FUSED=0` keeps the op-by-op path there too.
+//! The ops are `crate::ops` (`norm::RmsNorm`, `mlp::silu_mul`, `attention` with
+//! `Mask::causal_padded`), which run our fused CUDA kernels with the same roundings where they
+//! apply: on CUDA the masked attention is the causal flash kernel (causal plus right padding,
+//! so each row needs only its count of real tokens; f32 scores and statistics, P rounded to
+//! the compute dtype, like the memory-efficient kernel torch's SDPA picks for a masked call on
+//! CUDA). The speed paths off (`KernelOptions::fused`), the op-by-op path runs there too.
+//!
+//! Why not `candle_transformers::models::qwen3`? It rounds differently from transformers in
+//! bf16 (its RMSNorm applies the weight before the single rounding, its attention takes the
+//! softmax in the compute dtype with a materialised mask), it has no way to stop at layer 27
+//! and return intermediate residual streams, and its attention cannot run our causal kernel.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+
+use crate::ops::{self, norm::RmsNorm, Linear, Mask};
 use serde::Deserialize;
 
 /// `rope_parameters` of a transformers 5 config (`{"rope_theta": .., "rope_type": "default"}`).
@@ -88,15 +94,9 @@ pub struct Qwen3Config {
 }
 
 impl Qwen3Config {
-    /// Reads and validates `text_encoder/config.json`.
+    /// Reads and validates the Qwen3 config file ([`crate::model_dir::read_config`]).
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the Qwen3 config {}", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .with_context(|| format!("parsing {} as a transformers Qwen3Config", path.display()))?;
-        cfg.validate()
-            .with_context(|| format!("unsupported Qwen3 config {}", path.display()))?;
-        Ok(cfg)
+        crate::model_dir::read_config(path)
     }
 
     /// Per-head dimension (explicit `head_dim`, else `hidden_size / num_attention_heads`).
@@ -184,60 +184,6 @@ pub fn rope_inv_freq(theta: f64, head_dim: usize) -> Vec<f32> {
         .collect()
 }
 
-/// `Qwen3RMSNorm`: `w * to_dtype(x_f32 * rsqrt(mean(x_f32²) + eps))` (spec §1, §2.2).
-///
-/// candle-nn's `rms_norm` on bf16 input rounds the rms to bf16 and applies the weight before
-/// the single final rounding, so it is called on the f32 upcast with unit weight (= the f32
-/// normalization), and the result is rounded and multiplied by the weight separately.
-#[derive(Debug, Clone)]
-struct Qwen3RmsNorm {
-    weight: Tensor,
-    ones_f32: Tensor,
-    eps: f32,
-}
-
-impl Qwen3RmsNorm {
-    fn load(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get(dim, "weight")?;
-        let ones_f32 = Tensor::ones(dim, DType::F32, weight.device())?;
-        Ok(Self {
-            weight,
-            ones_f32,
-            eps: eps as f32,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // CUDA bf16: the same two roundings in one kernel (the f32 normalisation multiplies by
-        // rsqrt, as transformers does).
-        #[cfg(feature = "cuda")]
-        if crate::cuda::fused::applies(x) && self.weight.dtype() == DType::BF16 {
-            return Ok(crate::cuda::fused::rms_norm_scale(
-                x,
-                &self.weight,
-                self.eps,
-            )?);
-        }
-        let dtype = x.dtype();
-        let normed = candle_nn::ops::rms_norm(
-            &x.to_dtype(DType::F32)?.contiguous()?,
-            &self.ones_f32,
-            self.eps,
-        )?;
-        Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
-    }
-}
-
-/// How the decoder layers mask attention (built once per forward).
-enum LayerMask {
-    /// Additive f32 bias `[B,1,1,L,L]` for [`sdpa`] (the op-by-op reference path).
-    Bias(Tensor),
-    /// CUDA: the causal flash kernel, with each batch row's number of real tokens (the row's
-    /// first tokens; the rest is padding).
-    #[cfg(feature = "cuda")]
-    CausalKernel(Vec<usize>),
-}
-
 /// `Qwen3Attention` without cache (spec §2.2).
 #[derive(Debug, Clone)]
 struct Qwen3Attention {
@@ -245,8 +191,8 @@ struct Qwen3Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    q_norm: Qwen3RmsNorm,
-    k_norm: Qwen3RmsNorm,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -258,12 +204,12 @@ impl Qwen3Attention {
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let bias = cfg.attention_bias;
         Ok(Self {
-            q_proj: candle_nn::linear_b(h, nh * hd, bias, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear_b(h, nkv * hd, bias, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear_b(h, nkv * hd, bias, vb.pp("v_proj"))?,
-            o_proj: candle_nn::linear_b(nh * hd, h, bias, vb.pp("o_proj"))?,
-            q_norm: Qwen3RmsNorm::load(hd, cfg.rms_norm_eps, vb.pp("q_norm"))?,
-            k_norm: Qwen3RmsNorm::load(hd, cfg.rms_norm_eps, vb.pp("k_norm"))?,
+            q_proj: Linear::load(h, nh * hd, bias, vb.pp("q_proj"))?,
+            k_proj: Linear::load(h, nkv * hd, bias, vb.pp("k_proj"))?,
+            v_proj: Linear::load(h, nkv * hd, bias, vb.pp("v_proj"))?,
+            o_proj: Linear::load(nh * hd, h, bias, vb.pp("o_proj"))?,
+            q_norm: RmsNorm::load(hd, cfg.rms_norm_eps, vb.pp("q_norm"))?,
+            k_norm: RmsNorm::load(hd, cfg.rms_norm_eps, vb.pp("k_norm"))?,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
@@ -271,7 +217,7 @@ impl Qwen3Attention {
     }
 
     /// `x` [B,L,H]; `cos`/`sin` [L,head_dim/2] in the compute dtype.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &LayerMask) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // q/k RMSNorm per head *before* RoPE (Qwen3), on [B,L,heads,hd].
@@ -280,56 +226,16 @@ impl Qwen3Attention {
         let k = self.k_proj.forward(x)?.reshape((b, l, nkv, hd))?;
         let k = self.k_norm.forward(&k)?;
         let v = self.v_proj.forward(x)?.reshape((b, l, nkv, hd))?;
-        // Half-split rotation (`rotate_half`) in the compute dtype: candle's `rope` computes
-        // `x1·cos − x2·sin`, `x1·sin + x2·cos` with one rounding per op like torch's
-        // `q*cos + rotate_half(q)*sin` (`rope_thd` is the same per element, for [B,L,H,D]).
-        let out = match mask {
-            LayerMask::Bias(bias) => {
-                let bhsd = |t: Tensor| t.transpose(1, 2)?.contiguous();
-                let q = candle_nn::rotary_emb::rope(&bhsd(q)?, cos, sin)?;
-                let k = candle_nn::rotary_emb::rope(&bhsd(k)?, cos, sin)?;
-                let v = bhsd(v)?;
-                sdpa(&q, &k, &v, bias, nkv)?.transpose(1, 2)? // [B,L,nh,hd]
-            }
-            // The kernel reads and writes [B,L,H,D]: no transposes around it.
-            #[cfg(feature = "cuda")]
-            LayerMask::CausalKernel(real_tokens) => {
-                let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?;
-                let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?;
-                let scale = 1.0 / (hd as f32).sqrt();
-                crate::cuda::flash_attention_causal_bshd(&q, &k, &v, scale, real_tokens)?
-            }
-        };
-        let out = out.reshape((b, l, nh * hd))?;
+        // Half-split rotation (`rotate_half`) in the compute dtype, in the layout the mask's
+        // attention runs in (the causal kernel reads [B,L,H,D]: no transposes around it).
+        let layout = mask.layout();
+        let q = ops::rope::rope_half_split(&layout.from_bshd(&q)?, cos, sin, layout)?;
+        let k = ops::rope::rope_half_split(&layout.from_bshd(&k)?, cos, sin, layout)?;
+        let v = layout.from_bshd(&v)?;
+        let out = ops::attention(&q, &k, &v, layout, mask)?;
+        let out = layout.to_bshd(&out)?.reshape((b, l, nh * hd))?;
         Ok(self.o_proj.forward(&out)?)
     }
-}
-
-/// `F.scaled_dot_product_attention` with a boolean mask and GQA, as torch's flash kernels
-/// evaluate it (see the module doc). `q` [B,nh,L,d], `k`/`v` [B,nkv,L,d]; query head `h` uses
-/// kv head `h / (nh/nkv)`, done by grouping the query heads instead of repeating k/v.
-fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, nkv: usize) -> Result<Tensor> {
-    let dtype = q.dtype();
-    let (b, nh, l, d) = q.dims4()?;
-    let rep = nh / nkv;
-    let scale = 1.0 / (d as f64).sqrt();
-    let qf = q.to_dtype(DType::F32)?.reshape((b, nkv, rep * l, d))?;
-    let kf = k.to_dtype(DType::F32)?;
-    let vf = v.to_dtype(DType::F32)?;
-    let scores = (qf.matmul(&kf.t()?)? * scale)?.reshape((b, nkv, rep, l, l))?;
-    let scores = scores.broadcast_add(mask)?;
-    let out = if dtype == DType::F32 {
-        let p = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, rep * l, l))?;
-        p.matmul(&vf)?
-    } else {
-        let max = scores.max_keepdim(D::Minus1)?;
-        let p = scores.broadcast_sub(&max)?.exp()?;
-        let sum = p.sum_keepdim(D::Minus1)?.reshape((b, nkv, rep * l, 1))?;
-        let p = p.to_dtype(dtype)?.to_dtype(DType::F32)?;
-        let p = p.reshape((b, nkv, rep * l, l))?;
-        p.matmul(&vf)?.broadcast_div(&sum)?
-    };
-    Ok(out.reshape((b, nh, l, d))?.to_dtype(dtype)?)
 }
 
 /// `Qwen3MLP`: `down(silu(gate(x)) * up(x))`.
@@ -344,31 +250,25 @@ impl Qwen3Mlp {
     fn load(cfg: &Qwen3Config, vb: VarBuilder) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: candle_nn::linear_no_bias(h, i, vb.pp("gate_proj"))?,
-            up_proj: candle_nn::linear_no_bias(h, i, vb.pp("up_proj"))?,
-            down_proj: candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?,
+            gate_proj: Linear::load_no_bias(h, i, vb.pp("gate_proj"))?,
+            up_proj: Linear::load_no_bias(h, i, vb.pp("up_proj"))?,
+            down_proj: Linear::load_no_bias(i, h, vb.pp("down_proj"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        #[cfg(feature = "cuda")]
-        if crate::cuda::fused::applies(&gate) {
-            let act = crate::cuda::fused::silu_mul(&gate, &up)?;
-            return Ok(self.down_proj.forward(&act)?);
-        }
-        let act = crate::ops::silu(&gate)?;
-        Ok(self.down_proj.forward(&(act * up)?)?)
+        Ok(self.down_proj.forward(&ops::mlp::silu_mul(&gate, &up)?)?)
     }
 }
 
 /// `Qwen3DecoderLayer` (pre-norm, spec §2.2).
 #[derive(Debug, Clone)]
 struct Qwen3DecoderLayer {
-    input_layernorm: Qwen3RmsNorm,
+    input_layernorm: RmsNorm,
     self_attn: Qwen3Attention,
-    post_attention_layernorm: Qwen3RmsNorm,
+    post_attention_layernorm: RmsNorm,
     mlp: Qwen3Mlp,
 }
 
@@ -376,18 +276,14 @@ impl Qwen3DecoderLayer {
     fn load(cfg: &Qwen3Config, vb: VarBuilder) -> Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
-            input_layernorm: Qwen3RmsNorm::load(h, eps, vb.pp("input_layernorm"))?,
+            input_layernorm: RmsNorm::load(h, eps, vb.pp("input_layernorm"))?,
             self_attn: Qwen3Attention::load(cfg, vb.pp("self_attn"))?,
-            post_attention_layernorm: Qwen3RmsNorm::load(
-                h,
-                eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
+            post_attention_layernorm: RmsNorm::load(h, eps, vb.pp("post_attention_layernorm"))?,
             mlp: Qwen3Mlp::load(cfg, vb.pp("mlp"))?,
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &LayerMask) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Mask) -> Result<Tensor> {
         let h = self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
@@ -409,7 +305,6 @@ pub struct Qwen3TextEncoder {
     embed_tokens: Embedding,
     layers: Vec<Qwen3DecoderLayer>,
     inv_freq: Vec<f32>,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     head_dim: usize,
     dtype: DType,
     device: Device,
@@ -462,21 +357,7 @@ impl Qwen3TextEncoder {
     /// (the op-by-op reference: CPU, f32, speed paths off, or the kernel unusable here).
     /// Benchmarks record it.
     pub fn attention_kernel(&self) -> String {
-        #[cfg(feature = "cuda")]
-        if self.uses_causal_kernel() {
-            if let Some(name) = crate::cuda::causal_kernel_name(self.head_dim, self.dtype) {
-                return name;
-            }
-        }
-        "naive".into()
-    }
-
-    /// Whether right-padded prompts run on the causal CUDA kernel: CUDA, bf16/f16, a supported
-    /// head dim, speed paths on, and the kernel loaded and self-checked.
-    #[cfg(feature = "cuda")]
-    fn uses_causal_kernel(&self) -> bool {
-        crate::ops::cuda_speedups_enabled()
-            && crate::cuda::causal_kernel_ready(&self.device, self.head_dim, self.dtype)
+        ops::attention::causal_kernel_name(&self.device, self.head_dim, self.dtype)
     }
 
     /// Number of decoder layers loaded (= the deepest hidden-state index available).
@@ -504,41 +385,14 @@ impl Qwen3TextEncoder {
     }
 
     /// The mask for [`Qwen3DecoderLayer::forward`] from the caller's `attention_mask` (on any
-    /// device; the tokenizer's is on the host, so reading the padding costs no transfer): the
-    /// causal kernel's real-token counts where [`Self::uses_causal_kernel`] and every row's
-    /// real tokens come first, the additive bias on this encoder's device otherwise.
-    fn layer_mask(&self, attention_mask: &Tensor, seq_len: usize) -> Result<LayerMask> {
-        #[cfg(feature = "cuda")]
-        if self.uses_causal_kernel() {
-            if let Some(real_tokens) = right_padded_lengths(attention_mask)? {
-                return Ok(LayerMask::CausalKernel(real_tokens));
-            }
-        }
-        Ok(LayerMask::Bias(Self::attention_bias(
-            &attention_mask.to_device(&self.device)?,
-            seq_len,
-        )?))
-    }
-
-    /// Additive f32 mask `[B,1,1,L,L]`: query `i` may see key `j` iff `j <= i` and
-    /// `attention_mask[j] != 0` (spec §2.2; pad query rows see the real tokens only).
-    fn attention_bias(attention_mask: &Tensor, seq_len: usize) -> Result<Tensor> {
-        let device = attention_mask.device();
-        let b = attention_mask.dim(0)?;
-        let pos = Tensor::arange(0u32, seq_len as u32, device)?;
-        let causal = pos
-            .reshape((seq_len, 1))?
-            .broadcast_ge(&pos.reshape((1, seq_len))?)?; // [L,L] u8, i >= j
-        let keys = attention_mask
-            .to_dtype(DType::F32)?
-            .ne(0f32)?
-            .reshape((b, 1, seq_len))?; // [B,1,L] u8
-        let allowed = causal.unsqueeze(0)?.broadcast_mul(&keys)?; // [B,L,L]
-        let zeros = Tensor::zeros((b, seq_len, seq_len), DType::F32, device)?;
-        let blocked = Tensor::full(f32::NEG_INFINITY, (b, seq_len, seq_len), device)?;
-        Ok(allowed
-            .where_cond(&zeros, &blocked)?
-            .reshape((b, 1, 1, seq_len, seq_len))?)
+    /// device; the tokenizer's is on the host, so reading the padding costs no transfer).
+    fn layer_mask(&self, attention_mask: &Tensor) -> Result<Mask> {
+        Ok(Mask::causal_padded(
+            attention_mask,
+            &self.device,
+            self.head_dim,
+            self.dtype,
+        )?)
     }
 
     /// Applies decoder layers `from..to` to `hidden` (= `hidden_states[from]`, `[B,L,H]`) and
@@ -569,7 +423,7 @@ impl Qwen3TextEncoder {
         }
         let mut h = hidden.to_device(&self.device)?.to_dtype(self.dtype)?;
         let (cos, sin) = self.rope_tables(l)?;
-        let mask = self.layer_mask(attention_mask, l)?;
+        let mask = self.layer_mask(attention_mask)?;
         for i in from..to {
             h = self.layers[i]
                 .forward(&h, &cos, &sin, &mask)
@@ -627,7 +481,7 @@ impl Qwen3TextEncoder {
         record(0, &h);
         if deepest > 0 {
             let (cos, sin) = self.rope_tables(l)?;
-            let mask = self.layer_mask(attention_mask, l)?;
+            let mask = self.layer_mask(attention_mask)?;
             for (i, layer) in self.layers[..deepest].iter().enumerate() {
                 h = layer
                     .forward(&h, &cos, &sin, &mask)
@@ -641,58 +495,10 @@ impl Qwen3TextEncoder {
             .collect()
     }
 }
+impl crate::model_dir::ComponentConfig for Qwen3Config {
+    const WHAT: &'static str = "Qwen3 config";
 
-/// Each row's number of real tokens when every row of `attention_mask` `[B, L]` is right
-/// padded (ones, then zeros) and holds at least one real token; `None` for any other pattern
-/// (left padding, holes), which the additive bias handles.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn right_padded_lengths(attention_mask: &Tensor) -> Result<Option<Vec<usize>>> {
-    let rows = attention_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    Ok(rows
-        .iter()
-        .map(|row| {
-            let real = row.iter().take_while(|&&m| m != 0.0).count();
-            (real > 0 && row[real..].iter().all(|&m| m == 0.0)).then_some(real)
-        })
-        .collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The CUDA path rotates q/k in [B,L,H,D] with `rope_thd`, the reference path in
-    /// [B,H,L,D] with `rope`: the same values, bit for bit (candle's CPU kernels; the CUDA
-    /// kernels evaluate the same per-element expression).
-    #[test]
-    fn rope_thd_equals_rope_on_the_transpose() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 7, 3, 8), &dev)?.to_dtype(DType::BF16)?;
-        let cos = Tensor::randn(0f32, 1.0, (7, 4), &dev)?.to_dtype(DType::BF16)?;
-        let sin = Tensor::randn(0f32, 1.0, (7, 4), &dev)?.to_dtype(DType::BF16)?;
-        let thd = candle_nn::rotary_emb::rope_thd(&x, &cos, &sin)?;
-        let bhsd = candle_nn::rotary_emb::rope(&x.transpose(1, 2)?.contiguous()?, &cos, &sin)?;
-        let diff = (thd.to_dtype(DType::F32)? - bhsd.transpose(1, 2)?.to_dtype(DType::F32)?)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert_eq!(diff, 0.0);
-        Ok(())
-    }
-
-    #[test]
-    fn right_padded_lengths_accepts_only_right_padding() -> Result<()> {
-        let mask = |rows: &[&[u32]]| {
-            let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
-            Tensor::from_vec(flat, (rows.len(), rows[0].len()), &Device::Cpu)
-        };
-        let lengths = |rows: &[&[u32]]| right_padded_lengths(&mask(rows)?);
-        assert_eq!(lengths(&[&[1, 1, 0, 0], &[1, 1, 1, 1]])?, Some(vec![2, 4]));
-        assert_eq!(lengths(&[&[1, 0, 0, 0]])?, Some(vec![1]));
-        assert_eq!(lengths(&[&[0, 1, 1, 1]])?, None, "left padding");
-        assert_eq!(lengths(&[&[1, 0, 1, 0]])?, None, "a hole");
-        assert_eq!(lengths(&[&[0, 0, 0, 0]])?, None, "no real token");
-        assert_eq!(lengths(&[&[1, 1], &[0, 1]])?, None, "one bad row");
-        Ok(())
+    fn validate(&self) -> Result<()> {
+        Qwen3Config::validate(self)
     }
 }

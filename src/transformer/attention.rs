@@ -1,149 +1,158 @@
-//! Scaled dot-product attention, the single place where the fused (flash) kernel is swapped in
-//! on CUDA (bf16/f16, `crate::cuda::flash_attention`); this naive path is the reference.
-//!
-//! diffusers calls `F.scaled_dot_product_attention` (no mask, scale 1/√head_dim). On the CPU
-//! torch runs its flash-attention kernel for f32 and bf16 alike: `QKᵀ` accumulated in f32 and
-//! scaled in f32, `e = exp(s − max)` in f32 with the row sums in f32, `e` rounded to bf16 (for
-//! bf16 inputs) for the `e·V` GEMM, which accumulates in f32, then the division by the sum in
-//! f32 and a single rounding to bf16. The naive version below does exactly these roundings
-//! (only the blocking of the online softmax differs, ~1e-7). For f32 it is the plain
-//! `softmax(QKᵀ·scale)·V`.
-//!
-//! For bf16 this costs two f32 GEMMs over `[B, H, S, S]`; measured on the tiny bf16 case it
-//! halves the error against diffusers compared with bf16 probabilities in a bf16 GEMM
-//! (transformer output 2.6e-3 vs 6.8e-3 max rel err at step 0). On CUDA, where torch's own
-//! kernels round differently anyway, a fused flash kernel replaces this function.
+//! diffusers' `Flux2Attention` (double-stream: image projections plus the `add_*` text
+//! projections) and `Flux2ParallelSelfAttention` (single-stream: one fused projection for
+//! q, k, v and the MLP input), spec §5.2 steps 5 and 6. The attention itself is
+//! [`ops::attention::qk_norm_rope_attention`].
 
-use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use anyhow::Result;
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 
-/// Largest f32 score tensor (in bytes) materialised at once; bigger problems are split over
-/// (batch, head) groups so that a 1024² edit with references (S ≈ 10k tokens) stays within a
-/// few GiB of scratch memory.
-const MAX_SCORE_BYTES: usize = 1 << 30;
+use super::config::Flux2TransformerConfig;
+use super::embed::RopeTables;
+use crate::ops::{self, norm::QkRmsNorm, Linear};
 
-/// `softmax(q kᵀ / √D) v` for `q`, `k`, `v` of shape `[B, H, S, D]` (contiguous, as the
-/// GEMMs need). Returns `[B, H, S, D]` in `q`'s dtype.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    // CUDA bf16/f16: our fused FlashAttention-2 kernel (src/cuda), tested against this naive
-    // path on the GPU (tests/cuda_gpu/attention.rs).
-    #[cfg(feature = "cuda")]
-    if crate::cuda::is_supported(q, k, v) {
-        let scale = 1.0 / (q.dim(3)? as f32).sqrt();
-        return Ok(crate::cuda::flash_attention(q, k, v, scale)?);
-    }
-    attention_with_budget(q, k, v, MAX_SCORE_BYTES)
+/// A bias-free projection of a block, profiled as `dit.linear`.
+fn projection(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear::load_no_bias(in_dim, out_dim, vb)?.profiled("dit.linear"))
 }
 
-/// [`attention`] with an explicit scratch budget for the f32 score tensor.
-fn attention_with_budget(q: &Tensor, k: &Tensor, v: &Tensor, max_bytes: usize) -> Result<Tensor> {
-    let (b, h, s_q, d) = q.dims4()?;
-    let (bk, hk, s_k, dk) = k.dims4()?;
-    if (bk, hk, dk) != (b, h, d) || v.dims4()? != (b, h, s_k, d) {
-        bail!(
-            "attention shapes disagree: q {:?}, k {:?}, v {:?} (expected [B, H, S, D])",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
-    let per_head = s_q * s_k * 4;
-    let heads_per_chunk = (max_bytes / per_head.max(1)).max(1);
-    if b * h <= heads_per_chunk {
-        return attention_naive(q, k, v);
-    }
-    // Split the heads in groups that fit the scratch budget.
-    let mut outs = Vec::new();
-    for bi in 0..b {
-        let (qb, kb, vb) = (
-            q.narrow(0, bi, 1)?,
-            k.narrow(0, bi, 1)?,
-            v.narrow(0, bi, 1)?,
-        );
-        let mut h0 = 0;
-        while h0 < h {
-            let n = heads_per_chunk.min(h - h0);
-            outs.push(attention_naive(
-                &qb.narrow(1, h0, n)?.contiguous()?,
-                &kb.narrow(1, h0, n)?.contiguous()?,
-                &vb.narrow(1, h0, n)?.contiguous()?,
-            )?);
-            h0 += n;
-        }
-    }
-    let groups_per_batch = h.div_ceil(heads_per_chunk);
-    let per_batch = outs
-        .chunks(groups_per_batch)
-        .map(|c| Tensor::cat(c, 1))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&per_batch, 0)?)
+/// `[B, S, H·hd]` → `[B, S, H, hd]`.
+fn heads(x: &Tensor, n_heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (b, s, _) = x.dims3()?;
+    Ok(x.reshape((b, s, n_heads, head_dim))?)
 }
 
-fn attention_naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let dtype = q.dtype();
-    let d = q.dim(3)?;
-    // torch: scale = 1/sqrt(D) as a double, applied to the f32 scores after the GEMM.
-    let scale = 1.0 / (d as f64).sqrt();
-    let scores = if dtype == DType::F32 {
-        q.matmul(&k.t()?)?
+/// Heads `[B, S, H, hd]` of the columns `[start, start + H·hd)` of a projection `u`
+/// `[B, S, W]`: a strided view (no copy) when `W` and `start` are multiples of `hd`, else a
+/// copy. The fused CUDA kernels read such views directly.
+fn heads_of(u: &Tensor, start: usize, n_heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (b, s, w) = u.dims3()?;
+    if u.is_contiguous() && w.is_multiple_of(head_dim) && start.is_multiple_of(head_dim) {
+        Ok(u.reshape((b, s, w / head_dim, head_dim))?
+            .narrow(2, start / head_dim, n_heads)?)
     } else {
-        q.to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
-    };
-    let scores = (scores * scale)?;
-    if dtype == DType::F32 {
-        return Ok(candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)?);
+        heads(&u.narrow(2, start, n_heads * head_dim)?, n_heads, head_dim)
     }
-    // torch's CPU flash kernel for reduced precision: unnormalised probabilities rounded to
-    // the input dtype, `P·V` accumulated in f32, divided by the f32 row sums, one rounding.
-    let e = scores.broadcast_sub(&scores.max_keepdim(3)?)?.exp()?;
-    let sum = e.sum_keepdim(3)?;
-    let p = e.to_dtype(dtype)?.to_dtype(DType::F32)?;
-    let o = p.matmul(&v.to_dtype(DType::F32)?)?.broadcast_div(&sum)?;
-    Ok(o.to_dtype(dtype)?)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
+/// `Flux2Attention` at `transformer_blocks.N.attn`.
+#[derive(Debug, Clone)]
+pub struct Flux2Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    norm_q: QkRmsNorm,
+    norm_k: QkRmsNorm,
+    to_out: Linear,
+    add_q_proj: Linear,
+    add_k_proj: Linear,
+    add_v_proj: Linear,
+    norm_added_q: QkRmsNorm,
+    norm_added_k: QkRmsNorm,
+    to_add_out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
 
-    #[test]
-    fn matches_definition_and_chunking() -> Result<()> {
-        let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &dev)?;
-        let k = Tensor::randn(0f32, 1.0, (2, 3, 7, 4), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (2, 3, 7, 4), &dev)?;
-        let out = attention(&q, &k, &v)?;
-        // Reference: explicit softmax.
-        let s = (q.matmul(&k.t()?)? * 0.5)?;
-        let e = s.broadcast_sub(&s.max_keepdim(3)?)?.exp()?;
-        let p = e.broadcast_div(&e.sum_keepdim(3)?)?;
-        let r = p.matmul(&v)?;
-        let diff = (out - &r)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "{diff}");
-        // The chunked path (groups of 2 heads, then 1) gives the same values.
-        let chunked = attention_with_budget(&q, &k, &v, 2 * 5 * 7 * 4)?;
-        let diff = (chunked - &r)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "{diff}");
-        // bf16 inputs: same values within bf16 rounding.
-        let bf = |t: &Tensor| t.to_dtype(DType::BF16);
-        let o16 = attention(&bf(&q)?, &bf(&k)?, &bf(&v)?)?;
-        assert_eq!(o16.dtype(), DType::BF16);
-        let diff = (o16.to_dtype(DType::F32)? - &r)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        assert!(diff < 3e-2, "{diff}");
-        Ok(())
+impl Flux2Attention {
+    pub fn load(vb: VarBuilder, cfg: &Flux2TransformerConfig) -> Result<Self> {
+        let d = cfg.inner_dim();
+        let hd = cfg.attention_head_dim;
+        Ok(Self {
+            to_q: projection(d, d, vb.pp("to_q"))?,
+            to_k: projection(d, d, vb.pp("to_k"))?,
+            to_v: projection(d, d, vb.pp("to_v"))?,
+            norm_q: QkRmsNorm::load(vb.pp("norm_q"), hd, cfg.eps)?,
+            norm_k: QkRmsNorm::load(vb.pp("norm_k"), hd, cfg.eps)?,
+            to_out: projection(d, d, vb.pp("to_out").pp("0"))?,
+            add_q_proj: projection(d, d, vb.pp("add_q_proj"))?,
+            add_k_proj: projection(d, d, vb.pp("add_k_proj"))?,
+            add_v_proj: projection(d, d, vb.pp("add_v_proj"))?,
+            norm_added_q: QkRmsNorm::load(vb.pp("norm_added_q"), hd, cfg.eps)?,
+            norm_added_k: QkRmsNorm::load(vb.pp("norm_added_k"), hd, cfg.eps)?,
+            to_add_out: projection(d, d, vb.pp("to_add_out"))?,
+            heads: cfg.num_attention_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// Joint attention of the normed, modulated image tokens `img` `[B, N, D]` and text tokens
+    /// `txt` `[B, L, D]` over `[txt, img]`. Returns the projected `(txt, img)` outputs.
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        rope: &RopeTables,
+    ) -> Result<(Tensor, Tensor)> {
+        let (hh, hd) = (self.heads, self.head_dim);
+        let (l, n) = (txt.dim(1)?, img.dim(1)?);
+        let q = heads(&self.to_q.forward(img)?, hh, hd)?;
+        let k = heads(&self.to_k.forward(img)?, hh, hd)?;
+        let v = heads(&self.to_v.forward(img)?, hh, hd)?;
+        let qc = heads(&self.add_q_proj.forward(txt)?, hh, hd)?;
+        let kc = heads(&self.add_k_proj.forward(txt)?, hh, hd)?;
+        let vc = heads(&self.add_v_proj.forward(txt)?, hh, hd)?;
+        // Text tokens first (spec §5.2 step 5), each stream with its own q/k norms.
+        let o = ops::attention::qk_norm_rope_attention(
+            &[(&qc, &self.norm_added_q), (&q, &self.norm_q)],
+            &[(&kc, &self.norm_added_k), (&k, &self.norm_k)],
+            &Tensor::cat(&[&vc, &v], 1)?,
+            &rope.cos,
+            &rope.sin,
+        )?;
+        let txt_out = self.to_add_out.forward(&o.narrow(1, 0, l)?)?;
+        let img_out = self.to_out.forward(&o.narrow(1, l, n)?)?;
+        Ok((txt_out, img_out))
+    }
+}
+
+/// `Flux2ParallelSelfAttention` at `single_transformer_blocks.N.attn`: the attention and the
+/// SwiGLU MLP side by side on one input projection, one output projection over both.
+#[derive(Debug, Clone)]
+pub struct Flux2ParallelSelfAttention {
+    to_qkv_mlp_proj: Linear,
+    norm_q: QkRmsNorm,
+    norm_k: QkRmsNorm,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+    mlp_hidden: usize,
+}
+
+impl Flux2ParallelSelfAttention {
+    pub fn load(vb: VarBuilder, cfg: &Flux2TransformerConfig) -> Result<Self> {
+        let d = cfg.inner_dim();
+        let f = cfg.mlp_hidden_dim();
+        let hd = cfg.attention_head_dim;
+        Ok(Self {
+            to_qkv_mlp_proj: projection(d, 3 * d + 2 * f, vb.pp("to_qkv_mlp_proj"))?,
+            norm_q: QkRmsNorm::load(vb.pp("norm_q"), hd, cfg.eps)?,
+            norm_k: QkRmsNorm::load(vb.pp("norm_k"), hd, cfg.eps)?,
+            to_out: projection(d + f, d, vb.pp("to_out"))?,
+            heads: cfg.num_attention_heads,
+            head_dim: hd,
+            mlp_hidden: f,
+        })
+    }
+
+    /// `x` `[B, L+N, D]` (normed, modulated; text then image tokens) → `[B, L+N, D]`.
+    pub fn forward(&self, x: &Tensor, rope: &RopeTables) -> Result<Tensor> {
+        let (hh, hd, f) = (self.heads, self.head_dim, self.mlp_hidden);
+        let d = hh * hd;
+        let u = self.to_qkv_mlp_proj.forward(x)?;
+        let q = heads_of(&u, 0, hh, hd)?;
+        let k = heads_of(&u, d, hh, hd)?;
+        let v = heads_of(&u, 2 * d, hh, hd)?;
+        let o = ops::attention::qk_norm_rope_attention(
+            &[(&q, &self.norm_q)],
+            &[(&k, &self.norm_k)],
+            &v,
+            &rope.cos,
+            &rope.sin,
+        )?;
+        let mlp_in = u.narrow(2, 3 * d, 2 * f)?;
+        Ok(self
+            .to_out
+            .forward(&ops::mlp::swiglu_beside(&o, &mlp_in)?)?)
     }
 }

@@ -15,7 +15,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use super::config::Flux2TransformerConfig;
-use super::model::{path_names, Flux2Transformer};
+use super::model::Flux2Transformer;
 
 /// Where a diffusers tensor comes from in a BFL checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +156,14 @@ pub fn bfl_source(name: &str) -> Option<BflSource> {
         }
     }
     None
+}
+
+/// The paths as printable strings, for error context.
+fn path_names(paths: &[impl AsRef<Path>]) -> Vec<String> {
+    paths
+        .iter()
+        .map(|p| p.as_ref().display().to_string())
+        .collect()
 }
 
 /// A `VarBuilder` backend that serves diffusers names from BFL-named safetensors files.

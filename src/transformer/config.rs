@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Deserialize;
 
 /// Hyper-parameters of the FLUX.2 transformer, deserialized from diffusers' `config.json`.
@@ -71,20 +71,9 @@ impl Flux2TransformerConfig {
         }
     }
 
-    /// Reads and validates `transformer/config.json`.
+    /// Reads and validates the transformer config file ([`crate::model_dir::read_config`]).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading transformer config {}", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "parsing transformer config {} (expected diffusers' Flux2Transformer2DModel config.json)",
-                path.display()
-            )
-        })?;
-        cfg.validate()
-            .with_context(|| format!("invalid transformer config {}", path.display()))?;
-        Ok(cfg)
+        crate::model_dir::read_config(path.as_ref())
     }
 
     /// Checks the relations the model relies on.
@@ -159,6 +148,14 @@ impl Flux2TransformerConfig {
             + output
             + self.num_layers as u64 * double
             + self.num_single_layers as u64 * single
+    }
+}
+
+impl crate::model_dir::ComponentConfig for Flux2TransformerConfig {
+    const WHAT: &'static str = "transformer config";
+
+    fn validate(&self) -> Result<()> {
+        Flux2TransformerConfig::validate(self)
     }
 }
 

@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{linear_no_bias, Linear, Module, VarBuilder};
 
-use super::blocks::silu;
+use crate::ops::silu;
 
 /// Frequencies of diffusers' `get_timestep_embedding` (`max_period` 10000,
 /// `downscale_freq_shift` 0): `exp(-ln(10000) * i / half)`, i = 0..half.
@@ -204,21 +204,7 @@ impl RopeTables {
     /// `candle_nn::rotary_emb::rope_i` computes exactly these products and sums in f32.
     /// Accepts a non-contiguous `x` (e.g. a transposed view): the f32 copy is made contiguous.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let (_, _, s, _) = x.dims4()?;
-        if s != self.len() {
-            bail!(
-                "RoPE tables cover {} tokens but the attention input has {s}",
-                self.len()
-            );
-        }
-        let xf = if dtype == DType::F32 {
-            x.contiguous()?
-        } else {
-            x.to_dtype(DType::F32)?.contiguous()?
-        };
-        let y = candle_nn::rotary_emb::rope_i(&xf, &self.cos, &self.sin)?;
-        Ok(y.to_dtype(dtype)?)
+        Ok(crate::ops::rope::rope_interleaved(x, &self.cos, &self.sin)?)
     }
 }
 

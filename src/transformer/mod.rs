@@ -3,8 +3,11 @@
 //!
 //! * [`config`]: `transformer/config.json` and the parameter count;
 //! * [`embed`]: timestep/guidance embedding and the RoPE tables;
-//! * [`attention`]: the attention kernel (one function, to be replaced by a fused kernel);
-//! * [`blocks`]: modulation, norms, feed-forward, double- and single-stream blocks;
+//! * [`modulation`]: diffusers' `Flux2Modulation` and `AdaLayerNormContinuous`;
+//! * [`attention`]: `Flux2Attention` and `Flux2ParallelSelfAttention` (the projections; the
+//!   attention op is `crate::ops::attention`);
+//! * [`feed_forward`]: diffusers' `Flux2FeedForward`;
+//! * [`blocks`]: the double- and single-stream blocks;
 //! * [`model`]: the whole model ([`Flux2Transformer`]);
 //! * [`bfl`]: loading the original BFL single-file checkpoint.
 
@@ -13,7 +16,9 @@ pub mod bfl;
 pub mod blocks;
 pub mod config;
 pub mod embed;
+pub mod feed_forward;
 pub mod model;
+pub mod modulation;
 
 pub use config::Flux2TransformerConfig;
 pub use embed::RopeTables;

@@ -3,38 +3,17 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{linear_no_bias, Linear, Module, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::blocks::{silu, DoubleStreamBlock, Modulation, PlainLayerNorm, SingleStreamBlock};
+use super::blocks::{DoubleStreamBlock, SingleStreamBlock};
 use super::config::Flux2TransformerConfig;
 use super::embed::{RopeTables, TimestepGuidanceEmbeddings};
+use super::modulation::{AdaLayerNormContinuous, Modulation};
+use crate::ops::{norm::LayerNorm, Linear};
 
 /// Named intermediate activations of one forward pass, in computation order, under the
 /// names the refcheck cases record after `step.0.cond.blk.` (e.g. `double.0.img`).
 pub type Trace = Vec<(String, Tensor)>;
-
-/// diffusers' `AdaLayerNormContinuous(D, D, elementwise_affine=False, bias=False)`:
-/// `LN(x)·(1+scale) + shift` with `[scale, shift] = linear(silu(temb))` — note the
-/// (scale, shift) order, opposite to the block modulations (spec §5.2 step 7).
-#[derive(Debug, Clone)]
-struct AdaLayerNormContinuous {
-    linear: Linear,
-    norm: PlainLayerNorm,
-}
-
-impl AdaLayerNormContinuous {
-    fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let emb = self.linear.forward(&silu(temb)?)?.unsqueeze(1)?;
-        let d = emb.dim(2)? / 2;
-        let scale = emb.narrow(2, 0, d)?;
-        let shift = emb.narrow(2, d, d)?;
-        Ok(self
-            .norm
-            .forward(x)?
-            .broadcast_mul(&(scale + 1.0)?)?
-            .broadcast_add(&shift)?)
-    }
-}
 
 /// The FLUX.2 transformer (diffusers `Flux2Transformer2DModel`).
 #[derive(Debug, Clone)]
@@ -62,7 +41,7 @@ impl Flux2Transformer {
         let d = cfg.inner_dim();
         let dtype = vb.dtype();
         let device = vb.device().clone();
-        let norm = PlainLayerNorm::new(d, cfg.eps, dtype, &device)?;
+        let norm = LayerNorm::new(d, cfg.eps, dtype, &device)?;
         let transformer_blocks = (0..cfg.num_layers)
             .map(|i| {
                 DoubleStreamBlock::load(vb.pp("transformer_blocks").pp(i), cfg, norm.clone())
@@ -94,19 +73,16 @@ impl Flux2Transformer {
                 2,
             )?,
             single_stream_modulation: Modulation::load(vb.pp("single_stream_modulation"), d, 1)?,
-            x_embedder: linear_no_bias(cfg.in_channels, d, vb.pp("x_embedder"))?,
-            context_embedder: linear_no_bias(
+            x_embedder: Linear::load_no_bias(cfg.in_channels, d, vb.pp("x_embedder"))?,
+            context_embedder: Linear::load_no_bias(
                 cfg.joint_attention_dim,
                 d,
                 vb.pp("context_embedder"),
             )?,
             transformer_blocks,
             single_transformer_blocks,
-            norm_out: AdaLayerNormContinuous {
-                linear: linear_no_bias(d, 2 * d, vb.pp("norm_out").pp("linear"))?,
-                norm,
-            },
-            proj_out: linear_no_bias(
+            norm_out: AdaLayerNormContinuous::load(vb.pp("norm_out"), d, norm)?,
+            proj_out: Linear::load_no_bias(
                 d,
                 cfg.patch_size * cfg.patch_size * cfg.out_channels(),
                 vb.pp("proj_out"),
@@ -124,11 +100,8 @@ impl Flux2Transformer {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let names = path_names(paths);
-        // SAFETY: the files are memory-mapped read-only and not modified while loading.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(paths, dtype, device) }
-            .with_context(|| format!("opening transformer weights {names:?}"))?;
-        Self::load(vb, cfg).with_context(|| format!("loading transformer weights {names:?}"))
+        Self::load(crate::model_dir::var_builder(paths, dtype, device)?, cfg)
+            .context("loading the transformer weights")
     }
 
     pub fn config(&self) -> &Flux2TransformerConfig {
@@ -365,12 +338,4 @@ impl Flux2Transformer {
         record("norm_out", &z);
         Ok(self.proj_out.forward(&z)?)
     }
-}
-
-/// The paths as printable strings, for error context.
-pub(super) fn path_names(paths: &[impl AsRef<std::path::Path>]) -> Vec<String> {
-    paths
-        .iter()
-        .map(|p| p.as_ref().display().to_string())
-        .collect()
 }

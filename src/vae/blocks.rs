@@ -10,231 +10,22 @@
 //! accumulates in f32, (c) it has no `mid_block_add_attention = false`, no quant convs and no
 //! separate decoder channels, and its blocks are private; (d) candle's CPU backend has no bf16
 //! matmul, so its convs cannot run a bf16 model on the CPU at all. So the blocks are written
-//! here from candle-nn pieces (`candle_nn::Conv2d`, `Linear`, `ops::silu`,
-//! `ops::softmax_last_dim`), with thin `Conv2d`/`Linear` wrappers for (d).
+//! here from `crate::ops` pieces (`Conv2d`, `Linear`, `GroupNorm`, `attention_f32`), which
+//! handle (a), (b) and (d).
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
+use crate::ops::{self, Linear};
 use crate::profile;
 
-/// Whether a half-precision layer on this device must compute in f32: candle's CPU backend has
-/// no bf16/f16 matmul (conv2d lowers to one), so on the CPU the layer widens its input and
-/// weights to f32 (exact), accumulates in f32 and rounds the output once — what torch's bf16
-/// CPU kernels (oneDNN) do. On CUDA the native half-precision kernels are used.
-fn needs_f32_compute(vb: &VarBuilder) -> bool {
-    vb.device().is_cpu() && matches!(vb.dtype(), DType::BF16 | DType::F16)
-}
+pub use crate::ops::conv::{conv2d, Conv2d};
+pub use crate::ops::norm::GroupNorm;
 
-/// `nn.Conv2d` (with bias), see [`needs_f32_compute`] for the CPU half-precision path.
-#[derive(Debug, Clone)]
-pub struct Conv2d {
-    inner: candle_nn::Conv2d,
-    /// The inner layer holds f32 weights and the output is rounded to this dtype.
-    f32_compute: Option<DType>,
-}
-
-/// Loads `{weight [cout,cin,k,k], bias [cout]}` from `vb`.
-pub fn conv2d(
-    cin: usize,
-    cout: usize,
-    k: usize,
-    cfg: Conv2dConfig,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
-    let f32_compute = needs_f32_compute(&vb).then(|| vb.dtype());
-    let vb = if f32_compute.is_some() {
-        vb.set_dtype(DType::F32)
-    } else {
-        vb
-    };
-    Ok(Conv2d {
-        inner: candle_nn::conv2d(cin, cout, k, cfg, vb)?,
-        f32_compute,
-    })
-}
-
-impl Conv2d {
-    /// The conv on cuDNN with tensor cores (`crate::cuda::conv`), then the bias added in the
-    /// output dtype as `nn.Conv2d` does; `None` where that path does not apply.
-    #[cfg(feature = "cudnn")]
-    fn forward_tensor_cores(&self, x: &Tensor) -> Option<Result<Tensor>> {
-        let cfg = self.inner.config();
-        if self.f32_compute.is_some()
-            || cfg.dilation != 1
-            || cfg.groups != 1
-            || !crate::cuda::conv::applies(x)
-        {
-            return None;
-        }
-        let y = crate::cuda::conv::conv2d(x, self.inner.weight(), cfg.padding, cfg.stride);
-        Some(y.and_then(|y| match self.inner.bias() {
-            Some(b) if crate::cuda::fused::applies(&y) && b.dtype() == y.dtype() => {
-                Ok(crate::cuda::fused::add_channel_bias(&y, b)?)
-            }
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-            None => Ok(y),
-        }))
-    }
-
-    #[cfg(not(feature = "cudnn"))]
-    fn forward_tensor_cores(&self, _x: &Tensor) -> Option<Result<Tensor>> {
-        None
-    }
-}
-
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        profile::span("vae.conv2d", x.device(), || {
-            match self.forward_tensor_cores(x) {
-                Some(Ok(y)) => return Ok(y),
-                // Unexpected (cuDNN refused the problem): say so once, use candle's conv.
-                Some(Err(e)) => {
-                    static WARNED: std::sync::Once = std::sync::Once::new();
-                    WARNED.call_once(|| {
-                        eprintln!(
-                            "warning: the tensor-core cuDNN conv failed ({e}); using candle's conv"
-                        )
-                    });
-                }
-                None => {}
-            }
-            match self.f32_compute {
-                Some(dt) => self.inner.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt),
-                None => self.inner.forward(x),
-            }
-        })
-    }
-}
-
-/// `nn.Linear` (with bias), see [`needs_f32_compute`] for the CPU half-precision path.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    inner: candle_nn::Linear,
-    f32_compute: Option<DType>,
-}
-
-/// Loads `{weight [out,in], bias [out]}` from `vb`.
-pub fn linear(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear> {
-    let f32_compute = needs_f32_compute(&vb).then(|| vb.dtype());
-    let vb = if f32_compute.is_some() {
-        vb.set_dtype(DType::F32)
-    } else {
-        vb
-    };
-    Ok(Linear {
-        inner: candle_nn::linear(cin, cout, vb)?,
-        f32_compute,
-    })
-}
-
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self.f32_compute {
-            Some(dt) => self.inner.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt),
-            None => self.inner.forward(x),
-        }
-    }
-}
-
-/// `nn.GroupNorm(groups, C, eps, affine=True)`.
-///
-/// torch computes the statistics *and the affine* in f32 and rounds the output once to the
-/// input dtype (spec §1, "everything else … plain bf16 ops"); this reproduces that. The
-/// affine parameters are kept as f32 copies (exact upcasts of the loaded values).
-#[derive(Debug, Clone)]
-pub struct GroupNorm {
-    weight: Tensor,
-    bias: Tensor,
-    groups: usize,
-    channels: usize,
-    eps: f64,
-}
-
-impl GroupNorm {
-    pub fn load(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        if groups == 0 || !channels.is_multiple_of(groups) {
-            candle_core::bail!(
-                "GroupNorm {}: {groups} groups do not divide {channels} channels",
-                vb.prefix()
-            );
-        }
-        let weight = vb.get(channels, "weight")?.to_dtype(DType::F32)?;
-        let bias = vb.get(channels, "bias")?.to_dtype(DType::F32)?;
-        Ok(Self {
-            weight: weight.reshape((1, channels, 1, 1))?,
-            bias: bias.reshape((1, channels, 1, 1))?,
-            groups,
-            channels,
-            eps,
-        })
-    }
-
-    /// The fused CUDA kernel (bf16 on CUDA), `None` where it does not apply.
-    #[allow(unused_variables)]
-    fn fused(&self, x: &Tensor, silu: bool) -> Option<Result<Tensor>> {
-        #[cfg(feature = "cuda")]
-        if crate::cuda::fused::applies(x) {
-            return Some(crate::cuda::fused::group_norm(
-                x,
-                &self.weight,
-                &self.bias,
-                self.groups,
-                self.eps,
-                silu,
-            ));
-        }
-        None
-    }
-
-    /// The normalised, affine-transformed value in f32, not yet rounded. `x`: `[B,C,H,W]`.
-    fn forward_f32(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        if c != self.channels {
-            candle_core::bail!("GroupNorm expects {} channels, got {c}", self.channels);
-        }
-        let xs = x
-            .to_dtype(DType::F32)?
-            .reshape((b, self.groups, (c / self.groups) * h * w))?;
-        let mean = xs.mean_keepdim(2)?;
-        let xs = xs.broadcast_sub(&mean)?;
-        let var = xs.sqr()?.mean_keepdim(2)?;
-        let xs = xs.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xs.reshape((b, c, h, w))?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
-    }
-
-    /// `silu(group_norm(x))` with torch's roundings: the norm output is rounded to the input
-    /// dtype (it is a tensor in torch), then SiLU rounds once more.
-    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        profile::span("vae.groupnorm_silu", x.device(), || {
-            if let Some(y) = self.fused(x, true) {
-                return y;
-            }
-            self.forward_silu_inner(x)
-        })
-    }
-
-    fn forward_silu_inner(&self, x: &Tensor) -> Result<Tensor> {
-        let dt = x.dtype();
-        let y = self.forward_f32(x)?;
-        let y = if dt == DType::F32 {
-            y
-        } else {
-            y.to_dtype(dt)?.to_dtype(DType::F32)?
-        };
-        candle_nn::ops::silu(&y)?.to_dtype(dt)
-    }
-}
-
-impl Module for GroupNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = self.fused(x, false) {
-            return y;
-        }
-        self.forward_f32(x)?.to_dtype(x.dtype())
-    }
+/// `nn.Linear` with bias; on the CPU in half precision it computes in f32 (see
+/// `crate::ops::linear::needs_f32_compute`).
+fn linear(cin: usize, cout: usize, vb: VarBuilder) -> Result<Linear> {
+    Linear::load_widened_on_cpu(cin, cout, vb)
 }
 
 fn conv3x3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
@@ -294,10 +85,6 @@ impl Module for ResnetBlock2D {
     }
 }
 
-/// Rows of queries per attention chunk so that one f32 score block stays below ~1 GiB. The
-/// softmax is per query row, so chunking over queries is exact.
-const ATTN_SCORE_BUDGET: usize = 1 << 28;
-
 /// diffusers `Attention(_from_deprecated_attn_block=True)` of the mid block (spec §6.1):
 /// group norm, single head over all `H·W` positions, Linear q/k/v/out with bias, residual add.
 ///
@@ -311,7 +98,6 @@ pub struct Attention {
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
-    channels: usize,
 }
 
 impl Attention {
@@ -322,64 +108,7 @@ impl Attention {
             to_k: linear(channels, channels, vb.pp("to_k"))?,
             to_v: linear(channels, channels, vb.pp("to_v"))?,
             to_out: linear(channels, channels, vb.pp("to_out").pp("0"))?,
-            channels,
         })
-    }
-
-    /// `softmax(q kᵀ · scale) v` in f32, `q,k,v`: `[B,N,C]` in the model dtype.
-    fn sdpa(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let dt = q.dtype();
-        // On CUDA with a bf16/f16 model the two f32 GEMMs may run on the tensor cores (TF32):
-        // q and k hold bf16/f16 values, which TF32's 10-bit mantissa represents exactly, so
-        // q·kᵀ is unchanged up to summation order; P is rounded to TF32 for P·v where torch's
-        // flash SDPA rounds it to bf16. 16384² scores at 1024² otherwise take ~20 ms in
-        // plain f32.
-        let _tf32 = (q.device().is_cuda()
-            && matches!(dt, DType::BF16 | DType::F16)
-            && crate::ops::cuda_speedups_enabled())
-        .then(Tf32Gemms::enable);
-        let scale = 1.0 / (self.channels as f64).sqrt();
-        let (_, n, _) = q.dims3()?;
-        let q = q.to_dtype(DType::F32)?;
-        let kt = k.to_dtype(DType::F32)?.t()?.contiguous()?;
-        let v = v.to_dtype(DType::F32)?;
-        let chunk = (ATTN_SCORE_BUDGET / n.max(1)).clamp(1, n.max(1));
-        let mut outs = Vec::with_capacity(n.div_ceil(chunk));
-        let mut start = 0;
-        while start < n {
-            let len = chunk.min(n - start);
-            let qc = q.narrow(1, start, len)?;
-            let scores = (qc.matmul(&kt)? * scale)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            outs.push(probs.matmul(&v)?);
-            start += len;
-        }
-        let out = if outs.len() == 1 {
-            outs.pop().expect("one chunk")
-        } else {
-            Tensor::cat(&outs, 1)?
-        };
-        out.to_dtype(dt)
-    }
-}
-
-/// Allows TF32 for candle's f32 GEMMs (a process-wide cuBLAS setting) until dropped, then
-/// restores the previous setting.
-struct Tf32Gemms {
-    previous: bool,
-}
-
-impl Tf32Gemms {
-    fn enable() -> Self {
-        let previous = candle_core::cuda::gemm_reduced_precision_f32();
-        candle_core::cuda::set_gemm_reduced_precision_f32(true);
-        Self { previous }
-    }
-}
-
-impl Drop for Tf32Gemms {
-    fn drop(&mut self) {
-        candle_core::cuda::set_gemm_reduced_precision_f32(self.previous);
     }
 }
 
@@ -401,7 +130,7 @@ impl Attention {
         let q = hs.apply(&self.to_q)?;
         let k = hs.apply(&self.to_k)?;
         let v = hs.apply(&self.to_v)?;
-        let out = self.sdpa(&q, &k, &v)?.apply(&self.to_out)?;
+        let out = ops::attention::attention_f32(&q, &k, &v)?.apply(&self.to_out)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + x
     }

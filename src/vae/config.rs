@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Deserialize;
 
 /// The VAE hyper-parameters. Field names are the diffusers config keys.
@@ -65,20 +65,9 @@ impl Default for AutoencoderKLFlux2Config {
 }
 
 impl AutoencoderKLFlux2Config {
-    /// Reads and validates `vae/config.json`.
+    /// Reads and validates the VAE config file ([`crate::model_dir::read_config`]).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading VAE config {}", path.display()))?;
-        let cfg: Self = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "parsing VAE config {} (expected diffusers' AutoencoderKLFlux2 config.json)",
-                path.display()
-            )
-        })?;
-        cfg.validate()
-            .with_context(|| format!("invalid VAE config {}", path.display()))?;
-        Ok(cfg)
+        crate::model_dir::read_config(path.as_ref())
     }
 
     /// Checks the invariants the model code relies on, so that a bad config fails at load time
@@ -170,6 +159,14 @@ impl AutoencoderKLFlux2Config {
         }
         .unwrap_or(1024) as usize;
         (sample / self.scale_factor()).max(1)
+    }
+}
+
+impl crate::model_dir::ComponentConfig for AutoencoderKLFlux2Config {
+    const WHAT: &'static str = "VAE config";
+
+    fn validate(&self) -> Result<()> {
+        AutoencoderKLFlux2Config::validate(self)
     }
 }
 

@@ -135,7 +135,8 @@ impl AutoencoderKLFlux2 {
         parts: VaeParts,
     ) -> Result<Self> {
         let dir = dir.as_ref();
-        let cfg = AutoencoderKLFlux2Config::from_file(dir.join("config.json"))?;
+        let cfg: AutoencoderKLFlux2Config =
+            crate::model_dir::read_config(&dir.join("config.json"))?;
         let weights = dir.join(WEIGHTS_FILE);
         if !weights.is_file() {
             bail!(
@@ -143,9 +144,7 @@ impl AutoencoderKLFlux2 {
                 weights.display()
             );
         }
-        // SAFETY: the file is memory-mapped read-only; it must not be modified while loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
-            .with_context(|| format!("opening {}", weights.display()))?;
+        let vb = crate::model_dir::var_builder(&[&weights], dtype, device)?;
         Self::load(vb, &cfg, parts)
             .with_context(|| format!("loading VAE from {}", weights.display()))
     }
