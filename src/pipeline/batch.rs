@@ -1,0 +1,462 @@
+//! The batch scheduler of [`Pipeline::generate_batch`]: which stage runs when, what
+//! consecutive requests share, which component is resident, and the timings and events
+//! around each stage. The numerics are [`super::stages`].
+//!
+//! Each component is loaded once per chunk of [`BATCH_CHUNK`] requests and the work goes
+//! stage by stage (all prompts, then all references, all denoising, all decodes), so a batch
+//! peaks at the memory of a single image: only one large component is resident at a time.
+//! With `keep_resident` every component stays loaded and requests run one after another
+//! (first image soonest). Either way each image is computed exactly as a single `generate`
+//! would compute it (batch size 1 through every model).
+//!
+//! The requests of a chunk are checked (references, size, steps) before its first model work;
+//! front ends check what they can for the whole batch up front (the CLI does).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+
+use super::stages::{self, Conditioning, PromptEmbeds};
+use super::MAX_SEQUENCE_LENGTH;
+use super::{resolve_size, Event, Generated, Pipeline, Request, Stage, Timings};
+use crate::image_io;
+use crate::latents;
+use crate::scheduler::Schedule;
+use crate::text_encoder::Qwen3TextEncoder;
+use crate::transformer::Flux2Transformer;
+use crate::vae::{AutoencoderKLFlux2, VaeParts};
+
+/// Requests per chunk of a batch: bounds the prompt embeddings and latents held between
+/// stages (~9 MB per 1024² request in bf16).
+pub const BATCH_CHUNK: usize = 16;
+
+/// A request's prepared (capped, centre-cropped) reference images.
+type Prepared = Arc<Vec<image::RgbImage>>;
+
+/// (prompt, negative prompt when CFG runs)
+type PromptKey = (String, Option<String>);
+
+/// One request on its way through the stages.
+struct Job<'r> {
+    request: &'r Request,
+    /// Prepared reference images, shared with the requests before it that use the same ones.
+    references: Prepared,
+    width: usize,
+    height: usize,
+    /// The latent grid (height, width) in 2×2 patches.
+    grid: (usize, usize),
+    steps: usize,
+    guidance: f64,
+    do_cfg: bool,
+    /// After `encode_prompt`.
+    prompt_embeds: Option<PromptEmbeds>,
+    /// After `prepare_image_latents` (requests with references): tokens and ids.
+    image_latents: Option<(Tensor, Tensor)>,
+    /// After `denoise`: the packed latents.
+    latents: Option<Tensor>,
+    /// `total` sums the time spent on this request (its stages and the loads it triggered).
+    timings: Timings,
+}
+
+/// What consecutive requests of a batch share is computed once: the prompt embeddings
+/// (`--count` runs one prompt with several seeds) and the prepared and encoded references
+/// (edits of one set of images, recognised by the identity of their shared `Arc`s). Tensors
+/// are immutable, so sharing them is exact.
+#[derive(Default)]
+struct Reuse {
+    prompt: Option<(PromptKey, PromptEmbeds)>,
+    /// (source images, prepared images)
+    prepared: Option<(Vec<Arc<image::DynamicImage>>, Prepared)>,
+    /// (prepared images, tokens and ids)
+    image_latents: Option<(Prepared, (Tensor, Tensor))>,
+}
+
+/// One stage's work on one request of a chunk: (events, request index, its job).
+type StageFn<'a> = dyn for<'r> FnMut(&mut dyn FnMut(Event), usize, &mut Job<'r>) -> Result<()> + 'a;
+
+pub(super) fn run(
+    pipeline: &mut Pipeline,
+    requests: &[Request],
+    events: &mut dyn FnMut(Event),
+    on_image: &mut dyn FnMut(usize, Generated) -> Result<()>,
+) -> Result<()> {
+    for w in pipeline.pending_warnings.drain(..) {
+        events(Event::Warning(w));
+    }
+    let total = requests.len();
+    let resident = pipeline.options.keep_resident;
+    let chunk_len = if resident { 1 } else { BATCH_CHUNK };
+    let mut reuse = Reuse::default();
+    for (c, requests) in requests.chunks(chunk_len).enumerate() {
+        let first = c * chunk_len;
+        let indices = first..first + requests.len();
+        // Planned per chunk, so only this chunk's prepared references are in memory.
+        let mut jobs = Vec::with_capacity(requests.len());
+        for (i, request) in indices.clone().zip(requests) {
+            jobs.push(in_job(
+                plan(pipeline, request, &mut reuse, events),
+                i,
+                total,
+            )?);
+        }
+        // One stage over the chunk's requests, announcing each request to `events`.
+        let mut each = |events: &mut dyn FnMut(Event), f: &mut StageFn| -> Result<()> {
+            for (i, job) in indices.clone().zip(jobs.iter_mut()) {
+                if total > 1 {
+                    events(Event::Job { index: i, total });
+                }
+                in_job(f(events, i, job), i, total)?;
+            }
+            Ok(())
+        };
+        each(events, &mut |ev, _, job| {
+            encode_prompt(pipeline, job, &mut reuse, ev)
+        })?;
+        if !resident {
+            pipeline.text_encoder = None;
+        }
+        each(events, &mut |ev, _, job| {
+            encode_references(pipeline, job, &mut reuse, ev)
+        })?;
+        if !resident {
+            pipeline.vae_encoder = None;
+        }
+        each(events, &mut |ev, _, job| denoise(pipeline, job, ev))?;
+        if !resident {
+            pipeline.transformer = None;
+        }
+        each(events, &mut |ev, i, job| {
+            on_image(i, decode(pipeline, job, ev)?)
+        })?;
+        if !resident {
+            pipeline.vae_decoder = None;
+        }
+    }
+    if let Some(report) = crate::profile::take_report() {
+        events(Event::Profile(report));
+    }
+    Ok(())
+}
+
+/// Settings and reference preprocessing (cheap; fails before any model work on bad input).
+fn plan<'r>(
+    pipeline: &Pipeline,
+    request: &'r Request,
+    reuse: &mut Reuse,
+    events: &mut dyn FnMut(Event),
+) -> Result<Job<'r>> {
+    let t = Instant::now();
+    // Settings (spec §8): CFG only for base checkpoints with guidance > 1.
+    let steps = request.steps.unwrap_or_else(|| pipeline.default_steps());
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let guidance = request
+        .guidance
+        .unwrap_or_else(|| pipeline.default_guidance());
+    let do_cfg = pipeline.uses_cfg(guidance);
+    // Distilled checkpoints ignore guidance > 1 (diffusers only logs a warning); front ends
+    // warn before loading anything, see `cli::generate`.
+    let references = prepare_references(request, reuse)?;
+    let first = references
+        .first()
+        .map(|im| (im.width() as usize, im.height() as usize));
+    let (width, height) = resolve_size(request.width, request.height, first, &mut |w| {
+        events(Event::Warning(w))
+    })?;
+    let grid = latents::latent_grid(height, width)?;
+    Ok(Job {
+        request,
+        references,
+        width,
+        height,
+        grid,
+        steps,
+        guidance,
+        do_cfg,
+        prompt_embeds: None,
+        image_latents: None,
+        latents: None,
+        timings: Timings {
+            total: t.elapsed(),
+            ..Timings::default()
+        },
+    })
+}
+
+/// The request's references capped and centre-cropped; the same (shared) images as the
+/// previous request's give the same prepared set without redoing the resize.
+fn prepare_references(request: &Request, reuse: &mut Reuse) -> Result<Prepared> {
+    if let Some((sources, prepared)) = &reuse.prepared {
+        let same = sources.len() == request.references.len()
+            && sources
+                .iter()
+                .zip(&request.references)
+                .all(|(a, b)| Arc::ptr_eq(a, &b.image));
+        if same {
+            return Ok(prepared.clone());
+        }
+    }
+    let mut prepared = Vec::with_capacity(request.references.len());
+    for r in &request.references {
+        let rgb = image_io::prepare_reference(&r.image)
+            .with_context(|| format!("reference image {}", r.name))?;
+        prepared.push(rgb);
+    }
+    let prepared = Arc::new(prepared);
+    let sources = request.references.iter().map(|r| r.image.clone()).collect();
+    reuse.prepared = Some((sources, prepared.clone()));
+    Ok(prepared)
+}
+
+/// A component and how to load it: its slot in the pipeline, the stage that loads it.
+struct Component<T> {
+    slot: fn(&mut Pipeline) -> &mut Option<T>,
+    stage: Stage,
+    load: fn(&Pipeline) -> Result<T>,
+}
+
+const TEXT_ENCODER: Component<Qwen3TextEncoder> = Component {
+    slot: |p| &mut p.text_encoder,
+    stage: Stage::LoadTextEncoder,
+    load: Pipeline::load_text_encoder,
+};
+const VAE_ENCODER: Component<AutoencoderKLFlux2> = Component {
+    slot: |p| &mut p.vae_encoder,
+    stage: Stage::LoadVaeEncoder,
+    load: |p| p.load_vae(VaeParts::ENCODER),
+};
+const TRANSFORMER: Component<Flux2Transformer> = Component {
+    slot: |p| &mut p.transformer,
+    stage: Stage::LoadTransformer,
+    load: Pipeline::load_transformer,
+};
+const VAE_DECODER: Component<AutoencoderKLFlux2> = Component {
+    slot: |p| &mut p.vae_decoder,
+    stage: Stage::LoadVaeDecoder,
+    load: |p| p.load_vae(VaeParts::DECODER),
+};
+
+/// Runs `work` with `component`, loading it first (as its stage, the time added to the job's
+/// `timings.load`) unless it is resident; it stays in its slot afterwards.
+fn with_component<T, R>(
+    pipeline: &mut Pipeline,
+    component: Component<T>,
+    job: &mut Job,
+    events: &mut dyn FnMut(Event),
+    work: impl FnOnce(&Pipeline, &T, &mut Job, &mut dyn FnMut(Event)) -> Result<R>,
+) -> Result<R> {
+    let mut loaded = (component.slot)(pipeline).take();
+    if loaded.is_none() {
+        let timer = StageTimer::start(events, component.stage);
+        loaded = Some((component.load)(pipeline)?);
+        job.timings.load += timer.end(events);
+    }
+    let result = work(
+        pipeline,
+        loaded.as_ref().expect("loaded above"),
+        job,
+        events,
+    );
+    *(component.slot)(pipeline) = loaded;
+    result
+}
+
+/// The prompt (and, for CFG, the negative prompt) through Qwen3.
+fn encode_prompt(
+    pipeline: &mut Pipeline,
+    job: &mut Job,
+    reuse: &mut Reuse,
+    events: &mut dyn FnMut(Event),
+) -> Result<()> {
+    let t_job = Instant::now();
+    let request = job.request;
+    let negative = job.do_cfg.then_some(request.negative_prompt.as_str());
+    let key = (request.prompt.clone(), negative.map(str::to_string));
+    if let Some((reused, embeds)) = &reuse.prompt {
+        if *reused == key {
+            job.prompt_embeds = Some(embeds.clone());
+            return Ok(());
+        }
+    }
+    let embeds = with_component(pipeline, TEXT_ENCODER, job, events, |p, te, job, events| {
+        let timer = StageTimer::start(events, Stage::EncodePrompt);
+        let embeds = stages::encode_prompt(
+            &p.tokenizer,
+            te,
+            &job.request.prompt,
+            negative,
+            &p.options.text_layers,
+        )?;
+        if embeds.truncated > 0 {
+            events(Event::Warning(format!(
+                "the prompt is longer than {MAX_SEQUENCE_LENGTH} tokens: the last {} tokens were dropped",
+                embeds.truncated
+            )));
+        }
+        // Stage times are wall times of finished work: on CUDA the encoder's kernels are
+        // still queued when the host returns, and without this their tail was billed to the
+        // first denoising step (measured: BENCHMARKS.md, 2026-11-26).
+        p.options.device.synchronize()?;
+        job.timings.text_encode = timer.end(events);
+        Ok(embeds)
+    })?;
+    job.timings.total += t_job.elapsed();
+    reuse.prompt = Some((key, embeds.clone()));
+    job.prompt_embeds = Some(embeds);
+    Ok(())
+}
+
+/// The references through the VAE encoder (nothing to do without references).
+fn encode_references(
+    pipeline: &mut Pipeline,
+    job: &mut Job,
+    reuse: &mut Reuse,
+    events: &mut dyn FnMut(Event),
+) -> Result<()> {
+    if job.references.is_empty() {
+        return Ok(());
+    }
+    if let Some((images, latents)) = &reuse.image_latents {
+        if Arc::ptr_eq(images, &job.references) {
+            job.image_latents = Some(latents.clone());
+            return Ok(());
+        }
+    }
+    let t_job = Instant::now();
+    let latents = with_component(pipeline, VAE_ENCODER, job, events, |p, vae, job, events| {
+        let timer = StageTimer::start(events, Stage::EncodeReferences);
+        let latents = stages::prepare_image_latents(
+            vae,
+            &job.references,
+            p.options.dtype,
+            p.options.vae_tile,
+        )?;
+        p.options.device.synchronize()?; // the stage's own time, as for the prompt
+        job.timings.reference_encode = timer.end(events);
+        Ok(latents)
+    })?;
+    job.timings.total += t_job.elapsed();
+    reuse.image_latents = Some((job.references.clone(), latents.clone()));
+    job.image_latents = Some(latents);
+    Ok(())
+}
+
+/// Seeded noise, ids and schedule, then the transformer's Euler steps.
+fn denoise(pipeline: &mut Pipeline, job: &mut Job, events: &mut dyn FnMut(Event)) -> Result<()> {
+    let t_job = Instant::now();
+    let (latents, latent_ids) = stages::prepare_latents(
+        job.request.seed,
+        pipeline.transformer_config.in_channels,
+        job.grid,
+        pipeline.options.dtype,
+        &pipeline.options.device,
+    )?;
+    let embeds = job.prompt_embeds.take().context("prompt not encoded")?;
+    let image_latents = job.image_latents.take();
+    let schedule = Schedule::new(
+        &pipeline.scheduler_config,
+        job.steps,
+        job.grid.0 * job.grid.1,
+    )?;
+    let latents = with_component(
+        pipeline,
+        TRANSFORMER,
+        job,
+        events,
+        |_, transformer, job, events| {
+            let cond = Conditioning {
+                prompt_embeds: &embeds.prompt,
+                negative_prompt_embeds: embeds.negative.as_ref(),
+                image_latents: image_latents.as_ref().map(|(t, ids)| (t, ids)),
+                guidance: job.guidance,
+            };
+            let timer = StageTimer::start(events, Stage::Denoise);
+            let total = job.steps;
+            let steps = &mut job.timings.steps;
+            let latents = stages::denoise(
+                transformer,
+                latents,
+                &latent_ids,
+                &cond,
+                &schedule,
+                &mut |index, elapsed| {
+                    steps.push(elapsed);
+                    events(Event::Step {
+                        index,
+                        total,
+                        elapsed,
+                    });
+                },
+            )?;
+            timer.end(events);
+            Ok(latents)
+        },
+    )?;
+    job.latents = Some(latents);
+    job.timings.total += t_job.elapsed();
+    Ok(())
+}
+
+/// The VAE decoder on the denoised latents.
+fn decode(
+    pipeline: &mut Pipeline,
+    job: &mut Job,
+    events: &mut dyn FnMut(Event),
+) -> Result<Generated> {
+    let t_job = Instant::now();
+    let image = with_component(pipeline, VAE_DECODER, job, events, |p, vae, job, events| {
+        let timer = StageTimer::start(events, Stage::Decode);
+        let latents = job.latents.take().context("latents not denoised")?;
+        let image = stages::decode_latents(vae, &latents, job.grid, p.options.vae_tile)?;
+        job.timings.vae_decode = timer.end(events);
+        Ok(image)
+    })?;
+    job.timings.total += t_job.elapsed();
+    Ok(Generated {
+        image,
+        width: job.width,
+        height: job.height,
+        steps: job.steps,
+        guidance: job.guidance,
+        seed: job.request.seed,
+        timings: std::mem::take(&mut job.timings),
+    })
+}
+
+/// In a batch, errors name the image they belong to ("image 3 of 10: …").
+fn in_job<T>(result: Result<T>, index: usize, total: usize) -> Result<T> {
+    if total > 1 {
+        result.with_context(|| format!("image {} of {total}", index + 1))
+    } else {
+        result
+    }
+}
+
+/// A running stage: [`Event::StageStart`] when it starts; [`StageTimer::end`] hands on the
+/// warnings the ops queued meanwhile and sends [`Event::StageEnd`] with its wall time.
+struct StageTimer {
+    stage: Stage,
+    start: Instant,
+}
+
+impl StageTimer {
+    fn start(events: &mut dyn FnMut(Event), stage: Stage) -> Self {
+        events(Event::StageStart(stage));
+        Self {
+            stage,
+            start: Instant::now(),
+        }
+    }
+
+    fn end(self, events: &mut dyn FnMut(Event)) -> Duration {
+        let d = self.start.elapsed();
+        for w in crate::ops::take_warnings() {
+            events(Event::Warning(w));
+        }
+        events(Event::StageEnd(self.stage, d));
+        d
+    }
+}

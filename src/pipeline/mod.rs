@@ -1,0 +1,409 @@
+//! `Pipeline::open` then `generate(Request)`: the whole of diffusers' `Flux2KleinPipeline.__call__`
+//! (spec §1, §8), with component lifetimes managed for low peak memory.
+//!
+//! * this file: the public types ([`Request`], [`PipelineOptions`], [`Event`], [`Stage`],
+//!   [`Generated`]) and [`Pipeline`] (configs, component loading, the front door);
+//! * [`stages`]: the numerics of each stage as pure functions named after diffusers' steps;
+//! * [`batch`]: the batch scheduler (stage by stage over chunks of requests, reuse of shared
+//!   prompts and references, component lifetimes, timings and events).
+//!
+//! Order of work for one request (each stage loads its component only when needed, and frees
+//! it afterwards unless `keep_resident` is set):
+//!
+//! 1. references → `image_io::prepare_reference` (size checks, Lanczos cap, centre crop)
+//! 2. prompt (+ the empty negative prompt for CFG) → Qwen3 → `prompt_embeds`
+//! 3. references → VAE encoder (mean) → patchify → BN normalise → packed tokens, T = 10, 20, …
+//! 4. seeded noise (torch's CPU generator) → packed latents; ids; sigmas
+//! 5. transformer + Euler steps (CFG on base checkpoints)
+//! 6. unpack → BN de-normalise → unpatchify → VAE decoder → uint8 image
+
+mod batch;
+pub mod stages;
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+
+pub use batch::BATCH_CHUNK;
+
+use crate::model_dir::ModelDir;
+use crate::ops::KernelOptions;
+use crate::scheduler::SchedulerConfig;
+use crate::text_encoder::{self, PromptTokenizer, Qwen3Config, Qwen3TextEncoder};
+use crate::transformer::{Flux2Transformer, Flux2TransformerConfig};
+use crate::vae::{AutoencoderKLFlux2, AutoencoderKLFlux2Config, VaeParts};
+
+/// Token length of every prompt (diffusers' `max_sequence_length`).
+pub const MAX_SEQUENCE_LENGTH: usize = 512;
+
+/// How the pipeline runs.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    pub device: Device,
+    /// Compute dtype of the text encoder and transformer (bf16 on CUDA, f32 on CPU by default).
+    pub dtype: DType,
+    /// VAE dtype; `None` = `dtype`.
+    pub vae_dtype: Option<DType>,
+    /// Keep every component resident between requests (batch/bench mode). Off: the text
+    /// encoder is freed before the transformer loads, and so on (lowest peak memory).
+    pub keep_resident: bool,
+    /// Tiled VAE decode/encode (latent tile size in latent pixels); `None` = untiled.
+    pub vae_tile: Option<usize>,
+    /// Qwen3 hidden states stacked into the prompt embedding (diffusers'
+    /// `text_encoder_out_layers`).
+    pub text_layers: Vec<usize>,
+    /// The kernel switches (process-wide, installed by [`Pipeline::open`]).
+    pub kernels: KernelOptions,
+    /// Time synchronised regions of the device work and report them as [`Event::Profile`]
+    /// after each batch (slows the run down; off by default).
+    pub profile: bool,
+}
+
+impl PipelineOptions {
+    /// Defaults for a device: bf16 on CUDA, f32 on CPU; components freed after use.
+    pub fn for_device(device: Device) -> Self {
+        let dtype = if device.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        Self {
+            device,
+            dtype,
+            vae_dtype: None,
+            keep_resident: false,
+            vae_tile: None,
+            text_layers: text_encoder::DEFAULT_LAYERS.to_vec(),
+            kernels: KernelOptions::default(),
+            profile: false,
+        }
+    }
+
+    /// The VAE's dtype: [`Self::vae_dtype`] if set, else the compute dtype.
+    pub fn vae_dtype(&self) -> DType {
+        self.vae_dtype.unwrap_or(self.dtype)
+    }
+}
+
+/// One image to make.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: String,
+    /// The negative prompt of classifier-free guidance (base checkpoints with guidance > 1
+    /// only); diffusers' pipeline always uses "" (the default).
+    pub negative_prompt: String,
+    /// Reference images in order (T = 10, 20, …).
+    pub references: Vec<Reference>,
+    /// Output size in pixels; `None` = the first reference's cropped size, else 1024.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// `None` = 4 for distilled checkpoints, 50 for base ones.
+    pub steps: Option<usize>,
+    /// `None` = 1.0 for distilled checkpoints, 4.0 for base ones.
+    pub guidance: Option<f64>,
+    pub seed: u64,
+}
+
+impl Request {
+    pub fn new(prompt: impl Into<String>, seed: u64) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            references: Vec::new(),
+            width: None,
+            height: None,
+            steps: None,
+            guidance: None,
+            seed,
+        }
+    }
+}
+
+/// A reference image with the name it came from (for metadata and messages).
+#[derive(Debug, Clone)]
+pub struct Reference {
+    /// Shared: a batch hands the same references to many requests.
+    pub image: std::sync::Arc<image::DynamicImage>,
+    pub name: String,
+}
+
+/// The stages of a request, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    LoadTextEncoder,
+    EncodePrompt,
+    LoadVaeEncoder,
+    EncodeReferences,
+    LoadTransformer,
+    Denoise,
+    LoadVaeDecoder,
+    Decode,
+}
+
+impl Stage {
+    /// The name progress lines show.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::LoadTextEncoder => "load text encoder",
+            Stage::EncodePrompt => "encode prompt",
+            Stage::LoadVaeEncoder => "load vae encoder",
+            Stage::EncodeReferences => "encode references",
+            Stage::LoadTransformer => "load transformer",
+            Stage::Denoise => "denoise",
+            Stage::LoadVaeDecoder => "load vae decoder",
+            Stage::Decode => "decode",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Progress and diagnostics, reported while `generate` runs.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A stage starts.
+    StageStart(Stage),
+    /// A stage ended, with its wall time.
+    StageEnd(Stage, Duration),
+    /// Denoising step `index` (0-based) of `total` finished.
+    Step {
+        index: usize,
+        total: usize,
+        elapsed: Duration,
+    },
+    /// Something the user should know (truncated prompt, floored size, ignored guidance, …).
+    Warning(String),
+    /// In a batch of `total > 1` requests, the events that follow (until the next `Job`)
+    /// belong to request `index` (0-based).
+    Job { index: usize, total: usize },
+    /// With [`PipelineOptions::profile`]: the table of synchronised region times of the
+    /// batch that just ended.
+    Profile(String),
+}
+
+/// Wall time per stage of one `generate` call.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    /// Loading weights (the components this request loaded, summed).
+    pub load: Duration,
+    pub text_encode: Duration,
+    pub reference_encode: Duration,
+    pub steps: Vec<Duration>,
+    pub vae_decode: Duration,
+    /// Time spent on this request: for a single `generate` its wall time, in a batch the sum
+    /// of its stages (batches interleave the stages of several requests).
+    pub total: Duration,
+}
+
+/// The result of one request.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub image: image::RgbImage,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: u64,
+    pub timings: Timings,
+}
+
+/// Classifier-free guidance runs on base (non-distilled) checkpoints with guidance > 1 only
+/// (spec §8).
+pub fn uses_cfg(is_distilled: bool, guidance: f64) -> bool {
+    guidance > 1.0 && !is_distilled
+}
+
+/// diffusers floors output sizes to multiples of 16 (VAE factor 8 × 2×2 patches, spec §8).
+pub fn floor_to_multiple_of_16(px: usize) -> usize {
+    px / 16 * 16
+}
+
+/// Output size for a request: explicit, else the first reference's cropped size, else 1024²;
+/// floored to multiples of 16 as diffusers does (with a warning).
+pub fn resolve_size(
+    width: Option<usize>,
+    height: Option<usize>,
+    first_reference: Option<(usize, usize)>,
+    warn: &mut dyn FnMut(String),
+) -> Result<(usize, usize)> {
+    let (dw, dh) = first_reference.unwrap_or((1024, 1024));
+    let (w, h) = (width.unwrap_or(dw), height.unwrap_or(dh));
+    if w < 64 || h < 64 {
+        bail!("output size {w}x{h} is too small: width and height must be at least 64 pixels");
+    }
+    let (fw, fh) = (floor_to_multiple_of_16(w), floor_to_multiple_of_16(h));
+    if (fw, fh) != (w, h) {
+        warn(format!(
+            "{w}x{h} is not a multiple of 16; the image will be {fw}x{fh} (as diffusers does)"
+        ));
+    }
+    Ok((fw, fh))
+}
+
+/// The FLUX.2 [klein] pipeline.
+pub struct Pipeline {
+    pub model: ModelDir,
+    pub options: PipelineOptions,
+    scheduler_config: SchedulerConfig,
+    transformer_config: Flux2TransformerConfig,
+    tokenizer: PromptTokenizer,
+    text_encoder: Option<Qwen3TextEncoder>,
+    transformer: Option<Flux2Transformer>,
+    vae_encoder: Option<AutoencoderKLFlux2>,
+    vae_decoder: Option<AutoencoderKLFlux2>,
+    /// Warnings of [`Pipeline::open`], not yet delivered.
+    pending_warnings: Vec<String>,
+}
+
+impl Pipeline {
+    /// Resolves configs and the tokenizer and installs the kernel switches; the components
+    /// are loaded when a request first needs them. Warnings found here (e.g. CUDA kernels
+    /// that cannot run) are delivered as [`Event::Warning`] by the first `generate`.
+    pub fn open(model: ModelDir, options: PipelineOptions) -> Result<Self> {
+        if options.text_layers.is_empty() {
+            bail!("at least one text encoder layer must be requested");
+        }
+        let scheduler_config: SchedulerConfig = model.config("scheduler")?;
+        let transformer_config: Flux2TransformerConfig = model.config("transformer")?;
+        let tokenizer = PromptTokenizer::from_file(&model.tokenizer()?, MAX_SEQUENCE_LENGTH)?;
+        options.kernels.install();
+        crate::profile::set_enabled(options.profile);
+        let pending_warnings = crate::ops::prepare_device(
+            &options.device,
+            transformer_config.attention_head_dim,
+            options.dtype,
+        );
+        Ok(Self {
+            model,
+            options,
+            scheduler_config,
+            transformer_config,
+            tokenizer,
+            text_encoder: None,
+            transformer: None,
+            vae_encoder: None,
+            vae_decoder: None,
+            pending_warnings,
+        })
+    }
+
+    /// The text encoder's attention (see [`Qwen3TextEncoder::attention_kernel`]), or
+    /// `not loaded` before the first prompt was encoded (or after `generate` freed it).
+    pub fn text_attention_kernel(&self) -> String {
+        self.text_encoder
+            .as_ref()
+            .map_or_else(|| "not loaded".into(), |te| te.attention_kernel())
+    }
+
+    /// The attention the transformer runs: the CUDA kernel's name (e.g.
+    /// `fa90_fwd_bf16_d128_n128` on a Hopper GPU, `fa_fwd_bf16_d128_w4_m2_n64` elsewhere), or
+    /// `naive` (candle ops: the CPU, f32, or our kernels unusable here). Benchmarks record it.
+    pub fn attention_kernel(&self) -> String {
+        crate::ops::attention::kernel_name(
+            &self.options.device,
+            self.transformer_config.attention_head_dim,
+            self.options.dtype,
+        )
+    }
+
+    /// Distilled checkpoints never run CFG (spec §8).
+    pub fn is_distilled(&self) -> bool {
+        self.model.index.is_distilled
+    }
+
+    /// Whether a request with this guidance runs classifier-free guidance ([`uses_cfg`]).
+    pub fn uses_cfg(&self, guidance: f64) -> bool {
+        uses_cfg(self.is_distilled(), guidance)
+    }
+
+    pub fn default_steps(&self) -> usize {
+        if self.is_distilled() {
+            4
+        } else {
+            50
+        }
+    }
+
+    pub fn default_guidance(&self) -> f64 {
+        if self.is_distilled() {
+            1.0
+        } else {
+            4.0
+        }
+    }
+
+    fn vae_dtype(&self) -> DType {
+        self.options.vae_dtype()
+    }
+
+    fn var_builder(&self, component: &str, dtype: DType) -> Result<candle_nn::VarBuilder<'static>> {
+        self.model
+            .var_builder(component, dtype, &self.options.device)
+    }
+
+    fn load_text_encoder(&self) -> Result<Qwen3TextEncoder> {
+        let cfg: Qwen3Config = self.model.config("text_encoder")?;
+        let deepest = *self.options.text_layers.iter().max().unwrap_or(&0);
+        if deepest > cfg.num_hidden_layers {
+            bail!(
+                "text layer {deepest} was requested but the text encoder has {} layers",
+                cfg.num_hidden_layers
+            );
+        }
+        let vb = self.var_builder("text_encoder", self.options.dtype)?;
+        Qwen3TextEncoder::load(vb, &cfg, deepest)
+    }
+
+    fn load_transformer(&self) -> Result<Flux2Transformer> {
+        let vb = self.var_builder("transformer", self.options.dtype)?;
+        Flux2Transformer::load(vb, &self.transformer_config)
+    }
+
+    fn load_vae(&self, parts: VaeParts) -> Result<AutoencoderKLFlux2> {
+        let cfg: AutoencoderKLFlux2Config = self.model.config("vae")?;
+        let vb = self.var_builder("vae", self.vae_dtype())?;
+        AutoencoderKLFlux2::load(vb, &cfg, parts)
+    }
+
+    /// Runs one request.
+    pub fn generate(
+        &mut self,
+        request: &Request,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<Generated> {
+        let mut out = None;
+        self.generate_batch(std::slice::from_ref(request), events, &mut |_, g| {
+            out = Some(g);
+            Ok(())
+        })?;
+        Ok(out.expect("generate_batch delivers every image"))
+    }
+
+    /// Runs several requests, handing each image to `on_image(index, image)` as soon as it is
+    /// decoded (an error from `on_image` stops the batch); see [`batch`] for how the work is
+    /// ordered.
+    pub fn generate_batch(
+        &mut self,
+        requests: &[Request],
+        events: &mut dyn FnMut(Event),
+        on_image: &mut dyn FnMut(usize, Generated) -> Result<()>,
+    ) -> Result<()> {
+        batch::run(self, requests, events, on_image)
+    }
+
+    /// Peak device memory in bytes since the last reset (or process start), where the device
+    /// can tell (CUDA: live tensor memory, like torch's `max_memory_allocated`).
+    pub fn peak_device_memory(&self) -> Option<u64> {
+        crate::ops::device::peak(&self.options.device)
+    }
+
+    /// Starts a new peak-memory measurement (`bench` does this per workload).
+    pub fn reset_peak_device_memory(&self) {
+        crate::ops::device::reset_peak(&self.options.device)
+    }
+}
