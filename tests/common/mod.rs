@@ -1,5 +1,8 @@
-//! Helpers shared by the parity tests: fixture paths, case tensors, error metrics.
+//! Helpers shared by the tests (and `benches/models.rs`): fixture paths, case tensors, error
+//! metrics.
 #![allow(dead_code)]
+
+pub mod foundation;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
