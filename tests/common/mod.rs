@@ -72,10 +72,10 @@ pub fn assert_close(name: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
 pub struct TempDir(PathBuf);
 
 impl TempDir {
-    /// `$TMPDIR/flux2-klein-cli-NAME-PID`, emptied if a previous run left it behind.
+    /// `$TMPDIR/flux2-klein-test-NAME-PID`, emptied if a previous run left it behind.
     pub fn new(name: &str) -> Self {
         let dir =
-            std::env::temp_dir().join(format!("flux2-klein-cli-{name}-{}", std::process::id()));
+            std::env::temp_dir().join(format!("flux2-klein-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
