@@ -141,12 +141,7 @@ fn bn_matches_torch_fixture() {
             st["bn.running_var"].to_dtype(dtype).unwrap(),
         );
         let eps = e["eps"].as_f64().unwrap();
-        let shape: Vec<usize> = e["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
+        let shape: Vec<usize> = common::json_uints(&e["shape"]);
         let from_bits = |k: &str| {
             let v: Vec<f32> = u32s(&e[k]).into_iter().map(f32::from_bits).collect();
             Tensor::from_vec(v, shape.as_slice(), &CPU)

@@ -54,12 +54,7 @@ fn noise_matches_torch_fixture() {
     let cases = fx["cases"].as_array().unwrap();
     for c in cases {
         let seed = c["seed"].as_u64().unwrap();
-        let shape: Vec<usize> = c["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
+        let shape: Vec<usize> = common::json_uints(&c["shape"]);
         let dtype = c["dtype"].as_str().unwrap();
         let (bytes, vals) = noise_bytes(seed, &shape, dtype);
         let sha = format!("{:x}", Sha256::digest(&bytes));
@@ -97,18 +92,8 @@ fn noise_per_sample_generators_match_diffusers() {
     let fx = foundation_json("noise.json");
     let cases = fx["per_sample"].as_array().unwrap();
     for c in cases {
-        let seeds: Vec<u64> = c["seeds"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect();
-        let shape: Vec<usize> = c["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
+        let seeds: Vec<u64> = common::json_uints(&c["seeds"]);
+        let shape: Vec<usize> = common::json_uints(&c["shape"]);
         let dtype = if c["dtype"] == "bf16" {
             DType::BF16
         } else {

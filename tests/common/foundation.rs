@@ -19,11 +19,7 @@ pub fn foundation_json(name: &str) -> Value {
 
 /// A JSON array of u32s (the fixtures store every f32 as its bit pattern).
 pub fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    super::json_uints(v)
 }
 
 /// Bit patterns of f32 values.

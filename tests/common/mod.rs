@@ -1,5 +1,5 @@
 //! Helpers shared by the tests (and `benches/models.rs`): fixture paths, case tensors, error
-//! metrics and a self-removing temporary directory.
+//! metrics, JSON integer arrays and a self-removing temporary directory.
 #![allow(dead_code)]
 
 pub mod foundation;
@@ -66,6 +66,19 @@ pub fn assert_close(name: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
     let err = max_rel_err(ours, reference);
     eprintln!("{name}: max rel err {err:.3e} (tol {tol:.0e})");
     assert!(err <= tol, "{name}: max rel err {err:.3e} > {tol:.0e}");
+}
+
+/// A JSON array of non-negative integers (a shape, token ids, f32 bit patterns).
+pub fn json_uints<T>(v: &serde_json::Value) -> Vec<T>
+where
+    T: TryFrom<u64>,
+    T::Error: std::fmt::Debug,
+{
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a JSON array: {v}"))
+        .iter()
+        .map(|x| T::try_from(x.as_u64().unwrap()).unwrap())
+        .collect()
 }
 
 /// A fresh, empty directory for one test (removed when dropped).
