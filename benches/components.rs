@@ -3,8 +3,9 @@
 //! a `[1, 128, 64, 64]` patchified latent, 4096 tokens).
 //!
 //! Run with `cargo bench --bench components` (or `scripts/bench_cpu.sh` for everything).
-//! Measurement times are short on purpose: the whole suite must stay within a few minutes on
-//! a 2-core machine, and the point is to make regressions visible, not to publish numbers.
+//! Measurement times are short on purpose (see `bench_config`).
+
+mod bench_config;
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -16,17 +17,6 @@ use flux2_klein::latents;
 use flux2_klein::noise::{randn_tensor, torch_randn};
 use flux2_klein::scheduler::{Schedule, SchedulerConfig};
 use image::{DynamicImage, RgbImage};
-
-/// Short runs: 10 samples (criterion's minimum), 0.5 s warm-up, 1.5 s of measurement.
-fn quick() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_millis(1500))
-        .without_plots()
-        // The bench machines are shared and noisy: call a change a regression only above 5 %.
-        .noise_threshold(0.05)
-}
 
 fn scheduler(c: &mut Criterion) {
     let cfg = SchedulerConfig::flux2();
@@ -42,7 +32,9 @@ fn scheduler(c: &mut Criterion) {
 
 fn noise(c: &mut Criterion) {
     let mut g = c.benchmark_group("noise");
-    // [1,128,64,64]: 1024² output; [1,128,128,128]: 2048².
+    // [1,128,64,64]: 1024² output; [1,128,128,128]: 2048². The 128x128 `torch_randn` and bf16
+    // `randn_tensor` entries replace the timed test `noise_is_fast` (it asserted < 400 ms):
+    // speed is watched here, never asserted in a test.
     for shape in [[1usize, 128, 64, 64], [1, 128, 128, 128]] {
         let name = format!("{}x{}", shape[2], shape[3]);
         g.bench_function(format!("torch_randn_{name}"), |b| {
@@ -152,7 +144,7 @@ fn latent_plumbing(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = quick();
+    config = bench_config::quick(Duration::from_millis(1500));
     targets = scheduler, noise, image_io, latent_plumbing
 }
 criterion_main!(benches);

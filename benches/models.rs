@@ -6,6 +6,7 @@
 //! the real model runs, so a regression in kernel choice, layout copies or per-call overhead
 //! shows here without a GPU. Run with `cargo bench --bench models`.
 
+mod bench_config;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -26,18 +27,6 @@ use flux2_klein::vae::{AutoencoderKLFlux2, VaeParts};
 const MODEL: &str = "tiny-w0";
 const CASE: &str = "t2i_64x64";
 const PROMPT: &str = r#"A cat holding a sign that says "Gifu AI Study Group""#;
-
-/// Short runs with flat sampling (every sample runs the same number of iterations, which keeps
-/// the slower benches from running 55 iterations as linear sampling would).
-fn quick() -> Criterion {
-    Criterion::default()
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .without_plots()
-        // The bench machines are shared and noisy: call a change a regression only above 5 %.
-        .noise_threshold(0.05)
-}
 
 fn transformer(c: &mut Criterion) {
     let dir = common::model(MODEL).join("transformer");
@@ -158,7 +147,7 @@ fn pipeline(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = quick();
+    config = bench_config::quick(Duration::from_secs(2));
     targets = transformer, text_encoder, vae_decode, pipeline
 }
 criterion_main!(benches);

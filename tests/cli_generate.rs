@@ -7,22 +7,18 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
+use common::TempDir;
+
 const GIFU: &str = "A cat holding a sign that says \"Gifu AI Study Group\"";
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_flux2-klein"))
 }
 
-fn tmp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flux2-klein-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Runs `generate` with `args` (plus `-q -o out`), returns the written RGB image.
+/// Runs `generate` with `args` (plus `-q -o out`), returns the written RGB image and its path
+/// (its directory is kept: callers read the file's metadata or compare it afterwards).
 fn generate<S: AsRef<std::ffi::OsStr>>(name: &str, args: &[S]) -> (image::RgbImage, PathBuf) {
-    let out = tmp_dir(name).join("out.png");
+    let out = TempDir::new(name).keep().join("out.png");
     let result = bin()
         .arg("-q")
         .arg("generate")
@@ -291,7 +287,7 @@ fn compare_command_checks_golden_images() {
 fn batch_from_a_prompt_file_equals_single_runs() {
     // Two prompts × --count 2 (seeds 0, 1), once stage by stage (the default: one model in
     // memory at a time) and once with --resident (everything loaded, image after image).
-    let dir = tmp_dir("batch");
+    let dir = TempDir::new("batch");
     let prompts = dir.join("prompts.txt");
     std::fs::write(
         &prompts,
@@ -354,7 +350,6 @@ fn batch_from_a_prompt_file_equals_single_runs() {
         &run_args("tiny-w0", "a lighthouse at dusk", 1, (64, 64), &[]),
     );
     assert_eq!(single.as_raw(), runs[0][3].as_raw(), "batch vs single run");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -362,7 +357,7 @@ fn batch_edit_shares_prompt_and_references_exactly() {
     // --count 2 with two references: the prompt and the references are encoded once and
     // shared; each image still equals its single run (seed 0 is the edit2_64x64 case).
     let (r0, r1) = (case_ref("edit2_64x64", 0), case_ref("edit2_64x64", 1));
-    let dir = tmp_dir("batch-edit");
+    let dir = TempDir::new("batch-edit");
     succeed(
         bin()
             .args(["-q", "generate"])
@@ -389,7 +384,6 @@ fn batch_edit_shares_prompt_and_references_exactly() {
         second.as_raw(),
         "batch vs single run, seed 1"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -431,7 +425,7 @@ fn negative_prompt_on_a_base_model() {
 fn prompt_file_json_lines_set_each_image() {
     // Per-line seed, size, references and output, mixed with a plain line; each image equals
     // its diffusers golden (t2i_64x128: 128x64 seed 0; edit2_64x64: two references).
-    let dir = tmp_dir("jsonl");
+    let dir = TempDir::new("jsonl");
     let (r0, r1) = (case_ref("edit2_64x64", 0), case_ref("edit2_64x64", 1));
     let json = |v: serde_json::Value| v.to_string();
     let lines = [
@@ -473,13 +467,12 @@ fn prompt_file_json_lines_set_each_image() {
     }
     let plain = image::open(dir.join("plain-5.png")).unwrap().to_rgb8();
     assert_eq!(plain.dimensions(), (64, 64));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn json_output_describes_each_image() {
     // `--json`: one record per image on stdout, in order, each naming the file it describes.
-    let dir = tmp_dir("json");
+    let dir = TempDir::new("json");
     let result = succeed(
         bin()
             .args(["-q", "generate", "-m", &model("tiny-w0"), "-p", GIFU])
@@ -513,7 +506,6 @@ fn json_output_describes_each_image() {
     let img = image::open(dir.join("0.png")).unwrap().to_rgb8();
     let (max, _) = diff(&img, &golden("t2i_64x64"));
     assert!(max <= 1, "max diff {max}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -7,6 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use common::TempDir;
 use flux2_klein::image_io::{
     check_reference_size, load_image, prepare_reference, read_png_text, reference_resize_target,
     resize_lanczos, rgb_to_tensor, save_image, sha256_file, to_rgb_like_pillow,
@@ -50,13 +51,6 @@ fn diff_stats(a: &RgbImage, b: &RgbImage) -> (u8, f64, usize) {
         n += (d != 0) as usize;
     }
     (max, sum as f64 / a.as_raw().len() as f64, n)
-}
-
-fn tmp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flux2-image-io-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 #[test]
@@ -259,7 +253,7 @@ fn reference_size_rules() {
 
 #[test]
 fn load_errors_name_the_file() {
-    let dir = tmp_dir("load");
+    let dir = TempDir::new("load");
     let missing = dir.join("nope.png");
     let e = format!("{:#}", load_image(&missing).unwrap_err());
     assert!(e.contains("nope.png") && !e.contains('\n'), "{e}");
@@ -274,12 +268,11 @@ fn load_errors_name_the_file() {
     let e = format!("{:#}", load_image(&truncated).unwrap_err());
     eprintln!("{e}");
     assert!(e.contains("truncated.png") && !e.contains('\n'), "{e}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn save_png_metadata_round_trip() {
-    let dir = tmp_dir("save");
+    let dir = TempDir::new("save");
     let img = load_rgb(&images_dir().join("lanczos_61x47.png"));
     let meta = vec![
         ("prompt".to_string(), "a cat, 4 steps".to_string()),
@@ -308,18 +301,12 @@ fn save_png_metadata_round_trip() {
     let jpg = to_rgb_like_pillow(&load_image(dir.join("out.JPG")).unwrap()).unwrap();
     assert_eq!(jpg.dimensions(), img.dimensions());
     // Only the final files are left (no temp files).
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    assert_eq!(names, ["out.JPG", "out.png", "out.webp"]);
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(dir.entries(), ["out.JPG", "out.png", "out.webp"]);
 }
 
 #[test]
 fn unsupported_extension_writes_nothing() {
-    let dir = tmp_dir("atomic");
+    let dir = TempDir::new("atomic");
     let img = RgbImage::new(64, 64);
     for name in ["out.bmp", "out"] {
         let e = save_image(dir.join(name), &img, &[])
@@ -337,17 +324,12 @@ fn unsupported_extension_writes_nothing() {
     assert!(save_image(dir.join("bad.png"), &img, &bad).is_err());
     // Writing into a folder that does not exist fails cleanly too.
     assert!(save_image(dir.join("no/such/dir/x.png"), &img, &[]).is_err());
-    assert_eq!(
-        std::fs::read_dir(&dir).unwrap().count(),
-        0,
-        "files left behind"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(dir.entries(), Vec::<String>::new(), "files left behind");
 }
 
 #[test]
 fn sha256_of_file() {
-    let dir = tmp_dir("sha");
+    let dir = TempDir::new("sha");
     let p = dir.join("abc.txt");
     std::fs::write(&p, b"abc").unwrap();
     assert_eq!(
@@ -358,5 +340,4 @@ fn sha256_of_file() {
         .unwrap_err()
         .to_string()
         .contains("missing"));
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -102,12 +102,7 @@ fn fixture_prompts_match_diffusers_ids() {
             p["template"].as_str().unwrap(),
             "{name}"
         );
-        let want: Vec<u32> = p["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want: Vec<u32> = common::json_uints(&p["ids"]);
         let n_real = p["n_real"].as_u64().unwrap() as usize;
         let batch = tok.encode(&[prompt]).unwrap();
         assert_eq!(batch.real_len[0], n_real, "{name}: real token count");

@@ -1,8 +1,11 @@
-//! Helpers shared by the parity tests: fixture paths, case tensors, error metrics.
+//! Helpers shared by the tests (and `benches/models.rs`): fixture paths, case tensors, error
+//! metrics, JSON integer arrays and a self-removing temporary directory.
 #![allow(dead_code)]
 
+pub mod foundation;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -63,4 +66,64 @@ pub fn assert_close(name: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
     let err = max_rel_err(ours, reference);
     eprintln!("{name}: max rel err {err:.3e} (tol {tol:.0e})");
     assert!(err <= tol, "{name}: max rel err {err:.3e} > {tol:.0e}");
+}
+
+/// A JSON array of non-negative integers (a shape, token ids, f32 bit patterns).
+pub fn json_uints<T>(v: &serde_json::Value) -> Vec<T>
+where
+    T: TryFrom<u64>,
+    T::Error: std::fmt::Debug,
+{
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a JSON array: {v}"))
+        .iter()
+        .map(|x| T::try_from(x.as_u64().unwrap()).unwrap())
+        .collect()
+}
+
+/// A fresh, empty directory for one test (removed when dropped).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `$TMPDIR/flux2-klein-test-NAME-PID`, emptied if a previous run left it behind.
+    pub fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("flux2-klein-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.0.join(p)
+    }
+
+    /// Keeps the directory after the test (for a file the caller reads after this helper's
+    /// scope ends) and returns its path.
+    pub fn keep(mut self) -> PathBuf {
+        std::mem::take(&mut self.0)
+    }
+
+    /// Names of the entries in the directory, sorted.
+    pub fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Empty after `keep`.
+        if !self.0.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
