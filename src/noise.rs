@@ -2,7 +2,7 @@
 //!
 //! diffusers draws the initial latents with a CPU generator and then moves them to the device
 //! (spec §3.2), so "seed N" means exactly the numbers torch's CPU generator produces. This module
-//! ports torch's algorithm (spec §3.3, `shared/refcheck/TORCH_RANDN.md`):
+//! ports torch's algorithm (spec §3.3, `reference/refcheck/TORCH_RANDN.md`):
 //!
 //! * bits: MT19937 seeded with the seed's **low 32 bits** (`init_genrand`);
 //! * uniforms: `(r & 0xFFFFFF) * 2^-24` (f32, one 32-bit draw each);

@@ -1,20 +1,20 @@
 """Will the 1024² PSNR bar of #7 (ours bf16 vs diffusers bf16 ≥ 30 dB) be reachable with the
 benchmark weights? A CPU proxy, no GPU needed:
 
-    ~/.cache/flux2-klein-refenv/bin/python scripts/bf16_psnr_probe.py [SIZE] [QK,MOD]
+    ~/.cache/flux2-klein-refenv/bin/python scripts/probes/bf16_psnr_probe.py [SIZE] [QK,MOD]
 
 The full-size random klein-4B transformer and VAE of `gpu_bench.py make-model` (same seeds and
 recipe, default q/k-norm scale 1, modulation ×0.3), weights rounded to bf16 as the checkpoint
 stores them, run through diffusers' Flux2KleinPipeline at SIZE² (default 256) for 4 steps with
 random prompt embeddings (the text encoder is left out: 16 GB in f32). Prints the relative
 difference of the final latents and the uint8 image PSNR against the all-f32 run of: bf16
-throughout (what scripts/gpu.sh's floor measured before it fed the f32 run bf16 timesteps), bf16
+throughout (what scripts/gpu/gpu.sh's floor measured before it fed the f32 run bf16 timesteps), bf16
 transformer + f32 VAE, and f32 transformer + bf16 VAE (which part loses the dBs), and f32 fed
 the bf16 run's timesteps. PROBE_MATCHED_ONLY=1: only bf16 vs f32 fed the bf16 timesteps."""
 import copy, math, os, sys, time
 import numpy as np
 import torch
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "gpu"))
 import gpu_bench
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 

@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# gpu_attention_check.sh — checks of our fused attention kernel (src/cuda/flash_attn.cu) on a
-# GPU machine that has no Rust toolchain.
+# gpu_attention_check.sh — checks of our fused attention kernel
+# (src/cuda/kernels/flash_attn.cu) on a GPU machine that has no Rust toolchain.
 #
-#   scripts/gpu_attention_check.sh rust TEST_EXE   run the prebuilt `tests/cuda_gpu` executable
-#                                                   executable (correctness vs the naive path +
-#                                                   timings), with the CUDA 13 libraries on the
-#                                                   library path
-#   scripts/gpu_attention_check.sh kernel          kernel-only check without Rust: compiles the
-#                                                   .cu with NVRTC (through ctypes, exactly like
-#                                                   flash_attn.rs), launches it on torch tensors
-#                                                   and compares with an f32 reference and with
-#                                                   torch's SDPA; benchmarks the D=128 tilings
+#   scripts/gpu/gpu_attention_check.sh rust TEST_EXE  run the prebuilt `tests/cuda_gpu`
+#                                                     executable (correctness vs the naive
+#                                                     path + timings), with the CUDA 13
+#                                                     libraries on the library path
+#   scripts/gpu/gpu_attention_check.sh kernel         kernel-only check without Rust: compiles
+#                                                     the .cu with NVRTC (through ctypes,
+#                                                     exactly like src/cuda/attention/),
+#                                                     launches it on torch tensors and compares
+#                                                     with an f32 reference and with torch's
+#                                                     SDPA; benchmarks the D=128 tilings
 #
 # Needs python3 with torch (CUDA 13 build) for the library path and for `kernel`.
 set -euo pipefail
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 mode="${1:-kernel}"
 
 # The CUDA 13 runtime libraries (cudart, cublas, curand, nvrtc + nvrtc-builtins) that PyTorch's
@@ -30,7 +31,7 @@ rust)
   exec "$exe" --test-threads=1 --nocapture
   ;;
 kernel)
-  exec python3 - "$HERE/src/cuda/flash_attn.cu" "$NV_LIB" <<'PY'
+  exec python3 - "$HERE/src/cuda/kernels/flash_attn.cu" "$NV_LIB" <<'PY'
 import ctypes, math, os, sys, time
 import torch
 
@@ -40,7 +41,7 @@ dev = torch.device("cuda")
 torch.zeros(1, device=dev)  # create the primary context and make it current
 print("torch", torch.__version__, torch.cuda.get_device_name(0), flush=True)
 
-# ---- NVRTC compile (same options as flash_attn.rs, plus the benchmark variants) ----
+# ---- NVRTC compile (same options as src/cuda/attention/, plus the benchmark variants) ----
 def find_lib(names):
     for n in names:
         for d in [nv_lib, ""]:

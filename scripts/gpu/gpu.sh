@@ -2,19 +2,19 @@
 # GPU check and benchmark, flux2-klein vs diffusers on the same card, in one run (< 10 min).
 #
 # Runs on a GPU machine with python3 + torch + transformers (diffusers may come as a wheel in
-# .whl/). Needs the CUDA binary, built elsewhere with scripts/build-cuda.sh and carried as
+# .whl/). Needs the CUDA binary, built elsewhere with scripts/cuda/build-cuda.sh and carried as
 # carry/flux2-klein.xz (strip + xz), and optionally carry/cuda_gpu.xz (the test executable
 # of tests/cuda_gpu/, every kernel test). Writes logs, JSON and images under $OUT.
 #
-#   scripts/gpu.sh                 # everything
-#   GPU_SKIP_FULL=1 scripts/gpu.sh # only the tiny-model correctness checks
-#   GPU_SKIP_AB=1, GPU_SKIP_COLD=1  # skip the speed-paths-off run / the cold-start runs
-#   GPU_SKIP_ATTN=1                # skip the attention-kernel check and timings
-#   GPU_RUNS=2, DIFFUSERS_RUNS=3   # timed runs per workload (after one warm-up), ours / diffusers
-#   GPU_BUDGET_S=570               # optional steps are skipped (and logged) when the time left
-#                                  # in this budget is short, so the core numbers come back
+#   scripts/gpu/gpu.sh                 # everything
+#   GPU_SKIP_FULL=1 scripts/gpu/gpu.sh # only the tiny-model correctness checks
+#   GPU_SKIP_AB=1, GPU_SKIP_COLD=1     # skip the speed-paths-off run / the cold-start runs
+#   GPU_SKIP_ATTN=1                    # skip the attention-kernel check and timings
+#   GPU_RUNS=2, DIFFUSERS_RUNS=3       # timed runs per workload (after one warm-up), ours / diffusers
+#   GPU_BUDGET_S=570                   # optional steps are skipped (and logged) when the time left
+#                                      # in this budget is short, so the core numbers come back
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/flux2-gpu-out}"; mkdir -p "$OUT"
 # At most a few files come back from a device call: logs/JSON/two images in $OUT, the rest in $WORK.
 WORK=/tmp/flux2-gpu-work; mkdir -p "$WORK"
@@ -44,7 +44,7 @@ BIN=/tmp/flux2-klein
 xz -dc carry/flux2-klein.xz > "$BIN" && chmod +x "$BIN" || { log "no carried binary"; exit 1; }
 "$BIN" --version | tee -a "$LOG"
 # A binary built from other sources than this tree would be measured as if it were this code.
-built="$(cut -d' ' -f1 carry/SOURCE 2>/dev/null)"; here="$(bash scripts/source-hash.sh)"
+built="$(cut -d' ' -f1 carry/SOURCE 2>/dev/null)"; here="$(bash scripts/cuda/source-hash.sh)"
 if [ "$built" = "$here" ]; then log "binary built from this tree ($(cat carry/SOURCE))"
 else log "WARNING: the carried binary was built from other sources (${built:-unknown} vs $here): rebuild and repack"; fi
 
@@ -54,7 +54,7 @@ M=tests/fixtures/models; C=tests/fixtures/cases
 tiny() {  # name, golden, args...
   local name="$1" golden="$2"; shift 2
   "$BIN" -q generate "$@" --device cuda --dtype f32 -o "$WORK/$name.png" >>"$LOG" 2>&1 \
-    && python3 scripts/gpu_bench.py psnr "$golden" "$WORK/$name.png" | tee -a "$LOG"
+    && python3 scripts/gpu/gpu_bench.py psnr "$golden" "$WORK/$name.png" | tee -a "$LOG"
 }
 tiny cuda_f32_t2i_64x64 $C/t2i_64x64/image.png -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64
 [ -z "${GPU_QUICK:-}" ] && tiny cuda_f32_edit2_64x64 $C/edit2_64x64/image.png -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64 \
@@ -62,7 +62,7 @@ tiny cuda_f32_t2i_64x64 $C/t2i_64x64/image.png -m $M/tiny-w0 -p "$GIFU" --seed 0
 [ -z "${GPU_QUICK:-}" ] && tiny cuda_f32_tiny2_edit $C/tiny2_edit_64x128/image.png -m $M/tiny2-w0 -p "a red fox in snow" --seed 42 \
   -W 128 -H 64 -r $C/tiny2_edit_64x128/ref_0.png
 "$BIN" -q generate -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64 --device cuda --dtype bf16 -o "$WORK/cuda_bf16_t2i.png" >>"$LOG" 2>&1 \
-  && python3 scripts/gpu_bench.py psnr $C/t2i_64x64_bf16/image.png "$WORK/cuda_bf16_t2i.png" | tee -a "$LOG"
+  && python3 scripts/gpu/gpu_bench.py psnr $C/t2i_64x64_bf16/image.png "$WORK/cuda_bf16_t2i.png" | tee -a "$LOG"
 
 # 2. Our kernels against their references (tests/cuda_gpu: fused kernels, cuDNN convs, the
 # flash-attention kernels incl. the text encoder's causal one).
@@ -73,15 +73,15 @@ if [ -f carry/cuda_gpu.xz ]; then
 fi
 # The attention kernel alone (NVRTC through ctypes, torch tensors): correctness for every head
 # dim and layout against f32 math, then its time at 1024² (and tilings) vs torch's FA2/cuDNN.
-[ -z "${GPU_SKIP_ATTN:-}" ] && have 400 "attention kernel check" && timeout 100 scripts/gpu_attention_check.sh kernel 2>&1 |
+[ -z "${GPU_SKIP_ATTN:-}" ] && have 400 "attention kernel check" && timeout 100 scripts/gpu/gpu_attention_check.sh kernel 2>&1 |
   grep -vE "^  (OK) " | tail -30 | tee -a "$LOG"
 [ -n "${GPU_SKIP_FULL:-}" ] && exit 0
 
 # 3. Full-size random klein-4B: diffusers vs flux2-klein, same weights, same noise.
 MODEL=/tmp/klein4b-random; REFS=/tmp/refs
 log "writing the random full-size checkpoint"
-timeout 170 python3 scripts/gpu_bench.py make-model "$MODEL" 2>&1 | tail -3 | tee -a "$LOG"
-python3 scripts/gpu_bench.py refs "$REFS"
+timeout 170 python3 scripts/gpu/gpu_bench.py make-model "$MODEL" 2>&1 | tail -3 | tee -a "$LOG"
+python3 scripts/gpu/gpu_bench.py refs "$REFS"
 du -sh "$MODEL" | tee -a "$LOG"
 
 log "flux2-klein: cold generate 1024² (process start to file written)"
@@ -112,9 +112,9 @@ FLUX2_KLEIN_PROFILE=1 timeout 60 "$BIN" bench -m "$MODEL" --size 1024x1024 --run
 
 log "diffusers: warm per-stage timings"
 d_limit=$(left); d_limit=$(( d_limit - 20 > 180 ? 180 : (d_limit - 20 < 60 ? 60 : d_limit - 20) ))
-timeout $d_limit env DIFFUSERS_WORKLOADS="${DIFFUSERS_WORKLOADS:-}" DIFFUSERS_RUNS="${DIFFUSERS_RUNS:-3}" python3 scripts/gpu_bench.py diffusers "$MODEL" "$WORK" "$REFS" 2>&1 | grep -E "^(t2i|edit)" | tee -a "$LOG"
+timeout $d_limit env DIFFUSERS_WORKLOADS="${DIFFUSERS_WORKLOADS:-}" DIFFUSERS_RUNS="${DIFFUSERS_RUNS:-3}" python3 scripts/gpu/gpu_bench.py diffusers "$MODEL" "$WORK" "$REFS" 2>&1 | grep -E "^(t2i|edit)" | tee -a "$LOG"
 cp "$WORK/diffusers.json" "$WORK/diffusers_t2i_1024.png" "$OUT/" 2>/dev/null
-python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024.png" | tee -a "$LOG"
+python3 scripts/gpu/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024.png" | tee -a "$LOG"
 
 # The attention kernels against each other: the default on Hopper is the wgmma kernel with
 # 128-key tiles (it self-checks at load and falls back with a warning); the same warm benches
@@ -125,21 +125,21 @@ if have 240 "attention kernel A/B"; then
   FLUX2_KLEIN_ATTN=mma timeout 100 "$BIN" bench -m "$MODEL" --size 1024x1024 -r $REFS/ref0.png -r $REFS/ref1.png --runs 2 --warmup 1 --json > "$OUT/ours_bench_edit_mma.json" 2>>"$LOG"
   FLUX2_KLEIN_ATTN=wgmma timeout 100 "$BIN" bench -m "$MODEL" --size 1024x1024 --runs 2 --warmup 1 --json > "$OUT/ours_bench_wgmma.json" 2>>"$LOG"
   FLUX2_KLEIN_ATTN=mma timeout 60 "$BIN" -q generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$OUT/ours_t2i_1024_mma.png" 2>>"$LOG"
-  python3 scripts/gpu_bench.py psnr "$OUT/ours_t2i_1024.png" "$OUT/ours_t2i_1024_mma.png" | tee -a "$LOG"
-  python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024_mma.png" | tee -a "$LOG"
+  python3 scripts/gpu/gpu_bench.py psnr "$OUT/ours_t2i_1024.png" "$OUT/ours_t2i_1024_mma.png" | tee -a "$LOG"
+  python3 scripts/gpu/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$OUT/ours_t2i_1024_mma.png" | tee -a "$LOG"
 fi
 
 if have 90 "bf16 noise floor"; then
   log "bf16 noise floor: diffusers bf16 vs diffusers f32 fed the bf16 run's timesteps, 1024² (same weights and noise)"
-  timeout $(( $(left) - 10 )) python3 scripts/gpu_bench.py image "$MODEL" float32 1024 "$WORK/diffusers_f32_1024.png" bf16 >/dev/null 2>&1
-  python3 scripts/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$WORK/diffusers_f32_1024.png" | tee -a "$LOG"
-  python3 scripts/gpu_bench.py psnr "$OUT/ours_t2i_1024.png" "$WORK/diffusers_f32_1024.png" | tee -a "$LOG"
+  timeout $(( $(left) - 10 )) python3 scripts/gpu/gpu_bench.py image "$MODEL" float32 1024 "$WORK/diffusers_f32_1024.png" bf16 >/dev/null 2>&1
+  python3 scripts/gpu/gpu_bench.py psnr "$OUT/diffusers_t2i_1024.png" "$WORK/diffusers_f32_1024.png" | tee -a "$LOG"
+  python3 scripts/gpu/gpu_bench.py psnr "$OUT/ours_t2i_1024.png" "$WORK/diffusers_f32_1024.png" | tee -a "$LOG"
 fi
 
-finish() { python3 scripts/gpu_bench.py verdict "$OUT" 2>&1 | tee -a "$LOG"; log done; exit 0; }
+finish() { python3 scripts/gpu/gpu_bench.py verdict "$OUT" 2>&1 | tee -a "$LOG"; log done; exit 0; }
 { [ -n "${GPU_SKIP_COLD:-}" ] || ! have 60 "diffusers cold start"; } && finish
 log "diffusers: cold (fresh process, from_pretrained + call)"
 t0=$(date +%s.%N)
-timeout $(( $(left) - 5 )) python3 scripts/gpu_bench.py cold "$MODEL" "$WORK/diffusers_cold.png" >/dev/null 2>&1
+timeout $(( $(left) - 5 )) python3 scripts/gpu/gpu_bench.py cold "$MODEL" "$WORK/diffusers_cold.png" >/dev/null 2>&1
 t1=$(date +%s.%N); python3 -c "print(round($t1-$t0,2))" > "$OUT/diffusers_cold_s"; log "diffusers cold: $(cat "$OUT/diffusers_cold_s") s"
 finish

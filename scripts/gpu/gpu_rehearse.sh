@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Rehearses scripts/gpu.sh on a machine without a GPU: the same script, run on a copy of this
+# Rehearses scripts/gpu/gpu.sh on a machine without a GPU: the same script, run on a copy of this
 # tree, with stand-ins for nvidia-smi, the carried binary (it writes a fixture image wherever
 # -o points and prints a bench JSON) and python3 (the GPU steps of gpu_bench.py are stubbed;
 # psnr and verdict run for real in the reference venv). A device call is scarce: this catches
 # a shell mistake, a wrong path or a step order that would lose the run, before it happens.
-#   scripts/gpu_rehearse.sh            # prints the log; exit 1 if gpu.sh did not reach "done"
+#   scripts/gpu/gpu_rehearse.sh        # prints the log; exit 1 if gpu.sh did not reach "done"
 # Needs the reference venv (reference/refcheck/setup.sh) for numpy/PIL.
 set -euo pipefail
-here="$(cd "$(dirname "$0")/.." && pwd)"
+here="$(cd "$(dirname "$0")/../.." && pwd)"
 REAL_PY="${FLUX2_REFENV:-$HOME/.cache/flux2-klein-refenv}/bin/python"
 [ -x "$REAL_PY" ] || { echo "no reference venv at $REAL_PY (reference/refcheck/setup.sh)" >&2; exit 2; }
 tmp="$(mktemp -d)"
@@ -33,7 +33,7 @@ esac
 exit 0
 EOF
 xz -c "$tmp/flux2-klein" > "$tmp/tree/carry/flux2-klein.xz"
-echo "$(cd "$tmp/tree" && bash scripts/source-hash.sh) rehearsal" > "$tmp/tree/carry/SOURCE"
+echo "$(cd "$tmp/tree" && bash scripts/cuda/source-hash.sh) rehearsal" > "$tmp/tree/carry/SOURCE"
 
 cat > "$tmp/bin/nvidia-smi" <<'EOF'
 #!/bin/sh
@@ -44,7 +44,7 @@ cat > "$tmp/bin/python3" <<EOF
 if [ "\$1" = "-c" ]; then case "\$2" in *"import nvidia"*) echo "$tmp/nvlib"; exit 0;; esac; exec "$REAL_PY" "\$@"; fi
 if [ "\$1" = "-m" ] && [ "\$2" = "pip" ]; then exit 0; fi
 if [ "\$1" = "-" ]; then cat > /dev/null; echo "stand-in: inline python skipped"; exit 0; fi
-if [ "\$1" = "scripts/gpu_bench.py" ]; then
+if [ "\$1" = "scripts/gpu/gpu_bench.py" ]; then
   case "\$2" in
     psnr|verdict) exec "$REAL_PY" "\$@";;
     make-model) mkdir -p "\$3"; exit 0;;
@@ -61,7 +61,7 @@ exit 0
 EOF
 chmod +x "$tmp/bin/"*
 cd "$tmp/tree"
-PATH="$tmp/bin:$PATH" OUT="$tmp/out" timeout 300 bash scripts/gpu.sh > "$tmp/log" 2>&1 || true
+PATH="$tmp/bin:$PATH" OUT="$tmp/out" timeout 300 bash scripts/gpu/gpu.sh > "$tmp/log" 2>&1 || true
 grep -v '^stand-in flux2-klein' "$tmp/log"
 if grep -qE 'unbound variable|command not found|syntax error|Traceback' "$tmp/log" || ! grep -q '\] done$' "$tmp/log"; then
   echo "REHEARSAL FAILED: see the log above" >&2

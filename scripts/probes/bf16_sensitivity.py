@@ -1,6 +1,6 @@
 """How sensitive is a random full-size klein-4B transformer to bf16 rounding? (CPU, diffusers)
 
-    ~/.cache/flux2-klein-refenv/bin/python scripts/bf16_sensitivity.py QK,MOD [QK,MOD ...]
+    ~/.cache/flux2-klein-refenv/bin/python scripts/probes/bf16_sensitivity.py QK,MOD [QK,MOD ...]
 
 For each recipe (q/k-norm scale QK, modulation weights ×MOD, otherwise gpu_bench.randomize_):
 4 Euler steps of the transformer on 64 image tokens + 512 random text tokens; prints the
@@ -8,7 +8,7 @@ relative difference of the final latents (a) f32 vs f32 with the initial noise p
 2^-9 relative, (b) bf16 vs f32. About 4 minutes per recipe on 2 cores. Used to choose the
 recipe of `gpu_bench.py make-model` (see BENCHMARKS.md)."""
 import sys, math, time, torch
-sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__import__("os").path.abspath(__file__)), "..", "gpu"))
 import gpu_bench
 from diffusers import Flux2Transformer2DModel
 torch.set_num_threads(2)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""diffusers side of the GPU benchmark (scripts/gpu.sh runs it; needs torch + CUDA + diffusers).
+"""diffusers side of the GPU benchmark (scripts/gpu/gpu.sh runs it; needs torch + CUDA + diffusers).
 
     gpu_bench.py make-model DIR [QK [MOD]]  random full-size klein-4B (bf16) in diffusers layout
     gpu_bench.py refs DIR                the two reference images of the edit workload
@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "tokenizer")
+TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "fixtures", "tokenizer")
 PROMPT = 'A cat holding a sign that says "Gifu AI Study Group"'
 SEED = 0
 
@@ -252,7 +252,7 @@ def image(model, dtype, size, out, timesteps="exact"):
     t to bf16, divides by 1000 in bf16, the transformer multiplies by 1000 in bf16; 773.41 becomes
     772). On random weights that rounding alone moves the image as far as all other bf16
     rounding together (CPU, 512²: f32 vs f32 with bf16 timesteps 35.6 dB, bf16 vs f32 35.4 dB,
-    bf16 vs f32 with bf16 timesteps 51.9 dB; scripts/bf16_psnr_probe.py), and flux2-klein feeds
+    bf16 vs f32 with bf16 timesteps 51.9 dB; scripts/probes/bf16_psnr_probe.py), and flux2-klein feeds
     the bf16 value bit for bit, so an f32 floor for a bf16 comparison must use it too."""
     import torch
     from diffusers import Flux2KleinPipeline
