@@ -183,7 +183,7 @@ impl AutoencoderKLFlux2 {
     }
 
     /// Casts/validates an input: 4-D, `channels` channels, spatial sizes multiples of `mult`,
-    /// same device; cast to the model dtype (the pipeline does `x.to(vae.dtype)`, spec §4.5).
+    /// same device; cast to the model dtype (the pipeline does `x.to(vae.dtype)`, spec §4 step 5).
     fn prepare(&self, x: &Tensor, what: &str, channels: usize, mult: usize) -> Result<Tensor> {
         let dims = x.dims();
         if dims.len() != 4 || dims[1] != channels {
