@@ -4,21 +4,35 @@ mod cli;
 
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // Usage errors: clap prints them and exits with 2; --help/--version exit with 0.
-    let args = cli::Cli::parse();
+    // --help/--version print and exit 0 (a bare command prints its help and exits 2); usage
+    // errors are one line and exit 2, like every other error.
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `help --help` would be clap's "unrecognized subcommand '--help'": it means `help`.
+    if argv.len() == 3 && argv[1] == "help" && (argv[2] == "--help" || argv[2] == "-h") {
+        argv.pop();
+    }
+    let args = match cli::Cli::try_parse_from(&argv) {
+        Ok(args) => args,
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            eprintln!("{}", cli::usage_error_line(&e, &argv));
+            return ExitCode::from(2);
+        }
+    };
 
     // A panic is a bug, but the user still gets one line and exit code 1 (the full report
     // with RUST_BACKTRACE set).
     std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
+        let msg = cli::panic_message(info.payload()).unwrap_or_else(|| "unknown panic".into());
         let place = info
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
@@ -26,7 +40,7 @@ fn main() -> ExitCode {
         eprintln!(
             "error: internal error ({}{place}) — this is a bug in flux2-klein; please report it \
              with the command line (RUST_BACKTRACE=1 shows more)",
-            msg.split_whitespace().collect::<Vec<_>>().join(" ")
+            flux2_klein::one_line(&msg)
         );
         if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
             eprintln!("{}", std::backtrace::Backtrace::force_capture());
@@ -36,7 +50,7 @@ fn main() -> ExitCode {
     match std::panic::catch_unwind(|| cli::run(args)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("error: {}", cli::one_line(&e));
+            eprintln!("error: {}", cli::error_line(&e));
             ExitCode::from(1)
         }
         Err(_) => ExitCode::from(1),

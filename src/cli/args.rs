@@ -1,18 +1,21 @@
-//! The command line, as clap derive structs. Only parsing and range checks live here; anything
-//! that needs the file system (reference images, output directory, model) is checked in
-//! `generate`/`bench` before the model loads.
+//! The command line: clap derive structs and their value parsers, nothing else. Anything that
+//! needs the file system (prompt files, reference images, output directory, model) is checked
+//! in `generate`/`bench` before the model loads; the prompt-file format is `jobs`, the PNG
+//! metadata `metadata`.
 //!
 //! Range errors caught here (a width below 64, zero steps, a malformed `--size`) are usage
-//! errors: clap prints them and exits with status 2.
+//! errors: `main` prints them on one line and exits with status 2.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use flux2_klein::image_io::MIN_REFERENCE_SIDE;
 use flux2_klein::model_dir::DEFAULT_MODEL;
 
-/// The smallest image side the model accepts: diffusers' `check_image_input` rejects
-/// references below 64 px, and we hold outputs to the same bound (4×4 packed latent patches).
-pub const MIN_SIDE: u32 = 64;
+/// The smallest image side: diffusers' `check_image_input` rejects references below 64 px, and
+/// the pipeline holds outputs to the same bound (`pipeline::resolve_size`; 4×4 packed latent
+/// patches).
+pub const MIN_SIDE: u32 = MIN_REFERENCE_SIDE;
 
 /// `--version`: the crate version and what this binary can run on.
 #[cfg(feature = "cudnn")]
@@ -35,7 +38,7 @@ const BUILD_VERSION: &str = concat!(
     after_help = "Examples:\n  \
         flux2-klein generate -p \"a red fox in the snow\" -o fox.png\n  \
         flux2-klein generate -p \"make it night\" -r day.png -o night.png --seed 7\n  \
-        flux2-klein generate --prompt-file prompts.txt -n 4 -o 'out/{index}-{seed}.png'\n  \
+        mkdir -p out && flux2-klein generate --prompt-file prompts.txt -n 4 -o 'out/{index}-{seed}.png'\n  \
         flux2-klein bench --size 512x512 --size 1024x1024 --runs 3\n\n\
         Each image's path is the only thing written to stdout (with --json, one JSON record \
         per image); progress, warnings and errors go to stderr."
@@ -44,7 +47,7 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 
-    /// Only warnings and errors on stderr (the output path still goes to stdout).
+    /// Only warnings and errors on stderr (results still go to stdout).
     #[arg(
         short,
         long,
@@ -98,11 +101,12 @@ pub struct CompareArgs {
 }
 
 /// Where the prompts come from: `--prompt` (one), `--prompt-file` (batch mode) or
-/// `--config-from-metadata` (the settings of an image made before).
+/// `--config-from-metadata` (the settings of an image made before, where `--prompt` may
+/// replace the recorded prompt).
 #[derive(Debug, Clone, Args)]
-#[group(required = true, multiple = false)]
+#[group(required = true, multiple = true)]
 pub struct PromptArgs {
-    /// The prompt.
+    /// The prompt (`-` reads it from stdin).
     #[arg(short, long, value_name = "TEXT")]
     pub prompt: Option<String>,
 
@@ -110,178 +114,14 @@ pub struct PromptArgs {
     /// are skipped), or a JSON object per line with per-image settings ({"prompt": …,
     /// "seed": …, "width": …, "height": …, "ref": […], "output": …, "negative_prompt": …,
     /// "steps": …, "guidance": …}). The models load once for all of them.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["prompt", "config_from_metadata"])]
     pub prompt_file: Option<PathBuf>,
 
     /// Make an image again from a PNG flux2-klein wrote: its prompt, seed, size, steps,
     /// guidance, negative prompt and references come from the PNG's metadata; any of those
-    /// options given here wins (e.g. a new --seed for a variation).
+    /// options given here wins (e.g. a new --seed for a variation, or a new --prompt).
     #[arg(long, value_name = "PNG")]
     pub config_from_metadata: Option<PathBuf>,
-}
-
-impl PromptArgs {
-    /// The jobs to run, in order: the one `--prompt`, or the lines of `--prompt-file`
-    /// (`--config-from-metadata` is read by `generate`, which also checks the PNG's inputs).
-    pub fn jobs(&self) -> anyhow::Result<Vec<PromptJob>> {
-        use anyhow::Context;
-        let Some(path) = &self.prompt_file else {
-            return Ok(self
-                .prompt
-                .iter()
-                .map(|p| PromptJob::plain(p.clone()))
-                .collect());
-        };
-        let text = if path.as_os_str() == "-" {
-            std::io::read_to_string(std::io::stdin()).context("reading prompts from stdin")?
-        } else {
-            std::fs::read_to_string(path).with_context(|| {
-                format!(
-                    "cannot read the prompt file {} — check the path (or pass - for stdin)",
-                    path.display()
-                )
-            })?
-        };
-        let jobs = parse_prompt_lines(&text).map_err(|(line, e)| {
-            anyhow::anyhow!("prompt file {} line {line}: {e}", path.display())
-        })?;
-        if jobs.is_empty() {
-            anyhow::bail!(
-                "the prompt file {} has no prompts — write one per line (blank lines and lines \
-                 starting with # are skipped)",
-                path.display()
-            );
-        }
-        Ok(jobs)
-    }
-}
-
-/// The text of the metadata entry `key` (a PNG text chunk as [`read_png_text`] returns them).
-///
-/// [`read_png_text`]: flux2_klein::image_io::read_png_text
-pub fn metadata_value<'a>(text: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    text.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
-}
-
-/// One line of a prompt file: a prompt, with optional per-line settings (a JSON line).
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PromptJob {
-    pub prompt: String,
-    pub negative_prompt: Option<String>,
-    /// First seed of this line's images (else --seed).
-    pub seed: Option<u64>,
-    pub width: Option<u32>,
-    pub height: Option<u32>,
-    pub steps: Option<u32>,
-    pub guidance: Option<f64>,
-    /// Reference images of this line (else --ref; `[]` for none).
-    #[serde(rename = "ref")]
-    pub refs: Option<Vec<PathBuf>>,
-    /// Output path of this line's images (else --output), with `{seed}` / `{index}`.
-    pub output: Option<PathBuf>,
-}
-
-impl PromptJob {
-    /// The job that made an image, from the text chunks flux2-klein writes into its PNGs
-    /// (`prompt`, `negative_prompt`, `seed`, `steps`, `guidance`, `size` = `WxH`,
-    /// `references` one path per line).
-    pub fn from_metadata(text: &[(String, String)]) -> Result<Self, String> {
-        let get = |key: &str| metadata_value(text, key);
-        let parse = |key: &str| -> Result<Option<f64>, String> {
-            get(key)
-                .map(|v| {
-                    v.parse::<f64>()
-                        .map_err(|_| format!("its {key} {v:?} is not a number"))
-                })
-                .transpose()
-        };
-        let prompt = get("prompt").ok_or(
-            "the PNG has no prompt in its metadata — only images written by flux2-klein (as \
-             PNG) can be made again this way",
-        )?;
-        let seed = get("seed")
-            .map(|v| {
-                v.parse::<u64>()
-                    .map_err(|_| format!("its seed {v:?} is not a number"))
-            })
-            .transpose()?;
-        let size = get("size")
-            .map(|v| {
-                v.split_once('x')
-                    .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)))
-                    .ok_or(format!("its size {v:?} is not WxH"))
-            })
-            .transpose()?;
-        Ok(Self {
-            prompt: prompt.to_string(),
-            negative_prompt: get("negative_prompt").map(str::to_string),
-            seed,
-            width: size.map(|s| s.0),
-            height: size.map(|s| s.1),
-            steps: parse("steps")?.map(|s| s as u32),
-            guidance: parse("guidance")?,
-            refs: Some(
-                get("references")
-                    .map(|v| v.lines().map(PathBuf::from).collect())
-                    .unwrap_or_default(),
-            ),
-            output: None,
-        })
-    }
-
-    pub fn plain(prompt: String) -> Self {
-        Self {
-            prompt,
-            negative_prompt: None,
-            seed: None,
-            width: None,
-            height: None,
-            steps: None,
-            guidance: None,
-            refs: None,
-            output: None,
-        }
-    }
-
-    /// The same range checks as the command-line options.
-    fn check(&self) -> Result<(), String> {
-        for v in [self.width, self.height].into_iter().flatten() {
-            parse_side(&v.to_string())?;
-        }
-        if self.steps == Some(0) {
-            return Err("\"steps\" must be at least 1".into());
-        }
-        if let Some(g) = self.guidance {
-            parse_guidance(&g.to_string())?;
-        }
-        Ok(())
-    }
-}
-
-/// The jobs of a prompt file: one per line, trailing whitespace (and `\r`) trimmed, blank
-/// lines and `#` comments skipped. A line starting with `{` is a JSON object with `prompt`
-/// and optional `negative_prompt`, `seed`, `width`, `height`, `steps`, `guidance`, `ref`
-/// (array of paths) and `output`; any other line is a plain prompt. Errors carry the
-/// 1-based line number.
-pub fn parse_prompt_lines(text: &str) -> Result<Vec<PromptJob>, (usize, String)> {
-    let mut jobs = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim_end();
-        let trimmed = line.trim_start();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        if trimmed.starts_with('{') {
-            let job: PromptJob =
-                serde_json::from_str(trimmed).map_err(|e| (i + 1, e.to_string()))?;
-            job.check().map_err(|e| (i + 1, e))?;
-            jobs.push(job);
-        } else {
-            jobs.push(PromptJob::plain(line.to_string()));
-        }
-    }
-    Ok(jobs)
 }
 
 /// Which model: a hub repo (at a revision) or a local directory.
@@ -396,7 +236,7 @@ pub struct GenerateArgs {
         visible_alias = "batch-count",
         value_name = "N",
         default_value_t = 1,
-        value_parser = clap::value_parser!(u32).range(1..)
+        value_parser = parse_count
     )]
     pub count: u32,
 
@@ -446,7 +286,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub runs: u32,
 
-    /// Untimed runs before the first size (loads every component).
+    /// Untimed runs before the timed runs of each size (the first one also loads every
+    /// component).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub warmup: u32,
 
@@ -521,7 +362,7 @@ fn parse_device(s: &str) -> Result<DeviceArg, String> {
     Err("expected auto, cpu, cuda or cuda:N (N = GPU index)".into())
 }
 
-fn parse_side(s: &str) -> Result<u32, String> {
+pub(super) fn parse_side(s: &str) -> Result<u32, String> {
     let v: u32 = s
         .trim()
         .parse()
@@ -534,6 +375,18 @@ fn parse_side(s: &str) -> Result<u32, String> {
     Ok(v)
 }
 
+/// `-n/--count`: a habitual `-n "blurry"` (sd.cpp's and mold's negative prompt) gets a hint.
+fn parse_count(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("at least 1 image is needed".into()),
+        Err(_) => Err(format!(
+            "expected a number of images, got {s:?} (-n is --count here; a negative prompt is \
+             --negative-prompt TEXT)"
+        )),
+    }
+}
+
 fn parse_size(s: &str) -> Result<Size, String> {
     let (w, h) = s
         .split_once(['x', 'X', '×'])
@@ -544,7 +397,7 @@ fn parse_size(s: &str) -> Result<Size, String> {
     })
 }
 
-fn parse_guidance(s: &str) -> Result<f64, String> {
+pub(super) fn parse_guidance(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(g) if g.is_finite() && g >= 0.0 => Ok(g),
         _ => Err(format!("expected a number ≥ 0, got {s:?}")),
@@ -562,36 +415,6 @@ mod tests {
     }
 
     #[test]
-    fn prompt_file_lines() {
-        let plain = |p: &str| PromptJob::plain(p.to_string());
-        assert_eq!(
-            parse_prompt_lines("# header\r\na fox  \r\n\n   \n  # indented comment\n  two words\n"),
-            Ok(vec![plain("a fox"), plain("  two words")])
-        );
-        assert_eq!(parse_prompt_lines(""), Ok(vec![]));
-        let jobs = parse_prompt_lines(
-            "x\n{\"prompt\": \"y\", \"seed\": 7, \"width\": 512, \"ref\": [\"a.png\"], \"output\": \"o.png\"}\n",
-        )
-        .unwrap();
-        assert_eq!(jobs[0], plain("x"));
-        assert_eq!(jobs[1].prompt, "y");
-        assert_eq!(jobs[1].seed, Some(7));
-        assert_eq!(jobs[1].width, Some(512));
-        assert_eq!(jobs[1].refs, Some(vec![PathBuf::from("a.png")]));
-        assert_eq!(jobs[1].output, Some(PathBuf::from("o.png")));
-        let (line, err) = parse_prompt_lines("a\n{\"prompt\": \"b\", \"sede\": 1}").unwrap_err();
-        assert_eq!(line, 2);
-        assert!(err.contains("sede"), "{err}");
-        let (line, err) = parse_prompt_lines("{\"prompt\": \"b\", \"width\": 10}").unwrap_err();
-        assert_eq!(line, 1);
-        assert!(err.contains("too small"), "{err}");
-        assert!(
-            parse_prompt_lines("{\"seed\": 1}").is_err(),
-            "prompt is required"
-        );
-    }
-
-    #[test]
     fn parsers() {
         assert_eq!(parse_device("cuda:1"), Ok(DeviceArg::Cuda(1)));
         assert_eq!(parse_device("CUDA"), Ok(DeviceArg::Cuda(0)));
@@ -606,5 +429,10 @@ mod tests {
         assert!(parse_size("40x512").is_err());
         assert!(parse_side("63").is_err());
         assert!(parse_guidance("nan").is_err());
+        assert_eq!(parse_count("3"), Ok(3));
+        assert!(parse_count("0").is_err());
+        assert!(parse_count("blurry, lowres")
+            .unwrap_err()
+            .contains("--negative-prompt"));
     }
 }

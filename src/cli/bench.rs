@@ -1,18 +1,17 @@
 //! `flux2-klein bench` (in the spirit of llama-bench): the pipeline is loaded once with every
-//! component kept resident, `--warmup` untimed runs load the weights, then `--runs` timed
-//! generations per `--size`. Results go to stdout as a markdown table (mean ± sample standard
+//! component kept resident; per `--size`, `--warmup` untimed runs (the first loads the
+//! weights), then `--runs` timed generations. Results go to stdout as a markdown table (mean ± sample standard
 //! deviation over the runs) or, with `--json`, as one JSON object with every run.
 
-use std::io::Write;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use flux2_klein::pipeline::{floor_to_multiple_of_16, Event, Pipeline, Request, Timings};
+use anyhow::{bail, Context, Result};
+use flux2_klein::pipeline::{Event, Pipeline, Request, Timings};
 use serde_json::json;
 
 use super::args::{BenchArgs, Size};
+use super::common::{floor_size, floored, load_pipeline, print_stdout, warn_many_refs};
 use super::device::{device_name, dtype_name, pipeline_options};
-use super::generate::{load_pipeline, warn_many_refs};
 use super::progress::{fmt_bytes, fmt_duration, Reporter, Verbosity};
 use super::references::load_references;
 
@@ -24,20 +23,22 @@ struct Run {
     peak: Option<u64>,
 }
 
+/// What every run used: the steps and guidance the pipeline resolved (its defaults unless
+/// given).
+#[derive(Clone, Copy)]
+struct Settings {
+    steps: usize,
+    guidance: f64,
+}
+
 pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
     // --- Cheap checks. ---
     let references = load_references(&args.refs)?;
     warn_many_refs(references.len(), reporter);
     let mut sizes = Vec::new();
-    for s in &args.sizes {
+    for &s in &args.sizes {
         // Floored like diffusers (spec §8), so the table shows the size actually made.
-        let size = Size {
-            width: floor_to_multiple_of_16(s.width as usize) as u32,
-            height: floor_to_multiple_of_16(s.height as usize) as u32,
-        };
-        if size != *s {
-            reporter.warn(&format!("--size {s} is not a multiple of 16; using {size}"));
-        }
+        let size = floored("--size", s, floor_size, reporter);
         if !sizes.contains(&size) {
             sizes.push(size);
         }
@@ -45,8 +46,7 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
     let options = pipeline_options(&args.model, true)?;
 
     // --- Model, loaded once. ---
-    let (mut pipeline, steps, guidance) =
-        load_pipeline(&args.model, &args.sampling, options, reporter)?;
+    let mut pipeline = load_pipeline(&args.model, &args.sampling, options, reporter)?;
 
     let request = |size: Size| Request {
         prompt: args.prompt.clone(),
@@ -54,8 +54,8 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
         references: references.clone(),
         width: Some(size.width as usize),
         height: Some(size.height as usize),
-        steps: Some(steps),
-        guidance: Some(guidance),
+        steps: args.sampling.steps.map(|s| s as usize),
+        guidance: args.sampling.guidance,
         seed: args.seed,
     };
     let verbose = reporter.verbosity() >= Verbosity::Verbose;
@@ -71,6 +71,7 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
     };
 
     let mut runs = Vec::new();
+    let mut settings = None;
     for &size in &sizes {
         // Warm up every size (first-use kernel compilation, allocator growth), then measure the
         // peak of the timed runs alone (resident weights included).
@@ -92,6 +93,10 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
                 args.runs,
                 fmt_duration(g.timings.total)
             ));
+            settings.get_or_insert(Settings {
+                steps: g.steps,
+                guidance: g.guidance,
+            });
             runs.push(Run {
                 size: Size {
                     width: g.width as u32,
@@ -104,16 +109,16 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
         }
     }
 
+    let Some(settings) = settings else {
+        bail!("bench made no timed runs");
+    };
     let text = if args.json {
-        let v = to_json(args, &pipeline, steps, guidance, &sizes, &runs);
+        let v = to_json(args, &pipeline, settings, &sizes, &runs);
         serde_json::to_string_pretty(&v)? + "\n"
     } else {
-        table(args, &pipeline, steps, guidance, &sizes, &runs)
+        table(args, &pipeline, settings, &sizes, &runs)
     };
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes());
-    let _ = out.flush();
-    Ok(())
+    print_stdout(&text)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -154,16 +159,18 @@ const COLUMNS: [Column; 5] = [
     ("total_ms", |t| ms(t.total)),
 ];
 
-fn header(args: &BenchArgs, pipeline: &Pipeline, steps: usize, guidance: f64) -> String {
+fn header(args: &BenchArgs, pipeline: &Pipeline, settings: Settings) -> String {
     let o = &pipeline.options;
     format!(
-        "model: {}, device: {}, dtype: {} (VAE {}), attention: {}, steps: {steps}, \
-         guidance: {guidance}, runs: {} (+{} warmup), seed: {}",
+        "model: {}, device: {}, dtype: {} (VAE {}), attention: {}, steps: {}, \
+         guidance: {}, runs: {} (+{} warmup), seed: {}",
         pipeline.model.label(),
         device_name(&o.device),
         dtype_name(o.dtype),
-        dtype_name(o.vae_dtype.unwrap_or(o.dtype)),
+        dtype_name(o.vae_dtype()),
         pipeline.attention_kernel(),
+        settings.steps,
+        settings.guidance,
         args.runs,
         args.warmup,
         args.seed,
@@ -173,8 +180,7 @@ fn header(args: &BenchArgs, pipeline: &Pipeline, steps: usize, guidance: f64) ->
 fn table(
     args: &BenchArgs,
     pipeline: &Pipeline,
-    steps: usize,
-    guidance: f64,
+    settings: Settings,
     sizes: &[Size],
     runs: &[Run],
 ) -> String {
@@ -193,7 +199,7 @@ fn table(
         let mut row = vec![
             size.to_string(),
             args.refs.len().to_string(),
-            steps.to_string(),
+            settings.steps.to_string(),
         ];
         for (name, f) in COLUMNS {
             if name == "reference_encode_ms" && !with_refs {
@@ -236,7 +242,7 @@ fn table(
             .collect();
         format!("|{}|\n", cells.join("|"))
     };
-    let mut out = header(args, pipeline, steps, guidance) + "\n\n";
+    let mut out = header(args, pipeline, settings) + "\n\n";
     out += &line(head.iter().map(|s| s.to_string()).collect());
     out += &line(
         widths
@@ -260,8 +266,7 @@ fn table(
 fn to_json(
     args: &BenchArgs,
     pipeline: &Pipeline,
-    steps: usize,
-    guidance: f64,
+    settings: Settings,
     sizes: &[Size],
     runs: &[Run],
 ) -> serde_json::Value {
@@ -317,12 +322,12 @@ fn to_json(
         "dtype": dtype_name(o.dtype),
         "attention_kernel": pipeline.attention_kernel(),
         "text_attention_kernel": pipeline.text_attention_kernel(),
-        "vae_dtype": dtype_name(o.vae_dtype.unwrap_or(o.dtype)),
+        "vae_dtype": dtype_name(o.vae_dtype()),
         "vae_tile": o.vae_tile,
         "prompt": args.prompt,
         "references": args.refs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-        "steps": steps,
-        "guidance": guidance,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
         "seed": args.seed,
         "warmup": args.warmup,
         "runs_per_size": args.runs,

@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use flux2_klein::image_io::{compare_images, load_image};
 
 use super::args::CompareArgs;
+use super::common::print_stdout;
 
 pub fn run(args: &CompareArgs) -> Result<()> {
     let expected = load_image(&args.expected)?.to_rgb8();
@@ -15,25 +16,29 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     } else {
         "inf".to_string()
     };
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "expected": args.expected.display().to_string(),
-                "actual": args.actual.display().to_string(),
-                "max_diff": d.max,
-                "mean_diff": d.mean,
-                "psnr_db": d.psnr.is_finite().then_some(d.psnr),
-                "differing_pixels": d.differing_pixels,
-            })
-        );
+    let max_diff_ok = d.max <= args.max_diff;
+    let psnr_ok = args.min_psnr.is_none_or(|min| d.psnr >= min);
+    let line = if args.json {
+        serde_json::json!({
+            "expected": args.expected.display().to_string(),
+            "actual": args.actual.display().to_string(),
+            "max_diff": d.max,
+            "mean_diff": d.mean,
+            "psnr_db": d.psnr.is_finite().then_some(d.psnr),
+            "differing_pixels": d.differing_pixels,
+            "pass": max_diff_ok && psnr_ok,
+            "allowed_max_diff": args.max_diff,
+            "min_psnr_db": args.min_psnr,
+        })
+        .to_string()
     } else {
-        println!(
+        format!(
             "max diff {} mean diff {:.4} PSNR {psnr} dB, {} pixels differ",
             d.max, d.mean, d.differing_pixels
-        );
-    }
-    if d.max > args.max_diff {
+        )
+    };
+    print_stdout(&(line + "\n"))?;
+    if !max_diff_ok {
         bail!(
             "{} differs from {}: max channel difference {} > {} — regenerate the golden image \
              or raise --max-diff",
@@ -43,14 +48,12 @@ pub fn run(args: &CompareArgs) -> Result<()> {
             args.max_diff
         );
     }
-    if let Some(min) = args.min_psnr {
-        if d.psnr < min {
-            bail!(
-                "{} differs from {}: PSNR {psnr} dB < {min} dB",
-                args.actual.display(),
-                args.expected.display()
-            );
-        }
+    if let Some(min) = args.min_psnr.filter(|_| !psnr_ok) {
+        bail!(
+            "{} differs from {}: PSNR {psnr} dB < {min} dB",
+            args.actual.display(),
+            args.expected.display()
+        );
     }
     Ok(())
 }

@@ -89,8 +89,9 @@ fn resolve_device(arg: DeviceArg) -> Result<Device> {
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Cuda(n) => {
             if !cfg!(feature = "cuda") {
+                // Not "--device {arg}": `gpu` would come back as `cuda:0`.
                 bail!(
-                    "--device {arg} asks for CUDA, but this flux2-klein was built without CUDA \
+                    "--device asks for a CUDA GPU, but this flux2-klein was built without CUDA \
                      support — rebuild with `cargo build --release --features cuda`, or use \
                      --device cpu"
                 );
@@ -122,10 +123,7 @@ fn open_cuda(n: usize) -> Result<Device> {
     match result {
         Ok(r) => Ok(r?),
         Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            let msg = super::panic_message(&*p)
                 .unwrap_or_else(|| "the CUDA driver could not be loaded".into());
             bail!("{msg}")
         }

@@ -5,6 +5,7 @@
 use anyhow::{Context, Result};
 
 use super::args::FetchArgs;
+use super::common::print_stdout;
 use super::progress::{fmt_bytes, Reporter, Verbosity};
 
 /// The components with a config, and those of them with weights.
@@ -52,6 +53,5 @@ pub fn run(args: &FetchArgs, reporter: &mut Reporter) -> Result<()> {
         dir.label(),
         fmt_bytes(total)
     ));
-    println!("{}", root.display());
-    Ok(())
+    print_stdout(&format!("{}\n", root.display()))
 }

@@ -3,14 +3,21 @@
 //! writes the image atomically and prints its path on stdout. No model code lives here.
 //!
 //! Exit codes (set by `main`): 0 success, 1 runtime failure (one `error: …` line on stderr),
-//! 2 usage error (clap).
+//! 2 usage error (clap's message, on one line too).
+//!
+//! One file per subcommand (`generate`, `bench`, `compare`, `fetch`); `args` is the clap
+//! definition, `jobs` the prompt-file format and the images of a run, `metadata` the settings
+//! recorded in PNGs, `common` what `generate` and `bench` share.
 
 pub mod args;
 mod bench;
+mod common;
 mod compare;
 mod device;
 mod fetch;
 mod generate;
+mod jobs;
+mod metadata;
 mod output;
 mod progress;
 mod references;
@@ -44,12 +51,11 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// An error and its causes as one line: the messages of the chain joined by ": ", skipping a
 /// cause the line already contains (library errors often repeat their source), with
-/// newlines folded to spaces.
-pub fn one_line(err: &anyhow::Error) -> String {
+/// whitespace folded (`flux2_klein::one_line`).
+pub fn error_line(err: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in err.chain() {
-        let msg = cause.to_string();
-        let msg = msg.split_whitespace().collect::<Vec<_>>().join(" ");
+        let msg = flux2_klein::one_line(&cause.to_string());
         if msg.is_empty() || line.contains(&msg) {
             continue;
         }
@@ -63,6 +69,66 @@ pub fn one_line(err: &anyhow::Error) -> String {
         line.push_str(hint);
     }
     line
+}
+
+/// A clap usage error as one `error: …` line: the message with its details and tips, without
+/// clap's usage block (which echoes the flags given), ending in where to read more. `argv` is
+/// the command line that failed (for the subcommand to point at).
+pub fn usage_error_line(err: &clap::Error, argv: &[std::ffi::OsString]) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let text = err.render().to_string();
+    let mut line = String::new();
+    for l in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if l.starts_with("Usage: ") || l.starts_with("For more information") {
+            continue;
+        } else if let Some(tip) = l.strip_prefix("tip: ") {
+            line.push_str(&format!(" ({tip})"));
+        } else {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(l);
+        }
+    }
+    if !line.starts_with("error:") {
+        line.insert_str(0, "error: ");
+    }
+    // `--seed -1` (random in sd.cpp) or `--guidance -3` reads as an unknown flag.
+    if let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) {
+        if arg.parse::<f64>().is_ok_and(|v| v < 0.0) {
+            let after_seed = argv
+                .windows(2)
+                .any(|w| w[0] == "--seed" && w[1] == arg.as_str());
+            line.push_str(if after_seed {
+                " (seeds are 0 or more; for a random seed leave out --seed)"
+            } else {
+                " (negative numbers are not accepted)"
+            });
+        }
+    }
+    let command = <Cli as clap::CommandFactory>::command();
+    let subcommand = argv.iter().skip(1).find_map(|a| {
+        command
+            .get_subcommands()
+            .find(|c| {
+                a.to_str()
+                    .is_some_and(|a| c.get_name() == a || c.get_all_aliases().any(|n| n == a))
+            })
+            .map(|c| c.get_name())
+    });
+    let help = match subcommand {
+        Some(name) => format!("flux2-klein {name} --help"),
+        None => "flux2-klein --help".into(),
+    };
+    format!("{} — see {help}", flux2_klein::one_line(&line))
+}
+
+/// The message of a panic payload (`panic!` with a literal or with format arguments).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
 }
 
 /// What to do about an error that names no fix itself (the raw device errors of candle /
@@ -96,24 +162,61 @@ mod tests {
             .context("loading the model — pass --model DIR")
             .unwrap_err();
         assert_eq!(
-            one_line(&err),
+            error_line(&err),
             "loading the model — pass --model DIR: cannot read x.json: no such file"
         );
         let dup = anyhow::anyhow!("inner").context("outer (inner)");
-        assert_eq!(one_line(&dup), "outer (inner)");
+        assert_eq!(error_line(&dup), "outer (inner)");
     }
 
     #[test]
     fn device_out_of_memory_gets_a_hint() {
         let err = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")")
             .context("denoising step 1 of 4");
-        let line = one_line(&err);
+        let line = error_line(&err);
         assert!(line.starts_with("denoising step 1 of 4: DriverError(CUDA_ERROR_OUT_OF_MEMORY"));
         assert!(
             line.ends_with("or close other programs using the GPU"),
             "{line}"
         );
         let other = anyhow::anyhow!("cannot read x.png");
-        assert_eq!(one_line(&other), "cannot read x.png");
+        assert_eq!(error_line(&other), "cannot read x.png");
+    }
+
+    #[test]
+    fn usage_errors_are_one_line() {
+        use clap::Parser;
+        let line = |argv: &[&str]| {
+            let argv: Vec<std::ffi::OsString> = argv.iter().map(|a| a.into()).collect();
+            usage_error_line(&Cli::try_parse_from(&argv).unwrap_err(), &argv)
+        };
+        let l = line(&["flux2-klein", "generate", "-p", "x", "--bogus"]);
+        assert!(
+            l.starts_with("error: unexpected argument '--bogus' found"),
+            "{l}"
+        );
+        assert!(l.ends_with(" — see flux2-klein generate --help"), "{l}");
+        let l = line(&["flux2-klein", "generate", "--width", "40", "-p", "x"]);
+        assert!(l.contains("--width") && l.contains("at least 64 px"), "{l}");
+        assert!(l.ends_with(" — see flux2-klein generate --help"), "{l}");
+        let l = line(&["flux2-klein", "generate", "-p", "x", "--seed", "-1"]);
+        assert!(l.contains("leave out --seed"), "{l}");
+        assert!(!l.contains("Usage"), "{l}");
+        let l = line(&["flux2-klein", "generate", "--ref-image", "a.png", "-p", "x"]);
+        assert!(l.contains("'--ref'"), "the tip stays: {l}");
+        let l = line(&["flux2-klein", "generate"]);
+        assert!(l.contains("required") && l.contains("--prompt"), "{l}");
+        for l in [l, line(&["flux2-klein", "frobnicate"])] {
+            assert!(!l.contains('\n') && l.starts_with("error: "), "{l}");
+        }
+    }
+
+    #[test]
+    fn panic_payloads() {
+        let literal: Box<dyn std::any::Any + Send> = Box::new("boom");
+        assert_eq!(panic_message(&*literal).as_deref(), Some("boom"));
+        let formatted: Box<dyn std::any::Any + Send> = Box::new(format!("at {}", 3));
+        assert_eq!(panic_message(&*formatted).as_deref(), Some("at 3"));
+        assert_eq!(panic_message(&*Box::new(7u8)), None);
     }
 }

@@ -1,47 +1,21 @@
-//! The output file: its format (from the extension, checked before any work), its default
-//! name, and an atomic write (temp file in the same directory, then rename) so that a failed
-//! or interrupted run never leaves a partial image behind.
+//! The output files: their names (from `--output` templates, checked for collisions), and
+//! everything about them that can fail cheaply, checked before any work (format, directory,
+//! permissions, not overwriting an input).
 //!
-//! The write itself is `flux2_klein::image_io::save_image` (atomic, PNG text metadata).
+//! The format rule and the atomic write are the library's (`image_io::OutputFormat`,
+//! `image_io::save_image`, `image_io::temp_path_for`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use flux2_klein::image_io::{temp_path_for, OutputFormat};
 
-/// Image formats we write, chosen by the output file's extension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// Lossless, with the generation parameters as text chunks.
-    Png,
-    /// Quality 95, no metadata.
-    Jpeg,
-    /// Lossless WebP (the only WebP encoder in `image` 0.25), no metadata.
-    WebP,
-}
+use super::jobs::Planned;
+use super::progress::Reporter;
 
-impl Format {
-    /// The format for a path's extension (case-insensitive), or an error naming it.
-    pub fn from_path(path: &Path) -> Result<Self> {
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase);
-        match ext.as_deref() {
-            Some("png") => Ok(Format::Png),
-            Some("jpg") | Some("jpeg") => Ok(Format::Jpeg),
-            Some("webp") => Ok(Format::WebP),
-            Some(other) => bail!(
-                "unsupported output extension .{other} in {} — use .png, .jpg, .jpeg or .webp",
-                path.display()
-            ),
-            None => bail!(
-                "output path {} has no extension — end it in .png, .jpg, .jpeg or .webp",
-                path.display()
-            ),
-        }
-    }
-}
+/// The placeholders of an `--output` template.
+const PLACEHOLDERS: [&str; 2] = ["{seed}", "{index}"];
 
 /// The output path of image `index` (0-based) of `total`: `--output` with `{seed}` and
 /// `{index}` (1-based, zero-padded to the width of `total`) replaced, or the default name
@@ -95,10 +69,72 @@ pub fn output_paths(images: &[(Option<&Path>, u64)]) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// Everything about the output that can fail cheaply, checked before the model loads: the
-/// format, that the directory exists and that we may create files in it.
-pub fn check_output(path: &Path) -> Result<Format> {
-    let format = Format::from_path(path)?;
+/// The output paths of a run's images, in order, after every cheap check: distinct names,
+/// a known format, an existing writable directory (probed once per directory), no output that
+/// would overwrite one of `inputs` (the reference images). Warns about unknown `{…}`
+/// placeholders, which are kept as written.
+pub fn check_outputs(
+    images: &[Planned],
+    inputs: &[&Path],
+    reporter: &mut Reporter,
+) -> Result<Vec<PathBuf>> {
+    let templates: Vec<(Option<&Path>, u64)> =
+        images.iter().map(|im| (im.output, im.seed)).collect();
+    for template in templates.iter().filter_map(|t| t.0) {
+        if let Some(unknown) = unknown_placeholder(template) {
+            reporter.warn(&format!(
+                "--output {} has the unknown placeholder {unknown}, written as is (the \
+                 placeholders are {{seed}} and {{index}})",
+                template.display()
+            ));
+        }
+    }
+    let outputs = output_paths(&templates)?;
+    let inputs: Vec<(PathBuf, &Path)> = inputs
+        .iter()
+        .filter_map(|p| Some((p.canonicalize().ok()?, *p)))
+        .collect();
+    let mut checked_dirs = std::collections::HashSet::new();
+    for path in &outputs {
+        // The format of every name; the directory probe once per directory.
+        OutputFormat::from_path(path)?;
+        if checked_dirs.insert(path.parent().map(Path::to_path_buf)) {
+            check_output(path)?;
+        }
+        if let Ok(out) = path.canonicalize() {
+            if let Some((_, input)) = inputs.iter().find(|(p, _)| *p == out) {
+                bail!(
+                    "output {} is the reference image {} — writing it would replace the \
+                     reference; choose another --output",
+                    path.display(),
+                    input.display()
+                );
+            }
+        }
+    }
+    Ok(outputs)
+}
+
+/// The first `{…}` in a template that is not a placeholder.
+fn unknown_placeholder(template: &Path) -> Option<String> {
+    let text = template.to_string_lossy();
+    let mut rest = text.as_ref();
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open..];
+        let close = after.find('}')?;
+        let candidate = &after[..=close];
+        if !PLACEHOLDERS.contains(&candidate) {
+            return Some(candidate.to_string());
+        }
+        rest = &after[close + 1..];
+    }
+    None
+}
+
+/// The checks of one output path that need the file system: the format, not a directory, the
+/// directory exists and we may create files in it.
+pub fn check_output(path: &Path) -> Result<OutputFormat> {
+    let format = OutputFormat::from_path(path)?;
     if path.is_dir() {
         bail!(
             "output {} is a directory — pass a file name such as {}/image.png",
@@ -106,7 +142,9 @@ pub fn check_output(path: &Path) -> Result<Format> {
             path.display()
         );
     }
-    let dir = parent_dir(path);
+    // The final write goes through this temp file, so its directory is the one to check.
+    let probe = temp_path_for(path);
+    let dir = probe.parent().unwrap_or(Path::new("."));
     if !dir.is_dir() {
         bail!(
             "output directory {} does not exist — create it first (mkdir -p {})",
@@ -114,8 +152,6 @@ pub fn check_output(path: &Path) -> Result<Format> {
             dir.display()
         );
     }
-    // Probe that the directory is writable, with the same temp name the final write uses.
-    let probe = temp_path(path);
     File::create(&probe).with_context(|| {
         format!(
             "cannot create files in {} — check its permissions or choose another --output",
@@ -126,43 +162,35 @@ pub fn check_output(path: &Path) -> Result<Format> {
     Ok(format)
 }
 
-fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// `dir/.name.tmp-<pid>`: hidden, in the same directory (so the rename is atomic), unique per
-/// process.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into());
-    parent_dir(path).join(format!(".{name}.tmp-{}", std::process::id()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn formats_and_names() {
-        assert_eq!(Format::from_path(Path::new("a.PNG")).unwrap(), Format::Png);
         assert_eq!(
-            Format::from_path(Path::new("a.jpeg")).unwrap(),
-            Format::Jpeg
+            OutputFormat::from_path(Path::new("a.PNG")).unwrap(),
+            OutputFormat::Png
         );
         assert_eq!(
-            Format::from_path(Path::new("a.webp")).unwrap(),
-            Format::WebP
+            OutputFormat::from_path(Path::new("a.jpeg")).unwrap(),
+            OutputFormat::Jpeg
         );
-        let err = Format::from_path(Path::new("a.gif"))
+        assert_eq!(
+            OutputFormat::from_path(Path::new("a.webp")).unwrap(),
+            OutputFormat::WebP
+        );
+        let err = OutputFormat::from_path(Path::new("a.gif"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains(".gif"), "{err}");
-        assert!(Format::from_path(Path::new("a")).is_err());
+        assert!(err.contains("a.gif") && err.contains(".png"), "{err}");
+        assert!(OutputFormat::from_path(Path::new("a")).is_err());
+        assert_eq!(unknown_placeholder(Path::new("{index}-{seed}.png")), None);
+        assert_eq!(
+            unknown_placeholder(Path::new("{seed}-{foo}.png")).as_deref(),
+            Some("{foo}")
+        );
+        assert_eq!(unknown_placeholder(Path::new("a{b.png")), None);
         assert_eq!(
             output_path(None, 7, 0, 1),
             PathBuf::from("flux2-klein-7.png")

@@ -33,12 +33,16 @@ struct Live {
 }
 
 impl Reporter {
-    /// Live display only when stderr is a terminal and not `--quiet`.
+    /// Live display only when stderr is a terminal that can redraw lines (not `TERM=dumb`)
+    /// and not `--quiet`.
     pub fn new(verbosity: Verbosity) -> Self {
+        let dumb = std::env::var_os("TERM").is_some_and(|t| t == "dumb");
         let live =
-            (verbosity > Verbosity::Quiet && std::io::stderr().is_terminal()).then(|| Live {
-                multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
-                bars: Vec::new(),
+            (verbosity > Verbosity::Quiet && std::io::stderr().is_terminal() && !dumb).then(|| {
+                Live {
+                    multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+                    bars: Vec::new(),
+                }
             });
         Self {
             verbosity,

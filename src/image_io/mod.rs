@@ -210,22 +210,41 @@ pub fn to_rgb_like_pillow(img: &DynamicImage) -> Result<RgbImage> {
     RgbImage::from_raw(w, h, data).ok_or_else(|| anyhow!("internal: RGB buffer size for {w}×{h}"))
 }
 
+/// Why a reference image's size is refused (the error inside [`check_reference_size`]'s
+/// `anyhow::Error`): front ends downcast to it to add their own advice (upscale or crop).
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum ReferenceSizeError {
+    #[error(
+        "{width}×{height} px is too small: both sides must be at least {MIN_REFERENCE_SIDE} px"
+    )]
+    TooSmall { width: u32, height: u32 },
+    #[error(
+        "{width}×{height} px is too elongated: its aspect ratio {aspect:.1}:1 is above the \
+         {MAX_REFERENCE_ASPECT}:1 allowed"
+    )]
+    TooElongated {
+        width: u32,
+        height: u32,
+        aspect: f64,
+    },
+}
+
 /// diffusers `Flux2ImageProcessor.check_image_input`: each side at least 64 px and
-/// `max(w/h, h/w) <= 8` (computed in f64 as Python does).
+/// `max(w/h, h/w) <= 8` (computed in f64 as Python does). The error is a
+/// [`ReferenceSizeError`].
 pub fn check_reference_size(width: u32, height: u32) -> Result<()> {
     if width < MIN_REFERENCE_SIDE || height < MIN_REFERENCE_SIDE {
-        bail!(
-            "reference image is {width}×{height} px: too small, both sides must be at least \
-             {MIN_REFERENCE_SIDE} px"
-        );
+        return Err(ReferenceSizeError::TooSmall { width, height }.into());
     }
     let (w, h) = (width as f64, height as f64);
     let aspect = (w / h).max(h / w);
     if aspect > MAX_REFERENCE_ASPECT {
-        bail!(
-            "reference image is {width}×{height} px: aspect ratio {aspect:.1}:1 is too extreme, \
-             at most {MAX_REFERENCE_ASPECT}:1 is allowed"
-        );
+        return Err(ReferenceSizeError::TooElongated {
+            width,
+            height,
+            aspect,
+        }
+        .into());
     }
     Ok(())
 }
@@ -256,6 +275,16 @@ pub fn reference_resize_target(width: u32, height: u32) -> Option<(u32, u32)> {
     Some(((width as f64 * s) as u32, (height as f64 * s) as u32))
 }
 
+/// The size [`prepare_reference`] makes of a `width×height` reference: shrunk above 1024²
+/// pixels ([`reference_resize_target`]), then cropped to multiples of 16.
+pub fn prepared_reference_size(width: u32, height: u32) -> (u32, u32) {
+    let (w, h) = reference_resize_target(width, height).unwrap_or((width, height));
+    (
+        w / REFERENCE_MULTIPLE * REFERENCE_MULTIPLE,
+        h / REFERENCE_MULTIPLE * REFERENCE_MULTIPLE,
+    )
+}
+
 /// The preprocessed reference image that diffusers feeds to the VAE (spec §4 steps 1-3), as
 /// 8-bit RGB: convert to RGB (as the harness does before calling the pipeline), size check,
 /// LANCZOS shrink above 1024², centre crop to multiples of 16.
@@ -266,10 +295,7 @@ pub fn prepare_reference(img: &DynamicImage) -> Result<RgbImage> {
         rgb = resize_lanczos(&rgb, w, h)?;
     }
     let (w, h) = (rgb.width(), rgb.height());
-    let (cw, ch) = (
-        w / REFERENCE_MULTIPLE * REFERENCE_MULTIPLE,
-        h / REFERENCE_MULTIPLE * REFERENCE_MULTIPLE,
-    );
+    let (cw, ch) = prepared_reference_size(img.width(), img.height());
     if (cw, ch) == (w, h) {
         return Ok(rgb);
     }
@@ -296,45 +322,78 @@ pub fn rgb_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
         .context("moving the reference image tensor to the device")
 }
 
-/// Output formats [`save_image`] writes, by lower-case extension.
-pub const SUPPORTED_OUTPUT_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
+/// The image formats [`save_image`] writes, chosen by the output file's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// Lossless, with the metadata as text chunks.
+    Png,
+    /// Quality [`JPEG_QUALITY`], no metadata.
+    Jpeg,
+    /// Lossless WebP (the only WebP encoder in `image` 0.25), no metadata.
+    WebP,
+}
 
-/// Writes `img` to `path`, format from the extension: PNG (with `metadata` as tEXt chunks, iTXt
-/// for text that is not Latin-1), JPEG (quality 95) or WebP (lossless). JPEG and WebP carry no
-/// metadata. The file is encoded in memory, written to a temporary file in the same folder and
-/// renamed, so a failure never leaves a partial file behind.
+impl OutputFormat {
+    /// The format for `path`'s extension (case-insensitive): `.png`, `.jpg`/`.jpeg` or
+    /// `.webp`; else an error naming the path and the extensions that work. Front ends call it
+    /// to check an output name before doing any work.
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        match ext.as_deref() {
+            Some("png") => Ok(Self::Png),
+            Some("jpg" | "jpeg") => Ok(Self::Jpeg),
+            Some("webp") => Ok(Self::WebP),
+            Some(other) => bail!(
+                "unsupported output extension '{other}' in {} — use .png, .jpg, .jpeg or .webp",
+                path.display()
+            ),
+            None => bail!(
+                "output path {} has no extension — end it in .png, .jpg, .jpeg or .webp",
+                path.display()
+            ),
+        }
+    }
+
+    /// Whether [`save_image`] writes the metadata into files of this format (PNG only).
+    pub fn carries_metadata(self) -> bool {
+        self == Self::Png
+    }
+}
+
+/// Writes `img` to `path`, format from the extension ([`OutputFormat::from_path`]): PNG (with
+/// `metadata` as tEXt chunks, iTXt for text that is not Latin-1), JPEG (quality 95) or WebP
+/// (lossless). JPEG and WebP carry no metadata. The file is encoded in memory, written to
+/// [`temp_path_for`] `path` and renamed, so a failure never leaves a partial file behind.
 pub fn save_image(
     path: impl AsRef<Path>,
     img: &RgbImage,
     metadata: &[(String, String)],
 ) -> Result<()> {
     let path = path.as_ref();
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase())
-        .unwrap_or_default();
-    let bytes = match ext.as_str() {
-        "png" => encode_png(img, metadata),
-        "jpg" | "jpeg" => {
+    let bytes = match OutputFormat::from_path(path)? {
+        OutputFormat::Png => encode_png(img, metadata),
+        OutputFormat::Jpeg => {
             let mut buf = Vec::new();
             image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, JPEG_QUALITY)
                 .encode_image(img)
                 .map(|_| buf)
                 .map_err(anyhow::Error::from)
         }
-        "webp" => {
+        OutputFormat::WebP => {
             let mut buf = Vec::new();
             image::codecs::webp::WebPEncoder::new_lossless(&mut buf)
-                .encode(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
+                .encode(
+                    img.as_raw(),
+                    img.width(),
+                    img.height(),
+                    image::ExtendedColorType::Rgb8,
+                )
                 .map(|_| buf)
                 .map_err(anyhow::Error::from)
         }
-        _ => bail!(
-            "cannot write {}: unsupported output extension '{}' (supported: .png, .jpg, .jpeg, .webp)",
-            path.display(),
-            ext
-        ),
     }
     .with_context(|| format!("encoding {}", path.display()))?;
     write_atomically(path, &bytes)
@@ -364,19 +423,27 @@ fn encode_png(img: &RgbImage, metadata: &[(String, String)]) -> Result<Vec<u8>> 
     Ok(buf)
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+/// The temporary file [`save_image`] writes before renaming it to `path`: `.{name}.tmp-{pid}`
+/// in `path`'s directory (the same file system, so the rename is atomic; hidden; one per
+/// process). Front ends create and remove it up front to check that the directory is
+/// writable.
+pub fn temp_path_for(path: impl AsRef<Path>) -> PathBuf {
+    let path = path.as_ref();
     let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     };
     let name = path
         .file_name()
-        .ok_or_else(|| anyhow!("cannot write {}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+        .map_or_else(|| "image".into(), |n| n.to_string_lossy());
+    dir.join(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    if path.file_name().is_none() {
+        bail!("cannot write {}: not a file path", path.display());
+    }
+    let tmp = temp_path_for(path);
     let result = (|| -> Result<()> {
         let file = fs::File::create(&tmp)?;
         let mut w = BufWriter::new(file);

@@ -1,0 +1,284 @@
+//! What a `generate` run makes: its jobs (the `--prompt`, the lines of a `--prompt-file`, or
+//! the settings recorded in a PNG) and their expansion into images (jobs × `--count`, each
+//! image with its seed and output template).
+//!
+//! The prompt-file format: one job per line, trailing whitespace (and `\r`) trimmed, blank
+//! lines and `#` comments skipped. A line starting with `{` is a JSON object with `prompt` and
+//! optional `negative_prompt`, `seed`, `width`, `height`, `steps`, `guidance`, `ref` (array of
+//! paths) and `output`; any other line is a plain prompt.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Result};
+
+use super::args::{parse_guidance, parse_side, PromptArgs};
+use super::metadata::Recorded;
+use super::progress::Reporter;
+
+/// One job: a prompt, with optional settings of its own (a JSON line, or recorded metadata)
+/// that win over the command line's.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptJob {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    /// First seed of this job's images (else --seed).
+    pub seed: Option<u64>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub steps: Option<u32>,
+    pub guidance: Option<f64>,
+    /// Reference images of this job (else --ref; `[]` for none).
+    #[serde(rename = "ref")]
+    pub refs: Option<Vec<PathBuf>>,
+    /// Output path of this job's images (else --output), with `{seed}` / `{index}`.
+    pub output: Option<PathBuf>,
+    /// The 1-based prompt-file line it came from (for messages).
+    #[serde(skip)]
+    pub line: Option<usize>,
+}
+
+impl PromptJob {
+    pub fn plain(prompt: String) -> Self {
+        Self {
+            prompt,
+            negative_prompt: None,
+            seed: None,
+            width: None,
+            height: None,
+            steps: None,
+            guidance: None,
+            refs: None,
+            output: None,
+            line: None,
+        }
+    }
+
+    /// The job that made an image, from its recorded metadata.
+    pub fn from_recorded(recorded: &Recorded) -> Self {
+        Self {
+            prompt: recorded.prompt.clone(),
+            negative_prompt: recorded.negative_prompt.clone(),
+            seed: recorded.seed,
+            width: recorded.size.map(|s| s.0 as u32),
+            height: recorded.size.map(|s| s.1 as u32),
+            steps: recorded.steps.map(|s| s as u32),
+            guidance: recorded.guidance,
+            refs: Some(recorded.references.iter().map(PathBuf::from).collect()),
+            output: None,
+            line: None,
+        }
+    }
+
+    /// This job's reference paths: its own, else `default` (the `--ref`s).
+    pub fn refs<'a>(&'a self, default: &'a [PathBuf]) -> &'a [PathBuf] {
+        self.refs.as_deref().unwrap_or(default)
+    }
+
+    /// The same range checks as the command-line options (their value parsers).
+    fn check(&self) -> Result<(), String> {
+        for v in [self.width, self.height].into_iter().flatten() {
+            parse_side(&v.to_string())?;
+        }
+        if self.steps == Some(0) {
+            return Err("\"steps\" must be at least 1".into());
+        }
+        if let Some(g) = self.guidance {
+            parse_guidance(&g.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// The jobs of `--prompt` or `--prompt-file`, in order (`--config-from-metadata` is read by
+/// `generate`, which also checks the PNG's inputs). `-p -` reads the prompt from stdin.
+pub fn read(args: &PromptArgs, reporter: &Reporter) -> Result<Vec<PromptJob>> {
+    let Some(path) = &args.prompt_file else {
+        let Some(prompt) = &args.prompt else {
+            return Ok(vec![]);
+        };
+        if prompt != "-" {
+            return Ok(vec![PromptJob::plain(prompt.clone())]);
+        }
+        let text = read_stdin(reporter, "the prompt, then Ctrl-D")?;
+        let prompt = text.trim_end();
+        if prompt.is_empty() {
+            bail!("-p - read an empty prompt from stdin — pipe the prompt in, or pass -p TEXT");
+        }
+        return Ok(vec![PromptJob::plain(prompt.to_string())]);
+    };
+    let text = if path.as_os_str() == "-" {
+        read_stdin(reporter, "one prompt per line, then Ctrl-D")?
+    } else {
+        std::fs::read_to_string(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                anyhow!(
+                    "the prompt file {} is not UTF-8 text — save it as UTF-8",
+                    path.display()
+                )
+            } else {
+                anyhow!(e).context(format!(
+                    "cannot read the prompt file {} — check the path (or pass - for stdin)",
+                    path.display()
+                ))
+            }
+        })?
+    };
+    let jobs = parse_prompt_lines(&text)
+        .map_err(|(line, e)| anyhow!("prompt file {} line {line}: {e}", path.display()))?;
+    if jobs.is_empty() {
+        bail!(
+            "the prompt file {} has no prompts — write one per line (blank lines and lines \
+             starting with # are skipped)",
+            path.display()
+        );
+    }
+    Ok(jobs)
+}
+
+/// All of stdin as text; on a terminal, first a hint that it is waiting (`what` to type).
+fn read_stdin(reporter: &Reporter, what: &str) -> Result<String> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        reporter.info(&format!("reading from stdin: {what} to finish"));
+    }
+    std::io::read_to_string(stdin).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            anyhow!("stdin is not UTF-8 text — pipe in UTF-8")
+        } else {
+            anyhow!(e).context("reading prompts from stdin")
+        }
+    })
+}
+
+/// The jobs of a prompt file (see the module documentation). A UTF-8 byte-order mark at the
+/// start is dropped (else a first JSON line would read as a plain prompt). Errors carry the
+/// 1-based line number.
+pub fn parse_prompt_lines(text: &str) -> Result<Vec<PromptJob>, (usize, String)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut jobs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end();
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let mut job = if trimmed.starts_with('{') {
+            let job: PromptJob =
+                serde_json::from_str(trimmed).map_err(|e| (i + 1, e.to_string()))?;
+            job.check().map_err(|e| (i + 1, e))?;
+            job
+        } else {
+            PromptJob::plain(line.to_string())
+        };
+        job.line = Some(i + 1);
+        jobs.push(job);
+    }
+    Ok(jobs)
+}
+
+/// One image of a run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Planned<'a> {
+    pub job: &'a PromptJob,
+    pub seed: u64,
+    /// The output template (the job's, else `--output`; `None` = the default name).
+    pub output: Option<&'a Path>,
+}
+
+/// The images of a run, in order: every job makes `count` images with seeds s, s + 1, …
+/// (wrapping), where s is the job's own seed or `first_seed`.
+pub fn expand<'a>(
+    jobs: &'a [PromptJob],
+    count: u32,
+    first_seed: u64,
+    output: Option<&'a Path>,
+) -> Vec<Planned<'a>> {
+    jobs.iter()
+        .flat_map(|job| {
+            let seed = job.seed.unwrap_or(first_seed);
+            (0..count as u64).map(move |c| Planned {
+                job,
+                seed: seed.wrapping_add(c),
+                output: job.output.as_deref().or(output),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(p: &str, line: usize) -> PromptJob {
+        PromptJob {
+            line: Some(line),
+            ..PromptJob::plain(p.to_string())
+        }
+    }
+
+    #[test]
+    fn prompt_file_lines() {
+        assert_eq!(
+            parse_prompt_lines("# header\r\na fox  \r\n\n   \n  # indented comment\n  two words\n"),
+            Ok(vec![plain("a fox", 2), plain("  two words", 6)])
+        );
+        assert_eq!(parse_prompt_lines(""), Ok(vec![]));
+        let jobs = parse_prompt_lines(
+            "x\n{\"prompt\": \"y\", \"seed\": 7, \"width\": 512, \"ref\": [\"a.png\"], \"output\": \"o.png\"}\n",
+        )
+        .unwrap();
+        assert_eq!(jobs[0], plain("x", 1));
+        assert_eq!(jobs[1].prompt, "y");
+        assert_eq!(jobs[1].seed, Some(7));
+        assert_eq!(jobs[1].width, Some(512));
+        assert_eq!(jobs[1].refs, Some(vec![PathBuf::from("a.png")]));
+        assert_eq!(jobs[1].output, Some(PathBuf::from("o.png")));
+        assert_eq!(jobs[1].line, Some(2));
+        let (line, err) = parse_prompt_lines("a\n{\"prompt\": \"b\", \"sede\": 1}").unwrap_err();
+        assert_eq!(line, 2);
+        assert!(err.contains("sede"), "{err}");
+        let (line, err) = parse_prompt_lines("{\"prompt\": \"b\", \"width\": 10}").unwrap_err();
+        assert_eq!(line, 1);
+        assert!(err.contains("too small"), "{err}");
+        assert!(
+            parse_prompt_lines("{\"seed\": 1}").is_err(),
+            "prompt is required"
+        );
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_dropped() {
+        let jobs = parse_prompt_lines("\u{feff}{\"prompt\": \"fox\", \"seed\": 5}\nb").unwrap();
+        assert_eq!((jobs[0].prompt.as_str(), jobs[0].seed), ("fox", Some(5)));
+        assert_eq!(
+            parse_prompt_lines("\u{feff}first").unwrap(),
+            vec![plain("first", 1)]
+        );
+    }
+
+    #[test]
+    fn jobs_times_count() {
+        let mut own = PromptJob::plain("b".into());
+        own.seed = Some(u64::MAX);
+        own.output = Some(PathBuf::from("b-{seed}.png"));
+        let jobs = [PromptJob::plain("a".into()), own];
+        let out = Path::new("x-{index}.png");
+        let images = expand(&jobs, 2, 10, Some(out));
+        let got: Vec<(&str, u64, Option<&Path>)> = images
+            .iter()
+            .map(|p| (p.job.prompt.as_str(), p.seed, p.output))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a", 10, Some(out)),
+                ("a", 11, Some(out)),
+                ("b", u64::MAX, Some(Path::new("b-{seed}.png"))),
+                ("b", 0, Some(Path::new("b-{seed}.png"))),
+            ]
+        );
+        assert_eq!(expand(&jobs[..1], 1, 3, None)[0].output, None);
+    }
+}

@@ -1,0 +1,256 @@
+//! The settings flux2-klein records in its PNGs (one text chunk per key), written by
+//! `generate` and read back by `--config-from-metadata`: one schema, [`Recorded`], for both.
+//!
+//! The keys and the value formats are a file format (images made by earlier versions must
+//! read back): integers and floats in Rust's `Display` form, the size as `WxH`, lists one item
+//! per line. A key whose field is `None` (or an empty list) is not written.
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{bail, Result};
+
+pub const PROMPT: &str = "prompt";
+/// Only when classifier-free guidance ran with a non-empty negative prompt.
+pub const NEGATIVE_PROMPT: &str = "negative_prompt";
+pub const SEED: &str = "seed";
+pub const STEPS: &str = "steps";
+pub const GUIDANCE: &str = "guidance";
+/// `WxH` in pixels.
+pub const SIZE: &str = "size";
+/// The model id as given (hub repo id or local directory).
+pub const MODEL: &str = "model";
+pub const REVISION: &str = "revision";
+/// Reference names (paths as given), one per line.
+pub const REFERENCES: &str = "references";
+/// Lower-case hex SHA-256 of each reference file, one per line, in the order of `references`.
+pub const REFERENCES_SHA256: &str = "references_sha256";
+pub const DEVICE: &str = "device";
+pub const DTYPE: &str = "dtype";
+/// Only when `--vae-dtype` was given.
+pub const VAE_DTYPE: &str = "vae_dtype";
+/// `flux2-klein VERSION`.
+pub const SOFTWARE: &str = "software";
+
+/// The settings of one image, in the order they are written. Reading tolerates missing keys
+/// (only the prompt is required), so every other field is optional.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Recorded {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub seed: Option<u64>,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    /// (width, height)
+    pub size: Option<(usize, usize)>,
+    pub model: Option<String>,
+    pub revision: Option<String>,
+    pub references: Vec<String>,
+    pub references_sha256: Vec<String>,
+    pub device: Option<String>,
+    pub dtype: Option<String>,
+    pub vae_dtype: Option<String>,
+    pub software: Option<String>,
+}
+
+impl Recorded {
+    /// The PNG text chunks, as `(key, value)` in the schema's order.
+    pub fn to_text_chunks(&self) -> Vec<(String, String)> {
+        let mut chunks = Vec::new();
+        let mut put = |key: &str, value: Option<String>| {
+            if let Some(v) = value {
+                chunks.push((key.to_string(), v));
+            }
+        };
+        let lines = |items: &[String]| (!items.is_empty()).then(|| items.join("\n"));
+        put(PROMPT, Some(self.prompt.clone()));
+        put(NEGATIVE_PROMPT, self.negative_prompt.clone());
+        put(SEED, self.seed.map(|s| s.to_string()));
+        put(STEPS, self.steps.map(|s| s.to_string()));
+        put(GUIDANCE, self.guidance.map(|g| g.to_string()));
+        put(SIZE, self.size.map(|(w, h)| format!("{w}x{h}")));
+        put(MODEL, self.model.clone());
+        put(REVISION, self.revision.clone());
+        put(REFERENCES, lines(&self.references));
+        put(REFERENCES_SHA256, lines(&self.references_sha256));
+        put(DEVICE, self.device.clone());
+        put(DTYPE, self.dtype.clone());
+        put(VAE_DTYPE, self.vae_dtype.clone());
+        put(SOFTWARE, self.software.clone());
+        chunks
+    }
+
+    /// The settings in a PNG's text chunks (as `image_io::read_png_text` returns them); an
+    /// error (to follow the PNG's name) when there is no prompt or a value does not parse.
+    pub fn from_text_chunks(chunks: &[(String, String)]) -> Result<Self, String> {
+        let get = |key: &str| {
+            chunks
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        let owned = |key: &str| get(key).map(str::to_string);
+        let number = |key: &str| -> Result<Option<f64>, String> {
+            get(key)
+                .map(|v| {
+                    v.parse::<f64>()
+                        .map_err(|_| format!("its {key} {v:?} is not a number"))
+                })
+                .transpose()
+        };
+        let lines =
+            |key: &str| get(key).map_or(vec![], |v| v.lines().map(str::to_string).collect());
+        let prompt = get(PROMPT).ok_or(
+            "the PNG has no prompt in its metadata — only images written by flux2-klein (as \
+             PNG) can be made again this way",
+        )?;
+        let seed = get(SEED)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| format!("its seed {v:?} is not a number"))
+            })
+            .transpose()?;
+        let size = get(SIZE)
+            .map(|v| {
+                v.split_once('x')
+                    .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+                    .ok_or(format!("its size {v:?} is not WxH"))
+            })
+            .transpose()?;
+        Ok(Self {
+            prompt: prompt.to_string(),
+            negative_prompt: owned(NEGATIVE_PROMPT),
+            seed,
+            // Read as a number, as older files may have written "4.0".
+            steps: number(STEPS)?.map(|s| s as usize),
+            guidance: number(GUIDANCE)?,
+            size,
+            model: owned(MODEL),
+            revision: owned(REVISION),
+            references: lines(REFERENCES),
+            references_sha256: lines(REFERENCES_SHA256),
+            device: owned(DEVICE),
+            dtype: owned(DTYPE),
+            vae_dtype: owned(VAE_DTYPE),
+            software: owned(SOFTWARE),
+        })
+    }
+
+    /// The settings recorded in the image file `png` (for `--config-from-metadata`).
+    pub fn read(png: &Path) -> Result<Self> {
+        if !is_png(png) {
+            bail!(
+                "--config-from-metadata {}: not a PNG file — only flux2-klein's PNG outputs \
+                 record their settings (its JPEG and WebP outputs carry none)",
+                png.display()
+            );
+        }
+        let chunks = flux2_klein::image_io::read_png_text(png)?;
+        Self::from_text_chunks(&chunks)
+            .map_err(|e| anyhow::anyhow!("--config-from-metadata {}: {e}", png.display()))
+    }
+}
+
+/// Whether the file starts with the PNG signature; `true` when it cannot be opened (the PNG
+/// reader then names the problem).
+fn is_png(path: &Path) -> bool {
+    let mut head = [0u8; 8];
+    match std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)) {
+        Ok(()) => head == *b"\x89PNG\r\n\x1a\n",
+        // Shorter than a signature: not a PNG.
+        Err(e) => e.kind() != std::io::ErrorKind::UnexpectedEof,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full() -> Recorded {
+        Recorded {
+            prompt: "un café ☕\nsecond line".into(),
+            negative_prompt: Some("blurry".into()),
+            seed: Some(u64::MAX),
+            steps: Some(4),
+            guidance: Some(3.5),
+            size: Some((1024, 768)),
+            model: Some("black-forest-labs/FLUX.2-klein-4B".into()),
+            revision: Some("main".into()),
+            references: vec!["a.png".into(), "dir/b.jpg".into()],
+            references_sha256: vec!["00ff".into(), "abcd".into()],
+            device: Some("cuda:0".into()),
+            dtype: Some("bf16".into()),
+            vae_dtype: Some("f32".into()),
+            software: Some("flux2-klein 0.1.0".into()),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        for recorded in [
+            full(),
+            Recorded {
+                prompt: "only a prompt".into(),
+                ..Recorded::default()
+            },
+        ] {
+            let chunks = recorded.to_text_chunks();
+            assert_eq!(Recorded::from_text_chunks(&chunks), Ok(recorded));
+        }
+    }
+
+    #[test]
+    fn keys_and_values_as_written() {
+        let chunks = full().to_text_chunks();
+        let pairs: Vec<(&str, &str)> = chunks
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("prompt", "un café ☕\nsecond line"),
+                ("negative_prompt", "blurry"),
+                ("seed", "18446744073709551615"),
+                ("steps", "4"),
+                ("guidance", "3.5"),
+                ("size", "1024x768"),
+                ("model", "black-forest-labs/FLUX.2-klein-4B"),
+                ("revision", "main"),
+                ("references", "a.png\ndir/b.jpg"),
+                ("references_sha256", "00ff\nabcd"),
+                ("device", "cuda:0"),
+                ("dtype", "bf16"),
+                ("vae_dtype", "f32"),
+                ("software", "flux2-klein 0.1.0"),
+            ]
+        );
+        let one = Recorded {
+            guidance: Some(1.0),
+            ..Recorded::default()
+        };
+        assert!(one
+            .to_text_chunks()
+            .contains(&("guidance".into(), "1".into())));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let chunks = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let err = Recorded::from_text_chunks(&chunks(&[("seed", "1")])).unwrap_err();
+        assert!(err.contains("no prompt"), "{err}");
+        let err =
+            Recorded::from_text_chunks(&chunks(&[("prompt", "x"), ("size", "64")])).unwrap_err();
+        assert!(err.contains("\"64\" is not WxH"), "{err}");
+        let err =
+            Recorded::from_text_chunks(&chunks(&[("prompt", "x"), ("steps", "four")])).unwrap_err();
+        assert!(err.contains("steps"), "{err}");
+        let old = Recorded::from_text_chunks(&chunks(&[("prompt", "x"), ("steps", "4.0")]));
+        assert_eq!(old.unwrap().steps, Some(4));
+    }
+}
