@@ -11,7 +11,8 @@
 //! let mut request = Request::new("a red fox in snow, golden hour", 42); // prompt, seed
 //! request.width = Some(512);
 //! request.height = Some(512);
-//! let out = pipeline.generate(&request, &mut |event| eprintln!("{event:?}"))?;
+//! let mut events = Vec::new(); // stages, steps and warnings, as they happen
+//! let out = pipeline.generate(&request, &mut |event| events.push(event))?;
 //! flux2_klein::image_io::save_image("fox.png", &out.image, &[])?;
 //! # Ok(())
 //! # }
