@@ -47,9 +47,10 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
-    bail, CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape,
-    Tensor, D,
+    bail, CudaDevice, CudaStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, D,
 };
+
+use super::launch::cuda_only_cpu_fwd;
 
 /// The CUDA C++ source of the kernels (no `#include`s: NVRTC needs no toolkit headers).
 pub const KERNEL_SOURCE: &str = include_str!("flash_attn.cu");

@@ -7,39 +7,7 @@
 //!   roundings.
 //! * [`conv`] (feature `cudnn`): the VAE's convolutions on cuDNN with tensor cores enabled.
 
-/// The `cpu_fwd` of a CUDA-only `CustomOp1/2/3` (the first argument: its inputs): the error `$msg`, which may
-/// use the receiver `$s` (pass `self`). Callers run candle's ops on the CPU and never reach it.
-macro_rules! cuda_only_cpu_fwd {
-    (1, $s:ident, $msg:expr) => {
-        fn cpu_fwd(&$s, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("{}", $msg)
-        }
-    };
-    (2, $s:ident, $msg:expr) => {
-        fn cpu_fwd(
-            &$s,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("{}", $msg)
-        }
-    };
-    (3, $s:ident, $msg:expr) => {
-        fn cpu_fwd(
-            &$s,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> Result<(CpuStorage, Shape)> {
-            candle_core::bail!("{}", $msg)
-        }
-    };
-}
+mod launch;
 
 #[cfg(feature = "cudnn")]
 pub mod conv;
