@@ -255,7 +255,16 @@ fn normed_rope_attention(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if crate::cuda::fused::applies(q[0].0)
-        && crate::cuda::is_supported(q[0].0, k[0].0, v)
+        && crate::cuda::is_supported(
+            q[0].0,
+            k[0].0,
+            v,
+            &crate::cuda::FlashParams {
+                scale: 1.0,
+                layout: crate::cuda::AttnLayout::Bshd,
+                mask: crate::cuda::AttnMask::None,
+            },
+        )
         && q[0].0.dim(3)? % 32 == 0
         && q.iter().chain(k).all(|(x, n)| {
             x.dtype() == DType::BF16 && n.weight.dtype() == DType::BF16 && x.device().is_cuda()
@@ -303,7 +312,12 @@ fn flash_bshd(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, s, h, hd) = q.dims4()?;
     let scale = 1.0 / (hd as f32).sqrt();
     let o = profile::span("dit.attention", q.device(), || {
-        crate::cuda::flash_attention_bshd(q, k, v, scale)
+        let params = crate::cuda::FlashParams {
+            scale,
+            layout: crate::cuda::AttnLayout::Bshd,
+            mask: crate::cuda::AttnMask::None,
+        };
+        crate::cuda::flash_attention(q, k, v, &params)
     })?;
     Ok(o.reshape((b, s, h * hd))?)
 }
@@ -314,7 +328,18 @@ fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &RopeTables) -> Resu
     let (b, s, h, hd) = q.dims4()?;
     let dev = q.device();
     #[cfg(feature = "cuda")]
-    if crate::cuda::fused::applies(q) && crate::cuda::is_supported(q, k, v) {
+    if crate::cuda::fused::applies(q)
+        && crate::cuda::is_supported(
+            q,
+            k,
+            v,
+            &crate::cuda::FlashParams {
+                scale: 1.0,
+                layout: crate::cuda::AttnLayout::Bshd,
+                mask: crate::cuda::AttnMask::None,
+            },
+        )
+    {
         // [B, S, H, hd] throughout: fused RoPE, then the flash kernel in that layout.
         let (q, k) = profile::span("dit.rope", dev, || -> Result<_> {
             Ok((
