@@ -10,8 +10,8 @@
 //! * [`conv`] (feature `cudnn`): the VAE's convolutions on cuDNN with tensor cores enabled;
 //! * [`memory`]: the CUDA memory pool's watermark and release policy.
 //!
-//! The sources are the `.cu` files here, launched through `launch` (shared by all of them)
-//! and compiled by `nvrtc` (cached on disk); `scripts/kernel_emu/` runs them on the CPU.
+//! The sources are in `kernels/`, launched through `launch` (shared by all of them) and
+//! compiled by `nvrtc` (cached on disk); `tests/kernel_emu/` runs them on the CPU.
 
 mod launch;
 

@@ -5,7 +5,7 @@
 //! transformer's `softmax(q kᵀ · scale) v` would otherwise materialise a `[B, H, S, S]` score
 //! tensor (24 × 4608² bf16 = 1 GiB per block at 1024², and three full passes over it).
 //!
-//! The kernel (`flash_attn.cu`, embedded with `include_str!`) is compiled once per
+//! The kernel (`kernels/flash_attn.cu`, embedded with `include_str!`) is compiled once per
 //! process and device architecture with NVRTC and loaded through candle's per-device module
 //! cache. See the header of `flash_attn.cu` for the algorithm (FlashAttention-2: query tiles
 //! per thread block, K/V tiles double-buffered in shared memory with `cp.async`, `mma.sync`

@@ -12,13 +12,13 @@ use candle_core::{bail, CudaDevice, DType, Result};
 use crate::ops::{AttentionKernel, KernelOptions};
 
 /// The CUDA C++ source of the kernels (no `#include`s: NVRTC needs no toolkit headers).
-const KERNEL_SOURCE: &str = include_str!("../flash_attn.cu");
+const KERNEL_SOURCE: &str = include_str!("../kernels/flash_attn.cu");
 
 /// The Hopper (wgmma) variant: `flash_attn_sm90.cu` appended to `flash_attn.cu`, whose
 /// helpers it uses (one NVRTC program, compiled for `compute_90a`).
 const HOPPER_SOURCE: &str = concat!(
-    include_str!("../flash_attn.cu"),
-    include_str!("../flash_attn_sm90.cu")
+    include_str!("../kernels/flash_attn.cu"),
+    include_str!("../kernels/flash_attn_sm90.cu")
 );
 
 /// Largest supported head dim.

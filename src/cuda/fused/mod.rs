@@ -1,4 +1,4 @@
-//! Fused bf16 kernels (`fused.cu`) for the transformer's SwiGLU, modulation and RoPE,
+//! Fused bf16 kernels (`kernels/fused.cu`) for the transformer's SwiGLU, modulation and RoPE,
 //! the text encoder's SiLU·up and RMSNorm and the VAE's GroupNorm(+SiLU) and conv bias, each
 //! replacing a chain of candle ops that reads and writes the whole activation several times
 //! (measured: BENCHMARKS.md, 2026-11-26).
@@ -29,7 +29,7 @@ use candle_core::{CudaDevice, DType, Result, Tensor};
 use super::launch::KernelArg;
 
 /// The CUDA source (no `#include`s).
-pub const KERNEL_SOURCE: &str = include_str!("../fused.cu");
+pub const KERNEL_SOURCE: &str = include_str!("../kernels/fused.cu");
 
 /// Every kernel of `fused.cu` this module launches (checked by [`super::check_kernels`]).
 pub const FUNCTIONS: &[&str] = &[
