@@ -3,10 +3,10 @@
 //! Hopper variant with wgmma emulated per warpgroup from the PTX ISA's layouts and
 //! asynchronously (operands read at the wait), against attention computed in double precision,
 //! and the index arithmetic exhaustively; the fused kernels of `src/cuda/kernels/fused.cu`,
-//! launched as `src/cuda/fused/` launches them, against the op sequences they replace with
-//! torch's roundings. No GPU, no CUDA toolkit, no Python: g++ with C++20 (skipped with a
-//! message where there is none). So a kernel change that breaks them fails here, not first on
-//! a GPU machine.
+//! launched as `src/cuda/fused/` launches them (the block geometry from the kernels' own
+//! `#define`s), against the op sequences they replace with torch's roundings. No GPU, no CUDA
+//! toolkit, no Python: g++ with C++20 (skipped with a message where there is none). So a
+//! kernel change that breaks them fails here, not first on a GPU machine.
 //! (`scripts/cuda/emulate-kernels.sh` also compares the fused kernels with PyTorch's own ops.)
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! What every launch of our kernels shares: typed views of candle's CUDA storage, the output
-//! buffer, the launch with its argument list, the fused kernels' grids, and the `cpu_fwd` of a
-//! CUDA-only custom op.
+//! buffer, the launch with its argument list, the fused kernels' grids (their block geometry
+//! read from `kernels/fused.cu`, the one definition), and the `cpu_fwd` of a CUDA-only
+//! custom op.
 
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
@@ -126,11 +127,59 @@ pub(crate) unsafe fn launch(
 
 // ---------------------------------------------------------------- the fused kernels' grids
 
-/// Threads per block of every fused kernel.
-pub(crate) const THREADS: u32 = 256;
+/// The value of the line `#define NAME <integer>` in `source`, evaluated at compile time: a
+/// missing or non-integer define fails the build.
+pub(crate) const fn source_define(source: &str, name: &str) -> usize {
+    const DEFINE: &[u8] = b"#define ";
+    let (s, n) = (source.as_bytes(), name.as_bytes());
+    let mut line = 0;
+    while line < s.len() {
+        let mut at = line;
+        if starts_with_at(s, at, DEFINE) && starts_with_at(s, at + DEFINE.len(), n) {
+            at += DEFINE.len() + n.len();
+            if at < s.len() && s[at] == b' ' {
+                while at < s.len() && s[at] == b' ' {
+                    at += 1;
+                }
+                let (mut value, start) = (0usize, at);
+                while at < s.len() && s[at].is_ascii_digit() {
+                    value = value * 10 + (s[at] - b'0') as usize;
+                    at += 1;
+                }
+                if at == start || (at < s.len() && !s[at].is_ascii_whitespace()) {
+                    panic!("the #define is not a plain decimal integer");
+                }
+                return value;
+            }
+        }
+        // The next line.
+        while line < s.len() && s[line] != b'\n' {
+            line += 1;
+        }
+        line += 1;
+    }
+    panic!("#define not found in the kernel source")
+}
 
-/// Warps per block of the one-warp-per-row kernels.
-const WARPS_PER_BLOCK: usize = 8;
+const fn starts_with_at(s: &[u8], at: usize, prefix: &[u8]) -> bool {
+    if at + prefix.len() > s.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < prefix.len() {
+        if s[at + i] != prefix[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Threads per block of every fused kernel (`FUSED_THREADS`).
+pub(crate) const THREADS: u32 = source_define(super::fused::KERNEL_SOURCE, "FUSED_THREADS") as u32;
+
+/// Warps per block of the one-warp-per-row kernels (`FUSED_WARPS_PER_BLOCK`).
+const WARPS_PER_BLOCK: usize = source_define(super::fused::KERNEL_SOURCE, "FUSED_WARPS_PER_BLOCK");
 
 /// A grid-stride launch over `n` work items, one per thread (at most 2²⁰ blocks).
 pub(crate) fn grid_for(n: usize) -> LaunchConfig {
@@ -180,4 +229,23 @@ pub(crate) fn grid_planes(planes: usize, hw: usize) -> Result<LaunchConfig> {
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::source_define;
+
+    #[test]
+    fn reads_a_define_on_its_own_line() {
+        let src = "// #define A 1\n#define AB 7\n#define A  42 // note\n#define B 3";
+        assert_eq!(source_define(src, "A"), 42);
+        assert_eq!(source_define(src, "AB"), 7);
+        assert_eq!(source_define(src, "B"), 3);
+    }
+
+    /// gn_partial_bf16's shared arrays hold one value per thread of the block we launch.
+    #[test]
+    fn group_norm_block_is_the_launch_block() {
+        assert!(super::super::fused::KERNEL_SOURCE.contains("#define GN_THREADS FUSED_THREADS"));
+    }
 }

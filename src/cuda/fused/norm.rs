@@ -11,16 +11,19 @@ use candle_core::{
 use half::bf16;
 
 use super::pointwise::{row_wise, RowWise};
-use super::{cuda_only, launch};
+use super::{cuda_only, launch, KERNEL_SOURCE};
 use crate::cuda::launch::{
-    cuda_only_cpu_fwd, grid_for, grid_planes, grid_warp_rows, uninit, view, wrap, THREADS,
+    cuda_only_cpu_fwd, grid_for, grid_planes, grid_warp_rows, source_define, uninit, view, wrap,
+    THREADS,
 };
 
-/// Largest row the LayerNorm kernel holds in registers (`THREADS` × `LN_MAX_PER_THREAD`).
-pub const LAYERNORM_MAX_DIM: usize = THREADS as usize * 16;
+/// Largest row the LayerNorm kernel holds in registers (threads per block ×
+/// `LN_MAX_PER_THREAD` of fused.cu).
+pub const LAYERNORM_MAX_DIM: usize =
+    THREADS as usize * source_define(KERNEL_SOURCE, "LN_MAX_PER_THREAD");
 
 /// Thread blocks of the GroupNorm statistics pass per (batch, group).
-const GN_SPLITS: usize = 64;
+const GN_SPLITS: usize = source_define(KERNEL_SOURCE, "GN_SPLITS");
 
 // ---------------------------------------------------------------- LayerNorm + modulation
 
