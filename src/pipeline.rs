@@ -352,7 +352,9 @@ impl Pipeline {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = &self.options.device {
             let head_dim = self.transformer_config.attention_head_dim;
-            if let Some(name) = crate::cuda::kernel_name(dev, head_dim, self.options.dtype, false) {
+            if let Some(name) =
+                crate::cuda::attention_kernel_name(dev, head_dim, self.options.dtype)
+            {
                 return name;
             }
         }

@@ -297,18 +297,7 @@ impl Qwen3Attention {
                 let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?;
                 let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?;
                 let scale = 1.0 / (hd as f32).sqrt();
-                crate::cuda::flash_attention(
-                    &q,
-                    &k,
-                    &v,
-                    &crate::cuda::FlashParams {
-                        scale,
-                        layout: crate::cuda::AttnLayout::Bshd,
-                        mask: crate::cuda::AttnMask::Causal {
-                            kv_valid: real_tokens,
-                        },
-                    },
-                )?
+                crate::cuda::flash_attention_causal_bshd(&q, &k, &v, scale, real_tokens)?
             }
         };
         let out = out.reshape((b, l, nh * hd))?;
@@ -475,10 +464,8 @@ impl Qwen3TextEncoder {
     pub fn attention_kernel(&self) -> String {
         #[cfg(feature = "cuda")]
         if self.uses_causal_kernel() {
-            if let Device::Cuda(dev) = &self.device {
-                if let Some(name) = crate::cuda::kernel_name(dev, self.head_dim, self.dtype, true) {
-                    return name;
-                }
+            if let Some(name) = crate::cuda::causal_kernel_name(self.head_dim, self.dtype) {
+                return name;
             }
         }
         "naive".into()

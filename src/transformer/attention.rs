@@ -28,15 +28,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     // CUDA bf16/f16: our fused FlashAttention-2 kernel (src/cuda), tested against this naive
     // path on the GPU (tests/cuda_gpu/attention.rs).
     #[cfg(feature = "cuda")]
-    {
-        let params = crate::cuda::FlashParams {
-            scale: 1.0 / (q.dim(3)? as f32).sqrt(),
-            layout: crate::cuda::AttnLayout::Bhsd,
-            mask: crate::cuda::AttnMask::None,
-        };
-        if crate::cuda::is_supported(q, k, v, &params) {
-            return Ok(crate::cuda::flash_attention(q, k, v, &params)?);
-        }
+    if crate::cuda::is_supported(q, k, v) {
+        let scale = 1.0 / (q.dim(3)? as f32).sqrt();
+        return Ok(crate::cuda::flash_attention(q, k, v, scale)?);
     }
     attention_with_budget(q, k, v, MAX_SCORE_BYTES)
 }

@@ -255,16 +255,7 @@ fn normed_rope_attention(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if crate::cuda::fused::applies(q[0].0)
-        && crate::cuda::is_supported(
-            q[0].0,
-            k[0].0,
-            v,
-            &crate::cuda::FlashParams {
-                scale: 1.0,
-                layout: crate::cuda::AttnLayout::Bshd,
-                mask: crate::cuda::AttnMask::None,
-            },
-        )
+        && crate::cuda::is_supported(q[0].0, k[0].0, v)
         && q[0].0.dim(3)? % 32 == 0
         && q.iter().chain(k).all(|(x, n)| {
             x.dtype() == DType::BF16 && n.weight.dtype() == DType::BF16 && x.device().is_cuda()
@@ -312,12 +303,7 @@ fn flash_bshd(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, s, h, hd) = q.dims4()?;
     let scale = 1.0 / (hd as f32).sqrt();
     let o = profile::span("dit.attention", q.device(), || {
-        let params = crate::cuda::FlashParams {
-            scale,
-            layout: crate::cuda::AttnLayout::Bshd,
-            mask: crate::cuda::AttnMask::None,
-        };
-        crate::cuda::flash_attention(q, k, v, &params)
+        crate::cuda::flash_attention_bshd(q, k, v, scale)
     })?;
     Ok(o.reshape((b, s, h * hd))?)
 }
@@ -328,18 +314,7 @@ fn rope_attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &RopeTables) -> Resu
     let (b, s, h, hd) = q.dims4()?;
     let dev = q.device();
     #[cfg(feature = "cuda")]
-    if crate::cuda::fused::applies(q)
-        && crate::cuda::is_supported(
-            q,
-            k,
-            v,
-            &crate::cuda::FlashParams {
-                scale: 1.0,
-                layout: crate::cuda::AttnLayout::Bshd,
-                mask: crate::cuda::AttnMask::None,
-            },
-        )
-    {
+    if crate::cuda::fused::applies(q) && crate::cuda::is_supported(q, k, v) {
         // [B, S, H, hd] throughout: fused RoPE, then the flash kernel in that layout.
         let (q, k) = profile::span("dit.rope", dev, || -> Result<_> {
             Ok((
