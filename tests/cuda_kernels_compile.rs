@@ -1,7 +1,7 @@
 //! Every CUDA source of ours compiles with NVRTC, with the defines the run-time code uses, and
 //! defines every kernel the Rust side launches. Needs libnvrtc but no GPU, so it runs where the
-//! `cuda` binary is built (`scripts/check-cuda-kernels.sh`) as well as on the GPU machine: a
-//! source that fails to compile would otherwise first fail there, at run time.
+//! `cuda` binary is built (`scripts/cuda/check-cuda-kernels.sh`) as well as on the GPU machine:
+//! a source that fails to compile would otherwise first fail there, at run time.
 #![cfg(feature = "cuda")]
 
 #[test]

@@ -1,13 +1,13 @@
-//! Our CUDA kernels' own code, run on the CPU (`scripts/kernel_emu/`): the flash-attention
+//! Our CUDA kernels' own code, run on the CPU (`tests/kernel_emu/`): the flash-attention
 //! kernel with its PTX helpers (ldmatrix, mma.sync, cp.async, cvt) emulated per warp, and its
 //! Hopper variant with wgmma emulated per warpgroup from the PTX ISA's layouts and
 //! asynchronously (operands read at the wait), against attention computed in double precision,
-//! and the index arithmetic exhaustively; the fused
-//! kernels of `src/cuda/fused.cu`, launched as `fused.rs` launches them, against the op
-//! sequences they replace with torch's roundings. No GPU, no CUDA toolkit, no Python: g++ with
-//! C++20 (skipped with a message where there is none). So a kernel change that breaks them
-//! fails here, not first on a GPU machine. (`scripts/emulate-kernels.sh` also compares the
-//! fused kernels with PyTorch's own ops.)
+//! and the index arithmetic exhaustively; the fused kernels of `src/cuda/kernels/fused.cu`,
+//! launched as `src/cuda/fused/` launches them (the block geometry from the kernels' own
+//! `#define`s), against the op sequences they replace with torch's roundings. No GPU, no CUDA
+//! toolkit, no Python: g++ with C++20 (skipped with a message where there is none). So a
+//! kernel change that breaks them fails here, not first on a GPU machine.
+//! (`scripts/cuda/emulate-kernels.sh` also compares the fused kernels with PyTorch's own ops.)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,11 +23,11 @@ fn gxx() -> Option<&'static str> {
     ok.then_some("g++")
 }
 
-/// Compiles `scripts/kernel_emu/<source>` into the test's temp dir and runs it; its report
+/// Compiles `tests/kernel_emu/<source>` into the test's temp dir and runs it; its report
 /// goes to stderr, a non-zero exit fails the test.
 fn compile_and_run(source: &str, defines: &[&str]) {
     let Some(cxx) = gxx() else { return };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kernel_emu");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kernel_emu");
     let exe: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join(source.replace(".cpp", ""));
     let out = Command::new(cxx)
         .args(["-std=c++20", "-O2", "-pthread", "-w"])
@@ -57,8 +57,8 @@ fn flash_attention_kernel_matches_exact_attention_on_cpu() {
     compile_and_run(
         "fa_selftest.cpp",
         &[
-            "-DFA_SOURCE=\"../../src/cuda/flash_attn.cu\"",
-            "-DFA_SM90_SOURCE=\"../../src/cuda/flash_attn_sm90.cu\"",
+            "-DFA_SOURCE=\"../../src/cuda/kernels/flash_attn.cu\"",
+            "-DFA_SM90_SOURCE=\"../../src/cuda/kernels/flash_attn_sm90.cu\"",
         ],
     );
 }

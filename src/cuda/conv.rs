@@ -4,8 +4,8 @@
 //! `cudnnSetConvolutionMathType`, so its descriptors keep `CUDNN_DEFAULT_MATH`, and cuDNN
 //! runs tensor-core kernels for convolutions "only when cudnnSetConvolutionMathType() is
 //! called ... with CUDNN_TENSOR_OP_MATH" (cuDNN developer guide, legacy API). That is why the
-//! VAE decode at 1024² took 449 ms on an H200 (16.5 ms per 3×3 conv, ~19 TFLOP/s) against
-//! diffusers' 87 ms. This op is the same NCHW convolution with
+//! VAE decode was several times slower than diffusers' (measured: BENCHMARKS.md, 2026-11-26).
+//! This op is the same NCHW convolution with
 //!
 //! * `CUDNN_TENSOR_OP_MATH` on the descriptor (bf16/f16 tensor cores, f32 accumulation: the
 //!   conv descriptor's compute type is f32, as in PyTorch),
@@ -24,9 +24,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::{sys, ConvForward, Cudnn, CudnnDataType};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, DeviceId};
-use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
-};
+use candle_core::{bail, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+
+use super::launch::{cuda_only_cpu_fwd, uninit, view, wrap};
 
 /// Workspaces larger than this are not used (the next heuristic choice is taken instead).
 const MAX_WORKSPACE_BYTES: usize = 1 << 30;
@@ -121,14 +121,13 @@ impl Conv2dTensorOps {
     where
         T: CudaDType + DeviceRepr + CudnnDataType + WithDType,
     {
-        let dev = xs.device().clone();
-        let x = xs.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
-        let w = ws.as_cuda_slice::<T>()?.slice(wl.start_offset()..);
+        let dev = xs.device();
+        let (x, w) = (view::<T>(xs, xl)?, view::<T>(ws, wl)?);
         let [n, cin, h, wd] = key.input;
         let [oh, ow] = key.out_hw();
         let out_len = n * key.out_channels * oh * ow;
         // SAFETY: cuDNN writes every output element (beta = 0).
-        let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(out_len)? };
+        let mut out = unsafe { uninit::<T>(dev, out_len)? };
 
         STATE.with(|state| -> Result<()> {
             let mut state = state.borrow_mut();
@@ -182,7 +181,7 @@ impl Conv2dTensorOps {
             // zero-filled: a workspace needs no initialisation.
             let mut workspace = if ws_bytes > 0 {
                 // SAFETY: see above.
-                Some(unsafe { dev.alloc::<u8>(ws_bytes)? })
+                Some(unsafe { uninit::<u8>(dev, ws_bytes)? })
             } else {
                 None
             };
@@ -200,7 +199,7 @@ impl Conv2dTensorOps {
             }
             Ok(())
         })?;
-        Ok(T::wrap_cuda_slice(out, dev))
+        Ok(wrap(out, dev))
     }
 }
 
@@ -259,8 +258,8 @@ impl CustomOp2 for Conv2dTensorOps {
     }
 }
 
-/// Whether [`conv2d`] handles `x`: a bf16/f16 CUDA tensor, and not switched off with
-/// `FLUX2_KLEIN_FUSED=0` (which falls back to candle's `Tensor::conv2d`).
+/// Whether [`conv2d`] handles `x`: a bf16/f16 CUDA tensor, with our speed paths on
+/// ([`crate::ops::cuda_speedups_enabled`]; off, candle's `Tensor::conv2d` runs).
 pub fn applies(x: &Tensor) -> bool {
     crate::ops::cuda_speedups_enabled()
         && x.device().is_cuda()

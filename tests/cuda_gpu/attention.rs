@@ -9,10 +9,28 @@
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use flux2_klein::cuda::{
-    causal_is_supported, flash_attention, flash_attention_bshd, flash_attention_causal,
-    flash_attention_causal_bshd, naive_attention, naive_causal_attention,
+    flash_attention, is_supported, naive_attention, naive_causal_attention, AttnLayout, AttnMask,
+    FlashParams,
 };
 use std::time::Instant;
+
+/// [`FlashParams`] without a mask.
+fn unmasked(scale: f32, layout: AttnLayout) -> FlashParams<'static> {
+    FlashParams {
+        scale,
+        layout,
+        mask: AttnMask::None,
+    }
+}
+
+/// [`FlashParams`] with the causal, right-padded mask.
+fn causal(scale: f32, layout: AttnLayout, kv_valid: &[usize]) -> FlashParams<'_> {
+    FlashParams {
+        scale,
+        layout,
+        mask: AttnMask::Causal { kv_valid },
+    }
+}
 
 fn cuda_device() -> Option<Device> {
     match Device::new_cuda(0) {
@@ -46,7 +64,7 @@ struct Case {
     sk: usize,
     d: usize,
     dtype: DType,
-    /// "bhsd", "bshd" (flash_attention_bshd) or "fused-qkv" (q/k/v are strided views of one
+    /// "bhsd", "bshd" (AttnLayout::Bshd) or "fused-qkv" (q/k/v are strided views of one
     /// [B, S, 3, H, D] tensor, passed transposed to flash_attention).
     layout: &'static str,
     /// Multiplies q: a larger gain makes the softmax peakier (stresses the online max).
@@ -74,14 +92,14 @@ fn run_case(dev: &Device, c: &Case) -> Result<(f32, f32, f32)> {
             let q = rand(dev, [c.b, c.h, c.sq, c.d], c.dtype, c.gain)?;
             let k = rand(dev, [c.b, c.h, c.sk, c.d], c.dtype, 1.0)?;
             let v = rand(dev, [c.b, c.h, c.sk, c.d], c.dtype, 1.0)?;
-            let o = flash_attention(&q, &k, &v, scale)?;
+            let o = flash_attention(&q, &k, &v, &unmasked(scale, AttnLayout::Bhsd))?;
             (q, k, v, o)
         }
         "bshd" => {
             let q = rand(dev, [c.b, c.sq, c.h, c.d], c.dtype, c.gain)?;
             let k = rand(dev, [c.b, c.sk, c.h, c.d], c.dtype, 1.0)?;
             let v = rand(dev, [c.b, c.sk, c.h, c.d], c.dtype, 1.0)?;
-            let o = flash_attention_bshd(&q, &k, &v, scale)?;
+            let o = flash_attention(&q, &k, &v, &unmasked(scale, AttnLayout::Bshd))?;
             assert_eq!(o.dims(), &[c.b, c.sq, c.h, c.d]);
             let t = |x: &Tensor| x.transpose(1, 2);
             (t(&q)?, t(&k)?, t(&v)?, t(&o)?)
@@ -94,7 +112,7 @@ fn run_case(dev: &Device, c: &Case) -> Result<(f32, f32, f32)> {
             let q = qkv.i((.., .., 0))?.transpose(1, 2)?;
             let k = qkv.i((.., .., 1))?.transpose(1, 2)?;
             let v = qkv.i((.., .., 2))?.transpose(1, 2)?;
-            let o = flash_attention(&q, &k, &v, scale)?;
+            let o = flash_attention(&q, &k, &v, &unmasked(scale, AttnLayout::Bhsd))?;
             (q, k, v, o)
         }
         other => panic!("unknown layout {other}"),
@@ -137,12 +155,14 @@ fn causal_flash_attention_matches_masked_reference() -> Result<()> {
         let q = rand(&dev, [b, h, s, d], DType::BF16, 1.0)?;
         let k = rand(&dev, [b, hk, s, d], DType::BF16, 1.0)?;
         let v = rand(&dev, [b, hk, s, d], DType::BF16, 1.0)?;
-        assert!(causal_is_supported(&q, &k, &v));
         let scale = 1.0 / (d as f32).sqrt();
-        let ours = flash_attention_causal(&q, &k, &v, scale, valid)?;
-        // The [B, S, H, D] entry (the text encoder's) computes the same numbers.
+        let params = causal(scale, AttnLayout::Bhsd, valid);
+        assert!(is_supported(&q, &k, &v, &params));
+        let ours = flash_attention(&q, &k, &v, &params)?;
+        // The [B, S, H, D] layout (the text encoder's) computes the same numbers.
         let t = |x: &Tensor| x.transpose(1, 2)?.contiguous();
-        let ours_bshd = flash_attention_causal_bshd(&t(&q)?, &t(&k)?, &t(&v)?, scale, valid)?;
+        let params_bshd = causal(scale, AttnLayout::Bshd, valid);
+        let ours_bshd = flash_attention(&t(&q)?, &t(&k)?, &t(&v)?, &params_bshd)?;
         let layout_diff = max_abs_diff(&ours_bshd.transpose(1, 2)?, &ours)?;
         if layout_diff != 0.0 {
             failures.push(format!(
@@ -205,7 +225,7 @@ fn flash_attention_matches_naive() -> Result<()> {
     // Warm-up: the first call compiles the kernels with NVRTC.
     let t0 = Instant::now();
     let x = rand(&dev, [1, 1, 16, 128], DType::BF16, 1.0)?;
-    flash_attention(&x, &x, &x, 1.0)?;
+    flash_attention(&x, &x, &x, &unmasked(1.0, AttnLayout::Bhsd))?;
     dev.synchronize()?;
     println!(
         "NVRTC compile + module load + first launch: {:.2} s",
@@ -278,13 +298,17 @@ fn flash_attention_timing() -> Result<()> {
     let v = rand(&dev, [b, h, s, d], DType::BF16, 1.0)?;
     let flops = 4.0 * (b * h * s * s * d) as f64;
     let n = 20;
-    let t_flash = time_ms(&dev, n, || flash_attention(&q, &k, &v, scale))?;
+    let (bhsd, bshd) = (
+        unmasked(scale, AttnLayout::Bhsd),
+        unmasked(scale, AttnLayout::Bshd),
+    );
+    let t_flash = time_ms(&dev, n, || flash_attention(&q, &k, &v, &bhsd))?;
     let t_naive = time_ms(&dev, n, || naive_attention(&q, &k, &v, scale))?;
     // The same in [B, S, H, D] (the projections' layout): fused vs transposes + naive.
     let qt = q.transpose(1, 2)?.contiguous()?;
     let kt = k.transpose(1, 2)?.contiguous()?;
     let vt = v.transpose(1, 2)?.contiguous()?;
-    let t_flash_bshd = time_ms(&dev, n, || flash_attention_bshd(&qt, &kt, &vt, scale))?;
+    let t_flash_bshd = time_ms(&dev, n, || flash_attention(&qt, &kt, &vt, &bshd))?;
     let t_naive_bshd = time_ms(&dev, n, || {
         let t = |x: &Tensor| x.transpose(1, 2)?.contiguous();
         naive_attention(&t(&qt)?, &t(&kt)?, &t(&vt)?, scale)?
@@ -311,7 +335,7 @@ fn flash_attention_timing() -> Result<()> {
     );
     println!("  (PyTorch SDPA/flash on an H100: ~1 ms for this shape)");
     let err = max_abs_diff(
-        &flash_attention(&q, &k, &v, scale)?,
+        &flash_attention(&q, &k, &v, &bhsd)?,
         &naive_attention(
             &q.to_dtype(DType::F32)?,
             &k.to_dtype(DType::F32)?,

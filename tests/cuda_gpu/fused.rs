@@ -1,5 +1,5 @@
-//! The fused bf16 CUDA kernels (src/cuda/fused.cu) against the candle reference ops they
-//! replace, on the GPU. Skipped (passes with a message) where no CUDA device is present.
+//! The fused bf16 CUDA kernels (src/cuda/kernels/fused.cu) against the candle reference ops
+//! they replace, on the GPU. Skipped (passes with a message) where no CUDA device is present.
 
 use candle_core::{DType, Device, Tensor, D};
 use flux2_klein::cuda::fused;

@@ -3,7 +3,7 @@
 //! that a device run (`scripts/gpu.sh`) carries a single binary:
 //!
 //! * `attention`: the flash-attention kernels (plain, Hopper, causal) against naive attention;
-//! * `fused`: the fused bf16 kernels (`src/cuda/fused.cu`) and the cuDNN convolution.
+//! * `fused`: the fused bf16 kernels (`src/cuda/kernels/fused.cu`) and the cuDNN convolution.
 //!
 //! Run with `--test-threads=1 --nocapture` to see the numbers.
 #![cfg(feature = "cuda")]

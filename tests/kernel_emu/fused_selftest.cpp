@@ -1,5 +1,5 @@
-// The fused kernels of src/cuda/fused.cu on the CPU without Python (run by
-// tests/kernel_emulation.rs): fused_emu.cpp's launchers (as fused.rs launches them) on
+// The fused kernels of src/cuda/kernels/fused.cu on the CPU without Python (run by
+// tests/kernel_emulation.rs): fused_emu.cpp's launchers (as src/cuda/fused/ launches them) on
 // deterministic inputs, against the op sequences they replace computed here with torch's
 // roundings (f32 math, bf16 rounding after every op torch materialises; the norms' statistics
 // in double). Both the 16-byte and the scalar paths. Exit code 1 on a failure.

@@ -3,10 +3,13 @@
 # does at run time on the GPU machine, and prints ptxas' register / spill report for sm_90a.
 # Uses the CUDA 13.0 wheels of scripts/build-cuda.sh (CUDA_PIP_PREFIX, default
 # ~/.cache/cuda13-pip) and the `cuda` build dir target-cuda.
-#   scripts/check-cuda-kernels.sh          # compile check (cargo test) + ptxas report
+#   scripts/cuda/check-cuda-kernels.sh     # compile check (cargo test) + ptxas report
 set -euo pipefail
-cd "$(dirname "$0")/.."
-eval "$(scripts/build-cuda.sh -e)"
+cd "$(dirname "$0")/../.."
+# build-cuda.sh: in scripts/cuda/ once the rest of scripts/ is regrouped, else in scripts/.
+build_cuda=scripts/cuda/build-cuda.sh
+[ -x "$build_cuda" ] || build_cuda=scripts/build-cuda.sh
+eval "$("$build_cuda" -e)"
 cuda_lib="$CUDA_ROOT/lib"
 # The test binary links libcuda.so.1 (cudarc's dynamic linking) but calls no driver function:
 # the toolkit's link stub stands in for it.
@@ -24,9 +27,9 @@ echo "ptxas (sm_90a) registers and spills per kernel:"
 for src in fused flash_attn flash_attn_sm90; do
     ptx="$stub_dir/$src.ptx"
     case "$src" in  # flash_attn_sm90: the Hopper (wgmma) variant, appended to flash_attn.cu
-    flash_attn_sm90) cat src/cuda/flash_attn.cu src/cuda/flash_attn_sm90.cu > "$stub_dir/fa90_full.cu"
+    flash_attn_sm90) cat src/cuda/kernels/flash_attn.cu src/cuda/kernels/flash_attn_sm90.cu > "$stub_dir/fa90_full.cu"
                      nvcc -arch=sm_90a -ptx -DFA_ONLY_D=0 -DFA_ONLY_BF16 -o "$ptx" "$stub_dir/fa90_full.cu" 2>/dev/null ;;
-    *) nvcc -arch=sm_90a -ptx -DFA_ONLY_D=128 -o "$ptx" "src/cuda/$src.cu" ;;
+    *) nvcc -arch=sm_90a -ptx -DFA_ONLY_D=128 -o "$ptx" "src/cuda/kernels/$src.cu" ;;
     esac
     ptxas -v --gpu-name sm_90a "$ptx" -o /dev/null 2>&1 |
         awk '/Compiling entry/ {gsub(/[\047]/, "", $7); k = $7}
@@ -42,17 +45,17 @@ if command -v cuobjdump >/dev/null && command -v nvdisasm >/dev/null; then
     echo "flash attention main loop (sm_90a SASS, one K/V tile):"
     for d in 64 128 256; do
         ptx="$stub_dir/fa$d.ptx"
-        nvcc -arch=sm_90a -ptx -DFA_ONLY_D=$d -o "$ptx" src/cuda/flash_attn.cu
+        nvcc -arch=sm_90a -ptx -DFA_ONLY_D=$d -o "$ptx" src/cuda/kernels/flash_attn.cu
         ptxas --gpu-name sm_90a "$ptx" -o "$stub_dir/fa$d.cubin"
         k="$(grep -o "fa_fwd_bf16_d${d}_[a-z0-9_]*" "$ptx" | head -1)"
         cuobjdump -sass -fun "$k" "$stub_dir/fa$d.cubin" > "$stub_dir/fa$d.sass"
-        echo "  $k: $(python3 scripts/kernel_emu/sass_loop_mix.py "$stub_dir/fa$d.sass" | tr "\n" " ")"
+        echo "  $k: $(python3 tests/kernel_emu/sass_loop_mix.py "$stub_dir/fa$d.sass" | tr "\n" " ")"
     done
-    cat src/cuda/flash_attn.cu src/cuda/flash_attn_sm90.cu > "$stub_dir/fa90_full.cu"
+    cat src/cuda/kernels/flash_attn.cu src/cuda/kernels/flash_attn_sm90.cu > "$stub_dir/fa90_full.cu"
     nvcc -arch=sm_90a -ptx -DFA_ONLY_D=0 -DFA_ONLY_BF16 -o "$stub_dir/fa90.ptx" "$stub_dir/fa90_full.cu" 2>/dev/null
     ptxas --gpu-name sm_90a "$stub_dir/fa90.ptx" -o "$stub_dir/fa90.cubin"
     for k in fa90_fwd_bf16_d128 fa90_fwd_bf16_d128_n128; do
         cuobjdump -sass -fun "$k" "$stub_dir/fa90.cubin" > "$stub_dir/$k.sass"
-        echo "  $k: $(python3 scripts/kernel_emu/sass_loop_mix.py "$stub_dir/$k.sass" | tr "\n" " ")"
+        echo "  $k: $(python3 tests/kernel_emu/sass_loop_mix.py "$stub_dir/$k.sass" | tr "\n" " ")"
     done
 fi

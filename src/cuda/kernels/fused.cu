@@ -6,6 +6,15 @@
 // tensor. They replace chains of candle ops that each read and write the whole tensor (and,
 // for candle's broadcast binary ops, compute a strided index per element).
 
+// Launch geometry: the one definition, read by the Rust launchers (src/cuda/launch.rs parses
+// these lines) and by the CPU emulation's (tests/kernel_emu/fused_emu.cpp includes this file).
+// FUSED_THREADS: threads per block of every kernel here; FUSED_WARPS_PER_BLOCK: warps per block
+// of the one-warp-per-row kernels (rmsnorm_scale_bf16, rmsnorm_rope_bf16); GN_SPLITS: thread
+// blocks of gn_partial_bf16 per (batch, group).
+#define FUSED_THREADS 256
+#define FUSED_WARPS_PER_BLOCK 8
+#define GN_SPLITS 64
+
 typedef unsigned short u16;
 typedef unsigned int u32;
 
@@ -389,7 +398,7 @@ extern "C" __global__ void rmsnorm_rope_bf16(
 // span of (C/G)·HW elements). Three passes: partial Welford statistics per (group, split),
 // their combination into mean / rstd, and the normalise-affine(-SiLU) pass.
 
-#define GN_THREADS 256
+#define GN_THREADS FUSED_THREADS  // gn_partial_bf16's block: one shared slot per thread
 
 DEVI void welford_combine(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {
     if (nb == 0.0f) return;

@@ -1,5 +1,5 @@
 // A minimal CPU stand-in for the CUDA execution model, enough to run the plain-CUDA kernels of
-// src/cuda/fused.cu on a machine without a GPU (scripts/emulate-kernels.sh). Blocks run
+// src/cuda/kernels/fused.cu on a machine without a GPU (scripts/cuda/emulate-kernels.sh). Blocks run
 // one after another; the threads of a block run as real OS threads, so __syncthreads and the
 // warp shuffles are real barriers and a missing one shows up as a wrong result, not a hang.
 // Not here: inline PTX (ptx_emu.hpp has the helpers flash_attn.cu uses), atomics.

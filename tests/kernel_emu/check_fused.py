@@ -1,5 +1,5 @@
-"""Runs the kernels of src/cuda/fused.cu on the CPU (fused_emu.cpp + cuda_cpu.hpp, launched as
-fused.rs launches them) against PyTorch's bf16 ops, the ones diffusers runs, or an explicit f32
+"""Runs the kernels of src/cuda/kernels/fused.cu on the CPU (fused_emu.cpp + cuda_cpu.hpp, launched as
+src/cuda/fused/ launches them) against PyTorch's bf16 ops, the ones diffusers runs, or an explicit f32
 formula where the kernel documents candle's arithmetic. Catches indexing, stride and
 synchronisation mistakes before a GPU run. Usage: check_fused.py LIB.so  (exit 1 on a failure)
 """

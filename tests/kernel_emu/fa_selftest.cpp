@@ -1,7 +1,7 @@
 // The flash-attention kernel on the CPU without Python (run by tests/kernel_emulation.rs):
 // fa_emu.cpp's launcher on deterministic pseudo-random bf16/f16 inputs, against attention
 // computed in double on the same rounded values; each line ends with a hash of the output
-// bits (scripts/emulate-kernels.sh compares them with another revision's). Exit code 1 on a
+// bits (scripts/cuda/emulate-kernels.sh compares them with another revision's). Exit code 1 on a
 // failure.
 #include <cstdio>
 #include <cstdlib>

@@ -1,15 +1,17 @@
-// src/cuda/fused.cu compiled for the CPU (cuda_cpu.hpp), with C entry points that launch each
-// kernel exactly as src/cuda/fused.rs does (same block sizes and grids).
+// src/cuda/kernels/fused.cu compiled for the CPU (cuda_cpu.hpp), with C entry points that launch
+// each kernel exactly as src/cuda/fused/ does: the grids of src/cuda/launch.rs, with the block
+// geometry (FUSED_THREADS, FUSED_WARPS_PER_BLOCK, GN_SPLITS) taken from fused.cu's own
+// #defines, which the Rust side reads too.
 #include "cuda_cpu.hpp"
 
 #define FLUX2_KERNEL_EMU 1
-#include "../../src/cuda/fused.cu"
+#include "../../src/cuda/kernels/fused.cu"
 
 namespace {
-constexpr unsigned THREADS = 256;  // fused.rs THREADS
-constexpr int GN_SPLITS = 64;      // fused.rs GN_SPLITS
+constexpr unsigned THREADS = FUSED_THREADS;
+constexpr unsigned WARPS = FUSED_WARPS_PER_BLOCK;
 
-Dim3 grid_for(long long n) {  // fused.rs grid_for
+Dim3 grid_for(long long n) {  // launch.rs grid_for
     long long blocks = (n + THREADS - 1) / THREADS;
     blocks = blocks < 1 ? 1 : (blocks > (1 << 20) ? (1 << 20) : blocks);
     return Dim3{(unsigned)blocks, 1, 1};
@@ -25,7 +27,7 @@ void emu_swiglu(const u16* u, const u16* prefix, u16* out, int d, int f, long lo
                [&] { swiglu_bf16(u, prefix, out, d, f, row_stride); });
 }
 
-// which: 0 modulate, 1 layernorm_modulate, 2 gated_residual (fused.rs RowWise).
+// which: 0 modulate, 1 layernorm_modulate, 2 gated_residual (fused/pointwise.rs RowWise).
 void emu_row_wise(int which, const u16* a, const u16* b, const u16* c, u16* out, long long batch,
                   long long rows_per_batch, int d, float eps) {
     emu_launch(Dim3{(unsigned)(batch * rows_per_batch), 1, 1}, THREADS, [&] {
@@ -45,8 +47,7 @@ void emu_rope_bshd(const u16* x, const float* cos_t, const float* sin_t, u16* ou
 void emu_rmsnorm_rope(const u16* x0, const u16* x1, const float* w0, const float* w1,
                       const float* cos_t, const float* sin_t, u16* out, long long rows, int s0,
                       int s_len, int h, int d, const long long* strides, float eps) {
-    const unsigned warps = 8;  // fused.rs WARPS
-    emu_launch(Dim3{(unsigned)((rows + warps - 1) / warps), 1, 1}, warps * 32, [&] {
+    emu_launch(Dim3{(unsigned)((rows + WARPS - 1) / WARPS), 1, 1}, WARPS * 32, [&] {
         rmsnorm_rope_bf16(x0, x1, w0, w1, cos_t, sin_t, out, rows, s0, s_len, h, d, strides[0],
                           strides[1], strides[2], strides[3], strides[4], strides[5], eps);
     });
@@ -72,8 +73,7 @@ void emu_silu_mul(const u16* gate, const u16* up, u16* out, long long n) {
 }
 
 void emu_rmsnorm_scale(const u16* x, const u16* w, u16* out, long long rows, int d, float eps) {
-    const unsigned warps = 8;  // fused.rs RmsNormScale WARPS
-    emu_launch(Dim3{(unsigned)((rows + warps - 1) / warps), 1, 1}, warps * 32,
+    emu_launch(Dim3{(unsigned)((rows + WARPS - 1) / WARPS), 1, 1}, WARPS * 32,
                [&] { rmsnorm_scale_bf16(x, w, out, rows, d, eps); });
 }
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Our CUDA kernels on the CPU (scripts/kernel_emu/), no GPU and no CUDA toolkit needed:
-#  * src/cuda/fused.cu: every kernel runs, launched as src/cuda/fused.rs launches it, against
+# Our CUDA kernels on the CPU (tests/kernel_emu/), no GPU and no CUDA toolkit needed:
+#  * src/cuda/kernels/fused.cu: every kernel runs, launched as src/cuda/fused/ launches it, against
 #    PyTorch's bf16 ops (needs the reference venv's torch: reference/refcheck/setup.sh);
-#  * src/cuda/flash_attn.cu: its index arithmetic exhaustively (fa_index_check.cpp), then the
+#  * src/cuda/kernels/flash_attn.cu: its index arithmetic exhaustively (fa_index_check.cpp), then the
 #    whole kernel with its inline-PTX helpers (ldmatrix, mma.sync, cp.async, cvt) emulated per
 #    warp (ptx_emu.hpp) against attention in double precision (fa_selftest.cpp, as CI runs it).
 #    FA_OTHER_REV=<git rev> also builds that revision's kernel and requires bit-identical
@@ -10,7 +10,7 @@
 # g++ (C++20). Catches indexing, stride and reduction mistakes before a GPU run; a missing
 # barrier shows only by chance. Takes ~45 s on 2 cores.
 set -euo pipefail
-cd "$(dirname "$0")/kernel_emu"
+cd "$(dirname "$0")/../../tests/kernel_emu"
 PY="${FLUX2_REFENV:-$HOME/.cache/flux2-klein-refenv}/bin/python"
 lib="$(mktemp -d)/fused_emu.so"
 trap 'rm -rf "$(dirname "$lib")"' EXIT
@@ -18,8 +18,8 @@ flags=(-std=c++20 -Wall -Wno-unknown-pragmas -Wno-sign-compare -pthread)
 g++ "${flags[@]}" -O1 -o "$(dirname "$lib")/fa_index_check" fa_index_check.cpp
 "$(dirname "$lib")/fa_index_check"
 tmp="$(dirname "$lib")"
-g++ "${flags[@]}" -O2 -DFA_SOURCE='"../../src/cuda/flash_attn.cu"' \
-  -DFA_SM90_SOURCE='"../../src/cuda/flash_attn_sm90.cu"' -o "$tmp/fa_selftest" fa_selftest.cpp
+g++ "${flags[@]}" -O2 -DFA_SOURCE='"../../src/cuda/kernels/flash_attn.cu"' \
+  -DFA_SM90_SOURCE='"../../src/cuda/kernels/flash_attn_sm90.cu"' -o "$tmp/fa_selftest" fa_selftest.cpp
 "$tmp/fa_selftest" | tee "$tmp/fa_this.txt"
 # FA_FUZZ=N: N random shapes more through both Hopper variants.
 if [ -n "${FA_FUZZ:-}" ]; then
@@ -29,7 +29,9 @@ if [ -n "${FA_FUZZ:-}" ]; then
 fi
 if [ -n "${FA_OTHER_REV:-}" ]; then
   # The other revision's helpers get the same FLUX2_KERNEL_EMU guard if they lack it.
-  git show "$FA_OTHER_REV:src/cuda/flash_attn.cu" | "$PY" -c '
+  # (src/cuda/flash_attn.cu before the kernels moved to src/cuda/kernels/.)
+  { git show "$FA_OTHER_REV:src/cuda/kernels/flash_attn.cu" 2>/dev/null ||
+    git show "$FA_OTHER_REV:src/cuda/flash_attn.cu"; } | "$PY" -c '
 import sys; s = sys.stdin.read()
 if "FLUX2_KERNEL_EMU" not in s:
     s = s.replace("DEVI u32 smem_u32(", "#ifndef FLUX2_KERNEL_EMU\nDEVI u32 smem_u32(", 1)

@@ -1,6 +1,6 @@
-// src/cuda/flash_attn.cu compiled for the CPU: the kernel's own code (tiling, copies,
+// src/cuda/kernels/flash_attn.cu compiled for the CPU: the kernel's own code (tiling, copies,
 // swizzle, online softmax, epilogue) with the PTX helpers emulated (ptx_emu.hpp), launched as
-// flash_attn.rs launches it (used by fa_selftest.cpp).
+// src/cuda/attention/ launches it (used by fa_selftest.cpp).
 #include "ptx_emu.hpp"
 
 #undef __shared__
@@ -46,7 +46,7 @@ extern "C" int emu_flash(int d, int bf16, const u16* q, const u16* k, const u16*
 }
 
 // The causal variant (the text encoder's): D = 128, 64 or 16 (the tiny fixtures' head dim 8),
-// as flash_attn.rs launches it with -DFA_CAUSAL. kv_valid: real keys; group: query heads per
+// as src/cuda/attention/ launches it with -DFA_CAUSAL. kv_valid: real keys; group: query heads per
 // K/V head (h counts query heads).
 FA_CAUSAL_KERNEL(bf16, true, 128, 4, 2, 64)
 FA_CAUSAL_KERNEL(bf16, true, 64, 4, 1, 64)
@@ -72,7 +72,7 @@ extern "C" int emu_flash_causal(int d, const u16* q, const u16* k, const u16* v,
 }
 
 #ifdef FA_HAS_SM90
-// The Hopper variant (bf16, head dim 128), launched as flash_attn.rs launches it.
+// The Hopper variant (bf16, head dim 128), launched as src/cuda/attention/ launches it.
 // bn: keys per tile, 64 (fa90_fwd_bf16_d128) or 128 (fa90_fwd_bf16_d128_n128).
 extern "C" int emu_flash90(int bn, const u16* q, const u16* k, const u16* v, u16* o, int b, int h,
                            int sq, int sk, const long long* strides, float scale_log2) {

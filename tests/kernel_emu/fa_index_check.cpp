@@ -1,4 +1,4 @@
-// The index arithmetic of src/cuda/flash_attn.cu on the CPU: its tensor-core parts are inline
+// The index arithmetic of src/cuda/kernels/flash_attn.cu on the CPU: its tensor-core parts are inline
 // PTX and need a GPU, but which shared-memory chunk each lane copies and hands to ldmatrix is
 // plain integer math. Checks, for every head dim and tiling the kernel is built for, that
 //  * TileWalk (each thread copies one chunk column, destinations by a compile-time stride)
@@ -15,7 +15,7 @@
 #undef __shared__
 #define __shared__
 #define FA_ONLY_D 0  // no kernel instances: their inline PTX is for the GPU
-#include "../../src/cuda/flash_attn.cu"
+#include "../../src/cuda/kernels/flash_attn.cu"
 
 static int failures = 0;
 

@@ -1,4 +1,4 @@
-// CPU versions of the PTX helpers of src/cuda/flash_attn.cu (used with FLUX2_KERNEL_EMU and
+// CPU versions of the PTX helpers of src/cuda/kernels/flash_attn.cu (used with FLUX2_KERNEL_EMU and
 // cuda_cpu.hpp). ldmatrix and mma.sync are warp-collective: each lane publishes its operand in
 // the warp's slots, the warp meets at a barrier, and each lane assembles its result from the
 // fragment layouts of the PTX ISA (m8n8 .b16 matrices; mma.m16n8k16 .row.col with
@@ -135,7 +135,7 @@ static inline u32 pack2(float lo, float hi) {
 
 static inline float fast_exp2(float x) { return std::exp2(x); }
 
-// ---- wgmma (src/cuda/flash_attn_sm90.cu), from the PTX ISA's definitions ----
+// ---- wgmma (src/cuda/kernels/flash_attn_sm90.cu), from the PTX ISA's definitions ----
 // Shared-memory operands through matrix descriptors with 128-byte swizzling: the element's
 // byte address from the canonical layout (K-major: ((8,m),(T,2k)):((8T,SBO),(1,T)); N-major:
 // ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)), T = 8 16-bit elements), then address bits 4-6 XOR
