@@ -559,7 +559,7 @@ fn config_from_metadata_makes_the_same_image_again() {
     assert_ne!(diff(&first, &varied).0, 0);
 }
 
-/// `flux2-klein bench --json` (what scripts/gpu.sh records): every timed run, one summary row
+/// `flux2-klein bench --json` (what scripts/gpu/gpu.sh records): every timed run, one summary row
 /// per size, and the settings that make a number comparable, including the attention kernel
 /// (`naive` on the CPU).
 #[test]

@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
 # Compiles every CUDA kernel of ours with NVRTC on this machine (no GPU needed), as the binary
 # does at run time on the GPU machine, and prints ptxas' register / spill report for sm_90a.
-# Uses the CUDA 13.0 wheels of scripts/build-cuda.sh (CUDA_PIP_PREFIX, default
+# Uses the CUDA 13.0 wheels of scripts/cuda/build-cuda.sh (CUDA_PIP_PREFIX, default
 # ~/.cache/cuda13-pip) and the `cuda` build dir target-cuda.
 #   scripts/cuda/check-cuda-kernels.sh     # compile check (cargo test) + ptxas report
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-# build-cuda.sh: in scripts/cuda/ once the rest of scripts/ is regrouped, else in scripts/.
 build_cuda=scripts/cuda/build-cuda.sh
-[ -x "$build_cuda" ] || build_cuda=scripts/build-cuda.sh
 eval "$("$build_cuda" -e)"
 cuda_lib="$CUDA_ROOT/lib"
 # The test binary links libcuda.so.1 (cudarc's dynamic linking) but calls no driver function:

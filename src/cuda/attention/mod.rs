@@ -16,7 +16,7 @@
 //!   partial output by `2^(m_old - m_new)`), so a query block reads each K/V tile once and the
 //!   score matrix never exists in memory: O(S) memory traffic per query tile instead of O(S²).
 //! * **Tile sizes** (chosen by timing B=1, H=24, S=4608, D=128 on an H100 with
-//!   `scripts/gpu_attention_check.sh kernel`; measured: BENCHMARKS.md, 2026-11-26): for
+//!   `scripts/gpu/gpu_attention_check.sh kernel`; measured: BENCHMARKS.md, 2026-11-26): for
 //!   D = 128, 128 query rows per block (4 warps × 32 rows, two m16 MMA slices per warp, so
 //!   every K/V fragment read from shared memory feeds two MMAs) and 64 keys per K/V tile:
 //!   96 KiB of shared memory with double buffering, 2 blocks per SM. Smaller head dims use

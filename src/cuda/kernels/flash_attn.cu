@@ -1,5 +1,5 @@
 // Flash-attention style forward kernel for bf16 / f16 on sm_80+ (built for sm_90 at run time
-// with NVRTC, see flash_attn.rs): no mask (the transformer's joint attention), or, compiled
+// with NVRTC, see src/cuda/attention/): no mask (the transformer's joint attention), or, compiled
 // with FA_CAUSAL, causal over right-padded rows with grouped K/V heads (the Qwen3 text
 // encoder). Its Hopper (wgmma) variant is flash_attn_sm90.cu, compiled appended to this file.
 //
@@ -29,8 +29,8 @@
 //     lane's ldmatrix addresses are a per-lane register plus a compile-time constant
 //     (LdsmLane), so the loop does almost no integer work: ~1000 instructions per 64-key tile
 //     at D = 128 for 256 mma.sync (sm_90a SASS), down from ~2100 with the swizzle, divisions
-//     and bounds computed per chunk. scripts/check-cuda-kernels.sh prints that count;
-//     scripts/emulate-kernels.sh runs this kernel on the CPU (PTX helpers emulated).
+//     and bounds computed per chunk. scripts/cuda/check-cuda-kernels.sh prints that count;
+//     scripts/cuda/emulate-kernels.sh runs this kernel on the CPU (PTX helpers emulated).
 //   * D (the compiled head dim) is the real head dim rounded up to a supported size, so any
 //     head dim that is a multiple of 8 works.
 //   * The output tile is staged through the warp's own (no longer needed) Q rows in shared
@@ -51,7 +51,7 @@ struct alignas(16) Chunk16 {
 
 #define DEVI static __device__ __forceinline__
 
-// The PTX helpers. scripts/kernel_emu/ builds this file for the CPU with FLUX2_KERNEL_EMU
+// The PTX helpers. tests/kernel_emu/ builds this file for the CPU with FLUX2_KERNEL_EMU
 // defined and its own versions of these functions (same fragment layouts, emulated per warp).
 #ifndef FLUX2_KERNEL_EMU
 DEVI u32 smem_u32(const void* p) {
@@ -497,7 +497,7 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
 // Kernel entry points: fa_fwd_<dtype>_d<D>_w<NW>_m<MT>_n<BN>.
 // Grid: (ceil(Sq / (16*MT*NW)), H, B); block: NW*32 threads;
 // dynamic shared memory: (16*MT*NW + 4*BN) * D * 2 bytes.
-// FA_PARAMS / FA_ARGS: the entries' common parameter list (flash_attn.rs pushes it in this
+// FA_PARAMS / FA_ARGS: the entries' common parameter list (attention/op.rs pushes it in this
 // order) and its forwarding to fa_fwd_impl.
 #define FA_PARAMS                                                                              \
     const u16 *__restrict__ q, const u16 *__restrict__ k, const u16 *__restrict__ v,           \
@@ -529,7 +529,7 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
 #define FA_INSTANCE FA_KERNEL
 #endif
 
-// flash_attn.rs compiles one head dim and one dtype at a time (-DFA_ONLY_D=<D>,
+// attention/select.rs compiles one head dim and one dtype at a time (-DFA_ONLY_D=<D>,
 // -DFA_ONLY_BF16 / -DFA_ONLY_F16): NVRTC and the driver's JIT take ~1 s per instance, and a
 // process only needs the head dim and dtype of its model (first-run cold start).
 #if defined(FA_ONLY_F16)
@@ -544,7 +544,7 @@ DEVI void fa_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
 #endif
 #define FA_KERNELS(D, NW, MT, BN) FA_KERNEL_BF16(D, NW, MT, BN) FA_KERNEL_F16(D, NW, MT, BN)
 
-// The configurations flash_attn.rs launches (keep in sync with `KernelConfig::for_head_dim`).
+// The configurations attention/select.rs launches (keep in sync with `KernelConfig::for_head_dim`).
 #if !defined(FA_ONLY_D) || FA_ONLY_D == 16
 FA_KERNELS(16, 4, 1, 64)
 #endif
@@ -562,7 +562,7 @@ FA_KERNELS(256, 4, 1, 32)
 #endif
 
 #ifdef FA_BENCH_VARIANTS
-// Extra D = 128 tilings, only compiled by the benchmark script (scripts/gpu_attention_check.sh).
+// Extra D = 128 tilings, only compiled by the benchmark script (scripts/gpu/gpu_attention_check.sh).
 FA_KERNEL(bf16, true, 128, 8, 1, 64)
 FA_KERNEL(bf16, true, 128, 4, 1, 64)
 FA_KERNEL(bf16, true, 128, 4, 1, 32)

@@ -2,7 +2,7 @@
 // warpgroup MMAs (wgmma.mma_async) instead of mma.sync, bf16, head dim 128, for compute_90a.
 // NVRTC compiles it appended to flash_attn.cu (whose helpers it uses: cp.async, cvt, exp2,
 // shared addresses), with -DFA_ONLY_D=0 so that none of the mma.sync kernels is built with it
-// (flash_attn.rs HOPPER_SOURCE). A block of two warpgroups owns 128 query rows (64 per
+// (attention/select.rs HOPPER_SOURCE). A block of two warpgroups owns 128 query rows (64 per
 // warpgroup); K/V tiles of BN keys (64 or 128) are double buffered with cp.async. S = Q K^T reads Q and K straight from shared memory through matrix descriptors; P V
 // takes P from registers (the S accumulator layout is the A-fragment layout) and V from shared
 // memory, N-major (imm-trans-b). Shared-memory tiles use the canonical 128-byte-swizzle layout
@@ -14,7 +14,7 @@
 // softmax of S(t+1) runs while P(t) V(t) is still on the tensor cores (FlashAttention-3's
 // intra-warpgroup overlap); K(t+2) and V(t+1) load meanwhile. The key tiles are visited last
 // first (as FlashAttention-3 does): the one partial tile is the prologue's, so the main loop
-// holds no key mask and no bounds-checked load. scripts/kernel_emu emulates the
+// holds no key mask and no bounds-checked load. tests/kernel_emu emulates the
 // instructions from the PTX ISA's definitions, asynchronously (a wgmma reads its operands when
 // its group is waited for), so a missing wait or an early overwrite shows there too.
 #ifndef FLUX2_KERNEL_EMU
@@ -345,7 +345,7 @@ DEVI void fa90_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
     const unsigned long long k_desc = sw128_desc(ks, 16, 1024);
     // V is N-major: per the PTX ISA the leading byte offset steps along N (to the next 64
     // head-dim columns, a panel) and the stride byte offset along K (the next 8 keys).
-    // FA90_V_OFFSETS_SWAPPED builds the other reading, for scripts/gpu_attention_check.sh to
+    // FA90_V_OFFSETS_SWAPPED builds the other reading, for scripts/gpu/gpu_attention_check.sh to
     // try should this one fail on a GPU (it does not pass the CPU emulation).
 #ifndef FA90_V_OFFSETS_SWAPPED
     const unsigned long long v_desc = sw128_desc(vs, PANEL_KV, 1024);
@@ -426,7 +426,7 @@ DEVI void fa90_fwd_impl(const u16* __restrict__ q, const u16* __restrict__ k,
              long long q_ss, long long k_sb, long long k_sh, long long k_ss, long long v_sb,    \
              long long v_sh, long long v_ss, long long o_sb, long long o_sh, long long o_ss,    \
              float scale_log2) {                                                                \
-        (void)dact; /* always 128: flash_attn.rs launches these only for head dim 128 */       \
+        (void)dact; /* always 128: attention/ launches these only for head dim 128 */       \
         fa90_fwd_impl<BN>(q, k, v, o, sq, sk, q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh,   \
                           v_ss, o_sb, o_sh, o_ss, scale_log2);                                 \
     }

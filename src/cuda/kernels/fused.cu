@@ -47,7 +47,7 @@ template <int N>
 DEVI Bf16xN<N> ldv(const u16* p) {
 #ifndef FLUX2_KERNEL_EMU
     return *reinterpret_cast<const Bf16xN<N>*>(p);
-#else  // scripts/kernel_emu: the same bytes, and a misaligned access aborts as on the GPU
+#else  // tests/kernel_emu: the same bytes, and a misaligned access aborts as on the GPU
     Bf16xN<N> r;
     emu_copy_aligned(&r, p, 2 * N);
     return r;
