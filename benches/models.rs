@@ -14,14 +14,13 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use flux2_klein::model_dir::ModelDir;
 use flux2_klein::pipeline::{Pipeline, PipelineOptions, Request};
 use flux2_klein::text_encoder::{
     PromptTokenizer, Qwen3Config, Qwen3TextEncoder, DEFAULT_LAYERS, DEFAULT_MAX_LEN,
 };
-use flux2_klein::transformer::{Flux2Transformer, Flux2TransformerConfig};
+use flux2_klein::transformer::{Flux2Transformer, Flux2TransformerConfig, Inputs};
 use flux2_klein::vae::{AutoencoderKLFlux2, VaeParts};
 
 const MODEL: &str = "tiny-w0";
@@ -55,7 +54,13 @@ fn transformer(c: &mut Criterion) {
     g.sampling_mode(SamplingMode::Flat);
     g.bench_function("transformer_forward_t2i_64x64", |b| {
         b.iter(|| {
-            m.forward(black_box(&x), &ctx, &ts, &img_ids, &txt_ids, None)
+            let inputs = Inputs {
+                hidden_states: black_box(&x),
+                encoder_hidden_states: &ctx,
+                timestep: &ts,
+                guidance: None,
+            };
+            m.forward(&inputs, &m.rope(&img_ids, &txt_ids).unwrap(), None)
                 .unwrap()
         })
     });
@@ -63,16 +68,12 @@ fn transformer(c: &mut Criterion) {
 }
 
 fn text_encoder(c: &mut Criterion) {
-    let dir = common::model(MODEL).join("text_encoder");
-    let cfg = Qwen3Config::from_file(&dir.join("config.json")).unwrap();
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-    }
-    .unwrap();
+    // The pipeline's own loading path: config parsed and validated, weights mapped.
+    let dir = ModelDir::open_local(&common::model(MODEL)).unwrap();
+    let cfg: Qwen3Config = dir.config("text_encoder").unwrap();
+    let vb = dir
+        .var_builder("text_encoder", DType::F32, &Device::Cpu)
+        .unwrap();
     let deepest = *DEFAULT_LAYERS.iter().max().unwrap();
     let enc = Qwen3TextEncoder::load(vb, &cfg, deepest).unwrap();
     let tok = PromptTokenizer::from_file(

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, case_json, case_tensors, fixtures, max_rel_err, model};
-use flux2_klein::transformer::{Flux2Transformer, Flux2TransformerConfig};
+use flux2_klein::transformer::{Flux2Transformer, Flux2TransformerConfig, Inputs, Trace};
 
 const F32_TOL: f32 = 1e-5;
 const BF16_TOL: f32 = 2e-2;
@@ -30,6 +30,26 @@ fn load(model_name: &str, dtype: DType) -> Flux2Transformer {
         &Device::Cpu,
     )
     .unwrap()
+}
+
+/// One transformer call with the RoPE tables of `ids` = (img_ids, txt_ids).
+fn run(
+    m: &Flux2Transformer,
+    x: &Tensor,
+    ctx: &Tensor,
+    ts: &Tensor,
+    ids: (&Tensor, &Tensor),
+    guidance: Option<&Tensor>,
+    trace: Option<&mut Trace>,
+) -> anyhow::Result<Tensor> {
+    let rope = m.rope(ids.0, ids.1)?;
+    let inputs = Inputs {
+        hidden_states: x,
+        encoder_hidden_states: ctx,
+        timestep: ts,
+        guidance,
+    };
+    m.forward(&inputs, &rope, trace)
 }
 
 /// The transformer calls of a case (`step.0.cond`, `step.0.uncond`, ...).
@@ -57,9 +77,8 @@ fn check_case(m: &Flux2Transformer, case: &str, tol: f32) -> f32 {
         let x = get(&format!("{call}.hidden_states"));
         let ts = get(&format!("{call}.timestep"));
         let out = if call == "step.0.cond" {
-            let (out, trace) = m
-                .forward_traced(x, ctx, ts, img_ids, txt_ids, None)
-                .unwrap();
+            let mut trace = Trace::new();
+            let out = run(m, x, ctx, ts, (img_ids, txt_ids), None, Some(&mut trace)).unwrap();
             let ours: HashMap<_, _> = trace.into_iter().collect();
             let prefix = "step.0.cond.blk.";
             let mut n = 0;
@@ -67,7 +86,7 @@ fn check_case(m: &Flux2Transformer, case: &str, tol: f32) -> f32 {
                 let short = &name[prefix.len()..];
                 let mine = ours
                     .get(short)
-                    .unwrap_or_else(|| panic!("{case}: forward_traced lacks {short}"));
+                    .unwrap_or_else(|| panic!("{case}: the trace lacks {short}"));
                 let err = max_rel_err(mine, reference);
                 worst = worst.max(err);
                 assert_close(&format!("{case} blk.{short}"), mine, reference, tol);
@@ -84,7 +103,13 @@ fn check_case(m: &Flux2Transformer, case: &str, tol: f32) -> f32 {
             let rope = ropes
                 .entry(branch.clone())
                 .or_insert_with(|| m.rope(img_ids, txt_ids).unwrap());
-            m.forward_with_rope(x, ctx, ts, rope, None).unwrap()
+            let inputs = Inputs {
+                hidden_states: x,
+                encoder_hidden_states: ctx,
+                timestep: ts,
+                guidance: None,
+            };
+            m.forward(&inputs, rope, None).unwrap()
         };
         let reference = get(&format!("{call}.output"));
         let err = max_rel_err(&out, reference);
@@ -128,18 +153,19 @@ fn bfl_single_file_matches_diffusers_names() {
     for case in ["t2i_64x64", "edit2_64x64"] {
         let t = case_tensors(case);
         let args = |k: &str| t[&format!("step.0.cond.{k}")].clone();
-        let run = |m: &Flux2Transformer| {
-            m.forward(
+        let call = |m: &Flux2Transformer| {
+            run(
+                m,
                 &args("hidden_states"),
                 &args("encoder_hidden_states"),
                 &args("timestep"),
-                &args("img_ids"),
-                &args("txt_ids"),
+                (&args("img_ids"), &args("txt_ids")),
+                None,
                 None,
             )
             .unwrap()
         };
-        let (a, b) = (run(&bfl), run(&diff));
+        let (a, b) = (call(&bfl), call(&diff));
         let same = a
             .flatten_all()
             .unwrap()
@@ -173,26 +199,27 @@ fn guidance_embedder_matches_diffusers() {
     let m =
         Flux2Transformer::load_safetensors(&[&weights], &cfg, DType::F32, &Device::Cpu).unwrap();
     let io = candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu).unwrap();
-    let run = |g: Option<&Tensor>| {
-        m.forward(
+    let call = |g: Option<&Tensor>| {
+        run(
+            &m,
             &io["hidden_states"],
             &io["encoder_hidden_states"],
             &io["timestep"],
-            &io["img_ids"],
-            &io["txt_ids"],
+            (&io["img_ids"], &io["txt_ids"]),
             g,
+            None,
         )
         .unwrap()
     };
     assert_close(
         "guidance output",
-        &run(Some(&io["guidance"])),
+        &call(Some(&io["guidance"])),
         &io["output"],
         F32_TOL,
     );
     assert_close(
         "no-guidance output",
-        &run(None),
+        &call(None),
         &io["output_no_guidance"],
         F32_TOL,
     );
@@ -227,39 +254,39 @@ fn bad_inputs_are_errors() {
     let t = case_tensors("t2i_64x64");
     let a = |k: &str| t[&format!("step.0.cond.{k}")].clone();
     let x_bf16 = a("hidden_states").to_dtype(DType::BF16).unwrap();
-    let err = m
-        .forward(
-            &x_bf16,
-            &a("encoder_hidden_states"),
-            &a("timestep"),
-            &a("img_ids"),
-            &a("txt_ids"),
-            None,
-        )
-        .unwrap_err();
+    let err = run(
+        &m,
+        &x_bf16,
+        &a("encoder_hidden_states"),
+        &a("timestep"),
+        (&a("img_ids"), &a("txt_ids")),
+        None,
+        None,
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("to_dtype"), "{err:#}");
     let x_wide = Tensor::zeros((1, 16, 17), DType::F32, &Device::Cpu).unwrap();
-    let err = m
-        .forward(
-            &x_wide,
-            &a("encoder_hidden_states"),
-            &a("timestep"),
-            &a("img_ids"),
-            &a("txt_ids"),
-            None,
-        )
-        .unwrap_err();
+    let err = run(
+        &m,
+        &x_wide,
+        &a("encoder_hidden_states"),
+        &a("timestep"),
+        (&a("img_ids"), &a("txt_ids")),
+        None,
+        None,
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("in_channels"), "{err:#}");
     let short_ids = a("img_ids").narrow(1, 0, 8).unwrap();
-    let err = m
-        .forward(
-            &a("hidden_states"),
-            &a("encoder_hidden_states"),
-            &a("timestep"),
-            &short_ids,
-            &a("txt_ids"),
-            None,
-        )
-        .unwrap_err();
+    let err = run(
+        &m,
+        &a("hidden_states"),
+        &a("encoder_hidden_states"),
+        &a("timestep"),
+        (&short_ids, &a("txt_ids")),
+        None,
+        None,
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("RoPE"), "{err:#}");
 }

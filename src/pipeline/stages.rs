@@ -13,7 +13,7 @@ use crate::latents;
 use crate::noise;
 use crate::scheduler::{self, Schedule};
 use crate::text_encoder::{self, PromptTokenizer, Qwen3TextEncoder};
-use crate::transformer::Flux2Transformer;
+use crate::transformer::{Flux2Transformer, Inputs};
 use crate::vae::{self, AutoencoderKLFlux2, TileOptions};
 
 /// The conditioning of one request.
@@ -145,8 +145,14 @@ pub fn denoise(
         };
         let timestep = scheduler::model_timestep(schedule.timesteps[i], 1, dtype, &device)?;
         let predict = |embeds: &Tensor| -> Result<Tensor> {
+            let inputs = Inputs {
+                hidden_states: &x_in,
+                encoder_hidden_states: embeds,
+                timestep: &timestep,
+                guidance: None,
+            };
             Ok(transformer
-                .forward_with_rope(&x_in, embeds, &timestep, &rope, None)?
+                .forward(&inputs, &rope, None)?
                 .narrow(1, 0, n_target)?)
         };
         let cond_velocity = predict(cond.prompt_embeds)?;

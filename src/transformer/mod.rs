@@ -22,4 +22,4 @@ pub mod modulation;
 
 pub use config::Flux2TransformerConfig;
 pub use embed::RopeTables;
-pub use model::{Flux2Transformer, Trace};
+pub use model::{Flux2Transformer, Inputs, Trace};

@@ -15,6 +15,21 @@ use crate::ops::{norm::LayerNorm, Linear};
 /// names the refcheck cases record after `step.0.cond.blk.` (e.g. `double.0.img`).
 pub type Trace = Vec<(String, Tensor)>;
 
+/// The inputs of one transformer call (spec §5.2).
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    /// `[B, N, in_channels]` in the model dtype: the packed latents, then any reference tokens.
+    pub hidden_states: &'a Tensor,
+    /// `[B, L, joint_attention_dim]` in the model dtype: the prompt embedding.
+    pub encoder_hidden_states: &'a Tensor,
+    /// `[B]` = t/1000 (the pipeline's value; cast to the model dtype and ×1000 inside, in that
+    /// dtype, spec §1).
+    pub timestep: &'a Tensor,
+    /// `[B]`: only used by checkpoints with `guidance_embeds` (ignored otherwise, as diffusers
+    /// does).
+    pub guidance: Option<&'a Tensor>,
+}
+
 /// The FLUX.2 transformer (diffusers `Flux2Transformer2DModel`).
 #[derive(Debug, Clone)]
 pub struct Flux2Transformer {
@@ -120,11 +135,6 @@ impl Flux2Transformer {
     /// The joint `[txt, img]` RoPE tables. Like diffusers, only batch element 0 of 3-D ids is
     /// used. Compute once per generation: the ids do not change across denoising steps.
     pub fn rope(&self, img_ids: &Tensor, txt_ids: &Tensor) -> Result<RopeTables> {
-        let (img, txt) = self.rope_parts(img_ids, txt_ids)?;
-        RopeTables::concat(&txt, &img)
-    }
-
-    fn rope_parts(&self, img_ids: &Tensor, txt_ids: &Tensor) -> Result<(RopeTables, RopeTables)> {
         let first = |ids: &Tensor, what: &str| -> Result<Tensor> {
             match ids.rank() {
                 3 => Ok(ids.get(0)?),
@@ -137,143 +147,27 @@ impl Flux2Transformer {
             .context("RoPE tables for img_ids")?;
         let txt = RopeTables::from_ids(&first(txt_ids, "txt_ids")?, axes, theta)
             .context("RoPE tables for txt_ids")?;
-        Ok((img, txt))
+        RopeTables::concat(&txt, &img)
     }
 
-    /// One transformer call (spec §5.2).
+    /// One transformer call (spec §5.2) with the joint RoPE tables of [`Self::rope`].
     ///
-    /// * `hidden_states` [B, N, in_channels], `encoder_hidden_states` [B, L, joint_attention_dim],
-    ///   both in the model dtype;
-    /// * `timestep` [B] = t/1000 (the pipeline's value; cast to the model dtype and ×1000
-    ///   inside, in that dtype, spec §1);
-    /// * `img_ids` [B, N, 4], `txt_ids` [B, L, 4] (i64; batch element 0 is used);
-    /// * `guidance` [B]: only used by checkpoints with `guidance_embeds` (ignored otherwise,
-    ///   as diffusers does).
-    ///
-    /// Returns [B, N, out_channels] in the model dtype.
+    /// Returns `[B, N, out_channels]` in the model dtype. With `trace`, also records the named
+    /// intermediates the refcheck cases record (`time_guidance_embed`,
+    /// `double_stream_modulation_img`, …, `pos_embed.img.cos`, `double.{j}.txt`,
+    /// `double.{j}.img`, `single.{j}`, `norm_out`).
     pub fn forward(
         &self,
-        hidden_states: &Tensor,
-        encoder_hidden_states: &Tensor,
-        timestep: &Tensor,
-        img_ids: &Tensor,
-        txt_ids: &Tensor,
-        guidance: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let rope = self.rope(img_ids, txt_ids)?;
-        self.forward_with_rope(
-            hidden_states,
-            encoder_hidden_states,
-            timestep,
-            &rope,
-            guidance,
-        )
-    }
-
-    /// [`forward`](Self::forward) with precomputed [`rope`](Self::rope) tables.
-    pub fn forward_with_rope(
-        &self,
-        hidden_states: &Tensor,
-        encoder_hidden_states: &Tensor,
-        timestep: &Tensor,
+        inputs: &Inputs,
         rope: &RopeTables,
-        guidance: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        self.run(
-            hidden_states,
-            encoder_hidden_states,
-            timestep,
-            rope,
-            guidance,
-            None,
-        )
-    }
-
-    /// [`forward`](Self::forward) that also returns the named intermediates recorded by the
-    /// refcheck cases (`time_guidance_embed`, `double_stream_modulation_img`, …,
-    /// `pos_embed.img.cos`, `double.{j}.txt`, `double.{j}.img`, `single.{j}`, `norm_out`).
-    pub fn forward_traced(
-        &self,
-        hidden_states: &Tensor,
-        encoder_hidden_states: &Tensor,
-        timestep: &Tensor,
-        img_ids: &Tensor,
-        txt_ids: &Tensor,
-        guidance: Option<&Tensor>,
-    ) -> Result<(Tensor, Trace)> {
-        let mut trace = Trace::new();
-        let (img, txt) = self.rope_parts(img_ids, txt_ids)?;
-        for (name, t) in [("img", &img), ("txt", &txt)] {
-            let (cos, sin) = t.interleaved()?;
-            trace.push((format!("pos_embed.{name}.cos"), cos));
-            trace.push((format!("pos_embed.{name}.sin"), sin));
-        }
-        let rope = RopeTables::concat(&txt, &img)?;
-        let out = self.run(
-            hidden_states,
-            encoder_hidden_states,
-            timestep,
-            &rope,
-            guidance,
-            Some(&mut trace),
-        )?;
-        Ok((out, trace))
-    }
-
-    fn check_inputs(
-        &self,
-        hidden_states: &Tensor,
-        encoder_hidden_states: &Tensor,
-        timestep: &Tensor,
-    ) -> Result<()> {
-        let (b, _, c) = hidden_states
-            .dims3()
-            .context("hidden_states must be [B, N, in_channels]")?;
-        let (bc, _, j) = encoder_hidden_states
-            .dims3()
-            .context("encoder_hidden_states must be [B, L, joint_attention_dim]")?;
-        if c != self.cfg.in_channels {
-            bail!(
-                "hidden_states has {c} channels, the model expects in_channels = {}",
-                self.cfg.in_channels
-            );
-        }
-        if j != self.cfg.joint_attention_dim {
-            bail!(
-                "encoder_hidden_states has {j} channels, the model expects joint_attention_dim = {}",
-                self.cfg.joint_attention_dim
-            );
-        }
-        let bt = timestep.dims1().context("timestep must be [B]")?;
-        if bc != b || bt != b {
-            bail!(
-                "batch sizes differ: hidden_states {b}, encoder_hidden_states {bc}, timestep {bt}"
-            );
-        }
-        for (name, t) in [
-            ("hidden_states", hidden_states),
-            ("encoder_hidden_states", encoder_hidden_states),
-        ] {
-            if t.dtype() != self.dtype {
-                bail!(
-                    "{name} is {:?} but the transformer computes in {:?}; cast it with to_dtype first",
-                    t.dtype(),
-                    self.dtype
-                );
-            }
-        }
-        Ok(())
-    }
-
-    fn run(
-        &self,
-        hidden_states: &Tensor,
-        encoder_hidden_states: &Tensor,
-        timestep: &Tensor,
-        rope: &RopeTables,
-        guidance: Option<&Tensor>,
         mut trace: Option<&mut Trace>,
     ) -> Result<Tensor> {
+        let Inputs {
+            hidden_states,
+            encoder_hidden_states,
+            timestep,
+            guidance,
+        } = *inputs;
         self.check_inputs(hidden_states, encoder_hidden_states, timestep)?;
         let n = hidden_states.dim(1)?;
         let l = encoder_hidden_states.dim(1)?;
@@ -282,6 +176,18 @@ impl Flux2Transformer {
                 "RoPE tables cover {} tokens but txt + img = {l} + {n}",
                 rope.len()
             );
+        }
+        // diffusers' `pos_embed(img_ids)` / `pos_embed(txt_ids)`: the two halves of the table.
+        if let Some(tr) = trace.as_deref_mut() {
+            for (name, start, len) in [("img", l, n), ("txt", 0, l)] {
+                let part = RopeTables {
+                    cos: rope.cos.narrow(0, start, len)?,
+                    sin: rope.sin.narrow(0, start, len)?,
+                };
+                let (cos, sin) = part.interleaved()?;
+                tr.push((format!("pos_embed.{name}.cos"), cos));
+                tr.push((format!("pos_embed.{name}.sin"), sin));
+            }
         }
         let mut record = |name: &str, t: &Tensor| {
             if let Some(tr) = trace.as_deref_mut() {
@@ -337,5 +243,50 @@ impl Flux2Transformer {
         let z = self.norm_out.forward(&z.narrow(1, l, n)?, &temb)?;
         record("norm_out", &z);
         Ok(self.proj_out.forward(&z)?)
+    }
+
+    fn check_inputs(
+        &self,
+        hidden_states: &Tensor,
+        encoder_hidden_states: &Tensor,
+        timestep: &Tensor,
+    ) -> Result<()> {
+        let (b, _, c) = hidden_states
+            .dims3()
+            .context("hidden_states must be [B, N, in_channels]")?;
+        let (bc, _, j) = encoder_hidden_states
+            .dims3()
+            .context("encoder_hidden_states must be [B, L, joint_attention_dim]")?;
+        if c != self.cfg.in_channels {
+            bail!(
+                "hidden_states has {c} channels, the model expects in_channels = {}",
+                self.cfg.in_channels
+            );
+        }
+        if j != self.cfg.joint_attention_dim {
+            bail!(
+                "encoder_hidden_states has {j} channels, the model expects joint_attention_dim = {}",
+                self.cfg.joint_attention_dim
+            );
+        }
+        let bt = timestep.dims1().context("timestep must be [B]")?;
+        if bc != b || bt != b {
+            bail!(
+                "batch sizes differ: hidden_states {b}, encoder_hidden_states {bc}, timestep {bt}"
+            );
+        }
+        for (name, t) in [
+            ("hidden_states", hidden_states),
+            ("encoder_hidden_states", encoder_hidden_states),
+        ] {
+            if t.dtype() != self.dtype {
+                bail!(
+                    "{name} is {:?} but the transformer computes in {:?}; cast it with to_dtype first",
+                    t.dtype(),
+                    self.dtype
+                );
+            }
+        }
+        Ok(())
     }
 }
