@@ -159,14 +159,6 @@ impl ModelDir {
         Ok(dir)
     }
 
-    /// Local root directory (None for hub repos).
-    pub fn local_root(&self) -> Option<&Path> {
-        match &self.source {
-            Source::Local(p) => Some(p),
-            Source::Hub { .. } => None,
-        }
-    }
-
     /// Path of one file of the model (downloaded into the HF cache when needed).
     pub fn file(&self, rel: &str) -> Result<PathBuf> {
         match &self.source {
