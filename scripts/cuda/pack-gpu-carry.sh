@@ -6,6 +6,10 @@
 # Build first, e.g.:
 #   eval "$(scripts/cuda/build-cuda.sh -e)"; CARGO_TARGET_DIR=target-cuda \
 #     cargo build --release --features cuda,cudnn --all-targets
+# BASE_BIN=PATH also packs a binary of an earlier commit as carry/flux2-klein-base.xz (with
+# BASE_SOURCE, e.g. its commit, in carry/BASE_SOURCE): gpu.sh then A/Bs images and speed
+# against it. Build it in a worktree of that commit with the same CARGO_TARGET_DIR (only the
+# crate itself recompiles) and copy the binary out before building this tree again.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 T="${CARGO_TARGET_DIR:-target-cuda}/release"
@@ -21,6 +25,10 @@ pack() {  # source, name
   echo "carry/$2.xz $(du -h "carry/$2.xz" | cut -f1)"
 }
 pack "$T/flux2-klein" flux2-klein
+if [ -n "${BASE_BIN:-}" ]; then
+  pack "$BASE_BIN" flux2-klein-base
+  echo "${BASE_SOURCE:-unknown}" > carry/BASE_SOURCE
+fi
 rm -f carry/cuda_attention.xz carry/cuda_fused.xz  # the separate test binaries of before
 for t in cuda_gpu; do
   exe="$(ls -t "$T"/deps/"$t"-* 2>/dev/null | grep -v '\.d$' | head -1 || true)"

@@ -102,6 +102,30 @@ for f in ['$OUT/ours_bench.json','$OUT/ours_bench_edit.json']:
     print(json.dumps(d.get('summary', d), indent=None)[:1500])
 " | tee -a "$LOG"
 
+# 3b. A binary of an earlier commit (carry/flux2-klein-base.xz, from pack-gpu-carry.sh with
+# BASE_BIN): the same 1024² image and warm bench, for changes that must move neither images nor
+# speed (e.g. issue #16: PSNR vs the earlier image >= 60 dB or identical, total within 3 %).
+if [ -f carry/flux2-klein-base.xz ] && have 420 "A/B against the base binary"; then
+  BASE=/tmp/flux2-klein-base; xz -dc carry/flux2-klein-base.xz > "$BASE" && chmod +x "$BASE"
+  log "A/B: base binary $(cat carry/BASE_SOURCE 2>/dev/null) against this one"
+  timeout 90 "$BASE" -q generate -m "$MODEL" -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$OUT/base_t2i_1024.png" 2>>"$LOG"
+  python3 scripts/gpu/gpu_bench.py psnr "$OUT/base_t2i_1024.png" "$OUT/ours_t2i_1024.png" | tee -a "$LOG"
+  timeout 130 "$BASE" bench -m "$MODEL" --size 1024x1024 --runs ${GPU_RUNS:-2} --warmup 1 --json > "$OUT/base_bench.json" 2>>"$LOG"
+  python3 - "$OUT/base_bench.json" "$OUT/ours_bench.json" <<'PY' | tee -a "$LOG"
+import json, sys
+def total(path):
+    rows = json.load(open(path))["summary"]
+    row = next(r for r in rows if (r["width"], r["height"]) == (1024, 1024))
+    return row["total_ms"]["mean"]
+try:
+    base, ours = total(sys.argv[1]), total(sys.argv[2])
+    print(json.dumps({"base_total_ms": round(base, 1), "ours_total_ms": round(ours, 1),
+                      "ours_over_base": round(ours / base, 4)}))
+except Exception as e:
+    print(json.dumps({"error": f"base A/B unreadable: {e}"}))
+PY
+fi
+
 if [ -z "${GPU_SKIP_AB:-}" ] && have 420 "A/B with the speed paths off"; then
   log "A/B: the same bench with our CUDA speed paths off (FLUX2_KLEIN_FUSED=0: candle ops, candle's cuDNN conv)"
   FLUX2_KLEIN_FUSED=0 timeout 90 "$BIN" bench -m "$MODEL" --size 1024x1024 --runs 1 --warmup 1 2>&1 | tail -6 | tee -a "$LOG"
