@@ -7,8 +7,8 @@
 //! here and in `crate::cuda`.
 //!
 //! * [`linear`]: [`Linear`], one `forward` over the stored weight kind;
-//! * [`attention`]: scaled dot-product attention with a [`Mask`], FLUX.2's joint q/k-norm +
-//!   RoPE attention, and the VAE's f32 attention;
+//! * [`attention`]: scaled dot-product attention with a [`Mask`], and the VAE's f32
+//!   attention; [`joint_attention`]: FLUX.2's q/k-norm + RoPE + attention;
 //! * [`norm`]: LayerNorm (+ modulation), the two RMSNorm rounding rules, GroupNorm (+ SiLU);
 //! * [`mlp`]: SwiGLU and SiLU·up; [`elementwise`]: modulation and the gated residual;
 //! * [`rope`]: the interleaved (FLUX.2) and half-split (Qwen3) rotations;
@@ -19,6 +19,7 @@ pub mod attention;
 pub mod conv;
 pub mod device;
 pub mod elementwise;
+pub mod joint_attention;
 mod kernels;
 pub mod linear;
 pub mod mlp;

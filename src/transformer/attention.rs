@@ -1,7 +1,7 @@
 //! diffusers' `Flux2Attention` (double-stream: image projections plus the `add_*` text
 //! projections) and `Flux2ParallelSelfAttention` (single-stream: one fused projection for
 //! q, k, v and the MLP input), spec §5.2 steps 5 and 6. The attention itself is
-//! [`ops::attention::qk_norm_rope_attention`].
+//! [`ops::joint_attention::qk_norm_rope_attention`].
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -93,7 +93,7 @@ impl Flux2Attention {
         let kc = heads(&self.add_k_proj.forward(txt)?, hh, hd)?;
         let vc = heads(&self.add_v_proj.forward(txt)?, hh, hd)?;
         // Text tokens first (spec §5.2 step 5), each stream with its own q/k norms.
-        let o = ops::attention::qk_norm_rope_attention(
+        let o = ops::joint_attention::qk_norm_rope_attention(
             &[(&qc, &self.norm_added_q), (&q, &self.norm_q)],
             &[(&kc, &self.norm_added_k), (&k, &self.norm_k)],
             &Tensor::cat(&[&vc, &v], 1)?,
@@ -143,7 +143,7 @@ impl Flux2ParallelSelfAttention {
         let q = heads_of(&u, 0, hh, hd)?;
         let k = heads_of(&u, d, hh, hd)?;
         let v = heads_of(&u, 2 * d, hh, hd)?;
-        let o = ops::attention::qk_norm_rope_attention(
+        let o = ops::joint_attention::qk_norm_rope_attention(
             &[(&q, &self.norm_q)],
             &[(&k, &self.norm_k)],
             &v,
