@@ -57,6 +57,7 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
         steps: args.sampling.steps.map(|s| s as usize),
         guidance: args.sampling.guidance,
         seed: args.seed,
+        init: None,
     };
     let verbose = reporter.verbosity() >= Verbosity::Verbose;
     let generate = |pipeline: &mut Pipeline, reporter: &mut Reporter, size: Size| {

@@ -64,6 +64,7 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             steps: image.job.steps.or(args.sampling.steps).map(|s| s as usize),
             guidance: image.job.guidance.or(args.sampling.guidance),
             seed: image.seed,
+            init: None,
         })
         .collect();
     let run = RunInfo::of(&pipeline, references);

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
+use super::inpaint::{self, PreparedInit};
 use super::stages::{self, Conditioning, PromptEmbeds};
 use super::MAX_SEQUENCE_LENGTH;
 use super::{resolve_size, Event, Generated, Pipeline, Request, Stage, Timings};
@@ -43,8 +44,6 @@ struct Job<'r> {
     request: &'r Request,
     /// Prepared reference images, shared with the requests before it that use the same ones.
     references: Prepared,
-    width: usize,
-    height: usize,
     /// The latent grid (height, width) in 2×2 patches.
     grid: (usize, usize),
     steps: usize,
@@ -56,6 +55,10 @@ struct Job<'r> {
     image_latents: Option<(Tensor, Tensor)>,
     /// After `denoise`: the packed latents.
     latents: Option<Tensor>,
+    /// Inpainting: the prepared init image and mask, and the first schedule index that runs.
+    init: Option<(PreparedInit, usize)>,
+    /// Inpainting, after `encode_references`: the init image's packed latents.
+    init_latents: Option<Tensor>,
     /// `total` sums the time spent on this request (its stages and the loads it triggered).
     timings: Timings,
 }
@@ -159,19 +162,36 @@ fn plan<'r>(
     let do_cfg = pipeline.uses_cfg(guidance);
     // Distilled checkpoints ignore guidance > 1 (diffusers only logs a warning); front ends
     // warn before loading anything, see `cli::generate`.
-    let references = prepare_references(request, reuse)?;
-    let first = references
-        .first()
-        .map(|im| (im.width() as usize, im.height() as usize));
-    let (width, height) = resolve_size(request.width, request.height, first, &mut |w| {
-        events(Event::Warning(w))
-    })?;
+    let (references, width, height, init) = match &request.init {
+        None => {
+            let references = prepare_references(request, reuse)?;
+            let first = references
+                .first()
+                .map(|im| (im.width() as usize, im.height() as usize));
+            let (width, height) = resolve_size(request.width, request.height, first, &mut |w| {
+                events(Event::Warning(w))
+            })?;
+            (references, width, height, None)
+        }
+        Some(init) => {
+            if request.width.is_some() || request.height.is_some() {
+                bail!(
+                    "an inpainting / image-to-image request has the init image's size \
+                     (floored to 16, as diffusers): width and height cannot be set"
+                );
+            }
+            let t_start = inpaint::t_start(steps, init.strength)?;
+            let prepared =
+                inpaint::prepare_init(init).with_context(|| format!("init image {}", init.name))?;
+            let references = Arc::new(inpaint::prepare_references(&request.references)?);
+            let (w, h) = (prepared.width, prepared.height);
+            (references, w, h, Some((prepared, t_start)))
+        }
+    };
     let grid = latents::latent_grid(height, width)?;
     Ok(Job {
         request,
         references,
-        width,
-        height,
         grid,
         steps,
         guidance,
@@ -179,6 +199,8 @@ fn plan<'r>(
         prompt_embeds: None,
         image_latents: None,
         latents: None,
+        init,
+        init_latents: None,
         timings: Timings {
             total: t.elapsed(),
             ..Timings::default()
@@ -316,6 +338,9 @@ fn encode_references(
     reuse: &mut Reuse,
     events: &mut dyn FnMut(Event),
 ) -> Result<()> {
+    if job.init.is_some() {
+        return encode_init(pipeline, job, events);
+    }
     if job.references.is_empty() {
         return Ok(());
     }
@@ -344,6 +369,33 @@ fn encode_references(
     Ok(())
 }
 
+/// Inpainting: the init image then the references through the VAE encoder (diffusers'
+/// `prepare_image_latents([image_latents, *references])`); the init image's tokens are also
+/// the latents the blend keeps.
+fn encode_init(
+    pipeline: &mut Pipeline,
+    job: &mut Job,
+    events: &mut dyn FnMut(Event),
+) -> Result<()> {
+    let t_job = Instant::now();
+    let latents = with_component(pipeline, VAE_ENCODER, job, events, |p, vae, job, events| {
+        let timer = StageTimer::start(events, Stage::EncodeReferences);
+        let (prepared, _) = job.init.as_ref().context("no init image")?;
+        let mut images = Vec::with_capacity(1 + job.references.len());
+        images.push(prepared.pixels.clone());
+        images.extend(job.references.iter().cloned());
+        let latents =
+            stages::prepare_image_latents(vae, &images, p.options.dtype, p.options.vae_tile)?;
+        p.options.device.synchronize()?;
+        job.timings.reference_encode = timer.end(events);
+        Ok(latents)
+    })?;
+    job.init_latents = Some(latents.0.narrow(1, 0, job.grid.0 * job.grid.1)?);
+    job.image_latents = Some(latents);
+    job.timings.total += t_job.elapsed();
+    Ok(())
+}
+
 /// Seeded noise, ids and schedule, then the transformer's Euler steps.
 fn denoise(pipeline: &mut Pipeline, job: &mut Job, events: &mut dyn FnMut(Event)) -> Result<()> {
     let t_job = Instant::now();
@@ -361,6 +413,25 @@ fn denoise(pipeline: &mut Pipeline, job: &mut Job, events: &mut dyn FnMut(Event)
         job.steps,
         job.grid.0 * job.grid.1,
     )?;
+    // Inpainting (`get_timesteps`, `prepare_latents`, `prepare_mask_latents`): the schedule
+    // from t_start, the init latents noised to its first sigma, and the blend after each step.
+    let masked = match &job.init {
+        Some((prepared, t_start)) => {
+            let init = job.init_latents.take().context("init image not encoded")?;
+            let mask = inpaint::mask_tensor(&prepared.mask, init.dtype(), init.device())?;
+            Some((init, mask, *t_start))
+        }
+        None => None,
+    };
+    let schedule = match &masked {
+        Some((_, _, t_start)) => inpaint::truncate_schedule(&schedule, *t_start),
+        None => schedule,
+    };
+    let noise = latents;
+    let latents = match &masked {
+        Some((init, _, _)) => inpaint::scale_noise(init, &noise, schedule.sigmas[0])?,
+        None => noise.clone(),
+    };
     let latents = with_component(
         pipeline,
         TRANSFORMER,
@@ -374,14 +445,28 @@ fn denoise(pipeline: &mut Pipeline, job: &mut Job, events: &mut dyn FnMut(Event)
                 guidance: job.guidance,
             };
             let timer = StageTimer::start(events, Stage::Denoise);
-            let total = job.steps;
+            let total = schedule.num_steps();
             let steps = &mut job.timings.steps;
-            let latents = stages::denoise(
+            let last = schedule.num_steps() - 1;
+            let latents = stages::denoise_with(
                 transformer,
                 latents,
                 &latent_ids,
                 &cond,
                 &schedule,
+                &mut |i, latents| match &masked {
+                    None => Ok(latents),
+                    Some((init, mask, _)) => {
+                        // `scale_noise` at the next timestep (the scheduler's step index,
+                        // already advanced), except after the last step.
+                        let proper = if i < last {
+                            inpaint::scale_noise(init, &noise, schedule.sigmas[i + 1])?
+                        } else {
+                            init.clone()
+                        };
+                        inpaint::blend(&latents, &proper, mask)
+                    }
+                },
                 &mut |index, elapsed| {
                     steps.push(elapsed);
                     events(Event::Step {
@@ -410,15 +495,20 @@ fn decode(
     let image = with_component(pipeline, VAE_DECODER, job, events, |p, vae, job, events| {
         let timer = StageTimer::start(events, Stage::Decode);
         let latents = job.latents.take().context("latents not denoised")?;
-        let image = stages::decode_latents(vae, &latents, job.grid, p.options.vae_tile)?;
+        let mut image = stages::decode_latents(vae, &latents, job.grid, p.options.vae_tile)?;
+        if let Some(overlay) = job.init.as_ref().and_then(|(i, _)| i.overlay.as_ref()) {
+            image = inpaint::apply_overlay(overlay, &image);
+        }
         job.timings.vae_decode = timer.end(events);
         Ok(image)
     })?;
     job.timings.total += t_job.elapsed();
+    // With padding_mask_crop the image is pasted into the init image, whose size it takes.
+    let (width, height) = (image.width() as usize, image.height() as usize);
     Ok(Generated {
         image,
-        width: job.width,
-        height: job.height,
+        width,
+        height,
         steps: job.steps,
         guidance: job.guidance,
         seed: job.request.seed,

@@ -18,6 +18,7 @@
 //! 6. unpack → BN de-normalise → unpatchify → VAE decoder → uint8 image
 
 mod batch;
+pub mod inpaint;
 pub mod stages;
 
 use std::time::Duration;
@@ -26,6 +27,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
 pub use batch::BATCH_CHUNK;
+pub use inpaint::InitImage;
 
 use crate::model_dir::ModelDir;
 use crate::ops::KernelOptions;
@@ -103,6 +105,9 @@ pub struct Request {
     /// `None` = 1.0 for distilled checkpoints, 4.0 for base ones.
     pub guidance: Option<f64>,
     pub seed: u64,
+    /// Inpainting / image-to-image (diffusers' `Flux2KleinInpaintPipeline`): the output has
+    /// the init image's size, so `width`/`height` must be `None`.
+    pub init: Option<InitImage>,
 }
 
 impl Request {
@@ -116,6 +121,7 @@ impl Request {
             steps: None,
             guidance: None,
             seed,
+            init: None,
         }
     }
 }

@@ -126,6 +126,28 @@ pub fn denoise(
     schedule: &Schedule,
     on_step: &mut dyn FnMut(usize, Duration),
 ) -> Result<Tensor> {
+    denoise_with(
+        transformer,
+        latents,
+        latent_ids,
+        cond,
+        schedule,
+        &mut |_, latents| Ok(latents),
+        on_step,
+    )
+}
+
+/// [`denoise`] with `after_step(i, latents)` applied to the latents after each Euler step
+/// (the inpainting blend, [`super::inpaint::blend`]); `denoise` passes them through.
+pub fn denoise_with(
+    transformer: &Flux2Transformer,
+    latents: Tensor,
+    latent_ids: &Tensor,
+    cond: &Conditioning,
+    schedule: &Schedule,
+    after_step: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
+    on_step: &mut dyn FnMut(usize, Duration),
+) -> Result<Tensor> {
     let device = transformer.device().clone();
     let dtype = transformer.dtype();
     let n_target = latents.dim(1)?;
@@ -166,6 +188,7 @@ pub fn denoise(
             schedule.sigmas[i],
             schedule.sigmas[i + 1],
         )?;
+        latents = after_step(i, latents)?;
         // Make the step's time real on asynchronous devices before reporting it.
         device.synchronize()?;
         on_step(i, t_step.elapsed());
