@@ -219,6 +219,9 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
 
+    #[command(flatten)]
+    pub inpaint: InpaintArgs,
+
     /// Negative prompt of classifier-free guidance (base checkpoints with --guidance > 1;
     /// ignored, with a warning, by distilled ones) [default: "", as diffusers].
     #[arg(long, value_name = "TEXT")]
@@ -263,6 +266,33 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
 }
 
+/// Inpainting and image-to-image (diffusers' `Flux2KleinInpaintPipeline`).
+#[derive(Debug, Clone, Args)]
+pub struct InpaintArgs {
+    /// Image-to-image / inpainting: start from this image instead of pure noise (diffusers'
+    /// `image`). The output has its size, floored to a multiple of 16 (shrunk first above
+    /// 1024² pixels); --ref images still condition it.
+    #[arg(long, value_name = "PATH")]
+    pub init_image: Option<PathBuf>,
+
+    /// Inpainting mask for --init-image: white = repaint, black = keep (converted to grey,
+    /// resized to the output and binarized at 50% as diffusers' mask processor does)
+    /// [default: all white, i.e. image-to-image].
+    #[arg(long, value_name = "PATH")]
+    pub mask: Option<PathBuf>,
+
+    /// How much of the init image is repainted, in [0, 1]: the last ⌈steps·S⌉ of the --steps
+    /// run, from the init image noised to that point (1 = from pure noise) [default: 0.8].
+    #[arg(long, value_name = "S", value_parser = parse_strength, allow_negative_numbers = true)]
+    pub strength: Option<f64>,
+
+    /// Inpaint only the crop around the mask's white area, grown by N pixels and to the
+    /// image's aspect ratio, at the full output size, then paste it back (diffusers'
+    /// `padding_mask_crop`; needs --mask).
+    #[arg(long, value_name = "N")]
+    pub padding_mask_crop: Option<u32>,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// The prompt used for every run.
@@ -293,6 +323,10 @@ pub struct BenchArgs {
 
     #[command(flatten)]
     pub sampling: SamplingArgs,
+
+    /// Image-to-image / inpainting runs: the init image is LANCZOS-resized to each --size.
+    #[command(flatten)]
+    pub inpaint: InpaintArgs,
 
     /// Seed of every run.
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -401,6 +435,14 @@ pub(super) fn parse_guidance(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(g) if g.is_finite() && g >= 0.0 => Ok(g),
         _ => Err(format!("expected a number ≥ 0, got {s:?}")),
+    }
+}
+
+/// `--strength` and the prompt file's `"strength"`: a finite number in [0, 1].
+pub(super) fn parse_strength(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("expected a strength in [0, 1], got {s:?}")),
     }
 }
 

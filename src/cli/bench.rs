@@ -6,7 +6,11 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use flux2_klein::pipeline::{Event, Pipeline, Request, Timings};
+use std::sync::Arc;
+
+use flux2_klein::image_io::resize_lanczos;
+use flux2_klein::pipeline::inpaint::DEFAULT_STRENGTH;
+use flux2_klein::pipeline::{Event, InitImage, Pipeline, Reference, Request, Timings};
 use serde_json::json;
 
 use super::args::{BenchArgs, Size};
@@ -43,25 +47,52 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
             sizes.push(size);
         }
     }
+    let init = load_init(args)?;
     let options = pipeline_options(&args.model, true)?;
 
     // --- Model, loaded once. ---
     let mut pipeline = load_pipeline(&args.model, &args.sampling, options, reporter)?;
 
-    let request = |size: Size| Request {
-        prompt: args.prompt.clone(),
-        negative_prompt: String::new(),
-        references: references.clone(),
-        width: Some(size.width as usize),
-        height: Some(size.height as usize),
-        steps: args.sampling.steps.map(|s| s as usize),
-        guidance: args.sampling.guidance,
-        seed: args.seed,
-        init: None,
+    // With --init-image the init image (and mask) are resized to each size, which the output
+    // then has.
+    let request = |size: Size| -> Result<Request> {
+        let init = match &init {
+            Some((image, mask)) => {
+                let resize = |r: &Reference| -> Result<Reference> {
+                    let rgb = flux2_klein::image_io::to_rgb_like_pillow(&r.image)?;
+                    let rgb = resize_lanczos(&rgb, size.width, size.height)?;
+                    Ok(Reference {
+                        image: Arc::new(image::DynamicImage::ImageRgb8(rgb)),
+                        name: r.name.clone(),
+                    })
+                };
+                let image = resize(image)?;
+                Some(InitImage {
+                    image: image.image,
+                    name: image.name,
+                    mask: mask.as_ref().map(resize).transpose()?,
+                    strength: args.inpaint.strength.unwrap_or(DEFAULT_STRENGTH),
+                    padding_mask_crop: None,
+                })
+            }
+            None => None,
+        };
+        let sized = init.is_none();
+        Ok(Request {
+            prompt: args.prompt.clone(),
+            negative_prompt: String::new(),
+            references: references.clone(),
+            width: sized.then_some(size.width as usize),
+            height: sized.then_some(size.height as usize),
+            steps: args.sampling.steps.map(|s| s as usize),
+            guidance: args.sampling.guidance,
+            seed: args.seed,
+            init,
+        })
     };
     let verbose = reporter.verbosity() >= Verbosity::Verbose;
     let generate = |pipeline: &mut Pipeline, reporter: &mut Reporter, size: Size| {
-        let req = request(size);
+        let req = request(size)?;
         let result = pipeline.generate(&req, &mut |e| match e {
             Event::Warning(_) | Event::Profile(_) => reporter.event(e),
             _ if verbose => reporter.event(e),
@@ -120,6 +151,41 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
         table(args, &pipeline, settings, &sizes, &runs)
     };
     print_stdout(&text)
+}
+
+/// `--init-image` and `--mask` of a bench, decoded (one line per bad input).
+fn load_init(args: &BenchArgs) -> Result<Option<(Reference, Option<Reference>)>> {
+    let a = &args.inpaint;
+    let Some(init) = &a.init_image else {
+        if a.mask.is_some() {
+            bail!("--mask needs --init-image (the image whose white mask area is repainted)");
+        }
+        if a.strength.is_some() {
+            bail!("--strength needs --init-image (it sets how much of that image is repainted)");
+        }
+        if a.padding_mask_crop.is_some() {
+            bail!("--padding-mask-crop needs --init-image and --mask");
+        }
+        return Ok(None);
+    };
+    if a.padding_mask_crop.is_some() {
+        bail!("bench does not take --padding-mask-crop");
+    }
+    let load = |path: &std::path::Path, what: &str| -> Result<Reference> {
+        let name = path.display().to_string();
+        let image = flux2_klein::image_io::load_image(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot decode {what} {name} ({}) — use a PNG, JPEG or WebP file",
+                e.root_cause()
+            )
+        })?;
+        Ok(Reference {
+            image: Arc::new(image),
+            name,
+        })
+    };
+    let mask = a.mask.as_deref().map(|m| load(m, "mask")).transpose()?;
+    Ok(Some((load(init, "init image")?, mask)))
 }
 
 fn ms(d: Duration) -> f64 {

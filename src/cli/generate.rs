@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use candle_core::Device;
 use flux2_klein::image_io::save_image;
-use flux2_klein::pipeline::{uses_cfg, Generated, Pipeline, Request};
+use flux2_klein::pipeline::inpaint::DEFAULT_STRENGTH;
+use flux2_klein::pipeline::{uses_cfg, Generated, InitImage, Pipeline, Request};
 
 use super::args::GenerateArgs;
 use super::common::{floor_side, floored, load_pipeline, print_stdout, warn_many_refs};
@@ -26,13 +27,27 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     };
     let first_seed = args.seed.unwrap_or_else(random_seed);
     let images = jobs::expand(&jobs, args.count, first_seed, args.output.as_deref());
+    let inits = jobs
+        .iter()
+        .map(|job| InitPaths::of(job, args))
+        .collect::<Result<Vec<_>>>()?;
     let inputs: Vec<&Path> = jobs
         .iter()
         .flat_map(|job| job.refs(&args.refs))
         .map(PathBuf::as_path)
+        .chain(
+            inits
+                .iter()
+                .flatten()
+                .flat_map(|i| std::iter::once(i.init.as_path()).chain(i.mask.as_deref())),
+        )
         .collect();
     let outputs = check_outputs(&images, &inputs, reporter)?;
     let references = load_references(&jobs, args, reporter)?;
+    let mut init_images = InitImages::default();
+    for init in inits.iter().flatten() {
+        init_images.add(init)?;
+    }
     let width = args
         .width
         .map(|w| floored("--width", w, floor_side, reporter));
@@ -64,10 +79,10 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             steps: image.job.steps.or(args.sampling.steps).map(|s| s as usize),
             guidance: image.job.guidance.or(args.sampling.guidance),
             seed: image.seed,
-            init: None,
+            init: job_init(image.job, &jobs, &inits).map(|i| init_images.request(i)),
         })
         .collect();
-    let run = RunInfo::of(&pipeline, references);
+    let run = RunInfo::of(&pipeline, references, init_images);
     write_images(
         &mut pipeline,
         &requests,
@@ -76,6 +91,132 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
         args.json,
         reporter,
     )
+}
+
+/// The init image, mask, strength and crop of a job (its own, else the flags').
+#[derive(Debug, Clone)]
+struct InitPaths {
+    init: PathBuf,
+    mask: Option<PathBuf>,
+    strength: f64,
+    padding_mask_crop: Option<u32>,
+}
+
+impl InitPaths {
+    /// `None` without an init image; errors for options that need one, or that conflict.
+    fn of(job: &PromptJob, args: &GenerateArgs) -> Result<Option<Self>> {
+        let a = &args.inpaint;
+        let init = job.init_image.as_ref().or(a.init_image.as_ref());
+        let mask = job.mask.as_ref().or(a.mask.as_ref());
+        let strength = job.strength.or(a.strength);
+        let pad = job.padding_mask_crop.or(a.padding_mask_crop);
+        let Some(init) = init else {
+            if mask.is_some() {
+                anyhow::bail!(
+                    "--mask needs --init-image (the image whose white mask area is repainted)"
+                );
+            }
+            if strength.is_some() {
+                anyhow::bail!(
+                    "--strength needs --init-image (it sets how much of that image is repainted)"
+                );
+            }
+            if pad.is_some() {
+                anyhow::bail!("--padding-mask-crop needs --init-image and --mask");
+            }
+            return Ok(None);
+        };
+        if pad.is_some() && mask.is_none() {
+            anyhow::bail!(
+                "--padding-mask-crop needs --mask (it crops around the mask's white area)"
+            );
+        }
+        if job.width.or(args.width).is_some() || job.height.or(args.height).is_some() {
+            anyhow::bail!(
+                "--width/--height cannot be combined with --init-image: the output has the init \
+                 image's size (floored to a multiple of 16), as in diffusers"
+            );
+        }
+        let strength = strength.unwrap_or(DEFAULT_STRENGTH);
+        // Fails only for a strength of (nearly) 0, whatever the steps: checked before the
+        // model loads with the job's steps, else the smallest default (4).
+        let steps = job.steps.or(args.sampling.steps).unwrap_or(4) as usize;
+        flux2_klein::pipeline::inpaint::t_start(steps, strength)?;
+        Ok(Some(Self {
+            init: init.clone(),
+            mask: mask.cloned(),
+            strength,
+            padding_mask_crop: pad,
+        }))
+    }
+}
+
+/// The init settings of `job` (one of `jobs`, in the order of `inits`).
+fn job_init<'a>(
+    job: &PromptJob,
+    jobs: &[PromptJob],
+    inits: &'a [Option<InitPaths>],
+) -> Option<&'a InitPaths> {
+    let i = jobs.iter().position(|j| std::ptr::eq(j, job))?;
+    inits[i].as_ref()
+}
+
+/// The init images and masks of a run, each file decoded and hashed once.
+#[derive(Default)]
+struct InitImages {
+    by_path: std::collections::HashMap<PathBuf, flux2_klein::pipeline::Reference>,
+    /// SHA-256 of each file's content, by name.
+    sha256: std::collections::HashMap<String, String>,
+}
+
+impl InitImages {
+    fn add(&mut self, init: &InitPaths) -> Result<()> {
+        self.load(&init.init, "init image", "--init-image")?;
+        if let Some(mask) = &init.mask {
+            self.load(mask, "mask", "--mask")?;
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, path: &Path, what: &str, flag: &str) -> Result<()> {
+        if self.by_path.contains_key(path) {
+            return Ok(());
+        }
+        let name = path.display().to_string();
+        if !path.exists() {
+            anyhow::bail!("{what} {name} does not exist — check the path given to {flag}");
+        }
+        if path.is_dir() {
+            anyhow::bail!("{what} {name} is a directory — pass one image file to {flag}");
+        }
+        let image = flux2_klein::image_io::load_image(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot decode {what} {name} ({}) — use a PNG, JPEG or WebP file",
+                e.root_cause()
+            )
+        })?;
+        let hash = flux2_klein::image_io::sha256_file(path).unwrap_or_else(|_| "unreadable".into());
+        self.sha256.insert(name.clone(), hash);
+        self.by_path.insert(
+            path.to_path_buf(),
+            flux2_klein::pipeline::Reference {
+                image: std::sync::Arc::new(image),
+                name,
+            },
+        );
+        Ok(())
+    }
+
+    fn request(&self, init: &InitPaths) -> InitImage {
+        let image = self.by_path[&init.init].clone();
+        InitImage {
+            image: image.image,
+            name: image.name,
+            mask: init.mask.as_ref().map(|m| self.by_path[m].clone()),
+            strength: init.strength,
+            padding_mask_crop: init.padding_mask_crop,
+        }
+    }
 }
 
 /// Runs the batch and writes each image as it comes, then reports it (its path, or with
@@ -241,12 +382,55 @@ fn job_from_metadata(
     if !args.refs.is_empty() {
         job.refs = None;
     }
+    let a = &args.inpaint;
+    if a.init_image.is_some() {
+        job.init_image = None;
+        job.width = None;
+        job.height = None;
+    }
+    if a.mask.is_some() {
+        job.mask = None;
+    }
+    if a.strength.is_some() {
+        job.strength = None;
+    }
+    if a.padding_mask_crop.is_some() {
+        job.padding_mask_crop = None;
+    }
 
     let model = args.model.source.model_id();
     if let Some(made_with) = recorded.model.as_deref().filter(|m| *m != model) {
         reporter.warn(&format!(
             "{} was made with the model {made_with}; this run uses {model} (pass -m \
              {made_with} to make the same image)",
+            png.display()
+        ));
+    }
+    let recorded_inputs = [
+        (
+            a.init_image.is_none(),
+            "init image",
+            &recorded.init_image,
+            &recorded.init_image_sha256,
+        ),
+        (
+            a.mask.is_none(),
+            "mask",
+            &recorded.mask,
+            &recorded.mask_sha256,
+        ),
+    ];
+    for (used, what, name, hash) in recorded_inputs {
+        let (Some(name), Some(hash), true) = (name, hash, used) else {
+            continue;
+        };
+        let state = match flux2_klein::image_io::sha256_file(name) {
+            Ok(now) if now == *hash => continue,
+            Ok(_) => "has changed (another SHA-256) since",
+            Err(_) => "is missing, recorded in",
+        };
+        reporter.warn(&format!(
+            "the {what} {name} {state} {}, so the image will differ",
             png.display()
         ));
     }
@@ -291,10 +475,11 @@ struct RunInfo {
     /// Only when given (`--vae-dtype`).
     vae_dtype: Option<&'static str>,
     references: Loaded,
+    inits: InitImages,
 }
 
 impl RunInfo {
-    fn of(pipeline: &Pipeline, references: Loaded) -> Self {
+    fn of(pipeline: &Pipeline, references: Loaded, inits: InitImages) -> Self {
         let o = &pipeline.options;
         Self {
             distilled: pipeline.is_distilled(),
@@ -304,12 +489,15 @@ impl RunInfo {
             dtype: dtype_name(o.dtype),
             vae_dtype: o.vae_dtype.map(dtype_name),
             references,
+            inits,
         }
     }
 
     /// The settings that reproduce the image (the PNG's metadata, the `--json` record).
     fn recorded(&self, request: &Request, generated: &Generated) -> Recorded {
         let names: Vec<String> = request.references.iter().map(|r| r.name.clone()).collect();
+        let init = request.init.as_ref();
+        let mask = init.and_then(|i| i.mask.as_ref());
         Recorded {
             prompt: request.prompt.clone(),
             negative_prompt: (uses_cfg(self.distilled, generated.guidance)
@@ -327,6 +515,12 @@ impl RunInfo {
                 .map(|n| self.references.sha256[n].clone())
                 .collect(),
             references: names,
+            init_image: init.map(|i| i.name.clone()),
+            init_image_sha256: init.map(|i| self.inits.sha256[&i.name].clone()),
+            mask: mask.map(|m| m.name.clone()),
+            mask_sha256: mask.map(|m| self.inits.sha256[&m.name].clone()),
+            strength: init.map(|i| i.strength),
+            padding_mask_crop: init.and_then(|i| i.padding_mask_crop),
             device: Some(self.device.clone()),
             dtype: Some(self.dtype.to_string()),
             vae_dtype: self.vae_dtype.map(str::to_string),
@@ -393,6 +587,9 @@ fn result_json(
         "guidance": generated.guidance,
         "references": recorded.references,
         "references_sha256": recorded.references_sha256,
+        "init_image": recorded.init_image,
+        "mask": recorded.mask,
+        "strength": recorded.strength,
         "model": recorded.model,
         "revision": recorded.revision,
         "timings_ms": {

@@ -5,14 +5,15 @@
 //! The prompt-file format: one job per line, trailing whitespace (and `\r`) trimmed, blank
 //! lines and `#` comments skipped. A line starting with `{` is a JSON object with `prompt` and
 //! optional `negative_prompt`, `seed`, `width`, `height`, `steps`, `guidance`, `ref` (array of
-//! paths) and `output`; any other line is a plain prompt.
+//! paths), `init_image`, `mask`, `strength`, `padding_mask_crop` and `output`; any other line
+//! is a plain prompt.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
 
-use super::args::{parse_guidance, parse_side, PromptArgs};
+use super::args::{parse_guidance, parse_side, parse_strength, PromptArgs};
 use super::metadata::Recorded;
 use super::progress::Reporter;
 
@@ -32,6 +33,14 @@ pub struct PromptJob {
     /// Reference images of this job (else --ref; `[]` for none).
     #[serde(rename = "ref")]
     pub refs: Option<Vec<PathBuf>>,
+    /// Init image of this job (else --init-image).
+    pub init_image: Option<PathBuf>,
+    /// Inpainting mask of this job (else --mask).
+    pub mask: Option<PathBuf>,
+    /// Strength of this job (else --strength).
+    pub strength: Option<f64>,
+    /// padding_mask_crop of this job (else --padding-mask-crop).
+    pub padding_mask_crop: Option<u32>,
     /// Output path of this job's images (else --output), with `{seed}` / `{index}`.
     pub output: Option<PathBuf>,
     /// The 1-based prompt-file line it came from (for messages).
@@ -50,6 +59,10 @@ impl PromptJob {
             steps: None,
             guidance: None,
             refs: None,
+            init_image: None,
+            mask: None,
+            strength: None,
+            padding_mask_crop: None,
             output: None,
             line: None,
         }
@@ -57,15 +70,21 @@ impl PromptJob {
 
     /// The job that made an image, from its recorded metadata.
     pub fn from_recorded(recorded: &Recorded) -> Self {
+        // An init image sets the size itself.
+        let size = recorded.size.filter(|_| recorded.init_image.is_none());
         Self {
             prompt: recorded.prompt.clone(),
             negative_prompt: recorded.negative_prompt.clone(),
             seed: recorded.seed,
-            width: recorded.size.map(|s| s.0 as u32),
-            height: recorded.size.map(|s| s.1 as u32),
+            width: size.map(|s| s.0 as u32),
+            height: size.map(|s| s.1 as u32),
             steps: recorded.steps.map(|s| s as u32),
             guidance: recorded.guidance,
             refs: Some(recorded.references.iter().map(PathBuf::from).collect()),
+            init_image: recorded.init_image.as_ref().map(PathBuf::from),
+            mask: recorded.mask.as_ref().map(PathBuf::from),
+            strength: recorded.strength,
+            padding_mask_crop: recorded.padding_mask_crop,
             output: None,
             line: None,
         }
@@ -86,6 +105,9 @@ impl PromptJob {
         }
         if let Some(g) = self.guidance {
             parse_guidance(&g.to_string())?;
+        }
+        if let Some(s) = self.strength {
+            parse_strength(&s.to_string()).map_err(|e| format!("\"strength\": {e}"))?;
         }
         Ok(())
     }

@@ -25,6 +25,15 @@ pub const REVISION: &str = "revision";
 pub const REFERENCES: &str = "references";
 /// Lower-case hex SHA-256 of each reference file, one per line, in the order of `references`.
 pub const REFERENCES_SHA256: &str = "references_sha256";
+/// The init image of image-to-image / inpainting (its name as given) and its SHA-256.
+pub const INIT_IMAGE: &str = "init_image";
+pub const INIT_IMAGE_SHA256: &str = "init_image_sha256";
+/// The inpainting mask (name as given) and its SHA-256; absent for image-to-image.
+pub const MASK: &str = "mask";
+pub const MASK_SHA256: &str = "mask_sha256";
+/// With an init image.
+pub const STRENGTH: &str = "strength";
+pub const PADDING_MASK_CROP: &str = "padding_mask_crop";
 pub const DEVICE: &str = "device";
 pub const DTYPE: &str = "dtype";
 /// Only when `--vae-dtype` was given.
@@ -47,6 +56,12 @@ pub struct Recorded {
     pub revision: Option<String>,
     pub references: Vec<String>,
     pub references_sha256: Vec<String>,
+    pub init_image: Option<String>,
+    pub init_image_sha256: Option<String>,
+    pub mask: Option<String>,
+    pub mask_sha256: Option<String>,
+    pub strength: Option<f64>,
+    pub padding_mask_crop: Option<u32>,
     pub device: Option<String>,
     pub dtype: Option<String>,
     pub vae_dtype: Option<String>,
@@ -73,6 +88,15 @@ impl Recorded {
         put(REVISION, self.revision.clone());
         put(REFERENCES, lines(&self.references));
         put(REFERENCES_SHA256, lines(&self.references_sha256));
+        put(INIT_IMAGE, self.init_image.clone());
+        put(INIT_IMAGE_SHA256, self.init_image_sha256.clone());
+        put(MASK, self.mask.clone());
+        put(MASK_SHA256, self.mask_sha256.clone());
+        put(STRENGTH, self.strength.map(|s| s.to_string()));
+        put(
+            PADDING_MASK_CROP,
+            self.padding_mask_crop.map(|p| p.to_string()),
+        );
         put(DEVICE, self.device.clone());
         put(DTYPE, self.dtype.clone());
         put(VAE_DTYPE, self.vae_dtype.clone());
@@ -129,6 +153,12 @@ impl Recorded {
             revision: owned(REVISION),
             references: lines(REFERENCES),
             references_sha256: lines(REFERENCES_SHA256),
+            init_image: owned(INIT_IMAGE),
+            init_image_sha256: owned(INIT_IMAGE_SHA256),
+            mask: owned(MASK),
+            mask_sha256: owned(MASK_SHA256),
+            strength: number(STRENGTH)?,
+            padding_mask_crop: number(PADDING_MASK_CROP)?.map(|p| p as u32),
             device: owned(DEVICE),
             dtype: owned(DTYPE),
             vae_dtype: owned(VAE_DTYPE),
@@ -178,6 +208,12 @@ mod tests {
             revision: Some("main".into()),
             references: vec!["a.png".into(), "dir/b.jpg".into()],
             references_sha256: vec!["00ff".into(), "abcd".into()],
+            init_image: Some("init.png".into()),
+            init_image_sha256: Some("1234".into()),
+            mask: Some("mask.png".into()),
+            mask_sha256: Some("5678".into()),
+            strength: Some(0.75),
+            padding_mask_crop: Some(32),
             device: Some("cuda:0".into()),
             dtype: Some("bf16".into()),
             vae_dtype: Some("f32".into()),
@@ -219,6 +255,12 @@ mod tests {
                 ("revision", "main"),
                 ("references", "a.png\ndir/b.jpg"),
                 ("references_sha256", "00ff\nabcd"),
+                ("init_image", "init.png"),
+                ("init_image_sha256", "1234"),
+                ("mask", "mask.png"),
+                ("mask_sha256", "5678"),
+                ("strength", "0.75"),
+                ("padding_mask_crop", "32"),
                 ("device", "cuda:0"),
                 ("dtype", "bf16"),
                 ("vae_dtype", "f32"),

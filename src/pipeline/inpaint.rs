@@ -53,8 +53,7 @@ pub fn t_start(steps: usize, strength: f64) -> Result<usize> {
     if t_start >= steps {
         bail!(
             "strength {strength} leaves none of the {steps} steps to run (diffusers' \
-             get_timesteps runs the last int(steps·strength) of them, at least one for any \
-             strength above 0): use a strength greater than 0, e.g. {} for one step",
+             get_timesteps): use a strength greater than 0 ({} runs 1 step of {steps})",
             1.0 / n
         );
     }
