@@ -113,12 +113,14 @@ pub struct PromptArgs {
     /// Batch mode: one prompt per line (`-` = stdin; blank lines and lines starting with `#`
     /// are skipped), or a JSON object per line with per-image settings ({"prompt": …,
     /// "seed": …, "width": …, "height": …, "ref": […], "output": …, "negative_prompt": …,
-    /// "steps": …, "guidance": …}). The models load once for all of them.
+    /// "steps": …, "guidance": …, "init_image": …, "mask": …, "strength": …,
+    /// "padding_mask_crop": …}). The models load once for all of them.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["prompt", "config_from_metadata"])]
     pub prompt_file: Option<PathBuf>,
 
     /// Make an image again from a PNG flux2-klein wrote: its prompt, seed, size, steps,
-    /// guidance, negative prompt and references come from the PNG's metadata; any of those
+    /// guidance, negative prompt, references, init image, mask and strength come from the
+    /// PNG's metadata; any of those
     /// options given here wins (e.g. a new --seed for a variation, or a new --prompt).
     #[arg(long, value_name = "PNG")]
     pub config_from_metadata: Option<PathBuf>,
