@@ -181,3 +181,84 @@ def run(case, pipes):
 pipes = {}
 for c in CASES:
     run(c, pipes)
+
+
+# ---- Preprocessing only (no model): tests/fixtures/cases/inpaint_masks/ ------------------------
+# The init image and mask preprocessing of `__call__` step 2 (`get_crop_region`, `preprocess`
+# with resize_mode "default" or "fill") and `prepare_mask_latents`, on masks of another size,
+# grey masks and crops that leave bars for `_resize_and_fill` to fill. Writes per item the
+# inputs, `<name>.pixels.png` (the preprocessed init image before normalising, which
+# `preprocess` turns into exactly `2·x/255 − 1`) and, in masks.json, the crop and the packed
+# mask values.
+from types import SimpleNamespace
+
+from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+
+def preprocessing_fixtures():
+    out = os.path.join(FIX, "cases", "inpaint_masks")
+    os.makedirs(out, exist_ok=True)
+    image_processor = Flux2ImageProcessor(vae_scale_factor=16, vae_latent_channels=32)
+    mask_processor = Flux2ImageProcessor(
+        vae_scale_factor=16, vae_latent_channels=32, do_normalize=False, do_binarize=True,
+        do_convert_rgb=False, do_convert_grayscale=True,
+    )
+    fake = SimpleNamespace(vae_scale_factor=8, _pack_latents=Flux2KleinInpaintPipeline._pack_latents)
+
+    def grey_mask(width, height):
+        y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+        v = 255.0 * (0.5 + 0.5 * np.sin(x / width * 5.0 + y / height * 3.0))
+        rgb = np.stack([v, v * 0.9, 255.0 - v], axis=-1).clip(0, 255).round().astype(np.uint8)
+        return Image.fromarray(rgb, "RGB")
+
+    items = [
+        # A grey (non-binary) mask of another size than the 64x64 init image.
+        dict(name="grey_other_size", init=(64, 64), mask=grey_mask(50, 70), pad=None),
+        # A 72x136 init image (output 64x128) with a grey mask of its size.
+        dict(name="grey_floored", init=(72, 136), mask=grey_mask(72, 136), pad=None),
+        # Crops that do not have the output's aspect ratio: bars to fill, left/right...
+        dict(name="crop_bars_x", init=(64, 128), mask=box_mask(64, 128, (20, 40, 38, 77)), pad=0),
+        # ... and top/bottom.
+        dict(name="crop_bars_y", init=(128, 64), mask=box_mask(128, 64, (40, 20, 77, 38)), pad=0),
+        # A padded crop on a non-square image.
+        dict(name="crop_pad", init=(96, 64), mask=box_mask(96, 64, (50, 10, 70, 30)), pad=6),
+    ]
+    records = []
+    for it in items:
+        iw, ih = it["init"]
+        init = pattern(iw, ih, seed=len(it["name"]))
+        mask = it["mask"]
+        init.save(os.path.join(out, f"{it['name']}.init.png"))
+        mask.save(os.path.join(out, f"{it['name']}.mask.png"))
+        width, height = iw // 16 * 16, ih // 16 * 16
+        if it["pad"] is not None:
+            crop = mask_processor.get_crop_region(mask, width, height, pad=it["pad"])
+            mode = "fill"
+        else:
+            crop, mode = None, "default"
+        init_t = image_processor.preprocess(init, height, width, crops_coords=crop, resize_mode=mode)
+        src = init.crop(crop) if crop is not None else init
+        pil = image_processor.resize(src, height, width, resize_mode=mode).convert("RGB")
+        again = image_processor.normalize(image_processor.numpy_to_pt(image_processor.pil_to_numpy(pil)))
+        assert torch.equal(again, init_t)
+        pil.save(os.path.join(out, f"{it['name']}.pixels.png"))
+        mask_t = mask_processor.preprocess(mask, height=height, width=width, resize_mode=mode,
+                                           crops_coords=crop)
+        packed = Flux2KleinInpaintPipeline.prepare_mask_latents(
+            fake, mask_t, 1, 1, height, width, torch.float32, "cpu")
+        records.append({
+            "name": it["name"],
+            "init": f"{it['name']}.init.png",
+            "mask": f"{it['name']}.mask.png",
+            "pixels": f"{it['name']}.pixels.png",
+            "padding_mask_crop": it["pad"],
+            "crop": list(crop) if crop is not None else None,
+            "size": [width, height],
+            "mask_packed": [float(v) for v in packed.flatten()],
+        })
+    with open(os.path.join(out, "masks.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    print(f"wrote {out}: {len(records)} preprocessing checks")
+
+
+preprocessing_fixtures()

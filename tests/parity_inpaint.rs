@@ -211,3 +211,54 @@ fn get_timesteps_and_strength_checks() {
         assert!(inpaint::check_strength(bad).is_err(), "{bad}");
     }
 }
+
+/// The init image and mask preprocessing alone (`get_crop_region`, `preprocess` in "default"
+/// and "fill" modes with the bars filled, the grey conversion, binarize,
+/// `prepare_mask_latents`), bit-exact against diffusers on grey masks, masks of another size
+/// and crops that do not have the output's aspect ratio (`cases/inpaint_masks`).
+#[test]
+fn init_and_mask_preprocessing_equal_diffusers() {
+    let case = "inpaint_masks";
+    let path = common::case_dir(case).join("masks.json");
+    let records: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(records.len(), 5);
+    for r in records {
+        let name = r["name"].as_str().unwrap();
+        let init = load(case, r["init"].as_str().unwrap());
+        let init = InitImage {
+            image: init.image,
+            name: init.name,
+            mask: Some(load(case, r["mask"].as_str().unwrap())),
+            strength: 0.8,
+            padding_mask_crop: r["padding_mask_crop"].as_u64().map(|p| p as u32),
+        };
+        let prepared = inpaint::prepare_init(&init).unwrap();
+        let size: Vec<usize> = common::json_uints(&r["size"]);
+        assert_eq!(
+            (prepared.width, prepared.height),
+            (size[0], size[1]),
+            "{name}: size"
+        );
+        let pixels = image::open(common::case_dir(case).join(r["pixels"].as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
+        let d = compare_images(&pixels, &prepared.pixels).unwrap();
+        assert_eq!(d.max, 0, "{name}: preprocessed init image differs ({d:?})");
+        let expected: Vec<f32> = r["mask_packed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(prepared.mask, expected, "{name}: packed mask");
+        let crop = prepared.overlay.as_ref().map(|o| {
+            let (a, b, c, d) = o.crop;
+            vec![a as u64, b as u64, c as u64, d as u64]
+        });
+        let expected_crop = r["crop"]
+            .as_array()
+            .map(|_| common::json_uints::<u64>(&r["crop"]));
+        assert_eq!(crop, expected_crop, "{name}: crop region");
+    }
+}

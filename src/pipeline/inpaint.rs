@@ -251,9 +251,9 @@ fn crop_image(img: &RgbImage, x1: u32, y1: u32, x2: u32, y2: u32) -> RgbImage {
 }
 
 /// `VaeImageProcessor._resize_and_fill`: LANCZOS to fit `w×h` keeping the aspect ratio,
-/// centred on black. diffusers then fills the bars by stretching the edge rows; crops from
-/// `get_crop_region` have the output's aspect ratio up to rounding, and a crop that leaves
-/// bars is refused rather than filled differently.
+/// centred on black, the bars filled with the edge rows (columns) stretched:
+/// `resized.resize((w, bar), box=(0, 0, w, 0))` (Pillow's default filter) and its mirror at
+/// the far edge.
 fn resize_and_fill(img: &RgbImage, w: u32, h: u32) -> Result<RgbImage> {
     let (iw, ih) = (img.width() as u64, img.height() as u64);
     let ratio = w as f64 / h as f64;
@@ -268,30 +268,119 @@ fn resize_and_fill(img: &RgbImage, w: u32, h: u32) -> Result<RgbImage> {
     } else {
         (ih * w as u64 / iw) as u32
     };
-    let bars = if ratio < src_ratio {
-        h / 2 - src_h / 2
-    } else if ratio > src_ratio {
-        w / 2 - src_w / 2
-    } else {
-        0
-    };
-    if bars > 0 {
-        bail!(
-            "padding_mask_crop: the crop region ({}x{}) does not have the output's aspect ratio \
-             ({w}x{h}); diffusers' edge fill for that case is not implemented",
-            iw,
-            ih
-        );
+    if src_w == 0 || src_h == 0 {
+        bail!("padding_mask_crop: the crop region ({iw}x{ih}) is too thin for {w}x{h}");
     }
     let resized = resize_default(img, src_w, src_h)?;
     let mut out = RgbImage::new(w, h);
-    image::imageops::replace(
-        &mut out,
-        &resized,
-        (w / 2 - src_w / 2) as i64,
-        (h / 2 - src_h / 2) as i64,
+    let (ox, oy) = (
+        (w / 2) as i64 - (src_w / 2) as i64,
+        (h / 2) as i64 - (src_h / 2) as i64,
     );
+    image::imageops::replace(&mut out, &resized, ox, oy);
+    if ratio < src_ratio {
+        let bar = (h / 2) as i64 - (src_h / 2) as i64;
+        if bar > 0 {
+            let top = edge_line(&resized, false, false);
+            let bottom = edge_line(&resized, false, true);
+            for y in 0..bar {
+                put_row(&mut out, y, &top);
+                put_row(&mut out, bar + src_h as i64 + y, &bottom);
+            }
+        }
+    } else if ratio > src_ratio {
+        let bar = (w / 2) as i64 - (src_w / 2) as i64;
+        if bar > 0 {
+            let left = edge_line(&resized, true, false);
+            let right = edge_line(&resized, true, true);
+            for x in 0..bar {
+                put_col(&mut out, x, &left);
+                put_col(&mut out, bar + src_w as i64 + x, &right);
+            }
+        }
+    }
     Ok(out)
+}
+
+fn put_row(out: &mut RgbImage, y: i64, line: &[[u8; 3]]) {
+    if (0..out.height() as i64).contains(&y) {
+        for (x, p) in line.iter().enumerate().take(out.width() as usize) {
+            out.put_pixel(x as u32, y as u32, image::Rgb(*p));
+        }
+    }
+}
+
+fn put_col(out: &mut RgbImage, x: i64, line: &[[u8; 3]]) {
+    if (0..out.width() as i64).contains(&x) {
+        for (y, p) in line.iter().enumerate().take(out.height() as usize) {
+            out.put_pixel(x as u32, y as u32, image::Rgb(*p));
+        }
+    }
+}
+
+/// One output line of Pillow's resize with its default filter (BICUBIC, a = −0.5: diffusers
+/// passes no `resample` here) from a zero-width box at an edge (`box` from 0 to 0, or from the
+/// size to the size, along `columns ? x : y`): every output line has the same taps, the two
+/// source lines nearest that edge with weights `bicubic(±0.5), bicubic(±1.5)` (Pillow's
+/// `precompute_coeffs` with scale 0, normalised and in 22-bit fixed point as
+/// `normalize_coeffs_8bpc`); along the other axis the image is copied.
+fn edge_line(img: &RgbImage, columns: bool, far: bool) -> Vec<[u8; 3]> {
+    fn bicubic(x: f64) -> f64 {
+        let a = -0.5;
+        let x = x.abs();
+        if x < 1.0 {
+            ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            (((x - 5.0) * x + 8.0) * x - 4.0) * a
+        } else {
+            0.0
+        }
+    }
+    let (len, in_size) = if columns {
+        (img.height(), img.width() as i64)
+    } else {
+        (img.width(), img.height() as i64)
+    };
+    let center = if far { in_size as f64 } else { 0.0 };
+    let support = 2.0;
+    let xmin = ((center - support + 0.5) as i64).max(0);
+    let xmax = ((center + support + 0.5) as i64).min(in_size);
+    let taps: Vec<i64> = (xmin..xmax).collect();
+    let raw: Vec<f64> = taps
+        .iter()
+        .map(|&x| bicubic(x as f64 - center + 0.5))
+        .collect();
+    let ww: f64 = raw.iter().sum();
+    let one = (1u32 << 22) as f64;
+    let weights: Vec<i32> = raw
+        .iter()
+        .map(|&k| {
+            let v = if ww != 0.0 { k / ww } else { k };
+            if v < 0.0 {
+                (-0.5 + v * one) as i32
+            } else {
+                (0.5 + v * one) as i32
+            }
+        })
+        .collect();
+    (0..len)
+        .map(|i| {
+            let mut px = [0u8; 3];
+            for (c, out) in px.iter_mut().enumerate() {
+                let mut acc: i32 = 1 << 21;
+                for (&t, &k) in taps.iter().zip(&weights) {
+                    let v = if columns {
+                        img.get_pixel(t as u32, i)[c]
+                    } else {
+                        img.get_pixel(i, t as u32)[c]
+                    };
+                    acc = acc.wrapping_add(v as i32 * k);
+                }
+                *out = (acc >> 22).clamp(0, 255) as u8;
+            }
+            px
+        })
+        .collect()
 }
 
 /// `VaeImageProcessor.get_crop_region(mask, width, height, pad)`: the bounding box of the
