@@ -70,6 +70,14 @@ CASES = [
     # padding_mask_crop: the crop around a small box is inpainted at 64x64 and pasted back.
     dict(name="inpaint_crop_s08", model="tiny-w0", dtype="float32", size=(64, 64),
          mask=("box", (36, 8, 52, 24)), strength=0.8, padding_mask_crop=8),
+    # Two references of different sizes: diffusers takes a list, so both are centre-cropped
+    # to the first one's floored size (96x64; the 72x88 one gets black sides).
+    dict(name="inpaint_two_refs_s09", model="tiny-w0", dtype="float32", size=(64, 64),
+         mask=("box", (8, 24, 56, 56)), strength=0.9,
+         refs=["refs/ref_100x64.png", "refs/ref_72x88.png"]),
+    # A base (CFG) model: guidance 4 with the empty negative prompt, as diffusers.
+    dict(name="inpaint_base_cfg4_s07", model="tiny-base-w0", dtype="float32", size=(64, 64),
+         mask=("box", (0, 0, 40, 64)), strength=0.7, guidance=4.0),
     # The half-mask case in bfloat16.
     dict(name="inpaint_half_s07_bf16", model="tiny-w0", dtype="bfloat16", size=(64, 64),
          mask=("box", (32, 0, 64, 64)), strength=0.7),
@@ -95,10 +103,17 @@ def run(case, pipes):
     else:
         mask = Image.new("RGB", (width, height), (255, 255, 255))
     kwargs = {}
+    refs = []
     if case.get("ref"):
         ref = Image.open(os.path.join(FIX, case["ref"])).convert("RGB")
         ref.save(os.path.join(out, "ref_0.png"))
         kwargs["image_reference"] = ref
+        refs = ["ref_0.png"]
+    for k, r in enumerate(case.get("refs", [])):
+        ref = Image.open(os.path.join(FIX, r)).convert("RGB")
+        ref.save(os.path.join(out, f"ref_{k}.png"))
+        kwargs.setdefault("image_reference", []).append(ref)
+        refs.append(f"ref_{k}.png")
     if case.get("padding_mask_crop") is not None:
         kwargs["padding_mask_crop"] = case["padding_mask_crop"]
 
@@ -141,7 +156,7 @@ def run(case, pipes):
                 mask_image=mask,
                 strength=case["strength"],
                 num_inference_steps=4,
-                guidance_scale=1.0,
+                guidance_scale=case.get("guidance", 1.0),
                 generator=torch.Generator("cpu").manual_seed(0),
                 callback_on_step_end=on_step,
                 **kwargs,
@@ -159,7 +174,7 @@ def run(case, pipes):
         "dtype": case["dtype"],
         "prompt": PROMPT,
         "steps": 4,
-        "guidance": 1.0,
+        "guidance": case.get("guidance", 1.0),
         "seed": 0,
         "strength": case["strength"],
         "padding_mask_crop": case.get("padding_mask_crop"),
@@ -167,7 +182,7 @@ def run(case, pipes):
         "init_size": [width, height],
         "mask": "mask.png" if case["mask"] is not None else None,
         "mask_box": case["mask"][1] if case["mask"] is not None else None,
-        "refs": ["ref_0.png"] if case.get("ref") else [],
+        "refs": refs,
         "image": "image.png",
         "image_size": list(image.size),
         "timesteps_run": timesteps,

@@ -262,3 +262,13 @@ fn init_and_mask_preprocessing_equal_diffusers() {
         assert_eq!(crop, expected_crop, "{name}: crop region");
     }
 }
+
+#[test]
+fn inpaint_two_references_of_different_sizes() {
+    check_case("inpaint_two_refs_s09");
+}
+
+#[test]
+fn inpaint_base_model_with_cfg() {
+    check_case("inpaint_base_cfg4_s07");
+}
