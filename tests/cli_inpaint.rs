@@ -230,6 +230,9 @@ fn bad_inpainting_input_fails_clearly() {
     let init = case_file("inpaint_half_s07", "init.png");
     let mask = case_file("inpaint_half_s07", "mask.png");
     std::fs::write(dir.join("broken.png"), b"not an image").unwrap();
+    image::RgbImage::new(48, 80)
+        .save(dir.join("small.png"))
+        .unwrap();
     let base = |extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = [
             "generate", "-p", "x", "-m", &tiny, "--device", "cpu", "-o", "out.png",
@@ -260,6 +263,11 @@ fn bad_inpainting_input_fails_clearly() {
             base(&["--init-image", &init, "--mask", "."]),
             1,
             vec!["mask", "is a directory"],
+        ),
+        (
+            base(&["--init-image", "small.png"]),
+            1,
+            vec!["init image", "small.png", "48x80", "at least 64"],
         ),
         (
             base(&["--mask", &mask]),
@@ -312,7 +320,7 @@ fn bad_inpainting_input_fails_clearly() {
         assert_fails(&dir, &args, code, &needles);
     }
     let mut entries = dir.entries();
-    entries.retain(|e| e != "broken.png");
+    entries.retain(|e| e != "broken.png" && e != "small.png");
     assert!(entries.is_empty(), "nothing may be written: {entries:?}");
     let _ = PathBuf::new();
 }

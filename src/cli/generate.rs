@@ -195,6 +195,13 @@ impl InitImages {
                 e.root_cause()
             )
         })?;
+        if flag == "--init-image" && (image.width() < 64 || image.height() < 64) {
+            anyhow::bail!(
+                "init image {name} is {}x{} px: both sides must be at least 64 px — upscale it first",
+                image.width(),
+                image.height()
+            );
+        }
         let hash = flux2_klein::image_io::sha256_file(path).unwrap_or_else(|_| "unreadable".into());
         self.sha256.insert(name.clone(), hash);
         self.by_path.insert(

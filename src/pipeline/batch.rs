@@ -181,8 +181,8 @@ fn plan<'r>(
                 );
             }
             let t_start = inpaint::t_start(steps, init.strength)?;
-            let prepared =
-                inpaint::prepare_init(init).with_context(|| format!("init image {}", init.name))?;
+            // Its errors name the init image or mask.
+            let prepared = inpaint::prepare_init(init)?;
             let references = Arc::new(inpaint::prepare_references(&request.references)?);
             let (w, h) = (prepared.width, prepared.height);
             (references, w, h, Some((prepared, t_start)))
