@@ -272,3 +272,37 @@ fn inpaint_two_references_of_different_sizes() {
 fn inpaint_base_model_with_cfg() {
     check_case("inpaint_base_cfg4_s07");
 }
+
+/// A batch of one init image with two seeds encodes it once, and each image is what a single
+/// run gives (the first equals diffusers').
+#[test]
+fn batch_shares_the_encoded_init_image() {
+    let case = "inpaint_half_s07";
+    let (first, _) = case_request(case);
+    let mut second = first.clone();
+    second.seed = 1;
+    let mut pipeline = open("tiny-w0", DType::F32);
+    let mut encodes = 0;
+    let mut images = Vec::new();
+    pipeline
+        .generate_batch(
+            &[first, second],
+            &mut |e| {
+                if let flux2_klein::pipeline::Event::StageStart(
+                    flux2_klein::pipeline::Stage::EncodeReferences,
+                ) = e
+                {
+                    encodes += 1;
+                }
+            },
+            &mut |_, g| {
+                images.push(g.image);
+                Ok(())
+            },
+        )
+        .unwrap();
+    assert_eq!(encodes, 1, "the init image is encoded once");
+    let d = compare_images(&golden(case), &images[0]).unwrap();
+    assert!(d.max <= MAX_DIFF_F32, "{case}: max diff {}", d.max);
+    assert_ne!(images[0], images[1], "seed 1 gives another image");
+}

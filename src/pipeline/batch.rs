@@ -74,6 +74,40 @@ struct Reuse {
     prepared: Option<(Vec<Arc<image::DynamicImage>>, Prepared)>,
     /// (prepared images, tokens and ids)
     image_latents: Option<(Prepared, (Tensor, Tensor))>,
+    /// Inpainting: (init image, mask, crop margin and references, by identity; tokens and ids
+    /// of the init image and the references).
+    init_latents: Option<(InitKey, (Tensor, Tensor))>,
+}
+
+/// What an inpainting request's condition tokens depend on, by the identity of its images.
+type InitKey = (
+    Arc<image::DynamicImage>,
+    Option<Arc<image::DynamicImage>>,
+    Option<u32>,
+    Vec<Arc<image::DynamicImage>>,
+);
+
+fn init_key(request: &Request) -> Option<InitKey> {
+    let init = request.init.as_ref()?;
+    Some((
+        init.image.clone(),
+        init.mask.as_ref().map(|m| m.image.clone()),
+        init.padding_mask_crop,
+        request.references.iter().map(|r| r.image.clone()).collect(),
+    ))
+}
+
+fn same_init(a: &InitKey, b: &InitKey) -> bool {
+    let same = |x: &Arc<image::DynamicImage>, y: &Arc<image::DynamicImage>| Arc::ptr_eq(x, y);
+    same(&a.0, &b.0)
+        && match (&a.1, &b.1) {
+            (Some(x), Some(y)) => same(x, y),
+            (None, None) => true,
+            _ => false,
+        }
+        && a.2 == b.2
+        && a.3.len() == b.3.len()
+        && a.3.iter().zip(&b.3).all(|(x, y)| same(x, y))
 }
 
 /// One stage's work on one request of a chunk: (events, request index, its job).
@@ -339,7 +373,7 @@ fn encode_references(
     events: &mut dyn FnMut(Event),
 ) -> Result<()> {
     if job.init.is_some() {
-        return encode_init(pipeline, job, events);
+        return encode_init(pipeline, job, reuse, events);
     }
     if job.references.is_empty() {
         return Ok(());
@@ -375,8 +409,18 @@ fn encode_references(
 fn encode_init(
     pipeline: &mut Pipeline,
     job: &mut Job,
+    reuse: &mut Reuse,
     events: &mut dyn FnMut(Event),
 ) -> Result<()> {
+    let key = init_key(job.request).context("no init image")?;
+    let n = job.grid.0 * job.grid.1;
+    if let Some((reused, latents)) = &reuse.init_latents {
+        if same_init(reused, &key) {
+            job.init_latents = Some(latents.0.narrow(1, 0, n)?);
+            job.image_latents = Some(latents.clone());
+            return Ok(());
+        }
+    }
     let t_job = Instant::now();
     let latents = with_component(pipeline, VAE_ENCODER, job, events, |p, vae, job, events| {
         let timer = StageTimer::start(events, Stage::EncodeReferences);
@@ -390,7 +434,8 @@ fn encode_init(
         job.timings.reference_encode = timer.end(events);
         Ok(latents)
     })?;
-    job.init_latents = Some(latents.0.narrow(1, 0, job.grid.0 * job.grid.1)?);
+    job.init_latents = Some(latents.0.narrow(1, 0, n)?);
+    reuse.init_latents = Some((key, latents.clone()));
     job.image_latents = Some(latents);
     job.timings.total += t_job.elapsed();
     Ok(())
