@@ -306,3 +306,64 @@ fn batch_shares_the_encoded_init_image() {
     assert!(d.max <= MAX_DIFF_F32, "{case}: max diff {}", d.max);
     assert_ne!(images[0], images[1], "seed 1 gives another image");
 }
+
+/// `scale_noise` and the blend with diffusers' dtype rules, bit for bit on the recorded
+/// tensors: the initial latents are the init latents noised to the first sigma that runs, the
+/// packed mask is diffusers', and after each step the kept tokens (mask 0) are the init
+/// latents noised to the next sigma (the init latents themselves after the last step).
+#[test]
+fn scale_noise_and_blend_are_bit_exact() {
+    use common::foundation::assert_bits_eq;
+    use flux2_klein::latents::pack;
+    use flux2_klein::scheduler::{Schedule, SchedulerConfig};
+    for case in [
+        "inpaint_half_s07",
+        "inpaint_half_s07_bf16",
+        "i2i_s05",
+        "inpaint_base_cfg4_s07",
+    ] {
+        let meta = common::case_json(case);
+        let t = common::case_tensors(case);
+        let cfg = SchedulerConfig::from_file(
+            common::model(meta["model"].as_str().unwrap()).join("scheduler/scheduler_config.json"),
+        )
+        .unwrap();
+        let steps = meta["steps"].as_u64().unwrap() as usize;
+        let noise = pack(&t["noise"]).unwrap();
+        let init = &t["init_latents"];
+        let n = init.dim(1).unwrap();
+        let full = Schedule::new(&cfg, steps, n).unwrap();
+        let t_start = inpaint::t_start(steps, meta["strength"].as_f64().unwrap()).unwrap();
+        let s = inpaint::truncate_schedule(&full, t_start);
+        let ran: Vec<f32> = meta["timesteps_run"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(s.timesteps, ran, "{case}: timesteps that ran");
+        let start = inpaint::scale_noise(init, &noise, s.sigmas[0]).unwrap();
+        assert_bits_eq(&format!("{case}: latents.init"), &start, &t["latents.init"]);
+        // The mask on the latent grid, from the case's own preprocessing.
+        let (request, _) = case_request(case);
+        let prepared = inpaint::prepare_init(request.init.as_ref().unwrap()).unwrap();
+        let mask = inpaint::mask_tensor(&prepared.mask, init.dtype(), &Device::Cpu).unwrap();
+        assert_bits_eq(&format!("{case}: mask"), &mask, &t["mask"]);
+        let keep: Vec<usize> = (0..n).filter(|&i| prepared.mask[i] == 0.0).collect();
+        for i in 0..s.num_steps() {
+            let proper = if i + 1 < s.num_steps() {
+                inpaint::scale_noise(init, &noise, s.sigmas[i + 1]).unwrap()
+            } else {
+                init.clone()
+            };
+            let got = &t[&format!("step.{i}.latents")];
+            for &k in &keep {
+                assert_bits_eq(
+                    &format!("{case}: step {i} kept token {k}"),
+                    &proper.narrow(1, k, 1).unwrap(),
+                    &got.narrow(1, k, 1).unwrap(),
+                );
+            }
+        }
+    }
+}
