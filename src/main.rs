@@ -24,7 +24,7 @@ fn main() -> ExitCode {
             e.exit()
         }
         Err(e) => {
-            eprintln!("{}", cli::usage_error_line(&e, &argv));
+            cli::log_line(&cli::usage_error_line(&e, &argv));
             return ExitCode::from(2);
         }
     };
@@ -37,21 +37,21 @@ fn main() -> ExitCode {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        eprintln!(
+        cli::log_line(&format!(
             "error: internal error ({}{place}) — this is a bug in flux2-klein; please report it \
              with the command line (RUST_BACKTRACE=1 shows more)",
             flux2_klein::one_line(&msg)
-        );
+        ));
         if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
-            eprintln!("{}", std::backtrace::Backtrace::force_capture());
+            cli::log_line(&std::backtrace::Backtrace::force_capture().to_string());
         }
     }));
 
     match std::panic::catch_unwind(|| cli::run(args)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("error: {}", cli::error_line(&e));
-            ExitCode::from(1)
+            cli::log_line(&format!("error: {}", cli::error_line(&e)));
+            ExitCode::from(cli::exit_code(&e))
         }
         Err(_) => ExitCode::from(1),
     }

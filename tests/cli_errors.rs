@@ -178,7 +178,9 @@ fn unknown_output_extension_fails_before_anything_else() {
 }
 
 #[test]
-fn missing_output_directory() {
+fn missing_output_directory_is_created_only_for_a_written_image() {
+    // Missing directories are created when the image is written (`mkdir -p`): a run that
+    // fails before that (here on the model) leaves none behind.
     let dir = TempDir::new("outdir");
     let o = run_in(
         dir.path(),
@@ -187,13 +189,29 @@ fn missing_output_directory() {
             "-p",
             "a cat",
             "-o",
-            "missing/out.png",
+            "missing/deeper/out.png",
             "-m",
             "./nope",
         ],
     );
-    assert_runtime_error(&o, &["missing", "does not exist"]);
+    assert_runtime_error(&o, &["./nope", "does not exist"]);
     assert_no_output(&dir, &[]);
+    // Under a file, no directory can be made: said before any work.
+    std::fs::write(dir.join("file"), "x").unwrap();
+    let o = run_in(
+        dir.path(),
+        &[
+            "generate",
+            "-p",
+            "a cat",
+            "-o",
+            "file/out.png",
+            "-m",
+            "./nope",
+        ],
+    );
+    assert_runtime_error(&o, &["file/out.png", "not a directory"]);
+    assert_no_output(&dir, &["file"]);
 }
 
 #[test]
@@ -259,11 +277,11 @@ fn too_elongated_reference() {
 #[test]
 fn width_below_minimum_is_a_usage_error() {
     let dir = TempDir::new("width");
-    let o = run_in(dir.path(), &["generate", "-p", "a cat", "--width", "40"]);
+    let o = run_in(dir.path(), &["generate", "-p", "a cat", "--width", "8"]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("--width") && err.contains("40") && err.contains("64"),
+        err.contains("--width") && err.contains('8') && err.contains("16"),
         "{err}"
     );
     assert_no_output(&dir, &[]);

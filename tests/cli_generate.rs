@@ -269,6 +269,7 @@ fn compare_command_checks_golden_images() {
     assert!(tolerant.status.success());
     let v: serde_json::Value = serde_json::from_slice(&tolerant.stdout).unwrap();
     assert_eq!(v["max_diff"], 1);
+    assert_eq!(v["verdict"], "within");
     assert_eq!(
         run(&["--max-diff", "1", "--min-psnr", "99"]).status.code(),
         Some(1)
@@ -279,7 +280,8 @@ fn compare_command_checks_golden_images() {
         .arg(common::case_dir("t2i_64x128").join("image.png"))
         .output()
         .unwrap();
-    assert_eq!(other_size.status.code(), Some(1));
+    // Another size cannot be compared: trouble (2), not "different" (1), as cmp and diff.
+    assert_eq!(other_size.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&other_size.stderr).contains("differ in size"));
 }
 

@@ -9,13 +9,12 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use flux2_klein::image_io::MIN_REFERENCE_SIDE;
+use flux2_klein::limits::{MAX_IMAGES_PER_RUN, MAX_STEPS, MIN_OUTPUT_SIDE};
 use flux2_klein::model_dir::DEFAULT_MODEL;
 
-/// The smallest image side: diffusers' `check_image_input` rejects references below 64 px, and
-/// the pipeline holds outputs to the same bound (`pipeline::resolve_size`; 4×4 packed latent
-/// patches).
-pub const MIN_SIDE: u32 = MIN_REFERENCE_SIDE;
+/// The smallest output side: diffusers accepts any multiple of 16 (`pipeline::resolve_size`;
+/// references keep their 64 px minimum, `image_io::MIN_REFERENCE_SIDE`).
+pub const MIN_SIDE: u32 = MIN_OUTPUT_SIDE as u32;
 
 /// `--version`: the crate version and what this binary can run on.
 #[cfg(feature = "cudnn")]
@@ -38,7 +37,7 @@ const BUILD_VERSION: &str = concat!(
     after_help = "Examples:\n  \
         flux2-klein generate -p \"a red fox in the snow\" -o fox.png\n  \
         flux2-klein generate -p \"make it night\" -r day.png -o night.png --seed 7\n  \
-        mkdir -p out && flux2-klein generate --prompt-file prompts.txt -n 4 -o 'out/{index}-{seed}.png'\n  \
+        flux2-klein generate --prompt-file prompts.txt -n 4 -o 'out/{index}-{seed}.png'\n  \
         flux2-klein bench --size 512x512 --size 1024x1024 --runs 3\n\n\
         Each image's path is the only thing written to stdout (with --json, one JSON record \
         per image); progress, warnings and errors go to stderr."
@@ -70,7 +69,8 @@ pub enum Command {
     /// Time the pipeline (loaded once, kept resident) over sizes and reference counts.
     Bench(BenchArgs),
     /// Compare two images (golden-image checks): prints the max / mean difference and PSNR;
-    /// exits 1 when they differ by more than the tolerance.
+    /// exits 0 when they are the same or within tolerance, 1 when they differ, 2 when they
+    /// cannot be compared (missing or unreadable file, not an image, another size).
     Compare(CompareArgs),
     /// Download every file the model needs into the Hugging Face cache (or check a local
     /// directory) and print where it is: a setup step for offline runs and CI jobs.
@@ -93,9 +93,10 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = 0)]
     pub max_diff: u8,
     /// Also require at least this PSNR in dB.
-    #[arg(long)]
+    #[arg(long, value_name = "DB", value_parser = parse_finite)]
     pub min_psnr: Option<f64>,
-    /// Print the result as one JSON object.
+    /// Print the result as one JSON object, also on failure: its `verdict` is `same`,
+    /// `within`, `differs` or `error`, its `message` says why.
     #[arg(long)]
     pub json: bool,
 }
@@ -188,14 +189,19 @@ pub struct ModelArgs {
 /// Sampling options shared by `generate` and `bench`.
 #[derive(Debug, Clone, Args)]
 pub struct SamplingArgs {
-    /// Denoising steps [default: 4 for distilled checkpoints, 50 for base ones].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Denoising steps, at most 1000 [default: 4 for distilled checkpoints, 50 for base ones].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=MAX_STEPS as i64))]
     pub steps: Option<u32>,
 
     /// Classifier-free guidance scale [default: 1.0 distilled, 4.0 base]; distilled
     /// checkpoints never run CFG, so values above 1 are ignored there (with a warning).
     #[arg(long, value_name = "SCALE", value_parser = parse_guidance)]
     pub guidance: Option<f64>,
+
+    /// Largest output area in megapixels (1 MP = 2^20 pixels, so 4 is 2048×2048), at most 64:
+    /// larger sizes are refused before anything loads.
+    #[arg(long, value_name = "MP", default_value_t = 4.0, value_parser = parse_max_area)]
+    pub max_area: f64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -414,6 +420,9 @@ pub(super) fn parse_side(s: &str) -> Result<u32, String> {
 /// `-n/--count`: a habitual `-n "blurry"` (sd.cpp's and mold's negative prompt) gets a hint.
 fn parse_count(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {
+        Ok(n) if n as usize > MAX_IMAGES_PER_RUN => Err(format!(
+            "{n} images is more than the {MAX_IMAGES_PER_RUN} allowed in one run"
+        )),
         Ok(n) if n >= 1 => Ok(n),
         Ok(_) => Err("at least 1 image is needed".into()),
         Err(_) => Err(format!(
@@ -431,6 +440,34 @@ fn parse_size(s: &str) -> Result<Size, String> {
         width: parse_side(w)?,
         height: parse_side(h)?,
     })
+}
+
+/// `--min-psnr`: any finite number (NaN would make every comparison fail or pass).
+fn parse_finite(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!("expected a finite number, got {s:?}")),
+    }
+}
+
+/// `--max-area MP`: megapixels within `limits::check_max_area`'s bounds.
+fn parse_max_area(s: &str) -> Result<f64, String> {
+    let mp = parse_finite(s)?;
+    let ceiling = flux2_klein::limits::MAX_AREA_CEILING / flux2_klein::limits::MEGAPIXEL;
+    if !(mp > 0.0 && mp <= ceiling as f64) {
+        return Err(format!(
+            "expected megapixels above 0 and at most {ceiling}, got {s:?}"
+        ));
+    }
+    Ok(mp)
+}
+
+impl SamplingArgs {
+    /// `--max-area` in pixels.
+    pub fn max_area_px(&self) -> u64 {
+        let min = (MIN_OUTPUT_SIDE * MIN_OUTPUT_SIDE) as u64;
+        ((self.max_area * flux2_klein::limits::MEGAPIXEL as f64) as u64).max(min)
+    }
 }
 
 pub(super) fn parse_guidance(s: &str) -> Result<f64, String> {
@@ -470,8 +507,12 @@ mod tests {
                 height: 768
             })
         );
-        assert!(parse_size("40x512").is_err());
-        assert!(parse_side("63").is_err());
+        assert!(parse_size("8x512").is_err());
+        assert!(parse_side("15").is_err());
+        assert_eq!(parse_side("16"), Ok(16));
+        assert!(parse_finite("NaN").is_err());
+        assert!(parse_max_area("65").is_err() && parse_max_area("0").is_err());
+        assert!(parse_count("100001").is_err());
         assert!(parse_guidance("nan").is_err());
         assert_eq!(parse_count("3"), Ok(3));
         assert!(parse_count("0").is_err());

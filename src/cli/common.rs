@@ -20,6 +20,10 @@ pub fn load_pipeline(
     reporter: &mut Reporter,
 ) -> Result<Pipeline> {
     let dir = model.source.resolve()?;
+    let options = PipelineOptions {
+        max_area: sampling.max_area_px(),
+        ..options
+    };
     let pipeline = Pipeline::open(dir, options)?;
     if let Some(guidance) = sampling.guidance {
         warn_ignored_guidance(&pipeline, guidance, reporter);

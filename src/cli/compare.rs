@@ -1,16 +1,51 @@
 //! `flux2-klein compare EXPECTED ACTUAL`: the golden-image check for CI jobs. One line (or
-//! JSON) on stdout; exit 0 when within tolerance, 1 (with an `error:` line) otherwise.
+//! one JSON record, whatever happens) on stdout; exit 0 when the images are the same or within
+//! tolerance, 1 (with an `error:` line) when they differ, 2 when they cannot be compared (a
+//! missing or unreadable file, not an image, another size), as `cmp` and `diff` do.
 
-use anyhow::{bail, Result};
-use flux2_klein::image_io::{compare_images, load_image};
+use std::fmt;
+
+use anyhow::Result;
+use flux2_klein::image_io::{compare_images, load_image, ImageDiff};
 
 use super::args::CompareArgs;
 use super::common::print_stdout;
 
+/// A comparison that could not be made (exit status 2); the message is the error's line.
+#[derive(Debug)]
+pub struct Trouble(String);
+
+impl fmt::Display for Trouble {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Trouble {}
+
+fn trouble(err: &anyhow::Error) -> anyhow::Error {
+    anyhow::Error::new(Trouble(super::error_line(err)))
+}
+
 pub fn run(args: &CompareArgs) -> Result<()> {
-    let expected = load_image(&args.expected)?.to_rgb8();
-    let actual = load_image(&args.actual)?.to_rgb8();
-    let d = compare_images(&expected, &actual)?;
+    let d = match measure(args) {
+        Ok(d) => d,
+        Err(e) => {
+            let e = trouble(&e);
+            if args.json {
+                let record = serde_json::json!({
+                    "expected": args.expected.display().to_string(),
+                    "actual": args.actual.display().to_string(),
+                    "verdict": "error",
+                    "message": e.to_string(),
+                    "pass": false,
+                });
+                // The error line on stderr says what went wrong; stdout may be gone too.
+                let _ = print_stdout(&(record.to_string() + "\n"));
+            }
+            return Err(e);
+        }
+    };
     let psnr = if d.psnr.is_finite() {
         format!("{:.2}", d.psnr)
     } else {
@@ -18,42 +53,61 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     };
     let max_diff_ok = d.max <= args.max_diff;
     let psnr_ok = args.min_psnr.is_none_or(|min| d.psnr >= min);
-    let line = if args.json {
-        serde_json::json!({
-            "expected": args.expected.display().to_string(),
-            "actual": args.actual.display().to_string(),
-            "max_diff": d.max,
-            "mean_diff": d.mean,
-            "psnr_db": d.psnr.is_finite().then_some(d.psnr),
-            "differing_pixels": d.differing_pixels,
-            "pass": max_diff_ok && psnr_ok,
-            "allowed_max_diff": args.max_diff,
-            "min_psnr_db": args.min_psnr,
-        })
-        .to_string()
-    } else {
-        format!(
-            "max diff {} mean diff {:.4} PSNR {psnr} dB, {} pixels differ",
-            d.max, d.mean, d.differing_pixels
-        )
-    };
-    print_stdout(&(line + "\n"))?;
-    if !max_diff_ok {
-        bail!(
+    let summary = format!(
+        "max diff {} mean diff {:.4} PSNR {psnr} dB, {} pixels differ",
+        d.max, d.mean, d.differing_pixels
+    );
+    let failure = if !max_diff_ok {
+        Some(format!(
             "{} differs from {}: max channel difference {} > {} — regenerate the golden image \
              or raise --max-diff",
             args.actual.display(),
             args.expected.display(),
             d.max,
             args.max_diff
-        );
+        ))
+    } else {
+        args.min_psnr.filter(|_| !psnr_ok).map(|min| {
+            format!(
+                "{} differs from {}: PSNR {psnr} dB < {min} dB",
+                args.actual.display(),
+                args.expected.display()
+            )
+        })
+    };
+    let verdict = match (&failure, d.max) {
+        (Some(_), _) => "differs",
+        (None, 0) => "same",
+        (None, _) => "within",
+    };
+    let line = if args.json {
+        serde_json::json!({
+            "expected": args.expected.display().to_string(),
+            "actual": args.actual.display().to_string(),
+            "verdict": verdict,
+            "message": failure.as_deref().unwrap_or(&summary),
+            "max_diff": d.max,
+            "mean_diff": d.mean,
+            "psnr_db": d.psnr.is_finite().then_some(d.psnr),
+            "differing_pixels": d.differing_pixels,
+            "pass": failure.is_none(),
+            "allowed_max_diff": args.max_diff,
+            "min_psnr_db": args.min_psnr,
+        })
+        .to_string()
+    } else {
+        summary
+    };
+    print_stdout(&(line + "\n")).map_err(|e| trouble(&e))?;
+    match failure {
+        Some(msg) => Err(anyhow::anyhow!(msg)),
+        None => Ok(()),
     }
-    if let Some(min) = args.min_psnr.filter(|_| !psnr_ok) {
-        bail!(
-            "{} differs from {}: PSNR {psnr} dB < {min} dB",
-            args.actual.display(),
-            args.expected.display()
-        );
-    }
-    Ok(())
+}
+
+/// Both images decoded (within the decoder limits) and compared.
+fn measure(args: &CompareArgs) -> Result<ImageDiff> {
+    let expected = load_image(&args.expected)?.to_rgb8();
+    let actual = load_image(&args.actual)?.to_rgb8();
+    compare_images(&expected, &actual)
 }

@@ -21,7 +21,7 @@ pub fn pipeline_options(args: &ModelArgs, keep_resident: bool) -> Result<Pipelin
     options.keep_resident = keep_resident;
     options.vae_tile = args.vae_tile.map(|t| t as usize);
     // The library reads no environment: its kernel switches and profiling come from here.
-    options.kernels = KernelOptions::from_env(&mut |w| eprintln!("warning: {w}"));
+    options.kernels = KernelOptions::from_env(&mut |w| super::log_line(&format!("warning: {w}")));
     options.profile = std::env::var("FLUX2_KLEIN_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0");
     check_bf16_support(&options)?;
     Ok(options)

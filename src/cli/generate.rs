@@ -25,6 +25,7 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
         Some(png) => vec![job_from_metadata(png, args, reporter)?],
         None => jobs::read(&args.prompt, reporter)?,
     };
+    super::limits::check_jobs(&jobs, args)?;
     let first_seed = args.seed.unwrap_or_else(random_seed);
     let images = jobs::expand(&jobs, args.count, first_seed, args.output.as_deref());
     let inits = jobs
@@ -48,6 +49,7 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     for init in inits.iter().flatten() {
         init_images.add(init)?;
     }
+    super::limits::check_sizes(&jobs, args, &references)?;
     let width = args
         .width
         .map(|w| floored("--width", w, floor_side, reporter));
@@ -245,6 +247,7 @@ fn write_images(
         &mut |index, generated| {
             let (path, request) = (&outputs[index], &requests[index]);
             let recorded = run.recorded(request, &generated);
+            super::output::create_parent(path)?;
             save_image(path, &generated.image, &recorded.to_text_chunks())?;
             let mut reporter = reporter.borrow_mut();
             reporter.finish();

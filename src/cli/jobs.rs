@@ -8,10 +8,11 @@
 //! paths), `init_image`, `mask`, `strength`, `padding_mask_crop` and `output`; any other line
 //! is a plain prompt.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
+use flux2_klein::limits::{MAX_IMAGES_PER_RUN, MAX_PROMPT_FILE_BYTES};
 
 use super::args::{parse_guidance, parse_side, parse_strength, PromptArgs};
 use super::metadata::Recorded;
@@ -76,9 +77,10 @@ impl PromptJob {
             prompt: recorded.prompt.clone(),
             negative_prompt: recorded.negative_prompt.clone(),
             seed: recorded.seed,
-            width: size.map(|s| s.0 as u32),
-            height: size.map(|s| s.1 as u32),
-            steps: recorded.steps.map(|s| s as u32),
+            // Saturated, not wrapped: a hostile value must fail the range checks.
+            width: size.map(|s| saturate(s.0)),
+            height: size.map(|s| saturate(s.1)),
+            steps: recorded.steps.map(saturate),
             guidance: recorded.guidance,
             refs: Some(recorded.references.iter().map(PathBuf::from).collect()),
             init_image: recorded.init_image.as_ref().map(PathBuf::from),
@@ -95,22 +97,30 @@ impl PromptJob {
         self.refs.as_deref().unwrap_or(default)
     }
 
-    /// The same range checks as the command-line options (their value parsers).
-    fn check(&self) -> Result<(), String> {
+    /// The same range checks as the command-line options (their value parsers and
+    /// `flux2_klein::limits`).
+    pub(super) fn check(&self) -> Result<(), String> {
         for v in [self.width, self.height].into_iter().flatten() {
             parse_side(&v.to_string())?;
         }
         if self.steps == Some(0) {
             return Err("\"steps\" must be at least 1".into());
         }
+        if let Some(steps) = self.steps {
+            flux2_klein::limits::check_steps(steps as usize).map_err(|e| e.to_string())?;
+        }
         if let Some(g) = self.guidance {
-            parse_guidance(&g.to_string())?;
+            parse_guidance(&g.to_string()).map_err(|e| format!("guidance: {e}"))?;
         }
         if let Some(s) = self.strength {
             parse_strength(&s.to_string()).map_err(|e| format!("\"strength\": {e}"))?;
         }
         Ok(())
     }
+}
+
+fn saturate(v: usize) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
 }
 
 /// The jobs of `--prompt` or `--prompt-file`, in order (`--config-from-metadata` is read by
@@ -133,18 +143,18 @@ pub fn read(args: &PromptArgs, reporter: &Reporter) -> Result<Vec<PromptJob>> {
     let text = if path.as_os_str() == "-" {
         read_stdin(reporter, "one prompt per line, then Ctrl-D")?
     } else {
-        std::fs::read_to_string(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::InvalidData {
-                anyhow!(
-                    "the prompt file {} is not UTF-8 text — save it as UTF-8",
-                    path.display()
-                )
-            } else {
-                anyhow!(e).context(format!(
-                    "cannot read the prompt file {} — check the path (or pass - for stdin)",
-                    path.display()
-                ))
-            }
+        // A regular file, capped (a FIFO or /dev/zero would hang or fill memory).
+        let bytes =
+            flux2_klein::limits::read_regular_file(path, MAX_PROMPT_FILE_BYTES, "prompt file")
+                .map_err(|e| match path.exists() {
+                    true => e,
+                    false => anyhow!("{e} — check the path (or pass - for stdin)"),
+                })?;
+        String::from_utf8(bytes).map_err(|_| {
+            anyhow!(
+                "the prompt file {} is not UTF-8 text — save it as UTF-8",
+                path.display()
+            )
         })?
     };
     let jobs = parse_prompt_lines(&text)
@@ -165,7 +175,20 @@ fn read_stdin(reporter: &Reporter, what: &str) -> Result<String> {
     if stdin.is_terminal() {
         reporter.info(&format!("reading from stdin: {what} to finish"));
     }
-    std::io::read_to_string(stdin).map_err(|e| {
+    let mut text = String::new();
+    let read = stdin
+        .take(MAX_PROMPT_FILE_BYTES + 1)
+        .read_to_string(&mut text);
+    if read
+        .as_ref()
+        .is_ok_and(|&n| n as u64 > MAX_PROMPT_FILE_BYTES)
+    {
+        bail!(
+            "stdin holds more than the {} MiB a prompt file may have",
+            MAX_PROMPT_FILE_BYTES >> 20
+        );
+    }
+    read.map(|_| text).map_err(|e| {
         if e.kind() == std::io::ErrorKind::InvalidData {
             anyhow!("stdin is not UTF-8 text — pipe in UTF-8")
         } else {
@@ -195,6 +218,12 @@ pub fn parse_prompt_lines(text: &str) -> Result<Vec<PromptJob>, (usize, String)>
             PromptJob::plain(line.to_string())
         };
         job.line = Some(i + 1);
+        if jobs.len() == MAX_IMAGES_PER_RUN {
+            return Err((
+                i + 1,
+                format!("more than {MAX_IMAGES_PER_RUN} prompts (the most images in one run)"),
+            ));
+        }
         jobs.push(job);
     }
     Ok(jobs)

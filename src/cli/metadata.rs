@@ -168,6 +168,12 @@ impl Recorded {
 
     /// The settings recorded in the image file `png` (for `--config-from-metadata`).
     pub fn read(png: &Path) -> Result<Self> {
+        // Before the signature check opens it: a FIFO would block the open.
+        flux2_klein::limits::check_regular_file(
+            png,
+            flux2_klein::limits::MAX_IMAGE_FILE_BYTES,
+            "--config-from-metadata",
+        )?;
         if !is_png(png) {
             bail!(
                 "--config-from-metadata {}: not a PNG file — only flux2-klein's PNG outputs \

@@ -3,7 +3,8 @@
 //! writes the image atomically and prints its path on stdout. No model code lives here.
 //!
 //! Exit codes (set by `main`): 0 success, 1 runtime failure (one `error: …` line on stderr),
-//! 2 usage error (clap's message, on one line too).
+//! 2 usage error (clap's message, on one line too); `compare`: 0 same or within tolerance, 1
+//! different, 2 trouble (see [`exit_code`]).
 //!
 //! One file per subcommand (`generate`, `bench`, `compare`, `fetch`); `args` is the clap
 //! definition, `jobs` the prompt-file format and the images of a run, `metadata` the settings
@@ -17,6 +18,7 @@ mod device;
 mod fetch;
 mod generate;
 mod jobs;
+mod limits;
 mod metadata;
 mod output;
 mod progress;
@@ -27,6 +29,25 @@ use anyhow::Result;
 pub use args::Cli;
 use args::Command;
 use progress::{Reporter, Verbosity};
+
+/// Writes one line to stderr, the log stream. A stderr that cannot be written (`2>/dev/full`,
+/// a closed pipe) loses the line, and nothing else: `eprintln!` would panic, and abort a run
+/// whose images are finished.
+pub fn log_line(line: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}").and_then(|()| err.flush());
+}
+
+/// The exit status of a failed run: 1, or 2 where `compare` could not compare
+/// ([`compare::Trouble`]; 1 there means the images differ, as with cmp and diff).
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<compare::Trouble>().is_some() {
+        2
+    } else {
+        1
+    }
+}
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
@@ -196,8 +217,8 @@ mod tests {
             "{l}"
         );
         assert!(l.ends_with(" — see flux2-klein generate --help"), "{l}");
-        let l = line(&["flux2-klein", "generate", "--width", "40", "-p", "x"]);
-        assert!(l.contains("--width") && l.contains("at least 64 px"), "{l}");
+        let l = line(&["flux2-klein", "generate", "--width", "8", "-p", "x"]);
+        assert!(l.contains("--width") && l.contains("at least 16 px"), "{l}");
         assert!(l.ends_with(" — see flux2-klein generate --help"), "{l}");
         let l = line(&["flux2-klein", "generate", "-p", "x", "--seed", "-1"]);
         assert!(l.contains("leave out --seed"), "{l}");

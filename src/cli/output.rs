@@ -115,6 +115,16 @@ pub fn check_outputs(
     Ok(outputs)
 }
 
+/// Creates the missing directories of an output path (as `mkdir -p`), just before its image
+/// is written.
+pub fn create_parent(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the output directory {}", dir.display())),
+        _ => Ok(()),
+    }
+}
+
 /// The first `{…}` in a template that is not a placeholder.
 fn unknown_placeholder(template: &Path) -> Option<String> {
     let text = template.to_string_lossy();
@@ -131,8 +141,9 @@ fn unknown_placeholder(template: &Path) -> Option<String> {
     None
 }
 
-/// The checks of one output path that need the file system: the format, not a directory, the
-/// directory exists and we may create files in it.
+/// The checks of one output path that need the file system: the format, not a directory, and
+/// we may create files in its directory (or, where that does not exist yet, in its nearest
+/// existing ancestor).
 pub fn check_output(path: &Path) -> Result<OutputFormat> {
     let format = OutputFormat::from_path(path)?;
     if path.is_dir() {
@@ -142,16 +153,34 @@ pub fn check_output(path: &Path) -> Result<OutputFormat> {
             path.display()
         );
     }
-    // The final write goes through this temp file, so its directory is the one to check.
-    let probe = temp_path_for(path);
-    let dir = probe.parent().unwrap_or(Path::new("."));
+    // The final write goes through this temp file, so its directory is the one to check. A
+    // directory that does not exist yet is created when the image is written (`mkdir -p`):
+    // until then the nearest existing ancestor is probed, so a failed run leaves nothing.
+    let mut probe = temp_path_for(path);
+    let dir = probe.parent().unwrap_or(Path::new(".")).to_path_buf();
     if !dir.is_dir() {
-        bail!(
-            "output directory {} does not exist — create it first (mkdir -p {})",
-            dir.display(),
-            dir.display()
-        );
+        let existing = dir
+            .ancestors()
+            .find(|a| a.as_os_str().is_empty() || a.exists())
+            .map(|a| {
+                if a.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    a
+                }
+            })
+            .unwrap_or(Path::new("."));
+        if !existing.is_dir() {
+            bail!(
+                "cannot create the directory of output {}: {} is not a directory — choose \
+                 another --output",
+                path.display(),
+                existing.display()
+            );
+        }
+        probe = temp_path_for(existing.join("probe"));
     }
+    let dir = probe.parent().unwrap_or(Path::new(".")).to_path_buf();
     File::create(&probe).with_context(|| {
         format!(
             "cannot create files in {} — check its permissions or choose another --output",

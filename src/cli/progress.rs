@@ -84,8 +84,8 @@ impl Reporter {
 
     fn print(&self, line: &str) {
         match &self.live {
-            Some(live) => live.multi.suspend(|| eprintln!("{line}")),
-            None => eprintln!("{line}"),
+            Some(live) => live.multi.suspend(|| super::log_line(line)),
+            None => super::log_line(line),
         }
     }
 

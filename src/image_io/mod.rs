@@ -30,6 +30,8 @@ use candle_core::{Device, Tensor};
 use image::{DynamicImage, ImageDecoder, ImageFormat, RgbImage};
 use sha2::{Digest, Sha256};
 
+use crate::limits::MAX_IMAGE_FILE_BYTES;
+
 /// diffusers `Flux2ImageProcessor.check_image_input(min_side_length=64)`.
 pub const MIN_REFERENCE_SIDE: u32 = 64;
 /// diffusers `Flux2ImageProcessor.check_image_input(max_aspect_ratio=8)`.
@@ -53,21 +55,34 @@ pub const JPEG_QUALITY: u8 = 95;
 /// back to `image`'s decoder. Truncated JPEGs are refused, as Pillow refuses them.
 pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
     let path = path.as_ref();
-    let bytes =
-        fs::read(path).map_err(|e| anyhow!("cannot read image file {}: {e}", path.display()))?;
+    // Only regular files, capped (a FIFO or /dev/zero would hang or fill memory).
+    let bytes = crate::limits::read_regular_file(path, MAX_IMAGE_FILE_BYTES, "image file")?;
     decode_image(&bytes).with_context(|| format!("cannot decode image file {}", path.display()))
 }
 
 /// [`load_image`] on the file's bytes.
 fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
-    let reader = image::ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
+    let mut reader = image::ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
+    // Sizes are checked from the header, before any pixel buffer is allocated.
+    reader.limits(crate::limits::decoder_limits());
     let format = reader.format();
     match format {
         Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP) => {}
         Some(f) => bail!("{f:?} is not supported (use PNG, JPEG or WebP)"),
         None => bail!("not a PNG, JPEG or WebP file"),
     }
-    let mut decoder = reader.into_decoder()?;
+    let mut decoder = reader.into_decoder().map_err(|e| match e {
+        image::ImageError::Limits(_) => anyhow!(
+            "its header claims more than {} px a side or {} MiB of pixels, above what is \
+             decoded",
+            crate::limits::MAX_DECODE_SIDE,
+            crate::limits::MAX_DECODE_BYTES >> 20
+        ),
+        e => e.into(),
+    })?;
+    let (width, height) = decoder.dimensions();
+    // (libjpeg below does not see the `image` crate's limits.)
+    crate::limits::check_decode_size(width, height, decoder.total_bytes())?;
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
@@ -462,13 +477,15 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 /// group in file order.
 pub fn read_png_text(path: impl AsRef<Path>) -> Result<Vec<(String, String)>> {
     let path = path.as_ref();
-    let file = fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+    let bytes = crate::limits::read_regular_file(path, MAX_IMAGE_FILE_BYTES, "PNG file")?;
+    let mut reader = png::Decoder::new(Cursor::new(bytes))
         .read_info()
         .with_context(|| format!("cannot read PNG {}", path.display()))?;
-    let size = reader
-        .output_buffer_size()
-        .ok_or_else(|| anyhow!("PNG {} is too large to decode", path.display()))?;
+    // Text chunks after the pixels are read only by decoding them: sizes are checked first.
+    let (width, height) = (reader.info().width, reader.info().height);
+    let size = reader.output_buffer_size().unwrap_or(usize::MAX);
+    crate::limits::check_decode_size(width, height, size as u64)
+        .with_context(|| format!("PNG {}", path.display()))?;
     let mut buf = vec![0; size];
     reader
         .next_frame(&mut buf)

@@ -35,6 +35,14 @@ use candle_core::{DType, Result, Tensor};
 /// SiLU as torch evaluates it for half-precision tensors: in f32, rounded once to the input
 /// dtype (spec §1). candle's native bf16 SiLU rounds the `exp`, the `1 + …` and the quotient
 /// separately, which drifts from the reference.
+/// Whether every value of `x` is finite: one sum over the tensor on its device (NaN and ±∞
+/// propagate through it), read back as a scalar. Finite latents of this model stay many
+/// orders of magnitude below f32's range, so a finite sum cannot overflow.
+pub fn all_finite(x: &Tensor) -> Result<bool> {
+    let sum = x.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    Ok(sum.is_finite())
+}
+
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     match x.dtype() {
         DType::F32 | DType::F64 => candle_nn::ops::silu(x),

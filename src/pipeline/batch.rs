@@ -123,6 +123,11 @@ pub(super) fn run(
         events(Event::Warning(w));
     }
     let total = requests.len();
+    crate::limits::check_max_area(pipeline.options.max_area)?;
+    crate::limits::check_image_count(total)?;
+    for (i, request) in requests.iter().enumerate() {
+        in_job(super::check_request(request), i, total)?;
+    }
     let resident = pipeline.options.keep_resident;
     let chunk_len = if resident { 1 } else { BATCH_CHUNK };
     let mut reuse = Reuse::default();
@@ -202,9 +207,11 @@ fn plan<'r>(
             let first = references
                 .first()
                 .map(|im| (im.width() as usize, im.height() as usize));
-            let (width, height) = resolve_size(request.width, request.height, first, &mut |w| {
-                events(Event::Warning(w))
-            })?;
+            let max_area = pipeline.options.max_area;
+            let (width, height) =
+                resolve_size(request.width, request.height, first, max_area, &mut |w| {
+                    events(Event::Warning(w))
+                })?;
             (references, width, height, None)
         }
         Some(init) => {
@@ -219,6 +226,7 @@ fn plan<'r>(
             let prepared = inpaint::prepare_init(init)?;
             let references = Arc::new(inpaint::prepare_references(&request.references)?);
             let (w, h) = (prepared.width, prepared.height);
+            crate::limits::check_output_size(w, h, pipeline.options.max_area)?;
             (references, w, h, Some((prepared, t_start)))
         }
     };
@@ -525,6 +533,12 @@ fn denoise(pipeline: &mut Pipeline, job: &mut Job, events: &mut dyn FnMut(Event)
             Ok(latents)
         },
     )?;
+    if !crate::ops::all_finite(&latents)? {
+        bail!(
+            "the denoise stage produced NaN or infinite latents — the transformer weights or the \
+             dtype may be broken (try --dtype f32), or the guidance is too large"
+        );
+    }
     job.latents = Some(latents);
     job.timings.total += t_job.elapsed();
     Ok(())

@@ -29,6 +29,7 @@ use candle_core::{DType, Device};
 pub use batch::BATCH_CHUNK;
 pub use inpaint::InitImage;
 
+use crate::limits;
 use crate::model_dir::ModelDir;
 use crate::ops::KernelOptions;
 use crate::scheduler::SchedulerConfig;
@@ -60,6 +61,9 @@ pub struct PipelineOptions {
     /// Time synchronised regions of the device work and report them as [`Event::Profile`]
     /// after each batch (slows the run down; off by default).
     pub profile: bool,
+    /// The largest output area in pixels ([`crate::limits::DEFAULT_MAX_AREA`] by default, at
+    /// most [`crate::limits::MAX_AREA_CEILING`]).
+    pub max_area: u64,
 }
 
 impl PipelineOptions {
@@ -79,6 +83,7 @@ impl PipelineOptions {
             text_layers: text_encoder::DEFAULT_LAYERS.to_vec(),
             kernels: KernelOptions::default(),
             profile: false,
+            max_area: crate::limits::DEFAULT_MAX_AREA,
         }
     }
 
@@ -230,25 +235,77 @@ pub fn floor_to_multiple_of_16(px: usize) -> usize {
 }
 
 /// Output size for a request: explicit, else the first reference's cropped size, else 1024²;
-/// floored to multiples of 16 as diffusers does (with a warning).
+/// floored to multiples of 16 as diffusers does (with a warning). Any multiple of 16 from
+/// [`limits::MIN_OUTPUT_SIDE`] up works (diffusers accepts 80×48; the 64 px minimum is for
+/// references only), within `max_area` pixels ([`limits::check_output_size`]).
 pub fn resolve_size(
     width: Option<usize>,
     height: Option<usize>,
     first_reference: Option<(usize, usize)>,
+    max_area: u64,
     warn: &mut dyn FnMut(String),
 ) -> Result<(usize, usize)> {
     let (dw, dh) = first_reference.unwrap_or((1024, 1024));
     let (w, h) = (width.unwrap_or(dw), height.unwrap_or(dh));
-    if w < 64 || h < 64 {
-        bail!("output size {w}x{h} is too small: width and height must be at least 64 pixels");
+    if w < limits::MIN_OUTPUT_SIDE || h < limits::MIN_OUTPUT_SIDE {
+        bail!(
+            "output size {w}x{h} is too small: width and height must be at least {} pixels",
+            limits::MIN_OUTPUT_SIDE
+        );
     }
     let (fw, fh) = (floor_to_multiple_of_16(w), floor_to_multiple_of_16(h));
+    limits::check_output_size(fw, fh, max_area)?;
     if (fw, fh) != (w, h) {
         warn(format!(
             "{w}x{h} is not a multiple of 16; the image will be {fw}x{fh} (as diffusers does)"
         ));
     }
     Ok((fw, fh))
+}
+
+/// The ceilings of [`crate::limits`] that a request's own values must keep (its size is
+/// checked when it is resolved, see [`resolve_size`]); checked for every request of a batch
+/// before any work.
+pub fn check_request(request: &Request) -> Result<()> {
+    if let Some(steps) = request.steps {
+        limits::check_steps(steps)?;
+    }
+    if let Some(guidance) = request.guidance {
+        limits::check_guidance(guidance)?;
+    }
+    limits::check_reference_count(request.references.len())
+}
+
+/// The components' configs against each other (each is valid alone, see their `validate`):
+/// the shapes one hands to the next must agree, else a load or a forward pass would fail
+/// deep inside.
+fn check_configs(
+    transformer: &Flux2TransformerConfig,
+    text: &Qwen3Config,
+    vae: &AutoencoderKLFlux2Config,
+    options: &PipelineOptions,
+) -> Result<()> {
+    let latent = vae.bn_channels();
+    if transformer.in_channels != latent || transformer.out_channels() != latent {
+        bail!(
+            "the transformer's in_channels {} / out_channels {} do not match the VAE's {latent} \
+             packed latent channels (latent_channels × patch_size) — the model's configs do not \
+             belong together",
+            transformer.in_channels,
+            transformer.out_channels()
+        );
+    }
+    let prompt = text.hidden_size.saturating_mul(options.text_layers.len());
+    if transformer.joint_attention_dim != prompt {
+        bail!(
+            "the transformer's joint_attention_dim {} is not the text encoder's hidden_size {} × \
+             {} stacked layers — the model's configs do not belong together",
+            transformer.joint_attention_dim,
+            text.hidden_size,
+            options.text_layers.len()
+        );
+    }
+    Ok(())
 }
 
 /// The FLUX.2 [klein] pipeline.
@@ -276,6 +333,10 @@ impl Pipeline {
         }
         let scheduler_config: SchedulerConfig = model.config("scheduler")?;
         let transformer_config: Flux2TransformerConfig = model.config("transformer")?;
+        // Every config is validated, alone and against the others, before anything loads.
+        let text_config: Qwen3Config = model.config("text_encoder")?;
+        let vae_config: AutoencoderKLFlux2Config = model.config("vae")?;
+        check_configs(&transformer_config, &text_config, &vae_config, &options)?;
         let tokenizer = PromptTokenizer::from_file(&model.tokenizer()?, MAX_SEQUENCE_LENGTH)?;
         options.kernels.install();
         crate::profile::set_enabled(options.profile);
@@ -411,5 +472,34 @@ impl Pipeline {
     /// Starts a new peak-memory measurement (`bench` does this per workload).
     pub fn reset_peak_device_memory(&self) {
         crate::ops::device::reset_peak(&self.options.device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_sides_are_any_multiple_of_16() {
+        let size = |w, h, max| resolve_size(Some(w), Some(h), None, max, &mut |_| {});
+        let max = limits::DEFAULT_MAX_AREA;
+        assert_eq!(size(80, 48, max).unwrap(), (80, 48));
+        assert_eq!(size(16, 16, max).unwrap(), (16, 16));
+        assert_eq!(size(40, 20, max).unwrap(), (32, 16));
+        assert!(size(8, 64, max).is_err());
+        assert_eq!(size(2048, 2048, max).unwrap(), (2048, 2048));
+        assert!(size(2048, 2064, max).is_err());
+        assert!(size(usize::MAX, usize::MAX, limits::MAX_AREA_CEILING).is_err());
+    }
+
+    #[test]
+    fn requests_keep_the_ceilings() {
+        let mut r = Request::new("x", 0);
+        assert!(check_request(&r).is_ok());
+        r.steps = Some(limits::MAX_STEPS + 1);
+        assert!(check_request(&r).is_err());
+        r.steps = None;
+        r.guidance = Some(f64::NAN);
+        assert!(check_request(&r).is_err());
     }
 }

@@ -166,6 +166,24 @@ impl Qwen3Config {
         if self.use_sliding_window {
             bail!("use_sliding_window=true is not supported (Qwen3-4B uses full attention)");
         }
+        use crate::limits::{check_config_float, check_config_values};
+        use crate::limits::{MAX_CONFIG_LAYERS, MAX_CONFIG_VOCAB, MAX_CONFIG_WIDTH as WIDTH};
+        check_config_values(&[
+            ("vocab_size", self.vocab_size, MAX_CONFIG_VOCAB),
+            ("hidden_size", self.hidden_size, WIDTH),
+            ("intermediate_size", self.intermediate_size, 4 * WIDTH),
+            (
+                "num_hidden_layers",
+                self.num_hidden_layers,
+                MAX_CONFIG_LAYERS,
+            ),
+            ("num_attention_heads", self.num_attention_heads, 1024),
+            ("head_dim", self.head_dim(), 1024),
+        ])?;
+        let width = self.num_attention_heads.saturating_mul(self.head_dim());
+        check_config_values(&[("num_attention_heads × head_dim", width, WIDTH)])?;
+        check_config_float("rms_norm_eps", self.rms_norm_eps, 1.0)?;
+        check_config_float("rope_theta", self.rope_theta(), 1e12)?;
         Ok(())
     }
 }

@@ -78,7 +78,16 @@ impl Flux2TransformerConfig {
 
     /// Checks the relations the model relies on.
     pub fn validate(&self) -> Result<()> {
-        let rope: usize = self.axes_dims_rope.iter().sum();
+        use crate::limits::{check_config_float, check_config_values};
+        use crate::limits::{MAX_CONFIG_LAYERS as LAYERS, MAX_CONFIG_WIDTH as WIDTH};
+        // Sums of hostile values must not wrap around.
+        let rope = self
+            .axes_dims_rope
+            .iter()
+            .try_fold(0usize, |sum, &d| sum.checked_add(d));
+        let Some(rope) = rope else {
+            bail!("axes_dims_rope {:?} overflows", self.axes_dims_rope);
+        };
         if rope != self.attention_head_dim {
             bail!(
                 "axes_dims_rope {:?} sums to {rope}, but attention_head_dim is {}",
@@ -98,6 +107,35 @@ impl Flux2TransformerConfig {
         if self.num_attention_heads == 0 || self.attention_head_dim == 0 || self.patch_size == 0 {
             bail!("num_attention_heads, attention_head_dim and patch_size must be positive");
         }
+        // Position ids have four axes (T, H, W, L).
+        if self.axes_dims_rope.len() != 4 {
+            bail!(
+                "axes_dims_rope {:?} must have 4 entries (the T, H, W, L axes)",
+                self.axes_dims_rope
+            );
+        }
+        check_config_values(&[
+            ("in_channels", self.in_channels, WIDTH),
+            ("out_channels", self.out_channels(), WIDTH),
+            ("attention_head_dim", self.attention_head_dim, 1024),
+            ("num_attention_heads", self.num_attention_heads, 1024),
+            ("joint_attention_dim", self.joint_attention_dim, WIDTH),
+            (
+                "timestep_guidance_channels",
+                self.timestep_guidance_channels,
+                WIDTH,
+            ),
+            ("patch_size", self.patch_size, 16),
+            ("num_layers", self.num_layers, LAYERS),
+            ("num_single_layers", self.num_single_layers, LAYERS),
+        ])?;
+        let inner = self
+            .num_attention_heads
+            .saturating_mul(self.attention_head_dim);
+        check_config_values(&[("num_attention_heads × attention_head_dim", inner, WIDTH)])?;
+        check_config_float("mlp_ratio", self.mlp_ratio, 16.0)?;
+        check_config_float("rope_theta", self.rope_theta, 1e12)?;
+        check_config_float("eps", self.eps, 1.0)?;
         Ok(())
     }
 

@@ -131,6 +131,27 @@ impl AutoencoderKLFlux2Config {
         if self.in_channels == 0 || self.out_channels == 0 || self.latent_channels == 0 {
             bail!("in_channels, out_channels and latent_channels must be > 0");
         }
+        use crate::limits::{check_config_float, check_config_values, MAX_CONFIG_WIDTH as WIDTH};
+        // The scale factor is 2^(levels - 1).
+        check_config_values(&[
+            ("the number of VAE levels", n, 8),
+            ("in_channels", self.in_channels, 4),
+            ("out_channels", self.out_channels, 4),
+            ("latent_channels", self.latent_channels, WIDTH),
+            ("norm_num_groups", self.norm_num_groups, WIDTH),
+            ("layers_per_block", self.layers_per_block, 64),
+            ("patch_size[0]", self.patch_size[0], 16),
+            ("patch_size[1]", self.patch_size[1], 16),
+        ])?;
+        for &c in self
+            .block_out_channels
+            .iter()
+            .chain(self.decoder_channels())
+        {
+            check_config_values(&[("a block channel count", c, WIDTH)])?;
+        }
+        check_config_values(&[("the BatchNorm channels", self.bn_channels(), WIDTH)])?;
+        check_config_float("batch_norm_eps", self.batch_norm_eps, 1.0)?;
         Ok(())
     }
 

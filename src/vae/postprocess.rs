@@ -16,6 +16,14 @@ pub fn to_rgb8(decoded: &Tensor) -> Result<Vec<RgbImage>> {
         bail!("to_rgb8: expected a [B,3,H,W] tensor, got shape {dims:?}");
     }
     let (b, _, h, w) = (dims[0], dims[1], dims[2], dims[3]);
+    // NaN would become black pixels and ∞ white ones: a broken image, written as if it were
+    // fine.
+    if !crate::ops::all_finite(decoded)? {
+        bail!(
+            "the VAE decode produced NaN or infinite values — the VAE weights or the VAE dtype \
+             may be broken (try --vae-dtype f32)"
+        );
+    }
     // Two separate elementwise ops, as torch does: each rounds to the tensor dtype.
     let x = ((decoded * 0.5)? + 0.5)?.clamp(0f32, 1f32)?;
     // HWC order on the device, then one transfer to the host.
