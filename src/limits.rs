@@ -202,18 +202,24 @@ pub fn decoder_limits() -> image::Limits {
     limits
 }
 
+/// An image whose header claims more pixels than a decoder may allocate (the error inside
+/// [`check_decode_size`]'s `anyhow::Error`: front ends downcast to it to add their advice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "its header claims {width}x{height} px, above the {MAX_DECODE_SIDE} px a side and {} MiB \
+     of pixels that are decoded",
+    MAX_DECODE_BYTES >> 20
+)]
+pub struct TooLargeToDecode {
+    pub width: u32,
+    pub height: u32,
+}
+
 /// An image header's size (and the `bytes` its pixels need) against the decoder limits,
-/// before its pixels are allocated.
+/// before its pixels are allocated; the error is a [`TooLargeToDecode`].
 pub fn check_decode_size(width: u32, height: u32, bytes: u64) -> Result<()> {
-    if width > MAX_DECODE_SIDE || height > MAX_DECODE_SIDE {
-        bail!("the image is {width}x{height}: sides above {MAX_DECODE_SIDE} px are not decoded");
-    }
-    if bytes > MAX_DECODE_BYTES {
-        bail!(
-            "the image is {width}x{height}: its pixels ({} MiB) are above the {} MiB decoded",
-            bytes >> 20,
-            MAX_DECODE_BYTES >> 20
-        );
+    if width > MAX_DECODE_SIDE || height > MAX_DECODE_SIDE || bytes > MAX_DECODE_BYTES {
+        return Err(TooLargeToDecode { width, height }.into());
     }
     Ok(())
 }

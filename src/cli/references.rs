@@ -11,6 +11,7 @@ use flux2_klein::image_io::{
     check_reference_size, load_image, prepared_reference_size, reference_resize_target,
     sha256_file, ReferenceSizeError,
 };
+use flux2_klein::limits::TooLargeToDecode;
 use flux2_klein::pipeline::Reference;
 
 use super::progress::Reporter;
@@ -76,10 +77,16 @@ pub fn load_reference(path: &Path, origin: Origin) -> Result<Reference> {
     // The library's decoder: content sniffing (a mis-named file still decodes, as in PIL),
     // Pillow's JPEG pixels, the EXIF orientation applied as diffusers' `load_image` does.
     let image = load_image(path).map_err(|e| {
-        anyhow!(
-            "cannot decode reference image {name} ({}) — use a PNG, JPEG or WebP file",
-            e.root_cause()
-        )
+        let cause = e.root_cause();
+        let fix = if cause.is::<TooLargeToDecode>() {
+            "shrink it first"
+        } else if !path.is_file() {
+            // A FIFO, a device: the library's message says so.
+            return anyhow!("reference image {name}: {cause}");
+        } else {
+            "use a PNG, JPEG or WebP file"
+        };
+        anyhow!("cannot decode reference image {name} ({cause}) — {fix}")
     })?;
     check_reference_size(image.width(), image.height()).map_err(|e| {
         let fix = match e.downcast_ref::<ReferenceSizeError>() {

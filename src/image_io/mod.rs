@@ -63,26 +63,20 @@ pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
 /// [`load_image`] on the file's bytes.
 fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
     let mut reader = image::ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
-    // Sizes are checked from the header, before any pixel buffer is allocated.
-    reader.limits(crate::limits::decoder_limits());
+    // The header is read without limits (no pixel buffer yet), so that the size check below
+    // can name the size; the decode then runs under the limits.
+    reader.no_limits();
     let format = reader.format();
     match format {
         Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP) => {}
         Some(f) => bail!("{f:?} is not supported (use PNG, JPEG or WebP)"),
         None => bail!("not a PNG, JPEG or WebP file"),
     }
-    let mut decoder = reader.into_decoder().map_err(|e| match e {
-        image::ImageError::Limits(_) => anyhow!(
-            "its header claims more than {} px a side or {} MiB of pixels, above what is \
-             decoded",
-            crate::limits::MAX_DECODE_SIDE,
-            crate::limits::MAX_DECODE_BYTES >> 20
-        ),
-        e => e.into(),
-    })?;
+    let mut decoder = reader.into_decoder()?;
     let (width, height) = decoder.dimensions();
-    // (libjpeg below does not see the `image` crate's limits.)
+    // Before any pixel buffer is allocated (libjpeg below does not see `image`'s limits).
     crate::limits::check_decode_size(width, height, decoder.total_bytes())?;
+    decoder.set_limits(crate::limits::decoder_limits())?;
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
