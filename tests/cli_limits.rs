@@ -3,6 +3,9 @@
 //! regular files; log streams that cannot be written; `compare`'s exit codes; non-finite
 //! results. Each failure is one `error:` line with its exit status, nothing on stdout and no
 //! output file, and never a panic, an abort or a hang.
+//!
+//! Over 600 lines on purpose: one named test per hostile input reads better than a table (as
+//! in `cli_errors.rs`), and the helpers that forge the inputs belong next to them.
 
 mod common;
 

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use candle_core::Device;
 use flux2_klein::image_io::save_image;
-use flux2_klein::pipeline::inpaint::DEFAULT_STRENGTH;
-use flux2_klein::pipeline::{uses_cfg, Generated, InitImage, Pipeline, Request};
+use flux2_klein::pipeline::{uses_cfg, Generated, Pipeline, Request};
 
 use super::args::GenerateArgs;
 use super::common::{floor_side, floored, load_pipeline, print_stdout, warn_many_refs};
 use super::device::{device_name, dtype_name, pipeline_options};
+use super::init_images::{job_init, InitImages, InitPaths};
 use super::jobs::{self, PromptJob};
 use super::metadata::Recorded;
 use super::output::check_outputs;
@@ -93,139 +93,6 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
         args.json,
         reporter,
     )
-}
-
-/// The init image, mask, strength and crop of a job (its own, else the flags').
-#[derive(Debug, Clone)]
-struct InitPaths {
-    init: PathBuf,
-    mask: Option<PathBuf>,
-    strength: f64,
-    padding_mask_crop: Option<u32>,
-}
-
-impl InitPaths {
-    /// `None` without an init image; errors for options that need one, or that conflict.
-    fn of(job: &PromptJob, args: &GenerateArgs) -> Result<Option<Self>> {
-        let a = &args.inpaint;
-        let init = job.init_image.as_ref().or(a.init_image.as_ref());
-        let mask = job.mask.as_ref().or(a.mask.as_ref());
-        let strength = job.strength.or(a.strength);
-        let pad = job.padding_mask_crop.or(a.padding_mask_crop);
-        let Some(init) = init else {
-            if mask.is_some() {
-                anyhow::bail!(
-                    "--mask needs --init-image (the image whose white mask area is repainted)"
-                );
-            }
-            if strength.is_some() {
-                anyhow::bail!(
-                    "--strength needs --init-image (it sets how much of that image is repainted)"
-                );
-            }
-            if pad.is_some() {
-                anyhow::bail!("--padding-mask-crop needs --init-image and --mask");
-            }
-            return Ok(None);
-        };
-        if pad.is_some() && mask.is_none() {
-            anyhow::bail!(
-                "--padding-mask-crop needs --mask (it crops around the mask's white area)"
-            );
-        }
-        if job.width.or(args.width).is_some() || job.height.or(args.height).is_some() {
-            anyhow::bail!(
-                "--width/--height cannot be combined with --init-image: the output has the init \
-                 image's size (floored to a multiple of 16), as in diffusers"
-            );
-        }
-        let strength = strength.unwrap_or(DEFAULT_STRENGTH);
-        // Fails only for a strength of (nearly) 0, whatever the steps: checked before the
-        // model loads with the job's steps, else the smallest default (4).
-        let steps = job.steps.or(args.sampling.steps).unwrap_or(4) as usize;
-        flux2_klein::pipeline::inpaint::t_start(steps, strength)?;
-        Ok(Some(Self {
-            init: init.clone(),
-            mask: mask.cloned(),
-            strength,
-            padding_mask_crop: pad,
-        }))
-    }
-}
-
-/// The init settings of `job` (one of `jobs`, in the order of `inits`).
-fn job_init<'a>(
-    job: &PromptJob,
-    jobs: &[PromptJob],
-    inits: &'a [Option<InitPaths>],
-) -> Option<&'a InitPaths> {
-    let i = jobs.iter().position(|j| std::ptr::eq(j, job))?;
-    inits[i].as_ref()
-}
-
-/// The init images and masks of a run, each file decoded and hashed once.
-#[derive(Default)]
-struct InitImages {
-    by_path: std::collections::HashMap<PathBuf, flux2_klein::pipeline::Reference>,
-    /// SHA-256 of each file's content, by name.
-    sha256: std::collections::HashMap<String, String>,
-}
-
-impl InitImages {
-    fn add(&mut self, init: &InitPaths) -> Result<()> {
-        self.load(&init.init, "init image", "--init-image")?;
-        if let Some(mask) = &init.mask {
-            self.load(mask, "mask", "--mask")?;
-        }
-        Ok(())
-    }
-
-    fn load(&mut self, path: &Path, what: &str, flag: &str) -> Result<()> {
-        if self.by_path.contains_key(path) {
-            return Ok(());
-        }
-        let name = path.display().to_string();
-        if !path.exists() {
-            anyhow::bail!("{what} {name} does not exist — check the path given to {flag}");
-        }
-        if path.is_dir() {
-            anyhow::bail!("{what} {name} is a directory — pass one image file to {flag}");
-        }
-        let image = flux2_klein::image_io::load_image(path).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot decode {what} {name} ({}) — use a PNG, JPEG or WebP file",
-                e.root_cause()
-            )
-        })?;
-        if flag == "--init-image" && (image.width() < 64 || image.height() < 64) {
-            anyhow::bail!(
-                "init image {name} is {}x{} px: both sides must be at least 64 px — upscale it first",
-                image.width(),
-                image.height()
-            );
-        }
-        let hash = flux2_klein::image_io::sha256_file(path).unwrap_or_else(|_| "unreadable".into());
-        self.sha256.insert(name.clone(), hash);
-        self.by_path.insert(
-            path.to_path_buf(),
-            flux2_klein::pipeline::Reference {
-                image: std::sync::Arc::new(image),
-                name,
-            },
-        );
-        Ok(())
-    }
-
-    fn request(&self, init: &InitPaths) -> InitImage {
-        let image = self.by_path[&init.init].clone();
-        InitImage {
-            image: image.image,
-            name: image.name,
-            mask: init.mask.as_ref().map(|m| self.by_path[m].clone()),
-            strength: init.strength,
-            padding_mask_crop: init.padding_mask_crop,
-        }
-    }
 }
 
 /// Runs the batch and writes each image as it comes, then reports it (its path, or with

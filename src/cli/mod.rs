@@ -17,6 +17,7 @@ mod compare;
 mod device;
 mod fetch;
 mod generate;
+mod init_images;
 mod jobs;
 mod limits;
 mod metadata;

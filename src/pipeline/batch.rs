@@ -13,11 +13,14 @@
 //! front ends check what they can for the whole batch up front (the CLI does).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 
+use super::components::{
+    with_component, StageTimer, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER,
+};
 use super::inpaint::{self, PreparedInit};
 use super::stages::{self, Conditioning, PromptEmbeds};
 use super::MAX_SEQUENCE_LENGTH;
@@ -25,9 +28,6 @@ use super::{resolve_size, Event, Generated, Pipeline, Request, Stage, Timings};
 use crate::image_io;
 use crate::latents;
 use crate::scheduler::Schedule;
-use crate::text_encoder::Qwen3TextEncoder;
-use crate::transformer::Flux2Transformer;
-use crate::vae::{AutoencoderKLFlux2, VaeParts};
 
 /// Requests per chunk of a batch: bounds the prompt embeddings and latents held between
 /// stages (~9 MB per 1024² request in bf16).
@@ -40,7 +40,7 @@ type Prepared = Arc<Vec<image::RgbImage>>;
 type PromptKey = (String, Option<String>);
 
 /// One request on its way through the stages.
-struct Job<'r> {
+pub(super) struct Job<'r> {
     request: &'r Request,
     /// Prepared reference images, shared with the requests before it that use the same ones.
     references: Prepared,
@@ -60,7 +60,7 @@ struct Job<'r> {
     /// Inpainting, after `encode_references`: the init image's packed latents.
     init_latents: Option<Tensor>,
     /// `total` sums the time spent on this request (its stages and the loads it triggered).
-    timings: Timings,
+    pub(super) timings: Timings,
 }
 
 /// What consecutive requests of a batch share is computed once: the prompt embeddings
@@ -273,59 +273,6 @@ fn prepare_references(request: &Request, reuse: &mut Reuse) -> Result<Prepared> 
     let sources = request.references.iter().map(|r| r.image.clone()).collect();
     reuse.prepared = Some((sources, prepared.clone()));
     Ok(prepared)
-}
-
-/// A component and how to load it: its slot in the pipeline, the stage that loads it.
-struct Component<T> {
-    slot: fn(&mut Pipeline) -> &mut Option<T>,
-    stage: Stage,
-    load: fn(&Pipeline) -> Result<T>,
-}
-
-const TEXT_ENCODER: Component<Qwen3TextEncoder> = Component {
-    slot: |p| &mut p.text_encoder,
-    stage: Stage::LoadTextEncoder,
-    load: Pipeline::load_text_encoder,
-};
-const VAE_ENCODER: Component<AutoencoderKLFlux2> = Component {
-    slot: |p| &mut p.vae_encoder,
-    stage: Stage::LoadVaeEncoder,
-    load: |p| p.load_vae(VaeParts::ENCODER),
-};
-const TRANSFORMER: Component<Flux2Transformer> = Component {
-    slot: |p| &mut p.transformer,
-    stage: Stage::LoadTransformer,
-    load: Pipeline::load_transformer,
-};
-const VAE_DECODER: Component<AutoencoderKLFlux2> = Component {
-    slot: |p| &mut p.vae_decoder,
-    stage: Stage::LoadVaeDecoder,
-    load: |p| p.load_vae(VaeParts::DECODER),
-};
-
-/// Runs `work` with `component`, loading it first (as its stage, the time added to the job's
-/// `timings.load`) unless it is resident; it stays in its slot afterwards.
-fn with_component<T, R>(
-    pipeline: &mut Pipeline,
-    component: Component<T>,
-    job: &mut Job,
-    events: &mut dyn FnMut(Event),
-    work: impl FnOnce(&Pipeline, &T, &mut Job, &mut dyn FnMut(Event)) -> Result<R>,
-) -> Result<R> {
-    let mut loaded = (component.slot)(pipeline).take();
-    if loaded.is_none() {
-        let timer = StageTimer::start(events, component.stage);
-        loaded = Some((component.load)(pipeline)?);
-        job.timings.load += timer.end(events);
-    }
-    let result = work(
-        pipeline,
-        loaded.as_ref().expect("loaded above"),
-        job,
-        events,
-    );
-    *(component.slot)(pipeline) = loaded;
-    result
 }
 
 /// The prompt (and, for CFG, the negative prompt) through Qwen3.
@@ -581,31 +528,5 @@ fn in_job<T>(result: Result<T>, index: usize, total: usize) -> Result<T> {
         result.with_context(|| format!("image {} of {total}", index + 1))
     } else {
         result
-    }
-}
-
-/// A running stage: [`Event::StageStart`] when it starts; [`StageTimer::end`] hands on the
-/// warnings the ops queued meanwhile and sends [`Event::StageEnd`] with its wall time.
-struct StageTimer {
-    stage: Stage,
-    start: Instant,
-}
-
-impl StageTimer {
-    fn start(events: &mut dyn FnMut(Event), stage: Stage) -> Self {
-        events(Event::StageStart(stage));
-        Self {
-            stage,
-            start: Instant::now(),
-        }
-    }
-
-    fn end(self, events: &mut dyn FnMut(Event)) -> Duration {
-        let d = self.start.elapsed();
-        for w in crate::ops::take_warnings() {
-            events(Event::Warning(w));
-        }
-        events(Event::StageEnd(self.stage, d));
-        d
     }
 }

@@ -18,6 +18,7 @@
 //! 6. unpack → BN de-normalise → unpatchify → VAE decoder → uint8 image
 
 mod batch;
+mod components;
 pub mod inpaint;
 pub mod stages;
 
