@@ -3,85 +3,19 @@
 //! argument and says what to do, exit status 2 for usage errors and 1 for everything else,
 //! nothing on stdout, and no output file left behind.
 
+#[path = "common/cli.rs"]
+mod cli;
 mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
 
+use cli::{assert_error_line, assert_no_output, run_in, stderr, write_png, BIN};
 use common::TempDir;
 
-const BIN: &str = env!("CARGO_BIN_EXE_flux2-klein");
-
-/// Fails clearly when `BIN` is not this CLI (a target directory shared between checkouts can
-/// hold another checkout's build of the same binary).
-fn check_binary() {
-    let o = Command::new(BIN)
-        .arg("--version")
-        .output()
-        .expect("running flux2-klein");
-    let v = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        v.starts_with("flux2-klein "),
-        "{BIN} is not the flux2-klein CLI (`--version` printed {v:?}); rebuild it"
-    );
-}
-
-/// Runs the binary in `dir` with a clean model environment (no `FLUX2_KLEIN_MODEL`, an empty
-/// offline HF cache) so that nothing can reach the network or a real model.
-fn run_in(dir: &Path, args: &[&str]) -> Output {
-    check_binary();
-    let hf_home = dir.join(".hf-home");
-    std::fs::create_dir_all(&hf_home).unwrap();
-    Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .env_remove("FLUX2_KLEIN_MODEL")
-        .env_remove("HF_TOKEN")
-        .env("HF_HOME", &hf_home)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("running flux2-klein")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Asserts a runtime failure: exit 1, nothing on stdout, exactly one `error:` line (warnings
-/// may precede it) that contains every needle; returns that line.
+/// Asserts a runtime failure: exit 1 and one `error:` line holding every needle.
 fn assert_runtime_error(o: &Output, needles: &[&str]) -> String {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "exit status; stderr:\n{err}");
-    assert!(o.stdout.is_empty(), "stdout must stay empty on failure");
-    let lines: Vec<&str> = err
-        .lines()
-        .filter(|l| !l.starts_with("warning: "))
-        .collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got:\n{err}");
-    let line = lines[0];
-    assert!(line.starts_with("error: "), "{line}");
-    for n in needles {
-        assert!(line.contains(n), "{n:?} missing from: {line}");
-    }
-    line.to_string()
-}
-
-/// Only the temp HF home (created by `run_in`) and the given inputs may be in `dir`.
-fn assert_no_output(dir: &TempDir, inputs: &[&str]) {
-    let mut expected: Vec<String> = inputs.iter().map(|s| s.to_string()).collect();
-    expected.push(".hf-home".into());
-    expected.sort();
-    assert_eq!(
-        dir.entries(),
-        expected,
-        "no output or temp file may be left"
-    );
-}
-
-fn write_png(path: &Path, w: u32, h: u32) {
-    image::RgbImage::from_pixel(w, h, image::Rgb([120, 60, 30]))
-        .save(path)
-        .unwrap();
+    assert_error_line(o, 1, needles)
 }
 
 #[test]

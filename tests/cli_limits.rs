@@ -7,81 +7,25 @@
 //! Over 600 lines on purpose: one named test per hostile input reads better than a table (as
 //! in `cli_errors.rs`), and the helpers that forge the inputs belong next to them.
 
+#[path = "common/cli.rs"]
+mod cli;
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use cli::{assert_error_line, assert_no_output, command_in, run_in, stderr, write_png};
 use common::TempDir;
-
-const BIN: &str = env!("CARGO_BIN_EXE_flux2-klein");
 
 fn tiny() -> PathBuf {
     common::model("tiny-w0")
 }
 
-/// Runs the binary in `dir` with a clean, offline model environment.
-fn run_in(dir: &Path, args: &[&str]) -> Output {
-    command_in(dir, args).output().expect("running flux2-klein")
-}
-
-fn command_in(dir: &Path, args: &[&str]) -> Command {
-    let hf_home = dir.join(".hf-home");
-    std::fs::create_dir_all(&hf_home).unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .current_dir(dir)
-        .env_remove("FLUX2_KLEIN_MODEL")
-        .env_remove("HF_TOKEN")
-        .env("HF_HOME", &hf_home)
-        .env("HF_HUB_OFFLINE", "1");
-    cmd
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// Exit `code`, nothing on stdout, one `error:` line (after any warnings) holding every
 /// needle, no panic.
 fn assert_error(o: &Output, code: i32, needles: &[&str]) -> String {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(code), "exit status; stderr:\n{err}");
-    assert!(
-        o.stdout.is_empty(),
-        "stdout must stay empty: {:?}",
-        o.stdout
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    let lines: Vec<&str> = err
-        .lines()
-        .filter(|l| !l.starts_with("warning: "))
-        .collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got:\n{err}");
-    let line = lines[0];
-    assert!(line.starts_with("error: "), "{line}");
-    for n in needles {
-        assert!(line.contains(n), "{n:?} missing from: {line}");
-    }
-    line.to_string()
-}
-
-/// Only the temp HF home and the given inputs may be in `dir`.
-fn assert_no_output(dir: &TempDir, inputs: &[&str]) {
-    let mut expected: Vec<String> = inputs.iter().map(|s| s.to_string()).collect();
-    expected.push(".hf-home".into());
-    expected.sort();
-    assert_eq!(
-        dir.entries(),
-        expected,
-        "no output or temp file may be left"
-    );
-}
-
-fn write_png(path: &Path, w: u32, h: u32) {
-    image::RgbImage::from_pixel(w, h, image::Rgb([120, 60, 30]))
-        .save(path)
-        .unwrap();
+    assert!(!stderr(o).contains("panicked"), "{}", stderr(o));
+    assert_error_line(o, code, needles)
 }
 
 /// A PNG with these text chunks (as flux2-klein writes its settings).
