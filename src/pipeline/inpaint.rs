@@ -302,6 +302,27 @@ fn resize_and_fill(img: &RgbImage, w: u32, h: u32) -> Result<RgbImage> {
     Ok(out)
 }
 
+/// One axis of diffusers' crop expansion: `[lo, hi)` grown (half on each side, the odd pixel
+/// after) to `desired`, shifted back inside `[0, limit)` where it overflows, then clamped.
+fn grow_to(mut lo: i64, mut hi: i64, limit: i64, desired: f64) -> (i64, i64) {
+    let diff = (desired - (hi - lo) as f64) as i64;
+    lo -= diff.div_euclid(2);
+    hi += diff - diff.div_euclid(2);
+    if hi >= limit {
+        let d = hi - limit;
+        hi -= d;
+        lo -= d;
+    }
+    if lo < 0 {
+        hi -= lo;
+        lo = 0;
+    }
+    if hi >= limit {
+        hi = limit;
+    }
+    (lo, hi)
+}
+
 fn put_row(out: &mut RgbImage, y: i64, line: &[[u8; 3]]) {
     if (0..out.height() as i64).contains(&y) {
         for (x, p) in line.iter().enumerate().take(out.width() as usize) {
@@ -413,38 +434,10 @@ fn get_crop_region(
     let ratio_processing = width as f64 / height as f64;
     if ratio_crop > ratio_processing {
         let desired_height = (x2 - x1) as f64 / ratio_processing;
-        let diff = (desired_height - (y2 - y1) as f64) as i64;
-        y1 -= diff.div_euclid(2);
-        y2 += diff - diff.div_euclid(2);
-        if y2 >= h {
-            let d = y2 - h;
-            y2 -= d;
-            y1 -= d;
-        }
-        if y1 < 0 {
-            y2 -= y1;
-            y1 = 0;
-        }
-        if y2 >= h {
-            y2 = h;
-        }
+        (y1, y2) = grow_to(y1, y2, h, desired_height);
     } else {
         let desired_width = (y2 - y1) as f64 * ratio_processing;
-        let diff = (desired_width - (x2 - x1) as f64) as i64;
-        x1 -= diff.div_euclid(2);
-        x2 += diff - diff.div_euclid(2);
-        if x2 >= w {
-            let d = x2 - w;
-            x2 -= d;
-            x1 -= d;
-        }
-        if x1 < 0 {
-            x2 -= x1;
-            x1 = 0;
-        }
-        if x2 >= w {
-            x2 = w;
-        }
+        (x1, x2) = grow_to(x1, x2, w, desired_width);
     }
     if x1 < 0 || y1 < 0 || x2 <= x1 || y2 <= y1 {
         bail!("padding_mask_crop: the crop region ({x1}, {y1}, {x2}, {y2}) is empty");
