@@ -45,6 +45,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod profile;
 pub mod scheduler;
+pub mod text;
 pub mod text_encoder;
 pub mod transformer;
 pub mod vae;
