@@ -107,11 +107,16 @@ impl InitImages {
         if path.is_dir() {
             anyhow::bail!("{what} {name} is a directory — pass one image file to {flag}");
         }
-        let image = flux2_klein::image_io::load_image(path).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot decode {what} {name} ({}) — use a PNG, JPEG or WebP file",
-                e.root_cause()
-            )
+        // Decoded and hashed from one read of the file.
+        let (image, hash) = flux2_klein::image_io::load_image_hashed(path).map_err(|e| {
+            if path.is_file() {
+                anyhow::anyhow!(
+                    "cannot decode {what} {name} ({}) — use a PNG, JPEG or WebP file",
+                    e.root_cause()
+                )
+            } else {
+                anyhow::anyhow!("{what} {name}: {}", e.root_cause())
+            }
         })?;
         if flag == "--init-image" && (image.width() < 64 || image.height() < 64) {
             anyhow::bail!(
@@ -120,7 +125,6 @@ impl InitImages {
                 image.height()
             );
         }
-        let hash = flux2_klein::image_io::sha256_file(path).unwrap_or_else(|_| "unreadable".into());
         self.sha256.insert(name.clone(), hash);
         self.by_path.insert(
             path.to_path_buf(),

@@ -3,13 +3,12 @@
 //! permissions, not overwriting an input).
 //!
 //! The format rule and the atomic write are the library's (`image_io::OutputFormat`,
-//! `image_io::save_image`, `image_io::temp_path_for`).
+//! `image_io::save_image`, `image_io::create_temp_file`).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use flux2_klein::image_io::{temp_path_for, OutputFormat};
+use flux2_klein::image_io::{create_temp_file, remove_stale_temp_files, OutputFormat};
 
 use super::jobs::Planned;
 use super::progress::Reporter;
@@ -41,7 +40,8 @@ pub fn output_path(arg: Option<&Path>, seed: u64, index: usize, total: usize) ->
 }
 
 /// The output paths of a run, one per image in order, from each image's `--output` template
-/// (or none) and seed; an error, before any work, when two images would get the same file.
+/// (or none) and seed; an error, before any work, when two images would get the same file
+/// (compared as the file system resolves them, see [`resolved`]).
 pub fn output_paths(images: &[(Option<&Path>, u64)]) -> Result<Vec<PathBuf>> {
     let total = images.len();
     let paths: Vec<PathBuf> = images
@@ -51,7 +51,18 @@ pub fn output_paths(images: &[(Option<&Path>, u64)]) -> Result<Vec<PathBuf>> {
         .collect();
     let mut seen = std::collections::HashMap::new();
     for (i, p) in paths.iter().enumerate() {
-        if let Some(first) = seen.insert(p, i) {
+        if let Some(first) = seen.insert(resolved(p), i) {
+            if paths[first] != *p {
+                bail!(
+                    "images {} and {} of {total} would both be written to {}: {} and {} are the \
+                     same file — give them different outputs",
+                    first + 1,
+                    i + 1,
+                    resolved(p).display(),
+                    paths[first].display(),
+                    p.display()
+                );
+            }
             let template = images[i]
                 .0
                 .or(images[first].0)
@@ -69,10 +80,11 @@ pub fn output_paths(images: &[(Option<&Path>, u64)]) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// The output paths of a run's images, in order, after every cheap check: distinct names,
-/// a known format, an existing writable directory (probed once per directory), no output that
-/// would overwrite one of `inputs` (the reference images). Warns about unknown `{…}`
-/// placeholders, which are kept as written.
+/// The output paths of a run's images, in order, after every cheap check of every one of
+/// them, before any work: distinct files, a known format, not a directory, a writable
+/// directory (probed once per directory), no output that would overwrite one of `inputs`
+/// (the reference images). Temp files an earlier, killed run left for these outputs are
+/// removed. Warns about unknown `{…}` placeholders, which are kept as written.
 pub fn check_outputs(
     images: &[Planned],
     inputs: &[&Path],
@@ -96,10 +108,17 @@ pub fn check_outputs(
         .collect();
     let mut checked_dirs = std::collections::HashSet::new();
     for path in &outputs {
-        // The format of every name; the directory probe once per directory.
+        // The format and kind of every name; the directory probe once per directory.
         OutputFormat::from_path(path)?;
+        check_not_directory(path)?;
         if checked_dirs.insert(path.parent().map(Path::to_path_buf)) {
             check_output(path)?;
+        }
+        for stale in remove_stale_temp_files(path) {
+            reporter.info(&format!(
+                "removed {}, left by an earlier run that was killed",
+                stale.display()
+            ));
         }
         if let Ok(out) = path.canonicalize() {
             if let Some((_, input)) = inputs.iter().find(|(p, _)| *p == out) {
@@ -113,6 +132,38 @@ pub fn check_outputs(
         }
     }
     Ok(outputs)
+}
+
+/// `path` as the file system resolves it, for telling whether two paths name one file
+/// (`same.png`, `./same.png`, its absolute path, or a path through a symlinked directory):
+/// the canonical path where it exists, else its nearest existing ancestor's canonical path
+/// joined with the rest (an output usually does not exist yet).
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    let mut rest = Vec::new();
+    let mut at = path;
+    loop {
+        match at.file_name() {
+            Some(name) => rest.push(name.to_os_string()),
+            None => break,
+        }
+        at = match at.parent() {
+            Some(p) => p,
+            None => break,
+        };
+        let base = if at.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            at
+        };
+        if let Ok(mut p) = base.canonicalize() {
+            p.extend(rest.iter().rev());
+            return p;
+        }
+    }
+    path.to_path_buf()
 }
 
 /// Creates the missing directories of an output path (as `mkdir -p`), just before its image
@@ -146,18 +197,15 @@ fn unknown_placeholder(template: &Path) -> Option<String> {
 /// existing ancestor).
 pub fn check_output(path: &Path) -> Result<OutputFormat> {
     let format = OutputFormat::from_path(path)?;
-    if path.is_dir() {
-        bail!(
-            "output {} is a directory — pass a file name such as {}/image.png",
-            path.display(),
-            path.display()
-        );
-    }
+    check_not_directory(path)?;
     // The final write goes through this temp file, so its directory is the one to check. A
     // directory that does not exist yet is created when the image is written (`mkdir -p`):
     // until then the nearest existing ancestor is probed, so a failed run leaves nothing.
-    let mut probe = temp_path_for(path);
-    let dir = probe.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut probe = path.to_path_buf();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     if !dir.is_dir() {
         let existing = dir
             .ancestors()
@@ -178,17 +226,29 @@ pub fn check_output(path: &Path) -> Result<OutputFormat> {
                 existing.display()
             );
         }
-        probe = temp_path_for(existing.join("probe"));
+        probe = existing.join("probe");
     }
-    let dir = probe.parent().unwrap_or(Path::new(".")).to_path_buf();
-    File::create(&probe).with_context(|| {
+    // Created exclusively, as the real temp file will be: never through a planted link.
+    let (file, probe) = create_temp_file(&probe).with_context(|| {
         format!(
             "cannot create files in {} — check its permissions or choose another --output",
-            dir.display()
+            probe.parent().unwrap_or(Path::new(".")).display()
         )
     })?;
+    drop(file);
     let _ = std::fs::remove_file(&probe);
     Ok(format)
+}
+
+fn check_not_directory(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!(
+            "output {} is a directory — pass a file name such as {}/image.png",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -276,7 +336,7 @@ mod tests {
         save_image(&path, &img, &meta).unwrap();
         let back = image::open(&path).unwrap().to_rgb8();
         assert_eq!(back, img);
-        let dec = png::Decoder::new(std::io::BufReader::new(File::open(&path).unwrap()));
+        let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
         let reader = dec.read_info().unwrap();
         let info = reader.info();
         assert_eq!(info.uncompressed_latin1_text[0].text, "42");

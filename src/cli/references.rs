@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
 use flux2_klein::image_io::{
-    check_reference_size, load_image, prepared_reference_size, reference_resize_target,
-    sha256_file, ReferenceSizeError,
+    check_reference_size, load_image_hashed, prepared_reference_size, reference_resize_target,
+    ReferenceSizeError,
 };
 use flux2_klein::limits::TooLargeToDecode;
 use flux2_klein::pipeline::Reference;
@@ -36,7 +36,7 @@ impl Origin<'_> {
         match self {
             Origin::Flag => "check the path given to --ref".into(),
             Origin::PromptFile { file, line } => format!(
-                "check the \"ref\" paths on line {line} of {} (relative to the current directory)",
+                "check the \"ref\" paths on line {line} of {} (relative to that file's directory)",
                 file.display()
             ),
             Origin::Metadata { png } => format!(
@@ -52,12 +52,13 @@ impl Origin<'_> {
 pub fn load_references(paths: &[PathBuf]) -> Result<Vec<Reference>> {
     paths
         .iter()
-        .map(|p| load_reference(p, Origin::Flag))
+        .map(|p| load_reference(p, Origin::Flag).map(|(r, _)| r))
         .collect()
 }
 
-/// Decodes and validates one reference.
-pub fn load_reference(path: &Path, origin: Origin) -> Result<Reference> {
+/// Decodes and validates one reference, and hashes the bytes it was decoded from (the file
+/// is read once).
+pub fn load_reference(path: &Path, origin: Origin) -> Result<(Reference, String)> {
     let name = path.display().to_string();
     if !path.exists() {
         bail!(
@@ -76,13 +77,16 @@ pub fn load_reference(path: &Path, origin: Origin) -> Result<Reference> {
     }
     // The library's decoder: content sniffing (a mis-named file still decodes, as in PIL),
     // Pillow's JPEG pixels, the EXIF orientation applied as diffusers' `load_image` does.
-    let image = load_image(path).map_err(|e| {
+    let (image, sha256) = load_image_hashed(path).map_err(|e| {
         let cause = e.root_cause();
         let fix = if cause.is::<TooLargeToDecode>() {
             "shrink it first"
         } else if !path.is_file() {
             // A FIFO, a device: the library's message says so.
-            return anyhow!("reference image {name}: {cause}");
+            return anyhow!(
+                "reference image {name}: {cause} ({})",
+                origin.check_the_path()
+            );
         } else {
             "use a PNG, JPEG or WebP file"
         };
@@ -95,10 +99,11 @@ pub fn load_reference(path: &Path, origin: Origin) -> Result<Reference> {
         };
         anyhow!("reference image {name}: {e} — {fix}")
     })?;
-    Ok(Reference {
+    let reference = Reference {
         image: std::sync::Arc::new(image),
         name,
-    })
+    };
+    Ok((reference, sha256))
 }
 
 /// The distinct reference files of a run, each decoded, checked and hashed (for the
@@ -115,9 +120,8 @@ impl Loaded {
     /// it.
     pub fn add(&mut self, path: &Path, origin: Origin, reporter: &Reporter) -> Result<()> {
         if !self.by_path.contains_key(path) {
-            let reference = load_reference(path, origin)?;
+            let (reference, hash) = load_reference(path, origin)?;
             report_preparation(&reference, reporter);
-            let hash = sha256_file(path).unwrap_or_else(|_| "unreadable".into());
             self.sha256.insert(reference.name.clone(), hash);
             self.by_path.insert(path.to_path_buf(), reference);
         }

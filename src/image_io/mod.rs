@@ -17,13 +17,17 @@
 //! different resize (Pillow premultiplies alpha for RGBA/LA and uses NEAREST for P); for
 //! RGB, L and 16-bit RGB sources both orders give the same bytes.
 
+mod atomic;
 mod lanczos;
 
+pub use atomic::{create_temp_file, remove_stale_temp_files, temp_path_for};
 pub use lanczos::resize_lanczos_u8;
 
+use atomic::write_atomically;
+
 use std::fs;
-use std::io::{BufWriter, Cursor, Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::{Cursor, Read};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -54,10 +58,27 @@ pub const JPEG_QUALITY: u8 = 95;
 /// IDCT, fancy upsampling), like Pillow's, so the bytes are identical; CMYK/YCCK JPEGs fall
 /// back to `image`'s decoder. Truncated JPEGs are refused, as Pillow refuses them.
 pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
+    load_image_hashed(path).map(|(image, _)| image)
+}
+
+/// [`load_image`] and the lower-case hex SHA-256 of the same bytes: the file is read once,
+/// so the hash recorded for an input is the hash of the pixels used, even when the file
+/// changes meanwhile. Only regular files are read (a FIFO, `<(…)` or `/dev/zero` is refused
+/// before it is opened: it could not be read twice, or would hang or fill memory).
+pub fn load_image_hashed(path: impl AsRef<Path>) -> Result<(DynamicImage, String)> {
     let path = path.as_ref();
-    // Only regular files, capped (a FIFO or /dev/zero would hang or fill memory).
     let bytes = crate::limits::read_regular_file(path, MAX_IMAGE_FILE_BYTES, "image file")?;
-    decode_image(&bytes).with_context(|| format!("cannot decode image file {}", path.display()))
+    let image = decode_image(&bytes)
+        .with_context(|| format!("cannot decode image file {}", path.display()))?;
+    Ok((image, sha256_hex(&bytes)))
+}
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// [`load_image`] on the file's bytes.
@@ -432,41 +453,6 @@ fn encode_png(img: &RgbImage, metadata: &[(String, String)]) -> Result<Vec<u8>> 
     Ok(buf)
 }
 
-/// The temporary file [`save_image`] writes before renaming it to `path`: `.{name}.tmp-{pid}`
-/// in `path`'s directory (the same file system, so the rename is atomic; hidden; one per
-/// process). Front ends create and remove it up front to check that the directory is
-/// writable.
-pub fn temp_path_for(path: impl AsRef<Path>) -> PathBuf {
-    let path = path.as_ref();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map_or_else(|| "image".into(), |n| n.to_string_lossy());
-    dir.join(format!(".{name}.tmp-{}", std::process::id()))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    if path.file_name().is_none() {
-        bail!("cannot write {}: not a file path", path.display());
-    }
-    let tmp = temp_path_for(path);
-    let result = (|| -> Result<()> {
-        let file = fs::File::create(&tmp)?;
-        let mut w = BufWriter::new(file);
-        w.write_all(bytes)?;
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("cannot write {}", path.display()))
-}
-
 /// The text chunks of a PNG file as `(keyword, text)`: tEXt, then zTXt, then iTXt chunks, each
 /// group in file order.
 pub fn read_png_text(path: impl AsRef<Path>) -> Result<Vec<(String, String)>> {
@@ -504,9 +490,11 @@ pub fn read_png_text(path: impl AsRef<Path>) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-/// Lower-case hex SHA-256 of a file's bytes (the CLI records each reference's digest).
+/// Lower-case hex SHA-256 of a regular file's bytes (the CLI checks recorded inputs with it);
+/// a FIFO or device is refused, not read (it could block forever).
 pub fn sha256_file(path: impl AsRef<Path>) -> Result<String> {
     let path = path.as_ref();
+    crate::limits::check_regular_file(path, u64::MAX, "file")?;
     let mut file =
         fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = Sha256::new();
