@@ -42,3 +42,21 @@ pub fn pool_attribute(dev: &CudaDevice, reset: bool) -> Option<u64> {
     };
     (ok == sys::CUresult::CUDA_SUCCESS).then_some(value)
 }
+
+/// Bytes this process can still get on the device: the driver's free memory plus what the
+/// default pool holds reserved but unused (freed tensors it keeps for reuse, see
+/// `set_release_threshold`).
+pub fn available(dev: &CudaDevice) -> Option<u64> {
+    let (free, _total) = dev.cuda_stream().context().mem_get_info().ok()?;
+    let pool = default_pool(dev)?;
+    let read = |attr| {
+        let mut value: u64 = 0;
+        // SAFETY: a valid pool handle and a u64 the attribute expects.
+        let ok =
+            unsafe { sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut _) };
+        (ok == sys::CUresult::CUDA_SUCCESS).then_some(value)
+    };
+    let reserved = read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
+    let used = read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+    Some(free as u64 + reserved.saturating_sub(used))
+}

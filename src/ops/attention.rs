@@ -213,7 +213,7 @@ fn flash(
 /// Largest f32 score tensor (in bytes) materialised at once; bigger problems are split over
 /// (batch, K/V head) groups so that a 1024² edit with references (S ≈ 10k tokens) stays within
 /// a few GiB of scratch memory. Heads are independent, so the split is exact.
-const MAX_SCORE_BYTES: usize = 1 << 30;
+pub const MAX_SCORE_BYTES: usize = 1 << 30;
 
 /// The reference on `[B, H, S, D]` `q` and `[B, Hkv, Sk, D]` `k`/`v`, with an optional
 /// additive f32 `bias` broadcastable to `[B, Hkv, H/Hkv, S, Sk]`.

@@ -19,6 +19,32 @@ pub fn peak(device: &Device) -> Option<u64> {
     None
 }
 
+/// Bytes of memory the device can still give this process, where it can tell: on the CPU
+/// (Linux) `MemAvailable` plus `SwapFree` from `/proc/meminfo`; on CUDA the free device
+/// memory plus what our memory pool holds unused. `None` elsewhere (no check is made).
+pub fn available(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return crate::cuda::memory::available(dev);
+    }
+    match device {
+        Device::Cpu => cpu_available(&std::fs::read_to_string("/proc/meminfo").ok()?),
+        _ => None,
+    }
+}
+
+/// `MemAvailable + SwapFree` of a `/proc/meminfo` text, in bytes.
+fn cpu_available(meminfo: &str) -> Option<u64> {
+    let field = |name: &str| {
+        meminfo.lines().find_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix(':')?;
+            let kib: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
+            Some(kib.saturating_mul(1024))
+        })
+    };
+    Some(field("MemAvailable")?.saturating_add(field("SwapFree").unwrap_or(0)))
+}
+
 /// Starts a new peak measurement.
 pub fn reset_peak(device: &Device) {
     #[cfg(feature = "cuda")]
@@ -40,4 +66,14 @@ pub fn keep_freed_memory(device: &Device) {
         crate::cuda::memory::set_release_threshold(dev, u64::MAX);
     }
     let _ = device;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn meminfo() {
+        let text = "MemTotal:       24000000 kB\nMemAvailable:    2000000 kB\nSwapFree:  1000 kB\n";
+        assert_eq!(super::cpu_available(text), Some(2_001_000 * 1024));
+        assert_eq!(super::cpu_available("MemTotal: 1 kB\n"), None);
+    }
 }

@@ -24,7 +24,7 @@ use super::components::{
 use super::inpaint::{self, PreparedInit};
 use super::stages::{self, Conditioning, PromptEmbeds};
 use super::MAX_SEQUENCE_LENGTH;
-use super::{resolve_size, Event, Generated, Pipeline, Request, Stage, Timings};
+use super::{resolve_size, Cancelled, Event, Generated, Pipeline, Request, Stage, Timings};
 use crate::image_io;
 use crate::latents;
 use crate::scheduler::Schedule;
@@ -113,7 +113,32 @@ fn same_init(a: &InitKey, b: &InitKey) -> bool {
 /// One stage's work on one request of a chunk: (events, request index, its job).
 type StageFn<'a> = dyn for<'r> FnMut(&mut dyn FnMut(Event), usize, &mut Job<'r>) -> Result<()> + 'a;
 
+/// [`run_chunks`], with a cancellation reported as [`Cancelled`] with the count of images
+/// delivered (not inside the "image k of n" context of the stage it stopped).
 pub(super) fn run(
+    pipeline: &mut Pipeline,
+    requests: &[Request],
+    events: &mut dyn FnMut(Event),
+    on_image: &mut dyn FnMut(usize, Generated) -> Result<()>,
+) -> Result<()> {
+    let mut finished = 0;
+    let result = run_chunks(pipeline, requests, events, &mut |i, g| {
+        on_image(i, g)?;
+        finished += 1;
+        Ok(())
+    });
+    match result {
+        Err(e) if e.downcast_ref::<Cancelled>().is_some() => Err(Cancelled {
+            finished,
+            total: requests.len(),
+            reason: pipeline.options.cancel.reason().unwrap_or(1),
+        }
+        .into()),
+        other => other,
+    }
+}
+
+fn run_chunks(
     pipeline: &mut Pipeline,
     requests: &[Request],
     events: &mut dyn FnMut(Event),
@@ -128,6 +153,10 @@ pub(super) fn run(
     for (i, request) in requests.iter().enumerate() {
         in_job(super::check_request(request), i, total)?;
     }
+    if pipeline.options.check_memory {
+        super::memory::check_requests(pipeline, requests)?;
+    }
+    let cancel = pipeline.options.cancel.clone();
     let resident = pipeline.options.keep_resident;
     let chunk_len = if resident { 1 } else { BATCH_CHUNK };
     let mut reuse = Reuse::default();
@@ -146,6 +175,7 @@ pub(super) fn run(
         // One stage over the chunk's requests, announcing each request to `events`.
         let mut each = |events: &mut dyn FnMut(Event), f: &mut StageFn| -> Result<()> {
             for (i, job) in indices.clone().zip(jobs.iter_mut()) {
+                cancel.check()?;
                 if total > 1 {
                     events(Event::Job { index: i, total });
                 }
@@ -399,6 +429,7 @@ fn encode_init(
 /// Seeded noise, ids and schedule, then the transformer's Euler steps.
 fn denoise(pipeline: &mut Pipeline, job: &mut Job, events: &mut dyn FnMut(Event)) -> Result<()> {
     let t_job = Instant::now();
+    let cancel = pipeline.options.cancel.clone();
     let (latents, latent_ids) = stages::prepare_latents(
         job.request.seed,
         pipeline.transformer_config.in_channels,
@@ -455,6 +486,8 @@ fn denoise(pipeline: &mut Pipeline, job: &mut Job, events: &mut dyn FnMut(Event)
                 &cond,
                 &schedule,
                 &mut |i, latents| match &masked {
+                    // A safe point: stop between steps when cancelled.
+                    _ if cancel.reason().is_some() => cancel.check().map(|()| latents),
                     None => Ok(latents),
                     Some((init, mask, _)) => {
                         // `scale_noise` at the next timestep (the scheduler's step index,

@@ -18,8 +18,10 @@
 //! 6. unpack → BN de-normalise → unpatchify → VAE decoder → uint8 image
 
 mod batch;
+mod cancel;
 mod components;
 pub mod inpaint;
+pub mod memory;
 pub mod stages;
 
 use std::time::Duration;
@@ -28,6 +30,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 
 pub use batch::BATCH_CHUNK;
+pub use cancel::{Cancel, Cancelled};
 pub use inpaint::InitImage;
 
 use crate::limits;
@@ -65,6 +68,11 @@ pub struct PipelineOptions {
     /// The largest output area in pixels ([`crate::limits::DEFAULT_MAX_AREA`] by default, at
     /// most [`crate::limits::MAX_AREA_CEILING`]).
     pub max_area: u64,
+    /// Stops a running batch at its next safe point ([`Cancel`]).
+    pub cancel: Cancel,
+    /// Refuse a request whose estimated memory clearly exceeds what the device has
+    /// ([`memory`]), before anything loads; on by default.
+    pub check_memory: bool,
 }
 
 impl PipelineOptions {
@@ -85,6 +93,8 @@ impl PipelineOptions {
             kernels: KernelOptions::default(),
             profile: false,
             max_area: crate::limits::DEFAULT_MAX_AREA,
+            cancel: Cancel::default(),
+            check_memory: true,
         }
     }
 
