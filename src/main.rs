@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     match std::panic::catch_unwind(|| cli::run(args)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            cli::log_line(&format!("error: {}", cli::error_line(&e)));
+            cli::log_line(&cli::failure_line(&e));
             ExitCode::from(cli::exit_code(&e))
         }
         Err(_) => ExitCode::from(1),

@@ -195,7 +195,12 @@ pub struct SamplingArgs {
 
     /// Classifier-free guidance scale [default: 1.0 distilled, 4.0 base]; distilled
     /// checkpoints never run CFG, so values above 1 are ignored there (with a warning).
-    #[arg(long, value_name = "SCALE", value_parser = parse_guidance)]
+    #[arg(
+        long,
+        visible_alias = "cfg-scale",
+        value_name = "SCALE",
+        value_parser = parse_guidance
+    )]
     pub guidance: Option<f64>,
 
     /// Largest output area in megapixels (1 MP = 2^20 pixels, so 4 is 2048×2048), at most 64:
@@ -211,7 +216,12 @@ pub struct GenerateArgs {
 
     /// Reference image (repeatable; the order gives T = 10, 20, …). The model was trained
     /// with up to 4.
-    #[arg(short = 'r', long = "ref", value_name = "PATH")]
+    #[arg(
+        short = 'r',
+        long = "ref",
+        visible_alias = "ref-image",
+        value_name = "PATH"
+    )]
     pub refs: Vec<PathBuf>,
 
     /// Output width in pixels, floored to a multiple of 16 [default: the first reference's
@@ -235,10 +245,11 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "TEXT")]
     pub negative_prompt: Option<String>,
 
-    /// Seed of the (torch-compatible CPU) noise generator [default: random, printed]. With
-    /// --count the images of a prompt use seeds S, S+1, …
-    #[arg(long, value_name = "N")]
-    pub seed: Option<u64>,
+    /// Seed of the (torch-compatible CPU) noise generator; -1 = a random one, as unset
+    /// [default: random, printed and recorded]. With --count the images of a prompt use
+    /// seeds S, S+1, …
+    #[arg(long, value_name = "N", value_parser = parse_seed, allow_negative_numbers = true)]
+    pub seed: Option<SeedArg>,
 
     /// Images per prompt, with consecutive seeds (the models load once).
     #[arg(
@@ -375,6 +386,23 @@ pub enum DTypeArg {
     F32,
 }
 
+/// `--seed`: a number, or `-1` for a random seed (stable-diffusion.cpp's convention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeedArg {
+    Random,
+    Fixed(u64),
+}
+
+impl GenerateArgs {
+    /// The seed given with `--seed N` (`None` unset or `--seed -1`: random).
+    pub fn fixed_seed(&self) -> Option<u64> {
+        match self.seed {
+            Some(SeedArg::Fixed(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
 /// `--size WxH`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Size {
@@ -429,6 +457,18 @@ fn parse_count(s: &str) -> Result<u32, String> {
             "expected a number of images, got {s:?} (-n is --count here; a negative prompt is \
              --negative-prompt TEXT)"
         )),
+    }
+}
+
+fn parse_seed(s: &str) -> Result<SeedArg, String> {
+    match s.trim() {
+        "-1" => Ok(SeedArg::Random),
+        t => t.parse().map(SeedArg::Fixed).map_err(|_| {
+            format!(
+                "expected a seed from 0 to {} or -1 for a random one, got {s:?}",
+                u64::MAX
+            )
+        }),
     }
 }
 
@@ -515,6 +555,11 @@ mod tests {
         assert!(parse_count("100001").is_err());
         assert!(parse_guidance("nan").is_err());
         assert_eq!(parse_count("3"), Ok(3));
+        assert_eq!(parse_seed("-1"), Ok(SeedArg::Random));
+        assert_eq!(parse_seed("7"), Ok(SeedArg::Fixed(7)));
+        assert!(parse_seed("-2")
+            .unwrap_err()
+            .contains("-1 for a random one"));
         assert!(parse_count("0").is_err());
         assert!(parse_count("blurry, lowres")
             .unwrap_err()

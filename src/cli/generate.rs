@@ -26,7 +26,7 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
         None => jobs::read(&args.prompt, reporter)?,
     };
     super::limits::check_jobs(&jobs, args)?;
-    let first_seed = args.seed.unwrap_or_else(random_seed);
+    let first_seed = args.fixed_seed().unwrap_or_else(random_seed);
     let images = jobs::expand(&jobs, args.count, first_seed, args.output.as_deref());
     let inits = jobs
         .iter()
@@ -56,11 +56,13 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     let height = args
         .height
         .map(|h| floored("--height", h, floor_side, reporter));
-    let options = pipeline_options(&args.model, args.resident)?;
+    let mut options = pipeline_options(&args.model, args.resident)?;
+    // From here a SIGINT/SIGTERM stops the run between steps or images (exit 130/143).
+    options.cancel = super::signals::install();
 
     // --- Model. ---
     let mut pipeline = load_pipeline(&args.model, &args.sampling, options, reporter)?;
-    if args.seed.is_none() && jobs.iter().any(|j| j.seed.is_none()) {
+    if args.fixed_seed().is_none() && jobs.iter().any(|j| j.seed.is_none()) {
         reporter.info(&format!("seed {first_seed}"));
     }
     report_settings(args, &jobs, images.len(), &pipeline, reporter);
@@ -122,7 +124,7 @@ fn write_images(
             let line = if json {
                 result_json(run, request, &recorded, &generated, path, index).to_string()
             } else {
-                path.display().to_string()
+                flux2_klein::text::escape_control(&path.display().to_string()).into_owned()
             };
             print_stdout(&(line + "\n"))
         },

@@ -6,7 +6,10 @@
 //! lines and `#` comments skipped. A line starting with `{` is a JSON object with `prompt` and
 //! optional `negative_prompt`, `seed`, `width`, `height`, `steps`, `guidance`, `ref` (array of
 //! paths), `init_image`, `mask`, `strength`, `padding_mask_crop` and `output`; any other line
-//! is a plain prompt.
+//! is a plain prompt. A line whose first non-blank character is `\` is a plain prompt with
+//! that backslash removed, so `\#1 fan` and `\{curly}` are prompts, not a comment and JSON.
+//! Relative paths in a prompt file are relative to the file's directory (stdin's: the current
+//! directory), so a prompt file and its images can move together.
 
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
@@ -92,6 +95,24 @@ impl PromptJob {
         }
     }
 
+    /// Makes the job's relative paths (references, init image, mask, output) relative to
+    /// `dir`, its prompt file's directory.
+    fn resolve_paths(&mut self, dir: &Path) {
+        if dir.as_os_str().is_empty() {
+            return;
+        }
+        let under = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        self.refs.iter_mut().flatten().for_each(under);
+        [&mut self.init_image, &mut self.mask, &mut self.output]
+            .into_iter()
+            .flatten()
+            .for_each(under);
+    }
+
     /// This job's reference paths: its own, else `default` (the `--ref`s).
     pub fn refs<'a>(&'a self, default: &'a [PathBuf]) -> &'a [PathBuf] {
         self.refs.as_deref().unwrap_or(default)
@@ -157,8 +178,14 @@ pub fn read(args: &PromptArgs, reporter: &Reporter) -> Result<Vec<PromptJob>> {
             )
         })?
     };
-    let jobs = parse_prompt_lines(&text)
+    let mut jobs = parse_prompt_lines(&text)
         .map_err(|(line, e)| anyhow!("prompt file {} line {line}: {e}", path.display()))?;
+    if path.as_os_str() != "-" {
+        let dir = path.parent().unwrap_or(Path::new(""));
+        for job in &mut jobs {
+            job.resolve_paths(dir);
+        }
+    }
     if jobs.is_empty() {
         bail!(
             "the prompt file {} has no prompts — write one per line (blank lines and lines \
@@ -209,7 +236,11 @@ pub fn parse_prompt_lines(text: &str) -> Result<Vec<PromptJob>, (usize, String)>
         if trimmed.is_empty() || trimmed.starts_with('#') {
             continue;
         }
-        let mut job = if trimmed.starts_with('{') {
+        let mut job = if let Some(literal) = trimmed.strip_prefix('\\') {
+            // The escape: the rest is the prompt as written (leading blanks kept).
+            let blanks = line.len() - trimmed.len();
+            PromptJob::plain(format!("{}{literal}", &line[..blanks]))
+        } else if trimmed.starts_with('{') {
             let job: PromptJob =
                 serde_json::from_str(trimmed).map_err(|e| (i + 1, e.to_string()))?;
             job.check().map_err(|e| (i + 1, e))?;
@@ -297,6 +328,38 @@ mod tests {
             parse_prompt_lines("{\"seed\": 1}").is_err(),
             "prompt is required"
         );
+    }
+
+    #[test]
+    fn a_backslash_makes_a_literal_prompt() {
+        assert_eq!(
+            parse_prompt_lines("\\#1 fan\n  \\{curly} braces\n\\\\x\n#c\n").unwrap(),
+            vec![
+                plain("#1 fan", 1),
+                plain("  {curly} braces", 2),
+                plain("\\x", 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn prompt_file_paths_are_relative_to_it() {
+        let mut job = parse_prompt_lines(
+            "{\"prompt\": \"x\", \"ref\": [\"a.png\", \"/abs/b.png\"], \"mask\": \"m.png\", \"output\": \"o/{index}.png\"}",
+        )
+        .unwrap()
+        .remove(0);
+        job.resolve_paths(Path::new("batch/dir"));
+        assert_eq!(
+            job.refs,
+            Some(vec![
+                PathBuf::from("batch/dir/a.png"),
+                PathBuf::from("/abs/b.png")
+            ])
+        );
+        assert_eq!(job.mask, Some(PathBuf::from("batch/dir/m.png")));
+        assert_eq!(job.output, Some(PathBuf::from("batch/dir/o/{index}.png")));
+        assert_eq!(job.init_image, None);
     }
 
     #[test]

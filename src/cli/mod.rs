@@ -24,6 +24,7 @@ mod metadata;
 mod output;
 mod progress;
 mod references;
+mod signals;
 
 use anyhow::Result;
 
@@ -33,20 +34,37 @@ use progress::{Reporter, Verbosity};
 
 /// Writes one line to stderr, the log stream. A stderr that cannot be written (`2>/dev/full`,
 /// a closed pipe) loses the line, and nothing else: `eprintln!` would panic, and abort a run
-/// whose images are finished.
+/// whose images are finished. Control characters (from a path, a prompt, PNG metadata) are
+/// escaped (`flux2_klein::text::escape_control`): a terminal would obey them. A multi-line
+/// text (the profile table) keeps its line breaks.
 pub fn log_line(line: &str) {
     use std::io::Write;
+    let text: Vec<_> = line
+        .split('\n')
+        .map(flux2_klein::text::escape_control)
+        .collect();
     let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "{line}").and_then(|()| err.flush());
+    let _ = writeln!(err, "{}", text.join("\n")).and_then(|()| err.flush());
 }
 
 /// The exit status of a failed run: 1, or 2 where `compare` could not compare
 /// ([`compare::Trouble`]; 1 there means the images differ, as with cmp and diff).
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    if err.downcast_ref::<compare::Trouble>().is_some() {
+    if let Some(c) = err.downcast_ref::<flux2_klein::pipeline::Cancelled>() {
+        signals::exit_status(c.reason)
+    } else if err.downcast_ref::<compare::Trouble>().is_some() {
         2
     } else {
         1
+    }
+}
+
+/// The line a failed run ends with: `error: …` ([`error_line`]), or for a run stopped by a
+/// signal "interrupted after k of n images".
+pub fn failure_line(err: &anyhow::Error) -> String {
+    match err.downcast_ref::<flux2_klein::pipeline::Cancelled>() {
+        Some(c) => c.to_string(),
+        None => format!("error: {}", error_line(err)),
     }
 }
 
@@ -115,17 +133,10 @@ pub fn usage_error_line(err: &clap::Error, argv: &[std::ffi::OsString]) -> Strin
     if !line.starts_with("error:") {
         line.insert_str(0, "error: ");
     }
-    // `--seed -1` (random in sd.cpp) or `--guidance -3` reads as an unknown flag.
+    // `--guidance -3` reads as an unknown flag.
     if let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) {
         if arg.parse::<f64>().is_ok_and(|v| v < 0.0) {
-            let after_seed = argv
-                .windows(2)
-                .any(|w| w[0] == "--seed" && w[1] == arg.as_str());
-            line.push_str(if after_seed {
-                " (seeds are 0 or more; for a random seed leave out --seed)"
-            } else {
-                " (negative numbers are not accepted)"
-            });
+            line.push_str(" (negative numbers are not accepted)");
         }
     }
     let command = <Cli as clap::CommandFactory>::command();
@@ -154,18 +165,32 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<String> {
 }
 
 /// What to do about an error that names no fix itself (the raw device errors of candle /
-/// cudarc / cuBLAS / cuDNN).
+/// cudarc / cuBLAS / cuDNN). Only the GPU's own errors say "GPU": a CPU allocation that fails
+/// says "out of memory" too.
 fn hint_for(line: &str) -> Option<&'static str> {
-    const OUT_OF_MEMORY: [&str; 4] = [
+    const GPU_OUT_OF_MEMORY: [&str; 3] = [
         "CUDA_ERROR_OUT_OF_MEMORY",
         "CUBLAS_STATUS_ALLOC_FAILED",
         "CUDNN_STATUS_ALLOC_FAILED",
-        "out of memory",
     ];
-    if OUT_OF_MEMORY.iter().any(|m| line.contains(m)) {
+    if GPU_OUT_OF_MEMORY.iter().any(|m| line.contains(m)) {
         return Some(
             "the GPU ran out of memory: try a smaller --width/--height, --vae-tile 64, fewer \
              references, no --resident, or close other programs using the GPU",
+        );
+    }
+    let lower = line.to_ascii_lowercase();
+    if [
+        "out of memory",
+        "memory allocation",
+        "cannot allocate memory",
+    ]
+    .iter()
+    .any(|m| lower.contains(m))
+    {
+        return Some(
+            "the computer ran out of memory: try a smaller --width/--height, --vae-tile 64, \
+             fewer references, no --resident, --dtype bf16, or close other programs",
         );
     }
     None
@@ -203,6 +228,11 @@ mod tests {
         );
         let other = anyhow::anyhow!("cannot read x.png");
         assert_eq!(error_line(&other), "cannot read x.png");
+        // A CPU allocation failure is not the GPU's.
+        let cpu = anyhow::anyhow!("Cannot allocate memory (os error 12)").context("decode");
+        let line = error_line(&cpu);
+        assert!(line.contains("the computer ran out of memory"), "{line}");
+        assert!(!line.contains("GPU"), "{line}");
     }
 
     #[test]
@@ -221,11 +251,11 @@ mod tests {
         let l = line(&["flux2-klein", "generate", "--width", "8", "-p", "x"]);
         assert!(l.contains("--width") && l.contains("at least 16 px"), "{l}");
         assert!(l.ends_with(" — see flux2-klein generate --help"), "{l}");
-        let l = line(&["flux2-klein", "generate", "-p", "x", "--seed", "-1"]);
-        assert!(l.contains("leave out --seed"), "{l}");
+        let l = line(&["flux2-klein", "generate", "-p", "x", "--seed", "-2"]);
+        assert!(l.contains("-1 for a random one"), "{l}");
         assert!(!l.contains("Usage"), "{l}");
-        let l = line(&["flux2-klein", "generate", "--ref-image", "a.png", "-p", "x"]);
-        assert!(l.contains("'--ref'"), "the tip stays: {l}");
+        let l = line(&["flux2-klein", "generate", "--ref-imag", "a.png", "-p", "x"]);
+        assert!(l.contains("'--ref-image'"), "the tip stays: {l}");
         let l = line(&["flux2-klein", "generate"]);
         assert!(l.contains("required") && l.contains("--prompt"), "{l}");
         for l in [l, line(&["flux2-klein", "frobnicate"])] {
