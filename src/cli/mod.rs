@@ -4,7 +4,8 @@
 //!
 //! Exit codes (set by `main`): 0 success, 1 runtime failure (one `error: …` line on stderr),
 //! 2 usage error (clap's message, on one line too); `compare`: 0 same or within tolerance, 1
-//! different, 2 trouble (see [`exit_code`]).
+//! different, 2 trouble (see [`exit_code`]); 130 / 143 when SIGINT / SIGTERM stopped the run
+//! (`signals`).
 //!
 //! One file per subcommand (`generate`, `bench`, `compare`, `fetch`); `args` is the clap
 //! definition, `jobs` the prompt-file format and the images of a run, `metadata` the settings

@@ -144,11 +144,8 @@ fn resolved(path: &Path) -> PathBuf {
     }
     let mut rest = Vec::new();
     let mut at = path;
-    loop {
-        match at.file_name() {
-            Some(name) => rest.push(name.to_os_string()),
-            None => break,
-        }
+    while let Some(name) = at.file_name() {
+        rest.push(name.to_os_string());
         at = match at.parent() {
             Some(p) => p,
             None => break,

@@ -222,7 +222,7 @@ pub fn estimate(pipeline: &Pipeline, requests: &[Request]) -> Result<Estimate> {
         (top.1.saturating_add(top.2), parts)
     };
     parts.retain(|p| p.1 > 0);
-    parts.sort_by(|a, b| b.1.cmp(&a.1));
+    parts.sort_by_key(|p| std::cmp::Reverse(p.1));
     let vae_bound = parts.first().is_some_and(|p| p.0.starts_with("VAE decode"));
     let weight_bound = parts.first().is_some_and(|p| p.0.ends_with("weights"));
     Ok(Estimate {
