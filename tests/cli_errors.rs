@@ -25,7 +25,7 @@ fn usage_errors_exit_2() {
         &["generate"][..],                       // no prompt
         &["generate", "-p", "x", "--bogus"][..], // unknown option
         &["generate", "-p", "x", "--steps", "0"][..],
-        &["generate", "-p", "x", "--seed", "-1"][..],
+        &["generate", "-p", "x", "--seed", "-2"][..],
         &["generate", "-p", "x", "--device", "tpu"][..],
         &["generate", "-p", "x", "--dtype", "f8"][..],
         &["generate", "-p", "x", "--prompt-file", "p.txt"][..], // one prompt source only

@@ -465,6 +465,24 @@ fn prompt_file_paths_escapes_and_origins() {
             "that file's directory",
         ],
     );
+    // So does an init image's.
+    std::fs::write(
+        dir.join("batch/init.txt"),
+        "{\"prompt\": \"b\", \"init_image\": \"gone.png\"}\n",
+    )
+    .unwrap();
+    let o = run_in(
+        dir.path(),
+        &["generate", "--prompt-file", "batch/init.txt", "-m", &tiny()],
+    );
+    assert_error(
+        &o,
+        1,
+        &[
+            "init image batch/gone.png does not exist",
+            "line 1 of batch/init.txt",
+        ],
+    );
 }
 
 // --- 8. Peer aliases. ---

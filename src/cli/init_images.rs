@@ -18,6 +18,23 @@ pub(super) struct InitPaths {
     pub(super) mask: Option<PathBuf>,
     strength: f64,
     padding_mask_crop: Option<u32>,
+    /// Where the init image's and the mask's paths came from, for messages ("the path given
+    /// to --init-image", "the \"mask\" path on line 3 of p.txt …").
+    init_from: String,
+    mask_from: String,
+}
+
+/// Where a job's `key` path came from: its own (a prompt-file line, PNG metadata), else `flag`.
+fn path_origin(job: &PromptJob, args: &GenerateArgs, own: bool, key: &str, flag: &str) -> String {
+    let p = &args.prompt;
+    match (own, job.line, &p.prompt_file, &p.config_from_metadata) {
+        (true, Some(line), Some(file), _) => format!(
+            "the \"{key}\" path on line {line} of {} (relative to that file's directory)",
+            file.display()
+        ),
+        (true, _, _, Some(png)) => format!("the {key} recorded in {}", png.display()),
+        _ => format!("the path given to {flag}"),
+    }
 }
 
 impl InitPaths {
@@ -65,6 +82,14 @@ impl InitPaths {
             mask: mask.cloned(),
             strength,
             padding_mask_crop: pad,
+            init_from: path_origin(
+                job,
+                args,
+                job.init_image.is_some(),
+                "init_image",
+                "--init-image",
+            ),
+            mask_from: path_origin(job, args, job.mask.is_some(), "mask", "--mask"),
         }))
     }
 }
@@ -89,23 +114,24 @@ pub(super) struct InitImages {
 
 impl InitImages {
     pub(super) fn add(&mut self, init: &InitPaths) -> Result<()> {
-        self.load(&init.init, "init image", "--init-image")?;
+        self.load(&init.init, "init image", &init.init_from)?;
         if let Some(mask) = &init.mask {
-            self.load(mask, "mask", "--mask")?;
+            self.load(mask, "mask", &init.mask_from)?;
         }
         Ok(())
     }
 
-    fn load(&mut self, path: &Path, what: &str, flag: &str) -> Result<()> {
+    /// Loads `path` (the `what`, whose path came `from`) unless it is loaded already.
+    fn load(&mut self, path: &Path, what: &str, from: &str) -> Result<()> {
         if self.by_path.contains_key(path) {
             return Ok(());
         }
         let name = path.display().to_string();
         if !path.exists() {
-            anyhow::bail!("{what} {name} does not exist — check the path given to {flag}");
+            anyhow::bail!("{what} {name} does not exist — check {from}");
         }
         if path.is_dir() {
-            anyhow::bail!("{what} {name} is a directory — pass one image file to {flag}");
+            anyhow::bail!("{what} {name} is a directory — pass one image file ({from})");
         }
         // Decoded and hashed from one read of the file.
         let (image, hash) = flux2_klein::image_io::load_image_hashed(path).map_err(|e| {
@@ -115,10 +141,10 @@ impl InitImages {
                     e.root_cause()
                 )
             } else {
-                anyhow::anyhow!("{what} {name}: {}", e.root_cause())
+                anyhow::anyhow!("{what} {name}: {} ({from})", e.root_cause())
             }
         })?;
-        if flag == "--init-image" && (image.width() < 64 || image.height() < 64) {
+        if what == "init image" && (image.width() < 64 || image.height() < 64) {
             anyhow::bail!(
                 "init image {name} is {}x{} px: both sides must be at least 64 px — upscale it first",
                 image.width(),
