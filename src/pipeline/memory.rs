@@ -11,9 +11,9 @@
 //!   reference (the CPU, or no flash kernel), its f32 score blocks (tokens² per head, at
 //!   least one head at a time, `ops::attention` splits the rest into ~1 GiB blocks) and their
 //!   softmax;
-//! * VAE decode: two full-resolution feature maps of the decoder's widest output block (or
-//!   of one tile with `vae_tile`), and the f32 image; VAE encode: the same for each condition
-//!   image.
+//! * VAE decode: two full-resolution feature maps with the channels of the decoder's
+//!   full-resolution block (`block_out_channels[0]`; of one tile with `vae_tile`), and the
+//!   f32 image; VAE encode: the same with the encoder's first block for each condition image.
 //!
 //! Without `keep_resident` the peak is the largest stage (its component + its activations);
 //! with it, every component's weights + the largest activations. Components already loaded
@@ -147,7 +147,9 @@ pub fn estimate(pipeline: &Pipeline, requests: &[Request]) -> Result<Estimate> {
     let naive_attention =
         crate::ops::attention::kernel_name(&o.device, t.attention_head_dim, o.dtype)
             .starts_with("naive");
-    let widest = vae.decoder_channels().iter().copied().max().unwrap_or(0) as u64;
+    // The channels at full resolution: the decoder's last block, the encoder's first.
+    let dec_channels = vae.decoder_channels().first().copied().unwrap_or(0) as u64;
+    let enc_channels = vae.block_out_channels.first().copied().unwrap_or(0) as u64;
     let heads = t.num_attention_heads as u64;
     let (mut hidden, mut scores, mut decode, mut encode) = (0u64, 0u64, 0u64, 0u64);
     let mut largest = (0, 0);
@@ -174,9 +176,9 @@ pub fn estimate(pipeline: &Pipeline, requests: &[Request]) -> Result<Estimate> {
         }
         .min((s.width * s.height) as u64);
         let image = (s.width * s.height) as u64 * 3 * 4;
-        decode = decode.max(pixels.saturating_mul(widest) * vae_bytes * 2 + image);
+        decode = decode.max(pixels.saturating_mul(dec_channels) * vae_bytes * 2 + image);
         for &(w, h) in &s.conditions {
-            encode = encode.max((w * h) as u64 * widest * vae_bytes * 2);
+            encode = encode.max((w * h) as u64 * enc_channels * vae_bytes * 2);
         }
         if (s.width * s.height) > largest.0 * largest.1 {
             largest = (s.width, s.height);
@@ -308,5 +310,30 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(fmt_bytes(3 << 29), "1.5 GiB");
         assert_eq!(fmt_bytes(1000), "1 KiB");
+    }
+
+    #[test]
+    fn the_tiny_model_fits_and_8192_squared_does_not() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-w0");
+        let model = crate::ModelDir::open_local(&dir).unwrap();
+        let mut options = super::super::PipelineOptions::for_device(candle_core::Device::Cpu);
+        options.max_area = crate::limits::MAX_AREA_CEILING;
+        let pipeline = Pipeline::open(model, options).unwrap();
+        let sized = |w, h| {
+            let mut r = Request::new("x", 0);
+            (r.width, r.height) = (Some(w), Some(h));
+            r
+        };
+        let small = estimate(&pipeline, &[sized(64, 64), sized(1024, 1024)]).unwrap();
+        assert!(small.peak < 1 << 30, "{small:?}");
+        let big = estimate(&pipeline, &[sized(64, 64), sized(8192, 8192)]).unwrap();
+        // 262 656 tokens: one head's f32 scores and their softmax.
+        let tokens = 512u64 * 512 + 512;
+        assert!(big.peak >= tokens * tokens * 4 * 2, "{big:?}");
+        assert!(
+            big.parts[0].0.starts_with("attention scores at 8192×8192"),
+            "{big:?}"
+        );
+        assert!(!big.weight_bound && !big.vae_bound);
     }
 }
