@@ -49,7 +49,7 @@ pub fn pool_attribute(dev: &CudaDevice, reset: bool) -> Option<u64> {
 pub fn available(dev: &CudaDevice) -> Option<u64> {
     let (free, _total) = dev.cuda_stream().context().mem_get_info().ok()?;
     let pool = default_pool(dev)?;
-    let read = |attr| {
+    let read = |attr: sys::CUmemPool_attribute| {
         let mut value: u64 = 0;
         // SAFETY: a valid pool handle and a u64 the attribute expects.
         let ok =
