@@ -361,3 +361,73 @@ fn init_image_on_a_kv_model_is_refused() {
     assert!(msg.contains("Flux2KleinKVPipeline"), "{msg}");
     assert_eq!(stages, 0, "nothing ran");
 }
+
+/// FLUX.2 [klein] 9B-KV from its configs alone (`tests/fixtures/configs/klein-9b-kv`, written
+/// by `reference/config_fixtures.py`, no weights): the configs parse and validate with the
+/// spec's values, the pipeline opens on them as a KV checkpoint (the components agree: 3 ×
+/// 4096 = 12288), and the parameter counts from the configs are the ones diffusers and
+/// transformers build (`parameter_counts.json`). The same code as 4B: only config values.
+#[test]
+fn klein_9b_kv_configs_and_parameter_counts() {
+    use flux2_klein::text_encoder::Qwen3Config;
+    let dir = common::fixtures().join("configs/klein-9b-kv");
+    let model = ModelDir::open_local(&dir).unwrap();
+    let t: Flux2TransformerConfig = model.config("transformer").unwrap();
+    assert_eq!(
+        (t.num_layers, t.num_single_layers, t.num_attention_heads),
+        (8, 24, 32)
+    );
+    assert_eq!(
+        (t.attention_head_dim, t.inner_dim(), t.joint_attention_dim),
+        (128, 4096, 12288)
+    );
+    assert_eq!(t.mlp_hidden_dim(), 12288);
+    let te: Qwen3Config = model.config("text_encoder").unwrap();
+    assert_eq!(
+        (te.hidden_size, te.num_hidden_layers, te.intermediate_size),
+        (4096, 36, 12288)
+    );
+    assert_eq!(
+        (
+            te.num_attention_heads,
+            te.num_key_value_heads,
+            te.head_dim()
+        ),
+        (32, 8, 128)
+    );
+    let counts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("parameter_counts.json")).unwrap())
+            .unwrap();
+    let count = |k: &str| counts[k].as_u64().unwrap();
+    eprintln!(
+        "9B: transformer {} ({}), text encoder {} ({})",
+        t.parameter_count(),
+        count("transformer"),
+        te.parameter_count(),
+        count("text_encoder")
+    );
+    assert_eq!(t.parameter_count(), count("transformer"));
+    assert_eq!(te.parameter_count(), count("text_encoder"));
+
+    let mut options = PipelineOptions::for_device(Device::Cpu);
+    options.dtype = DType::BF16;
+    let pipeline = Pipeline::open(model, options).unwrap();
+    assert_eq!(pipeline.kind(), PipelineKind::KleinKv);
+    assert_eq!(pipeline.default_steps(), 4);
+    assert!(!pipeline.uses_cfg(4.0), "the KV pipeline has no guidance");
+
+    // Qwen3-4B (klein 4B: tied embeddings) from the spec's values, and the tiny encoder's file.
+    let mut qwen3_4b = te.clone();
+    qwen3_4b.hidden_size = 2560;
+    qwen3_4b.intermediate_size = 9728;
+    qwen3_4b.tie_word_embeddings = true;
+    assert_eq!(qwen3_4b.parameter_count(), 8_044_936_192 / 2);
+    let tiny = common::model("tiny-w0").join("text_encoder");
+    let tiny_cfg = Qwen3Config::from_file(&tiny.join("config.json")).unwrap();
+    let stored: u64 = candle_core::safetensors::load(tiny.join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .values()
+        .map(|t| t.elem_count() as u64)
+        .sum();
+    assert_eq!(tiny_cfg.parameter_count(), stored, "tiny text encoder");
+}
