@@ -171,7 +171,8 @@ fn insert_tokens(x: &Tensor, extra: &Tensor, after: usize, layout: Layout) -> Re
         extra,
         x.narrow(seq, after, len - after)?,
     ];
-    Tensor::cat(&parts, seq)
+    // Contiguous for the kernels (a no-op when the inputs were).
+    Tensor::cat(&parts, seq)?.contiguous()
 }
 
 /// The attention of roped q/k and `v` `[B, S, H, D]` (plus any joined keys and values),
