@@ -590,3 +590,42 @@ fn bench_json_records_runs_and_settings() {
     );
     assert!(summary[0]["total_ms"]["mean"].as_f64().unwrap() > 0.0);
 }
+
+/// A KV checkpoint from the command line: `--count 2` on two references makes the reference
+/// K/V once (one `reference K/V` stage line; its time in the first image's JSON record only),
+/// and the first image is diffusers' `Flux2KleinKVPipeline` image.
+#[test]
+fn kv_checkpoint_batch_makes_the_reference_kv_once() {
+    let case = "kv_refs2_64x64";
+    let (r0, r1) = (case_ref(case, 0), case_ref(case, 1));
+    let dir = TempDir::new("kv-batch");
+    let out = succeed(
+        bin()
+            .arg("generate")
+            .args(run_args(
+                "tiny-kv-w0",
+                GIFU,
+                0,
+                (64, 64),
+                &["-r", &r0, "-r", &r1, "--count", "2", "--json"],
+            ))
+            .arg("-o")
+            .arg(dir.join("kv-{seed}.png")),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let passes = stderr
+        .lines()
+        .filter(|l| l.contains("reference K/V:"))
+        .count();
+    assert_eq!(passes, 1, "one reference pass; stderr:\n{stderr}");
+    let records: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2);
+    let kv_ms = |r: &serde_json::Value| r["timings_ms"]["reference_kv"].as_f64().unwrap();
+    assert!(kv_ms(&records[0]) > 0.0 && kv_ms(&records[1]) == 0.0);
+    let first = image::open(dir.join("kv-0.png")).unwrap().to_rgb8();
+    let (max, _) = diff(&first, &golden(case));
+    assert!(max <= 1, "KV batch image 1 vs diffusers: max diff {max}");
+}

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 
 use flux2_klein::image_io::resize_lanczos;
+use flux2_klein::model_dir::PipelineKind;
 use flux2_klein::pipeline::inpaint::DEFAULT_STRENGTH;
 use flux2_klein::pipeline::{Event, InitImage, Pipeline, Reference, Request, Timings};
 use serde_json::json;
@@ -218,9 +219,11 @@ fn runs_of<'a>(runs: &'a [Run], size: &Size) -> Vec<&'a Run> {
 
 /// The per-stage quantities of the table and summary, by column.
 type Column = (&'static str, fn(&Timings) -> f64);
-const COLUMNS: [Column; 5] = [
+const COLUMNS: [Column; 6] = [
     ("text_encode_ms", |t| ms(t.text_encode)),
     ("reference_encode_ms", |t| ms(t.reference_encode)),
+    // KV checkpoints: the reference pass (0 otherwise).
+    ("reference_kv_ms", |t| ms(t.reference_kv)),
     ("mean_step_ms", mean_step_ms),
     ("vae_decode_ms", |t| ms(t.vae_decode)),
     ("total_ms", |t| ms(t.total)),
@@ -252,9 +255,13 @@ fn table(
     runs: &[Run],
 ) -> String {
     let with_refs = !args.refs.is_empty();
+    let with_kv = with_refs && pipeline.kind() == PipelineKind::KleinKv;
     let mut head = vec!["size", "refs", "steps", "text encode ms"];
     if with_refs {
         head.push("ref encode ms");
+    }
+    if with_kv {
+        head.push("ref K/V ms");
     }
     head.extend(["step ms", "VAE ms", "total ms", "peak mem"]);
     let mut rows: Vec<Vec<String>> = Vec::new();
@@ -269,7 +276,9 @@ fn table(
             settings.steps.to_string(),
         ];
         for (name, f) in COLUMNS {
-            if name == "reference_encode_ms" && !with_refs {
+            if (name == "reference_encode_ms" && !with_refs)
+                || (name == "reference_kv_ms" && !with_kv)
+            {
                 continue;
             }
             let xs: Vec<f64> = rs.iter().map(|r| f(&r.timings)).collect();
@@ -350,6 +359,7 @@ fn to_json(
                 "load_ms": ms(t.load),
                 "text_encode_ms": ms(t.text_encode),
                 "reference_encode_ms": ms(t.reference_encode),
+                "reference_kv_ms": ms(t.reference_kv),
                 "step_ms": t.steps.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
                 "mean_step_ms": mean_step_ms(t),
                 "vae_decode_ms": ms(t.vae_decode),
