@@ -629,3 +629,27 @@ fn kv_checkpoint_batch_makes_the_reference_kv_once() {
     let (max, _) = diff(&first, &golden(case));
     assert!(max <= 1, "KV batch image 1 vs diffusers: max diff {max}");
 }
+
+/// `bench --batch 3` on a KV checkpoint with a reference: each run is one batch of three
+/// images, recorded per image; the reference pass counts for the first image only.
+#[test]
+fn bench_batch_records_each_image_and_one_reference_pass() {
+    let kv = model("tiny-kv-w0");
+    let r0 = case_ref("kv_ref1_default_size", 0);
+    let out = succeed(bin().args([
+        "bench", "-m", &kv, "-r", &r0, "--size", "64x64", "--runs", "1", "--warmup", "0",
+        "--batch", "3", "--json",
+    ]));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(doc["batch"], 3);
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3, "one run of three images");
+    let kv_ms: Vec<f64> = runs
+        .iter()
+        .map(|r| r["reference_kv_ms"].as_f64().unwrap())
+        .collect();
+    assert!(kv_ms[0] > 0.0 && kv_ms[1] == 0.0 && kv_ms[2] == 0.0, "{kv_ms:?}");
+    let images: Vec<u64> = runs.iter().map(|r| r["image"].as_u64().unwrap()).collect();
+    assert_eq!(images, [0, 1, 2]);
+    assert_eq!(doc["summary"][0]["runs"], 3);
+}
