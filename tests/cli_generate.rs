@@ -648,7 +648,10 @@ fn bench_batch_records_each_image_and_one_reference_pass() {
         .iter()
         .map(|r| r["reference_kv_ms"].as_f64().unwrap())
         .collect();
-    assert!(kv_ms[0] > 0.0 && kv_ms[1] == 0.0 && kv_ms[2] == 0.0, "{kv_ms:?}");
+    assert!(
+        kv_ms[0] > 0.0 && kv_ms[1] == 0.0 && kv_ms[2] == 0.0,
+        "{kv_ms:?}"
+    );
     let images: Vec<u64> = runs.iter().map(|r| r["image"].as_u64().unwrap()).collect();
     assert_eq!(images, [0, 1, 2]);
     assert_eq!(doc["summary"][0]["runs"], 3);
