@@ -56,9 +56,22 @@ index = json.load(open(sys.argv[1]))
 index["is_distilled"] = False
 json.dump(index, open(sys.argv[2], "w"), indent=2)
 PYEOF
+# A KV-cache checkpoint (model_index.json `_class_name` Flux2KleinKVPipeline, as
+# FLUX.2-klein-9b-kv), same weights as tiny-w0.
+rm -rf "$FIX/models/tiny-kv-w0"
+mkdir -p "$FIX/models/tiny-kv-w0"
+for part in scheduler text_encoder tokenizer transformer vae; do
+  ln -s "../tiny-w0/$part" "$FIX/models/tiny-kv-w0/$part"
+done
+"$PY" - "$FIX/models/tiny-w0/model_index.json" "$FIX/models/tiny-kv-w0/model_index.json" <<'PYEOF'
+import json, sys
+index = json.load(open(sys.argv[1]))
+index["_class_name"] = "Flux2KleinKVPipeline"
+json.dump(index, open(sys.argv[2], "w"), indent=2)
+PYEOF
 
 # 4. Component fixtures (each script documents what it writes).
-for script in foundation_fixtures.py image_fixtures.py text_fixtures.py bfl_fixture.py vae_tiled_fixture.py pipeline_fixtures.py inpaint_fixtures.py; do
+for script in foundation_fixtures.py image_fixtures.py text_fixtures.py bfl_fixture.py vae_tiled_fixture.py pipeline_fixtures.py inpaint_fixtures.py kv_fixtures.py config_fixtures.py; do
   if [ -f "$HERE/$script" ]; then
     echo "[fixtures] $script"
     (cd "$ROOT" && "$PY" "$HERE/$script")

@@ -1,5 +1,6 @@
 //! flux2-klein: FLUX.2 [klein] text-to-image and multi-reference editing on candle, equal to
-//! diffusers 0.42.1 `Flux2KleinPipeline`.
+//! diffusers 0.42.1 `Flux2KleinPipeline` (and `Flux2KleinKVPipeline` for the KV-cache
+//! checkpoints, chosen by the model's `model_index.json`).
 //!
 //! ```no_run
 //! use flux2_klein::{ModelDir, Pipeline, PipelineOptions, Request};

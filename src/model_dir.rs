@@ -34,6 +34,52 @@ pub struct ModelIndex {
     pub is_distilled: bool,
 }
 
+/// Which diffusers pipeline a checkpoint is for (`model_index.json` `_class_name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineKind {
+    /// `Flux2KleinPipeline` (the published klein repos) or `Flux2KleinInpaintPipeline` (the same
+    /// components saved from diffusers' inpainting pipeline): references joined to the image
+    /// tokens at every step.
+    Klein,
+    /// `Flux2KleinKVPipeline` (FLUX.2-klein-9b-kv, spec-wave2 §3): the reference tokens' K/V
+    /// computed once and reused at every step.
+    KleinKv,
+}
+
+impl PipelineKind {
+    /// The `_class_name`s this port runs, in the order messages list them.
+    pub const SUPPORTED: [&'static str; 3] = [
+        "Flux2KleinPipeline",
+        "Flux2KleinKVPipeline",
+        "Flux2KleinInpaintPipeline",
+    ];
+
+    /// The kind of a `_class_name`; anything else is an error naming the supported ones.
+    pub fn from_class_name(class_name: Option<&str>) -> Result<Self> {
+        match class_name {
+            Some("Flux2KleinPipeline" | "Flux2KleinInpaintPipeline") => Ok(Self::Klein),
+            Some("Flux2KleinKVPipeline") => Ok(Self::KleinKv),
+            Some(other) => bail!(
+                "model_index.json names the pipeline {other}, which this program does not run; \
+                 supported: {} (FLUX.2 [klein] checkpoints)",
+                Self::SUPPORTED.join(", ")
+            ),
+            None => bail!(
+                "model_index.json has no _class_name; expected one of {} (a diffusers-layout \
+                 FLUX.2 [klein] checkpoint)",
+                Self::SUPPORTED.join(", ")
+            ),
+        }
+    }
+}
+
+impl ModelIndex {
+    /// The pipeline the checkpoint is for ([`PipelineKind::from_class_name`]).
+    pub fn kind(&self) -> Result<PipelineKind> {
+        PipelineKind::from_class_name(self.class_name.as_deref())
+    }
+}
+
 enum Source {
     Local(PathBuf),
     Hub {
@@ -112,7 +158,10 @@ impl ModelDir {
                 root.display()
             );
         }
-        let index = read_json(&index_path)?;
+        let index: ModelIndex = read_json(&index_path)?;
+        index
+            .kind()
+            .with_context(|| format!("model {}", root.display()))?;
         Ok(Self {
             source: Source::Local(root.to_path_buf()),
             id: root.display().to_string(),
@@ -156,6 +205,9 @@ impl ModelDir {
         };
         let index_path = dir.file("model_index.json")?;
         dir.index = read_json(&index_path)?;
+        dir.index
+            .kind()
+            .with_context(|| format!("model {}", dir.label()))?;
         Ok(dir)
     }
 
@@ -340,14 +392,28 @@ fn looks_like_path(s: &str) -> bool {
 
 fn hub_error(id: &str, rel: &str, e: hf_hub::api::sync::ApiError) -> anyhow::Error {
     let msg = e.to_string();
-    let hint = if msg.contains("401") || msg.contains("403") {
-        "the repo may be gated: accept its licence on huggingface.co and set HF_TOKEN (or run `huggingface-cli login`)"
+    anyhow!(
+        "cannot fetch {rel} of {id} from the Hugging Face hub ({msg}); {}",
+        hub_hint(id, &msg)
+    )
+}
+
+/// What to do about a failed hub request, from its message.
+fn hub_hint(id: &str, msg: &str) -> String {
+    if msg.contains("401") || msg.contains("403") {
+        // The 9B and 9B-KV repos are gated (spec-wave2 §6).
+        format!(
+            "the repo is gated or private: accept its licence on the model page \
+             https://huggingface.co/{id} while logged in, then set HF_TOKEN to a token of that \
+             account (or run `huggingface-cli login`)"
+        )
     } else if msg.contains("404") {
-        "check the repo id and --revision"
+        "check the repo id and --revision".into()
     } else {
-        "no network? download the model once, or pass a local diffusers-layout directory with --model DIR (or FLUX2_KLEIN_MODEL=DIR)"
-    };
-    anyhow!("cannot fetch {rel} of {id} from the Hugging Face hub ({msg}); {hint}")
+        "no network? download the model once, or pass a local diffusers-layout directory with \
+         --model DIR (or FLUX2_KLEIN_MODEL=DIR)"
+            .into()
+    }
 }
 
 #[cfg(test)]
@@ -367,5 +433,43 @@ mod tests {
     fn missing_local_dir_is_a_clear_error() {
         let err = ModelDir::resolve("/nonexistent/klein", None).unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn gated_repos_say_how_to_get_access() {
+        let id = "black-forest-labs/FLUX.2-klein-9b-kv";
+        for status in ["401 Unauthorized", "403 Forbidden"] {
+            let hint = hub_hint(id, &format!("request error: status code {status}"));
+            assert!(hint.contains("accept its licence"), "{hint}");
+            assert!(
+                hint.contains(&format!("https://huggingface.co/{id}")),
+                "{hint}"
+            );
+            assert!(hint.contains("HF_TOKEN"), "{hint}");
+        }
+        assert!(hub_hint(id, "status code 404").contains("repo id"));
+    }
+
+    #[test]
+    fn pipeline_class_names() {
+        let kind = |c: Option<&str>| PipelineKind::from_class_name(c);
+        assert_eq!(
+            kind(Some("Flux2KleinPipeline")).unwrap(),
+            PipelineKind::Klein
+        );
+        assert_eq!(
+            kind(Some("Flux2KleinInpaintPipeline")).unwrap(),
+            PipelineKind::Klein
+        );
+        assert_eq!(
+            kind(Some("Flux2KleinKVPipeline")).unwrap(),
+            PipelineKind::KleinKv
+        );
+        for bad in [Some("Flux2Pipeline"), Some("StableDiffusionPipeline"), None] {
+            let err = kind(bad).unwrap_err().to_string();
+            for name in PipelineKind::SUPPORTED {
+                assert!(err.contains(name), "{err}");
+            }
+        }
     }
 }

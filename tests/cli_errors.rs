@@ -234,6 +234,39 @@ fn nonexistent_local_model_directory() {
     assert_no_output(&dir, &[]);
 }
 
+/// A model_index.json for another pipeline (FLUX.2 [dev], no class name) fails before
+/// anything loads, naming the pipelines this program runs.
+#[test]
+fn unsupported_pipeline_class_names_the_supported_ones() {
+    let dir = TempDir::new("badclass");
+    for (name, index) in [
+        (
+            "dev",
+            r#"{"_class_name": "Flux2Pipeline", "is_distilled": false}"#,
+        ),
+        ("noclass", r#"{"is_distilled": true}"#),
+    ] {
+        let model = dir.path().join(name);
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::write(model.join("model_index.json"), index).unwrap();
+        let o = run_in(
+            dir.path(),
+            &[
+                "generate", "-p", "a cat", "-m", name, "--device", "cpu", "-o", "out.png",
+            ],
+        );
+        assert_runtime_error(
+            &o,
+            &[
+                "Flux2KleinPipeline",
+                "Flux2KleinKVPipeline",
+                "Flux2KleinInpaintPipeline",
+            ],
+        );
+    }
+    assert_no_output(&dir, &["dev", "noclass"]);
+}
+
 #[test]
 fn model_from_environment_variable() {
     let dir = TempDir::new("envmodel");

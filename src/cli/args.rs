@@ -340,6 +340,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub warmup: u32,
 
+    /// Images per run: each run is one batch of N images (seeds --seed, --seed+1, …), as
+    /// `generate -n N` makes them; the table shows per-image means (work the batch shares,
+    /// such as the prompt or a KV checkpoint's reference pass, counts for its first image).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub batch: u32,
+
     #[command(flatten)]
     pub sampling: SamplingArgs,
 

@@ -9,8 +9,9 @@ use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 
 use flux2_klein::image_io::resize_lanczos;
+use flux2_klein::model_dir::PipelineKind;
 use flux2_klein::pipeline::inpaint::DEFAULT_STRENGTH;
-use flux2_klein::pipeline::{Event, InitImage, Pipeline, Reference, Request, Timings};
+use flux2_klein::pipeline::{Event, Generated, InitImage, Pipeline, Reference, Request, Timings};
 use serde_json::json;
 
 use super::args::{BenchArgs, Size};
@@ -23,6 +24,8 @@ use super::references::load_references;
 struct Run {
     size: Size,
     run: u32,
+    /// The image's index in its run's batch (`--batch`).
+    image: u32,
     timings: Timings,
     peak: Option<u64>,
 }
@@ -91,15 +94,37 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
         })
     };
     let verbose = reporter.verbosity() >= Verbosity::Verbose;
+    // One run: a batch of `--batch` images with consecutive seeds (their references shared).
     let generate = |pipeline: &mut Pipeline, reporter: &mut Reporter, size: Size| {
-        let req = request(size)?;
-        let result = pipeline.generate(&req, &mut |e| match e {
-            Event::Warning(_) | Event::Profile(_) => reporter.event(e),
-            _ if verbose => reporter.event(e),
-            _ => {}
-        });
+        let first = request(size)?;
+        let requests: Vec<Request> = (0..u64::from(args.batch))
+            .map(|i| Request {
+                seed: args.seed.wrapping_add(i),
+                ..first.clone()
+            })
+            .collect();
+        let mut images: Vec<Generated> = Vec::with_capacity(requests.len());
+        let t = std::time::Instant::now();
+        let result = pipeline.generate_batch(
+            &requests,
+            &mut |e| match e {
+                Event::Warning(_) | Event::Profile(_) => reporter.event(e),
+                _ if verbose => reporter.event(e),
+                _ => {}
+            },
+            &mut |_, g| {
+                images.push(g);
+                Ok(())
+            },
+        );
         reporter.finish();
-        result.with_context(|| format!("bench run at {size} failed"))
+        result.with_context(|| format!("bench run at {size} failed"))?;
+        Ok::<_, anyhow::Error>((images, t.elapsed()))
+    };
+    let batch_note = if args.batch > 1 {
+        format!(" (batch of {})", args.batch)
+    } else {
+        String::new()
     };
 
     let mut runs = Vec::new();
@@ -108,36 +133,40 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
         // Warm up every size (first-use kernel compilation, allocator growth), then measure the
         // peak of the timed runs alone (resident weights included).
         for i in 0..args.warmup {
-            let g = generate(&mut pipeline, reporter, size)?;
+            let (_, took) = generate(&mut pipeline, reporter, size)?;
             reporter.info(&format!(
-                "warmup {}/{} at {size}: {}",
+                "warmup {}/{} at {size}{batch_note}: {}",
                 i + 1,
                 args.warmup,
-                fmt_duration(g.timings.total)
+                fmt_duration(took)
             ));
         }
         pipeline.reset_peak_device_memory();
         for r in 0..args.runs {
-            let g = generate(&mut pipeline, reporter, size)?;
+            let (images, took) = generate(&mut pipeline, reporter, size)?;
             reporter.info(&format!(
-                "{size} run {}/{}: {}",
+                "{size} run {}/{}{batch_note}: {}",
                 r + 1,
                 args.runs,
-                fmt_duration(g.timings.total)
+                fmt_duration(took)
             ));
-            settings.get_or_insert(Settings {
-                steps: g.steps,
-                guidance: g.guidance,
-            });
-            runs.push(Run {
-                size: Size {
-                    width: g.width as u32,
-                    height: g.height as u32,
-                },
-                run: r,
-                timings: g.timings,
-                peak: pipeline.peak_device_memory(),
-            });
+            let peak = pipeline.peak_device_memory();
+            for (i, g) in images.into_iter().enumerate() {
+                settings.get_or_insert(Settings {
+                    steps: g.steps,
+                    guidance: g.guidance,
+                });
+                runs.push(Run {
+                    size: Size {
+                        width: g.width as u32,
+                        height: g.height as u32,
+                    },
+                    run: r,
+                    image: i as u32,
+                    timings: g.timings,
+                    peak,
+                });
+            }
         }
     }
 
@@ -218,9 +247,11 @@ fn runs_of<'a>(runs: &'a [Run], size: &Size) -> Vec<&'a Run> {
 
 /// The per-stage quantities of the table and summary, by column.
 type Column = (&'static str, fn(&Timings) -> f64);
-const COLUMNS: [Column; 5] = [
+const COLUMNS: [Column; 6] = [
     ("text_encode_ms", |t| ms(t.text_encode)),
     ("reference_encode_ms", |t| ms(t.reference_encode)),
+    // KV checkpoints: the reference pass (0 otherwise).
+    ("reference_kv_ms", |t| ms(t.reference_kv)),
     ("mean_step_ms", mean_step_ms),
     ("vae_decode_ms", |t| ms(t.vae_decode)),
     ("total_ms", |t| ms(t.total)),
@@ -230,7 +261,7 @@ fn header(args: &BenchArgs, pipeline: &Pipeline, settings: Settings) -> String {
     let o = &pipeline.options;
     format!(
         "model: {}, device: {}, dtype: {} (VAE {}), attention: {}, steps: {}, \
-         guidance: {}, runs: {} (+{} warmup), seed: {}",
+         guidance: {}, runs: {} (+{} warmup){}, seed: {}",
         pipeline.model.label(),
         device_name(&o.device),
         dtype_name(o.dtype),
@@ -240,6 +271,11 @@ fn header(args: &BenchArgs, pipeline: &Pipeline, settings: Settings) -> String {
         settings.guidance,
         args.runs,
         args.warmup,
+        if args.batch > 1 {
+            format!(" of {} images each (per-image means)", args.batch)
+        } else {
+            String::new()
+        },
         args.seed,
     )
 }
@@ -252,9 +288,13 @@ fn table(
     runs: &[Run],
 ) -> String {
     let with_refs = !args.refs.is_empty();
+    let with_kv = with_refs && pipeline.kind() == PipelineKind::KleinKv;
     let mut head = vec!["size", "refs", "steps", "text encode ms"];
     if with_refs {
         head.push("ref encode ms");
+    }
+    if with_kv {
+        head.push("ref K/V ms");
     }
     head.extend(["step ms", "VAE ms", "total ms", "peak mem"]);
     let mut rows: Vec<Vec<String>> = Vec::new();
@@ -269,7 +309,9 @@ fn table(
             settings.steps.to_string(),
         ];
         for (name, f) in COLUMNS {
-            if name == "reference_encode_ms" && !with_refs {
+            if (name == "reference_encode_ms" && !with_refs)
+                || (name == "reference_kv_ms" && !with_kv)
+            {
                 continue;
             }
             let xs: Vec<f64> = rs.iter().map(|r| f(&r.timings)).collect();
@@ -347,9 +389,11 @@ fn to_json(
                 "height": r.size.height,
                 "refs": args.refs.len(),
                 "run": r.run,
+                "image": r.image,
                 "load_ms": ms(t.load),
                 "text_encode_ms": ms(t.text_encode),
                 "reference_encode_ms": ms(t.reference_encode),
+                "reference_kv_ms": ms(t.reference_kv),
                 "step_ms": t.steps.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
                 "mean_step_ms": mean_step_ms(t),
                 "vae_decode_ms": ms(t.vae_decode),
@@ -396,6 +440,8 @@ fn to_json(
         "steps": settings.steps,
         "guidance": settings.guidance,
         "seed": args.seed,
+        // Images per run (`--batch`): each entry of `runs` is one image; `summary` counts images.
+        "batch": args.batch,
         "warmup": args.warmup,
         "runs_per_size": args.runs,
         "software": format!("flux2-klein {}", env!("CARGO_PKG_VERSION")),

@@ -5,6 +5,7 @@ use std::fmt::Display;
 use std::io::Write;
 
 use anyhow::{Context, Result};
+use flux2_klein::model_dir::PipelineKind;
 use flux2_klein::pipeline::{floor_to_multiple_of_16, Pipeline, PipelineOptions};
 
 use super::args::{ModelArgs, SamplingArgs, Size};
@@ -34,9 +35,16 @@ pub fn load_pipeline(
 /// diffusers: "Guidance scale {g} is ignored for step-wise distilled models." (spec §8).
 fn warn_ignored_guidance(pipeline: &Pipeline, guidance: f64, reporter: &mut Reporter) {
     if pipeline.is_distilled() && guidance > 1.0 {
+        let what = match pipeline.kind() {
+            PipelineKind::KleinKv => {
+                "a KV-cache checkpoint (diffusers' Flux2KleinKVPipeline has no guidance)"
+            }
+            PipelineKind::Klein => {
+                "a step-wise distilled model, which never runs classifier-free guidance"
+            }
+        };
         reporter.warn(&format!(
-            "--guidance {guidance} is ignored: {} is a step-wise distilled model, which never \
-             runs classifier-free guidance",
+            "--guidance {guidance} is ignored: {} is {what}",
             pipeline.model.id
         ));
     }

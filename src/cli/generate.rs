@@ -426,10 +426,15 @@ fn summarize(g: &Generated, device: &Device, reporter: &Reporter) {
         format!(" ({}/step)", fmt_duration(denoise / t.steps.len() as u32))
     };
     reporter.detail(&format!(
-        "timings: load {}, text encode {}, references {}, denoise {}{per_step}, VAE decode {}, total {}",
+        "timings: load {}, text encode {}, references {}{}, denoise {}{per_step}, VAE decode {}, total {}",
         fmt_duration(t.load),
         fmt_duration(t.text_encode),
         fmt_duration(t.reference_encode),
+        if t.reference_kv.is_zero() {
+            String::new()
+        } else {
+            format!(", reference K/V {}", fmt_duration(t.reference_kv))
+        },
         fmt_duration(denoise),
         fmt_duration(t.vae_decode),
         fmt_duration(t.total),
@@ -475,6 +480,7 @@ fn result_json(
             "load": ms(t.load),
             "text_encode": ms(t.text_encode),
             "reference_encode": ms(t.reference_encode),
+            "reference_kv": ms(t.reference_kv),
             "steps": t.steps.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
             "vae_decode": ms(t.vae_decode),
             "total": ms(t.total),

@@ -48,8 +48,9 @@ impl Layout {
 
 /// Which keys each query sees.
 ///
-/// Room is left for the KV-cache checkpoints (issue #22): a reference-isolation mask
-/// (reference queries see only reference keys) and cached K/V joined to the keys.
+/// The KV-cache checkpoints need no mask: their reference queries see only reference keys,
+/// which is a separate unmasked call on the reference tokens, and the cached K/V are joined to
+/// the keys ([`super::joint_attention::JoinedKv`]).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Mask {

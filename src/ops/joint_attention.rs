@@ -1,6 +1,11 @@
 //! FLUX.2's joint attention (spec §5.2 steps 5, 6): per-segment q/k RMSNorm, RoPE and
 //! [`attention`], as one op so that on CUDA the norm and RoPE run fused straight from the
 //! projections into the flash kernel's `[B, S, H, D]` layout.
+//!
+//! KV-cache checkpoints (spec-wave2 §3) add keys and values from outside the query sequence:
+//! the cached reference tokens' ([`JoinedKv`]), joined to the keys as diffusers joins them.
+//! The reference tokens' own attention (they see only each other) is a separate call on their
+//! own sequence, so no mask is ever needed.
 
 use candle_core::{Result, Tensor};
 
@@ -9,18 +14,67 @@ use super::norm::QkRmsNorm;
 use super::rope::rope_interleaved;
 use crate::profile;
 
+/// Post-RoPE keys and values `[1 or B, R, H, D]` of tokens outside the query sequence (the
+/// cached reference tokens of a KV checkpoint), joined to the sequence's keys and values after
+/// its first `after` tokens (diffusers' `cat([K_txt, K_ref, K_img])`, with `after` = the text
+/// length).
+#[derive(Debug, Clone, Copy)]
+pub struct JoinedKv<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub after: usize,
+}
+
 /// FLUX.2's joint attention over token segments (text then image in the double-stream
 /// blocks, one segment in the single-stream blocks): each segment's raw q/k heads
 /// `[B, S_i, H, D]` get their own RMSNorm, the segments are joined along the tokens, then RoPE
 /// (`cos`/`sin` `[S, D/2]` f32, [`rope_interleaved`]) and attention; `v` `[B, S, H, D]` is
-/// already joined. Returns `[B, S, H·D]`.
+/// already joined. With `joined`, the queries also see those keys and values. Returns
+/// `[B, S, H·D]`.
 pub fn qk_norm_rope_attention(
     q: &[(&Tensor, &QkRmsNorm)],
     k: &[(&Tensor, &QkRmsNorm)],
     v: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
+    joined: Option<JoinedKv>,
 ) -> Result<Tensor> {
+    let roped = qk_norm_rope(q, k, v, cos, sin)?;
+    attend(&roped, v, joined)
+}
+
+/// [`qk_norm_rope_attention`] without joined keys that also returns this sequence's post-RoPE
+/// keys and its values, contiguous `[B, S, H, D]` (diffusers' layout of the KV cache): the
+/// reference tokens' pass of a KV checkpoint. Returns (output `[B, S, H·D]`, keys, values).
+pub fn qk_norm_rope_attention_keeping_kv(
+    q: &[(&Tensor, &QkRmsNorm)],
+    k: &[(&Tensor, &QkRmsNorm)],
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let roped = qk_norm_rope(q, k, v, cos, sin)?;
+    let out = attend(&roped, v, None)?;
+    // A copy: `v` may be a view into a wider projection, which must not stay alive.
+    let keys = roped.layout.to_bshd(&roped.k)?.contiguous()?;
+    Ok((out, keys, v.contiguous()?))
+}
+
+/// Normed and roped q and k in the layout the attention will run in.
+struct Roped {
+    q: Tensor,
+    k: Tensor,
+    /// [`Layout::Bshd`] on the fused CUDA paths, [`Layout::Bhsd`] (contiguous) otherwise.
+    layout: Layout,
+}
+
+fn qk_norm_rope(
+    q: &[(&Tensor, &QkRmsNorm)],
+    k: &[(&Tensor, &QkRmsNorm)],
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Roped> {
     #[cfg(feature = "cuda")]
     if crate::cuda::fused::applies(q[0].0)
         && q[0].0.dim(3)? % 32 == 0
@@ -46,7 +100,11 @@ pub fn qk_norm_rope_attention(
         let (q, k) = profile::span("dit.qk_norm_rope", v.device(), || -> Result<_> {
             Ok((fused(q)?, fused(k)?))
         })?;
-        return flash_bshd(&q, &k, v);
+        return Ok(Roped {
+            q,
+            k,
+            layout: Layout::Bshd,
+        });
     }
     let join = |parts: &[(&Tensor, &QkRmsNorm)]| -> Result<Tensor> {
         let normed = parts
@@ -58,7 +116,99 @@ pub fn qk_norm_rope_attention(
             _ => Tensor::cat(&normed, 1),
         }
     };
-    rope_attention(&join(q)?, &join(k)?, v, cos, sin)
+    let (q, k) = (join(q)?, join(k)?);
+    let dev = q.device();
+    #[cfg(feature = "cuda")]
+    if crate::cuda::fused::applies(&q) && crate::cuda::is_supported(&q, &k, v, &unmasked_bshd(&q)?)
+    {
+        // [B, S, H, D] throughout: fused RoPE, then the flash kernel in that layout.
+        let (q, k) = profile::span("dit.rope", dev, || -> Result<_> {
+            Ok((
+                crate::cuda::fused::rope_bshd(&q, cos, sin)?,
+                crate::cuda::fused::rope_bshd(&k, cos, sin)?,
+            ))
+        })?;
+        return Ok(Roped {
+            q,
+            k,
+            layout: Layout::Bshd,
+        });
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = v; // only the CUDA paths check the values' shape
+    let (q, k) = profile::span("dit.rope", dev, || -> Result<_> {
+        Ok((
+            rope_interleaved(&q.transpose(1, 2)?, cos, sin)?,
+            rope_interleaved(&k.transpose(1, 2)?, cos, sin)?,
+        ))
+    })?;
+    Ok(Roped {
+        q,
+        k,
+        layout: Layout::Bhsd,
+    })
+}
+
+/// `x` with `extra` (`[1 or B, R, H, D]`) inserted after its first `after` tokens, in `layout`.
+fn insert_tokens(x: &Tensor, extra: &Tensor, after: usize, layout: Layout) -> Result<Tensor> {
+    let seq = match layout {
+        Layout::Bshd => 1,
+        Layout::Bhsd => 2,
+    };
+    let (b, _, h, d) = extra.dims4()?;
+    let batch = x.dim(0)?;
+    let extra = if b == batch {
+        extra.clone()
+    } else {
+        extra
+            .broadcast_as((batch, extra.dim(1)?, h, d))?
+            .contiguous()?
+    };
+    let extra = layout.from_bshd(&extra)?;
+    let len = x.dim(seq)?;
+    let parts = [
+        x.narrow(seq, 0, after)?,
+        extra,
+        x.narrow(seq, after, len - after)?,
+    ];
+    // Contiguous for the kernels (a no-op when the inputs were).
+    Tensor::cat(&parts, seq)?.contiguous()
+}
+
+/// The attention of roped q/k and `v` `[B, S, H, D]` (plus any joined keys and values),
+/// back to `[B, S, H·D]`.
+fn attend(roped: &Roped, v: &Tensor, joined: Option<JoinedKv>) -> Result<Tensor> {
+    let Roped { q, k, layout } = roped;
+    let layout = *layout;
+    let dev = q.device();
+    let v = match layout {
+        Layout::Bshd => v.clone(),
+        Layout::Bhsd => profile::span("dit.rope", dev, || v.transpose(1, 2)?.contiguous())?,
+    };
+    let (k, v) = match joined {
+        None => (k.clone(), v),
+        Some(j) => profile::span("dit.join_kv", dev, || -> Result<_> {
+            Ok((
+                insert_tokens(k, j.k, j.after, layout)?,
+                insert_tokens(&v, j.v, j.after, layout)?,
+            ))
+        })?,
+    };
+    match layout {
+        #[cfg(feature = "cuda")]
+        Layout::Bshd => flash_bshd(q, &k, &v),
+        #[cfg(not(feature = "cuda"))]
+        Layout::Bshd => candle_core::bail!("the [B, S, H, D] attention path needs CUDA"),
+        Layout::Bhsd => {
+            let (b, h, s, hd) = q.dims4()?;
+            let o = profile::span("dit.attention", dev, || {
+                attention(q, &k, &v, Layout::Bhsd, &Mask::None)
+            })?; // [B, H, S, D]
+            profile::span("dit.attn_layout", dev, || {
+                o.transpose(1, 2)?.reshape((b, s, h * hd))
+            })
+        }
+    }
 }
 
 /// Unmasked flash parameters for `[B, S, H, D]` operands with `q`'s head dim.
@@ -79,40 +229,4 @@ fn flash_bshd(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         crate::cuda::flash_attention(q, k, v, &unmasked_bshd(q)?)
     })?;
     o.reshape((b, s, h * hd))
-}
-
-/// Joint attention on `[B, S, H, D]` q/k/v (already normed): RoPE on q and k, attention,
-/// back to `[B, S, H·D]`.
-fn rope_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-) -> Result<Tensor> {
-    let (b, s, h, hd) = q.dims4()?;
-    let dev = q.device();
-    #[cfg(feature = "cuda")]
-    if crate::cuda::fused::applies(q) && crate::cuda::is_supported(q, k, v, &unmasked_bshd(q)?) {
-        // [B, S, H, D] throughout: fused RoPE, then the flash kernel in that layout.
-        let (q, k) = profile::span("dit.rope", dev, || -> Result<_> {
-            Ok((
-                crate::cuda::fused::rope_bshd(q, cos, sin)?,
-                crate::cuda::fused::rope_bshd(k, cos, sin)?,
-            ))
-        })?;
-        return flash_bshd(&q, &k, v);
-    }
-    let (q, k, v) = profile::span("dit.rope", dev, || -> Result<_> {
-        let q = rope_interleaved(&q.transpose(1, 2)?, cos, sin)?;
-        let k = rope_interleaved(&k.transpose(1, 2)?, cos, sin)?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        Ok((q, k, v))
-    })?;
-    let o = profile::span("dit.attention", dev, || {
-        attention(&q, &k, &v, Layout::Bhsd, &Mask::None)
-    })?; // [B, H, S, D]
-    profile::span("dit.attn_layout", dev, || {
-        o.transpose(1, 2)?.reshape((b, s, h * hd))
-    })
 }

@@ -11,6 +11,10 @@
 //!
 //! The requests of a chunk are checked (references, size, steps) before its first model work;
 //! front ends check what they can for the whole batch up front (the CLI does).
+//!
+//! KV-cache checkpoints: the reference K/V of a set of references is computed once and reused
+//! by every following request with the same references, across chunks
+//! ([`super::reference_kv`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,11 +26,13 @@ use super::components::{
     with_component, StageTimer, TEXT_ENCODER, TRANSFORMER, VAE_DECODER, VAE_ENCODER,
 };
 use super::inpaint::{self, PreparedInit};
+use super::reference_kv::{same_references, KvReuse};
 use super::stages::{self, Conditioning, PromptEmbeds};
 use super::MAX_SEQUENCE_LENGTH;
 use super::{resolve_size, Cancelled, Event, Generated, Pipeline, Request, Stage, Timings};
 use crate::image_io;
 use crate::latents;
+use crate::model_dir::PipelineKind;
 use crate::scheduler::Schedule;
 
 /// Requests per chunk of a batch: bounds the prompt embeddings and latents held between
@@ -77,6 +83,8 @@ struct Reuse {
     /// Inpainting: (init image, mask, crop margin and references, by identity; tokens and ids
     /// of the init image and the references).
     init_latents: Option<(InitKey, (Tensor, Tensor))>,
+    /// KV-cache checkpoints: the K/V of the last set of references.
+    reference_kv: KvReuse,
 }
 
 /// What an inpainting request's condition tokens depend on, by the identity of its images.
@@ -117,12 +125,12 @@ type StageFn<'a> = dyn for<'r> FnMut(&mut dyn FnMut(Event), usize, &mut Job<'r>)
 /// delivered (not inside the "image k of n" context of the stage it stopped).
 pub(super) fn run(
     pipeline: &mut Pipeline,
-    requests: &[Request],
+    all: &[Request],
     events: &mut dyn FnMut(Event),
     on_image: &mut dyn FnMut(usize, Generated) -> Result<()>,
 ) -> Result<()> {
     let mut finished = 0;
-    let result = run_chunks(pipeline, requests, events, &mut |i, g| {
+    let result = run_chunks(pipeline, all, events, &mut |i, g| {
         on_image(i, g)?;
         finished += 1;
         Ok(())
@@ -130,7 +138,7 @@ pub(super) fn run(
     match result {
         Err(e) if e.downcast_ref::<Cancelled>().is_some() => Err(Cancelled {
             finished,
-            total: requests.len(),
+            total: all.len(),
             reason: pipeline.options.cancel.reason().unwrap_or(1),
         }
         .into()),
@@ -140,10 +148,11 @@ pub(super) fn run(
 
 fn run_chunks(
     pipeline: &mut Pipeline,
-    requests: &[Request],
+    all: &[Request],
     events: &mut dyn FnMut(Event),
     on_image: &mut dyn FnMut(usize, Generated) -> Result<()>,
 ) -> Result<()> {
+    let requests = all;
     for w in pipeline.pending_warnings.drain(..) {
         events(Event::Warning(w));
     }
@@ -195,7 +204,10 @@ fn run_chunks(
         if !resident {
             pipeline.vae_encoder = None;
         }
-        each(events, &mut |ev, _, job| denoise(pipeline, job, ev))?;
+        each(events, &mut |ev, i, job| {
+            let next = all.get(i + 1);
+            denoise(pipeline, job, &mut reuse, next, ev)
+        })?;
         if !resident {
             pipeline.transformer = None;
         }
@@ -245,6 +257,14 @@ fn plan<'r>(
             (references, width, height, None)
         }
         Some(init) => {
+            if pipeline.kind() == PipelineKind::KleinKv {
+                bail!(
+                    "inpainting / image-to-image (an init image) needs a Flux2KleinPipeline \
+                     checkpoint; {} is a Flux2KleinKVPipeline one, for which diffusers has no \
+                     inpainting pipeline — edit with references instead, or use another model",
+                    pipeline.model.id
+                );
+            }
             if request.width.is_some() || request.height.is_some() {
                 bail!(
                     "an inpainting / image-to-image request has the init image's size \
@@ -426,10 +446,18 @@ fn encode_init(
     Ok(())
 }
 
-/// Seeded noise, ids and schedule, then the transformer's Euler steps.
-fn denoise(pipeline: &mut Pipeline, job: &mut Job, events: &mut dyn FnMut(Event)) -> Result<()> {
+/// Seeded noise, ids and schedule, then the transformer's Euler steps. `next`: the request
+/// after this one in the batch, if any (whether cached reference K/V are still needed).
+fn denoise(
+    pipeline: &mut Pipeline,
+    job: &mut Job,
+    reuse: &mut Reuse,
+    next: Option<&Request>,
+    events: &mut dyn FnMut(Event),
+) -> Result<()> {
     let t_job = Instant::now();
     let cancel = pipeline.options.cancel.clone();
+    let kv_checkpoint = pipeline.kind() == PipelineKind::KleinKv;
     let (latents, latent_ids) = stages::prepare_latents(
         job.request.seed,
         pipeline.transformer_config.in_channels,
@@ -468,11 +496,26 @@ fn denoise(pipeline: &mut Pipeline, job: &mut Job, events: &mut dyn FnMut(Event)
         TRANSFORMER,
         job,
         events,
-        |_, transformer, job, events| {
+        |p, transformer, job, events| {
+            let cached = match (&image_latents, kv_checkpoint) {
+                (Some(latents), true) => Some(reuse.reference_kv.get_or_compute(
+                    p,
+                    transformer,
+                    &job.references,
+                    latents,
+                    &mut job.timings.reference_kv,
+                    events,
+                )?),
+                _ => None,
+            };
             let cond = Conditioning {
                 prompt_embeds: &embeds.prompt,
                 negative_prompt_embeds: embeds.negative.as_ref(),
-                image_latents: image_latents.as_ref().map(|(t, ids)| (t, ids)),
+                image_latents: match cached {
+                    Some(_) => None,
+                    None => image_latents.as_ref().map(|(t, ids)| (t, ids)),
+                },
+                reference_kv: cached.as_deref(),
                 guidance: job.guidance,
             };
             let timer = StageTimer::start(events, Stage::Denoise);
@@ -513,6 +556,10 @@ fn denoise(pipeline: &mut Pipeline, job: &mut Job, events: &mut dyn FnMut(Event)
             Ok(latents)
         },
     )?;
+    // Freed as soon as no later image needs them.
+    if !next.is_some_and(|n| same_references(n, job.request)) {
+        reuse.reference_kv.clear();
+    }
     if !crate::ops::all_finite(&latents)? {
         bail!(
             "the denoise stage produced NaN or infinite latents — the transformer weights or the \

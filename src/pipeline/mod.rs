@@ -5,7 +5,8 @@
 //!   [`Generated`]) and [`Pipeline`] (configs, component loading, the front door);
 //! * [`stages`]: the numerics of each stage as pure functions named after diffusers' steps;
 //! * [`batch`]: the batch scheduler (stage by stage over chunks of requests, reuse of shared
-//!   prompts and references, component lifetimes, timings and events).
+//!   prompts and references, component lifetimes, timings and events);
+//! * [`reference_kv`]: the reference K/V of KV-cache checkpoints, kept across a batch.
 //!
 //! Order of work for one request (each stage loads its component only when needed, and frees
 //! it afterwards unless `keep_resident` is set):
@@ -14,7 +15,9 @@
 //! 2. prompt (+ the empty negative prompt for CFG) → Qwen3 → `prompt_embeds`
 //! 3. references → VAE encoder (mean) → patchify → BN normalise → packed tokens, T = 10, 20, …
 //! 4. seeded noise (torch's CPU generator) → packed latents; ids; sigmas
-//! 5. transformer + Euler steps (CFG on base checkpoints)
+//! 5. transformer + Euler steps (CFG on base checkpoints); on KV-cache checkpoints
+//!    (`Flux2KleinKVPipeline`) the references' K/V are computed once first and joined to the
+//!    keys of every step instead of the reference tokens (spec-wave2 §3)
 //! 6. unpack → BN de-normalise → unpatchify → VAE decoder → uint8 image
 
 mod batch;
@@ -22,6 +25,7 @@ mod cancel;
 mod components;
 pub mod inpaint;
 pub mod memory;
+mod reference_kv;
 pub mod stages;
 
 use std::time::Duration;
@@ -34,7 +38,7 @@ pub use cancel::{Cancel, Cancelled};
 pub use inpaint::InitImage;
 
 use crate::limits;
-use crate::model_dir::ModelDir;
+use crate::model_dir::{ModelDir, PipelineKind};
 use crate::ops::KernelOptions;
 use crate::scheduler::SchedulerConfig;
 use crate::text_encoder::{self, PromptTokenizer, Qwen3Config, Qwen3TextEncoder};
@@ -158,6 +162,8 @@ pub enum Stage {
     LoadVaeEncoder,
     EncodeReferences,
     LoadTransformer,
+    /// KV-cache checkpoints: the reference tokens' K/V, once per set of references.
+    ReferenceKv,
     Denoise,
     LoadVaeDecoder,
     Decode,
@@ -172,6 +178,7 @@ impl Stage {
             Stage::LoadVaeEncoder => "load vae encoder",
             Stage::EncodeReferences => "encode references",
             Stage::LoadTransformer => "load transformer",
+            Stage::ReferenceKv => "reference K/V",
             Stage::Denoise => "denoise",
             Stage::LoadVaeDecoder => "load vae decoder",
             Stage::Decode => "decode",
@@ -215,6 +222,9 @@ pub struct Timings {
     pub load: Duration,
     pub text_encode: Duration,
     pub reference_encode: Duration,
+    /// KV-cache checkpoints: the reference pass (zero for an image that reused the K/V of an
+    /// earlier image of its batch).
+    pub reference_kv: Duration,
     pub steps: Vec<Duration>,
     pub vae_decode: Duration,
     /// Time spent on this request: for a single `generate` its wall time, in a batch the sum
@@ -323,6 +333,8 @@ fn check_configs(
 pub struct Pipeline {
     pub model: ModelDir,
     pub options: PipelineOptions,
+    /// From `model_index.json` `_class_name`.
+    kind: PipelineKind,
     scheduler_config: SchedulerConfig,
     transformer_config: Flux2TransformerConfig,
     tokenizer: PromptTokenizer,
@@ -342,6 +354,7 @@ impl Pipeline {
         if options.text_layers.is_empty() {
             bail!("at least one text encoder layer must be requested");
         }
+        let kind = model.index.kind()?;
         let scheduler_config: SchedulerConfig = model.config("scheduler")?;
         let transformer_config: Flux2TransformerConfig = model.config("transformer")?;
         // Every config is validated, alone and against the others, before anything loads.
@@ -359,6 +372,7 @@ impl Pipeline {
         Ok(Self {
             model,
             options,
+            kind,
             scheduler_config,
             transformer_config,
             tokenizer,
@@ -389,9 +403,15 @@ impl Pipeline {
         )
     }
 
-    /// Distilled checkpoints never run CFG (spec §8).
+    /// Which diffusers pipeline the checkpoint is for.
+    pub fn kind(&self) -> PipelineKind {
+        self.kind
+    }
+
+    /// Distilled checkpoints never run CFG (spec §8). diffusers' `Flux2KleinKVPipeline` has
+    /// no guidance at all (4 steps by default), whatever `is_distilled` says.
     pub fn is_distilled(&self) -> bool {
-        self.model.index.is_distilled
+        self.kind == PipelineKind::KleinKv || self.model.index.is_distilled
     }
 
     /// Whether a request with this guidance runs classifier-free guidance ([`uses_cfg`]).

@@ -13,7 +13,7 @@ use crate::latents;
 use crate::noise;
 use crate::scheduler::{self, Schedule};
 use crate::text_encoder::{self, PromptTokenizer, Qwen3TextEncoder};
-use crate::transformer::{Flux2Transformer, Inputs};
+use crate::transformer::{Flux2Transformer, Inputs, ReferenceKv};
 use crate::vae::{self, AutoencoderKLFlux2, TileOptions};
 
 /// The conditioning of one request.
@@ -110,14 +110,30 @@ pub struct Conditioning<'a> {
     pub prompt_embeds: &'a Tensor,
     /// With CFG: the negative prompt's embeddings.
     pub negative_prompt_embeds: Option<&'a Tensor>,
-    /// The packed reference tokens and their ids ([`prepare_image_latents`]).
+    /// The packed reference tokens and their ids ([`prepare_image_latents`]), joined to the
+    /// image tokens at every step (`Flux2KleinPipeline`).
     pub image_latents: Option<(&'a Tensor, &'a Tensor)>,
+    /// KV-cache checkpoints (`Flux2KleinKVPipeline`): the references' K/V
+    /// ([`reference_kv`]), joined to the keys at every step; `image_latents` is then `None`.
+    pub reference_kv: Option<&'a ReferenceKv>,
     pub guidance: f64,
 }
 
-/// The denoising loop: the transformer on `[latents, image_latents]` at each timestep of
-/// `schedule`, CFG on base checkpoints, one flow-match Euler step (spec §7, §8). `latents`
-/// `[1, N, C]` with ids `latent_ids` `[N, 4]`; `on_step(i, wall time)` after each step.
+/// The reference pass of `Flux2KleinKVPipeline` (its step-0 `kv_cache_mode="extract"` for the
+/// reference rows): the K/V of the packed reference tokens and their ids
+/// ([`prepare_image_latents`]) at every block.
+pub fn reference_kv(
+    transformer: &Flux2Transformer,
+    image_latents: (&Tensor, &Tensor),
+) -> Result<ReferenceKv> {
+    let (tokens, ids) = image_latents;
+    transformer.reference_kv(&tokens.to_dtype(transformer.dtype())?, ids)
+}
+
+/// The denoising loop: the transformer on `[latents, image_latents]` (or on `latents` with the
+/// cached reference K/V) at each timestep of `schedule`, CFG on base checkpoints, one
+/// flow-match Euler step (spec §7, §8). `latents` `[1, N, C]` with ids `latent_ids` `[N, 4]`;
+/// `on_step(i, wall time)` after each step.
 pub fn denoise(
     transformer: &Flux2Transformer,
     latents: Tensor,
@@ -150,6 +166,9 @@ pub fn denoise_with(
 ) -> Result<Tensor> {
     let device = transformer.device().clone();
     let dtype = transformer.dtype();
+    if cond.reference_kv.is_some() && cond.image_latents.is_some() {
+        anyhow::bail!("references are either joined as tokens or as cached K/V, not both");
+    }
     let n_target = latents.dim(1)?;
     let img_ids = match cond.image_latents {
         Some((_, ids)) => Tensor::cat(&[latent_ids, ids], 0)?,
@@ -174,7 +193,7 @@ pub fn denoise_with(
                 guidance: None,
             };
             Ok(transformer
-                .forward(&inputs, &rope, None)?
+                .forward_with_references(&inputs, &rope, cond.reference_kv, None)?
                 .narrow(1, 0, n_target)?)
         };
         let cond_velocity = predict(cond.prompt_embeds)?;

@@ -91,6 +91,11 @@ pub struct Qwen3Config {
     /// transformers 5: per-layer attention kind; only `"full_attention"` is supported.
     #[serde(default)]
     pub layer_types: Option<Vec<String>>,
+    /// Whether `lm_head` is the embedding matrix (Qwen3-4B) or its own weight (Qwen3-8B);
+    /// transformers' default is false. Only [`Qwen3Config::parameter_count`] reads it: the
+    /// encoder stops before the head.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
 }
 
 impl Qwen3Config {
@@ -113,6 +118,24 @@ impl Qwen3Config {
             .and_then(|p| p.rope_theta)
             .or(self.rope_theta)
             .unwrap_or(10_000.0)
+    }
+
+    /// Parameters of transformers' `Qwen3ForCausalLM` built from this config (the checkpoint
+    /// the text encoder loads): embeddings, per layer the q/k/v/o projections, the q/k
+    /// RMSNorms, the SwiGLU MLP and two RMSNorms, the final norm, and `lm_head` unless tied.
+    /// Qwen3-4B: 4,022,468,096 (the 8,044,936,192 bytes of klein-4B's bf16 shards,
+    /// spec-wave2 §6).
+    pub fn parameter_count(&self) -> u64 {
+        let h = self.hidden_size as u64;
+        let hd = self.head_dim() as u64;
+        let q = self.num_attention_heads as u64 * hd;
+        let kv = self.num_key_value_heads as u64 * hd;
+        let embed = self.vocab_size as u64 * h;
+        let attention = h * q + 2 * h * kv + q * h + 2 * hd;
+        let mlp = 3 * h * self.intermediate_size as u64;
+        let layer = attention + mlp + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed + self.num_hidden_layers as u64 * layer + h + head
     }
 
     /// Rejects the variants this port does not implement instead of computing something else.

@@ -2,6 +2,10 @@
 //! projections) and `Flux2ParallelSelfAttention` (single-stream: one fused projection for
 //! q, k, v and the MLP input), spec §5.2 steps 5 and 6. The attention itself is
 //! [`ops::joint_attention::qk_norm_rope_attention`].
+//!
+//! KV-cache checkpoints (spec-wave2 §3): the `forward` methods take the cached reference K/V
+//! of their block ([`JoinedKv`]); the `forward_reference` methods run the reference tokens
+//! alone (they see only each other) and return their post-RoPE K/V.
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -9,7 +13,7 @@ use candle_nn::VarBuilder;
 
 use super::config::Flux2TransformerConfig;
 use super::embed::RopeTables;
-use crate::ops::{self, norm::QkRmsNorm, Linear};
+use crate::ops::{self, joint_attention::JoinedKv, norm::QkRmsNorm, Linear};
 
 /// A bias-free projection of a block, profiled as `dit.linear`.
 fn projection(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
@@ -77,12 +81,14 @@ impl Flux2Attention {
     }
 
     /// Joint attention of the normed, modulated image tokens `img` `[B, N, D]` and text tokens
-    /// `txt` `[B, L, D]` over `[txt, img]`. Returns the projected `(txt, img)` outputs.
+    /// `txt` `[B, L, D]` over `[txt, img]` (and the cached reference K/V `refs`, joined after
+    /// the text). Returns the projected `(txt, img)` outputs.
     pub fn forward(
         &self,
         img: &Tensor,
         txt: &Tensor,
         rope: &RopeTables,
+        refs: Option<(&Tensor, &Tensor)>,
     ) -> Result<(Tensor, Tensor)> {
         let (hh, hd) = (self.heads, self.head_dim);
         let (l, n) = (txt.dim(1)?, img.dim(1)?);
@@ -99,10 +105,33 @@ impl Flux2Attention {
             &Tensor::cat(&[&vc, &v], 1)?,
             &rope.cos,
             &rope.sin,
+            refs.map(|(k, v)| JoinedKv { k, v, after: l }),
         )?;
         let txt_out = self.to_add_out.forward(&o.narrow(1, 0, l)?)?;
         let img_out = self.to_out.forward(&o.narrow(1, l, n)?)?;
         Ok((txt_out, img_out))
+    }
+
+    /// The reference tokens' attention: `refs` `[B, R, D]` (normed, modulated image-stream
+    /// tokens) among themselves, with the image projections and their own RoPE table. Returns
+    /// (projected output, post-RoPE K, V `[B, R, H, hd]`).
+    pub fn forward_reference(
+        &self,
+        refs: &Tensor,
+        rope: &RopeTables,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (hh, hd) = (self.heads, self.head_dim);
+        let q = heads(&self.to_q.forward(refs)?, hh, hd)?;
+        let k = heads(&self.to_k.forward(refs)?, hh, hd)?;
+        let v = heads(&self.to_v.forward(refs)?, hh, hd)?;
+        let (o, k, v) = ops::joint_attention::qk_norm_rope_attention_keeping_kv(
+            &[(&q, &self.norm_q)],
+            &[(&k, &self.norm_k)],
+            &v,
+            &rope.cos,
+            &rope.sin,
+        )?;
+        Ok((self.to_out.forward(&o)?, k, v))
     }
 }
 
@@ -135,24 +164,66 @@ impl Flux2ParallelSelfAttention {
         })
     }
 
-    /// `x` `[B, L+N, D]` (normed, modulated; text then image tokens) → `[B, L+N, D]`.
-    pub fn forward(&self, x: &Tensor, rope: &RopeTables) -> Result<Tensor> {
+    /// `x` `[B, L+N, D]` (normed, modulated; text then image tokens) → `[B, L+N, D]`; the
+    /// cached reference K/V `refs` are joined after the first `text_len` keys.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        refs: Option<(&Tensor, &Tensor)>,
+        text_len: usize,
+    ) -> Result<Tensor> {
+        let joined = refs.map(|(k, v)| JoinedKv {
+            k,
+            v,
+            after: text_len,
+        });
+        Ok(self.attend(x, rope, joined, false)?.0)
+    }
+
+    /// The reference tokens `x` `[B, R, D]` (normed, modulated) among themselves with their
+    /// own RoPE table. Returns (output `[B, R, D]`, post-RoPE K, V `[B, R, H, hd]`).
+    pub fn forward_reference(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (out, kv) = self.attend(x, rope, None, true)?;
+        let (k, v) = kv.expect("keep_kv returns the K/V");
+        Ok((out, k, v))
+    }
+
+    /// The projection, attention and output projection; with `keep_kv` also the post-RoPE K
+    /// and V.
+    fn attend(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        joined: Option<JoinedKv>,
+        keep_kv: bool,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let (hh, hd, f) = (self.heads, self.head_dim, self.mlp_hidden);
         let d = hh * hd;
         let u = self.to_qkv_mlp_proj.forward(x)?;
         let q = heads_of(&u, 0, hh, hd)?;
         let k = heads_of(&u, d, hh, hd)?;
         let v = heads_of(&u, 2 * d, hh, hd)?;
-        let o = ops::joint_attention::qk_norm_rope_attention(
-            &[(&q, &self.norm_q)],
-            &[(&k, &self.norm_k)],
-            &v,
-            &rope.cos,
-            &rope.sin,
-        )?;
+        let (qs, ks) = ([(&q, &self.norm_q)], [(&k, &self.norm_k)]);
+        let (o, kv) = if keep_kv {
+            let (o, k, v) = ops::joint_attention::qk_norm_rope_attention_keeping_kv(
+                &qs, &ks, &v, &rope.cos, &rope.sin,
+            )?;
+            (o, Some((k, v)))
+        } else {
+            let o = ops::joint_attention::qk_norm_rope_attention(
+                &qs, &ks, &v, &rope.cos, &rope.sin, joined,
+            )?;
+            (o, None)
+        };
         let mlp_in = u.narrow(2, 3 * d, 2 * f)?;
-        Ok(self
+        let out = self
             .to_out
-            .forward(&ops::mlp::swiglu_beside(&o, &mlp_in)?)?)
+            .forward(&ops::mlp::swiglu_beside(&o, &mlp_in)?)?;
+        Ok((out, kv))
     }
 }

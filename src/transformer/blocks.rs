@@ -43,7 +43,8 @@ impl DoubleStreamBlock {
     }
 
     /// `img` [B, N, D], `txt` [B, L, D]; `mod_img`/`mod_txt`: the (attention, MLP) parameter
-    /// sets; `rope`: the joint `[txt, img]` table. Returns `(txt, img)`.
+    /// sets; `rope`: the joint `[txt, img]` table; `refs`: this block's cached reference K/V
+    /// (KV checkpoints). Returns `(txt, img)`.
     pub fn forward(
         &self,
         img: &Tensor,
@@ -51,16 +52,13 @@ impl DoubleStreamBlock {
         mod_img: &[ModParams],
         mod_txt: &[ModParams],
         rope: &RopeTables,
+        refs: Option<(&Tensor, &Tensor)>,
     ) -> Result<(Tensor, Tensor)> {
         let ni = mod_img[0].norm_modulate(&self.norm, img)?;
         let nc = mod_txt[0].norm_modulate(&self.norm, txt)?;
-        let (attn_txt, attn_img) = self.attn.forward(&ni, &nc, rope)?;
+        let (attn_txt, attn_img) = self.attn.forward(&ni, &nc, rope, refs)?;
 
-        let img = mod_img[0].gated_residual(img, &attn_img)?;
-        let ff = self
-            .ff
-            .forward(&mod_img[1].norm_modulate(&self.norm, &img)?)?;
-        let img = mod_img[1].gated_residual(&img, &ff)?;
+        let img = self.image_mlp(&mod_img[0].gated_residual(img, &attn_img)?, mod_img)?;
 
         let txt = mod_txt[0].gated_residual(txt, &attn_txt)?;
         let ff = self
@@ -68,6 +66,29 @@ impl DoubleStreamBlock {
             .forward(&mod_txt[1].norm_modulate(&self.norm, &txt)?)?;
         let txt = mod_txt[1].gated_residual(&txt, &ff)?;
         Ok((txt, img))
+    }
+
+    /// The reference tokens `refs` [B, R, D] of a KV checkpoint through the image-stream half
+    /// of the block, modulated with `mod_ref` (the timestep-0 image-stream parameters), seeing
+    /// only each other (`rope`: their own table). Returns (refs, post-RoPE K, V).
+    pub fn forward_reference(
+        &self,
+        refs: &Tensor,
+        mod_ref: &[ModParams],
+        rope: &RopeTables,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let nr = mod_ref[0].norm_modulate(&self.norm, refs)?;
+        let (attn, k, v) = self.attn.forward_reference(&nr, rope)?;
+        let refs = self.image_mlp(&mod_ref[0].gated_residual(refs, &attn)?, mod_ref)?;
+        Ok((refs, k, v))
+    }
+
+    /// The image stream's MLP half: norm, modulation, feed-forward, gated residual.
+    fn image_mlp(&self, img: &Tensor, mod_img: &[ModParams]) -> Result<Tensor> {
+        let ff = self
+            .ff
+            .forward(&mod_img[1].norm_modulate(&self.norm, img)?)?;
+        mod_img[1].gated_residual(img, &ff)
     }
 }
 
@@ -87,9 +108,36 @@ impl SingleStreamBlock {
         })
     }
 
-    /// `z` [B, L+N, D] (text then image tokens), one parameter set, joint RoPE table.
-    pub fn forward(&self, z: &Tensor, m: &ModParams, rope: &RopeTables) -> Result<Tensor> {
-        let out = self.attn.forward(&m.norm_modulate(&self.norm, z)?, rope)?;
+    /// `z` [B, L+N, D] (text then image tokens), one parameter set, joint RoPE table; `refs`:
+    /// this block's cached reference K/V, joined after the `text_len` text keys.
+    pub fn forward(
+        &self,
+        z: &Tensor,
+        m: &ModParams,
+        rope: &RopeTables,
+        refs: Option<(&Tensor, &Tensor)>,
+        text_len: usize,
+    ) -> Result<Tensor> {
+        let out = self
+            .attn
+            .forward(&m.norm_modulate(&self.norm, z)?, rope, refs, text_len)?;
         m.gated_residual(z, &out).context("single-stream residual")
+    }
+
+    /// The reference tokens `refs` [B, R, D] of a KV checkpoint, modulated with `m` (the
+    /// timestep-0 parameters), seeing only each other. Returns (refs, post-RoPE K, V).
+    pub fn forward_reference(
+        &self,
+        refs: &Tensor,
+        m: &ModParams,
+        rope: &RopeTables,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (out, k, v) = self
+            .attn
+            .forward_reference(&m.norm_modulate(&self.norm, refs)?, rope)?;
+        let refs = m
+            .gated_residual(refs, &out)
+            .context("single-stream residual")?;
+        Ok((refs, k, v))
     }
 }

@@ -9,6 +9,7 @@
 //! * [`feed_forward`]: diffusers' `Flux2FeedForward`;
 //! * [`blocks`]: the double- and single-stream blocks;
 //! * [`model`]: the whole model ([`Flux2Transformer`]);
+//! * [`kv_cache`]: the reference K/V of KV-cache checkpoints ([`ReferenceKv`]);
 //! * [`bfl`]: loading the original BFL single-file checkpoint.
 
 pub mod attention;
@@ -17,9 +18,11 @@ pub mod blocks;
 pub mod config;
 pub mod embed;
 pub mod feed_forward;
+pub mod kv_cache;
 pub mod model;
 pub mod modulation;
 
 pub use config::Flux2TransformerConfig;
 pub use embed::RopeTables;
+pub use kv_cache::ReferenceKv;
 pub use model::{Flux2Transformer, Inputs, Trace};

@@ -8,6 +8,7 @@ use candle_nn::VarBuilder;
 use super::blocks::{DoubleStreamBlock, SingleStreamBlock};
 use super::config::Flux2TransformerConfig;
 use super::embed::{RopeTables, TimestepGuidanceEmbeddings};
+use super::kv_cache::ReferenceKv;
 use super::modulation::{AdaLayerNormContinuous, Modulation};
 use crate::ops::{norm::LayerNorm, Linear};
 
@@ -135,19 +136,73 @@ impl Flux2Transformer {
     /// The joint `[txt, img]` RoPE tables. Like diffusers, only batch element 0 of 3-D ids is
     /// used. Compute once per generation: the ids do not change across denoising steps.
     pub fn rope(&self, img_ids: &Tensor, txt_ids: &Tensor) -> Result<RopeTables> {
-        let first = |ids: &Tensor, what: &str| -> Result<Tensor> {
-            match ids.rank() {
-                3 => Ok(ids.get(0)?),
-                2 => Ok(ids.clone()),
-                _ => bail!("{what} must be [B, S, 4] or [S, 4], got {:?}", ids.dims()),
-            }
+        let img = self.rope_of(img_ids, "img_ids")?;
+        let txt = self.rope_of(txt_ids, "txt_ids")?;
+        RopeTables::concat(&txt, &img)
+    }
+
+    /// The RoPE table of one id sequence `[B, S, 4]` (batch element 0) or `[S, 4]`.
+    fn rope_of(&self, ids: &Tensor, what: &str) -> Result<RopeTables> {
+        let ids = match ids.rank() {
+            3 => ids.get(0)?,
+            2 => ids.clone(),
+            _ => bail!("{what} must be [B, S, 4] or [S, 4], got {:?}", ids.dims()),
         };
         let (axes, theta) = (&self.cfg.axes_dims_rope, self.cfg.rope_theta);
-        let img = RopeTables::from_ids(&first(img_ids, "img_ids")?, axes, theta)
-            .context("RoPE tables for img_ids")?;
-        let txt = RopeTables::from_ids(&first(txt_ids, "txt_ids")?, axes, theta)
-            .context("RoPE tables for txt_ids")?;
-        RopeTables::concat(&txt, &img)
+        RopeTables::from_ids(&ids, axes, theta).with_context(|| format!("RoPE tables for {what}"))
+    }
+
+    /// The reference pass of a KV-cache checkpoint (spec-wave2 §3, diffusers'
+    /// `kv_cache_mode="extract"` restricted to the reference rows): the packed reference
+    /// tokens `[1, R, in_channels]` (model dtype) with their ids `[R, 4]` through every block,
+    /// modulated with the embedding of timestep 0 (`ref_fixed_timestep`), attending only to
+    /// each other, recording each block's post-RoPE K/V. Nothing here depends on the prompt,
+    /// the noise or the step ([`ReferenceKv`]).
+    pub fn reference_kv(&self, tokens: &Tensor, ids: &Tensor) -> Result<ReferenceKv> {
+        let (b, r, c) = tokens
+            .dims3()
+            .context("reference tokens must be [B, R, in_channels]")?;
+        if c != self.cfg.in_channels || tokens.dtype() != self.dtype || r == 0 {
+            bail!(
+                "reference tokens are {:?} {:?}; the model expects [B, R > 0, {}] in {:?}",
+                tokens.dims(),
+                tokens.dtype(),
+                self.cfg.in_channels,
+                self.dtype
+            );
+        }
+        let rope = self.rope_of(ids, "reference ids")?;
+        if rope.len() != r {
+            bail!("{} reference ids for {r} reference tokens", rope.len());
+        }
+        // diffusers: `torch.full_like(timestep, ref_fixed_timestep * 1000)` in the model
+        // dtype, no guidance.
+        let t0 = Tensor::zeros(b, self.dtype, &self.device)?;
+        let temb = self.time_guidance_embed.forward(&t0, None)?;
+        let mod_img = self
+            .double_stream_modulation_img
+            .split(&self.double_stream_modulation_img.forward(&temb)?)?;
+        let mod_single = self
+            .single_stream_modulation
+            .split(&self.single_stream_modulation.forward(&temb)?)?;
+        let mut x = self.x_embedder.forward(tokens)?;
+        let mut double = Vec::with_capacity(self.transformer_blocks.len());
+        for (j, block) in self.transformer_blocks.iter().enumerate() {
+            let (next, k, v) = block
+                .forward_reference(&x, &mod_img, &rope)
+                .with_context(|| format!("transformer_blocks.{j} (references)"))?;
+            double.push((k, v));
+            x = next;
+        }
+        let mut single = Vec::with_capacity(self.single_transformer_blocks.len());
+        for (j, block) in self.single_transformer_blocks.iter().enumerate() {
+            let (next, k, v) = block
+                .forward_reference(&x, &mod_single[0], &rope)
+                .with_context(|| format!("single_transformer_blocks.{j} (references)"))?;
+            single.push((k, v));
+            x = next;
+        }
+        ReferenceKv::new(double, single)
     }
 
     /// One transformer call (spec §5.2) with the joint RoPE tables of [`Self::rope`].
@@ -160,8 +215,37 @@ impl Flux2Transformer {
         &self,
         inputs: &Inputs,
         rope: &RopeTables,
+        trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
+        self.forward_with_references(inputs, rope, None, trace)
+    }
+
+    /// [`Self::forward`] of a KV-cache checkpoint (diffusers' `kv_cache_mode="cached"`, and
+    /// the text and image rows of step 0's `"extract"`): every block's queries also see the
+    /// cached reference K/V of [`Self::reference_kv`], joined after the text keys. The
+    /// input holds no reference tokens. `refs = None` is the plain forward.
+    pub fn forward_with_references(
+        &self,
+        inputs: &Inputs,
+        rope: &RopeTables,
+        refs: Option<&ReferenceKv>,
         mut trace: Option<&mut Trace>,
     ) -> Result<Tensor> {
+        if let Some(refs) = refs {
+            let blocks = (
+                self.transformer_blocks.len(),
+                self.single_transformer_blocks.len(),
+            );
+            if (refs.num_double(), refs.num_single()) != blocks {
+                bail!(
+                    "the reference K/V cover {} + {} blocks but the model has {} + {}",
+                    refs.num_double(),
+                    refs.num_single(),
+                    blocks.0,
+                    blocks.1
+                );
+            }
+        }
         let Inputs {
             hidden_states,
             encoder_hidden_states,
@@ -223,8 +307,9 @@ impl Flux2Transformer {
 
         // 5. Double-stream blocks.
         for (j, block) in self.transformer_blocks.iter().enumerate() {
+            let kv = refs.and_then(|r| r.double(j));
             (txt, img) = block
-                .forward(&img, &txt, &mod_img, &mod_txt, rope)
+                .forward(&img, &txt, &mod_img, &mod_txt, rope, kv)
                 .with_context(|| format!("transformer_blocks.{j}"))?;
             record(&format!("double.{j}.txt"), &txt);
             record(&format!("double.{j}.img"), &img);
@@ -233,8 +318,9 @@ impl Flux2Transformer {
         // 6. Single-stream blocks on `[txt, img]`.
         let mut z = Tensor::cat(&[&txt, &img], 1)?;
         for (j, block) in self.single_transformer_blocks.iter().enumerate() {
+            let kv = refs.and_then(|r| r.single(j));
             z = block
-                .forward(&z, &mod_single[0], rope)
+                .forward(&z, &mod_single[0], rope, kv, l)
                 .with_context(|| format!("single_transformer_blocks.{j}"))?;
             record(&format!("single.{j}"), &z);
         }
