@@ -142,7 +142,7 @@ pub struct ModelSource {
     pub model: String,
 
     /// Hub revision (branch, tag or commit) of the model repo.
-    #[arg(long, value_name = "REV")]
+    #[arg(long, value_name = "REV", value_parser = parse_revision)]
     pub revision: Option<String>,
 }
 
@@ -418,6 +418,12 @@ pub(super) fn parse_side(s: &str) -> Result<u32, String> {
 }
 
 /// `-n/--count`: a habitual `-n "blurry"` (sd.cpp's and mold's negative prompt) gets a hint.
+fn parse_revision(s: &str) -> Result<String, String> {
+    flux2_klein::model_dir::check_revision(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string().trim_start_matches("--revision ").to_string())
+}
+
 fn parse_count(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {
         Ok(n) if n as usize > MAX_IMAGES_PER_RUN => Err(format!(
