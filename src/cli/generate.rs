@@ -6,24 +6,31 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use candle_core::Device;
-use flux2_klein::image_io::save_image;
+use flux2_klein::image_io::save_image_with_quality;
 use flux2_klein::pipeline::{uses_cfg, Generated, Pipeline, Request};
 
+use super::args::DTypeArg;
 use super::args::GenerateArgs;
 use super::common::{floor_side, floored, load_pipeline, print_stdout, warn_many_refs};
 use super::device::{device_name, dtype_name, pipeline_options};
 use super::init_images::{job_init, InitImages, InitPaths};
 use super::jobs::{self, PromptJob};
-use super::metadata::Recorded;
+use super::metadata::{resolve_recorded_path, Recorded};
 use super::output::check_outputs;
 use super::progress::{fmt_bytes, fmt_duration, Reporter};
 use super::references::{Loaded, Origin};
 
 pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     // --- Cheap checks, before any weights are touched. ---
-    let jobs = match &args.prompt.config_from_metadata {
-        Some(png) => vec![job_from_metadata(png, args, reporter)?],
-        None => jobs::read(&args.prompt, reporter)?,
+    // With --config-from-metadata, the arguments with the recorded model settings filled in.
+    let applied: GenerateArgs;
+    let (jobs, args, recorded) = match &args.prompt.config_from_metadata {
+        Some(image) => {
+            let (job, with_recorded, recorded) = job_from_metadata(image, args, reporter)?;
+            applied = with_recorded;
+            (vec![job], &applied, Some(recorded))
+        }
+        None => (jobs::read(&args.prompt, reporter)?, args, None),
     };
     super::limits::check_jobs(&jobs, args)?;
     let first_seed = args.seed.unwrap_or_else(random_seed);
@@ -57,6 +64,9 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
         .height
         .map(|h| floored("--height", h, floor_side, reporter));
     let options = pipeline_options(&args.model, args.resident)?;
+    if let (Some(recorded), Some(image)) = (&recorded, &args.prompt.config_from_metadata) {
+        warn_other_device(recorded, image, &options, reporter);
+    }
 
     // --- Model. ---
     let mut pipeline = load_pipeline(&args.model, &args.sampling, options, reporter)?;
@@ -84,7 +94,7 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             init: job_init(image.job, &jobs, &inits).map(|i| init_images.request(i)),
         })
         .collect();
-    let run = RunInfo::of(&pipeline, references, init_images);
+    let run = RunInfo::of(&pipeline, references, init_images, args.jpeg_quality);
     write_images(
         &mut pipeline,
         &requests,
@@ -115,7 +125,12 @@ fn write_images(
             let (path, request) = (&outputs[index], &requests[index]);
             let recorded = run.recorded(request, &generated);
             super::output::create_parent(path)?;
-            save_image(path, &generated.image, &recorded.to_text_chunks())?;
+            save_image_with_quality(
+                path,
+                &generated.image,
+                &recorded.to_text_chunks(),
+                run.jpeg_quality,
+            )?;
             let mut reporter = reporter.borrow_mut();
             reporter.finish();
             summarize(&generated, &device, &reporter);
@@ -224,15 +239,44 @@ fn report_settings(
     }
 }
 
-/// `--config-from-metadata PNG`: the job recorded in the PNG, where an option given on the
-/// command line wins over the recorded value. Warns when this run cannot give the same image:
-/// another model, or a reference file missing or changed since (its recorded SHA-256).
+/// `--config-from-metadata IMAGE`: the job recorded in the image, and the arguments with the
+/// recorded model, revision, dtypes and VAE tiling filled in where the command line gave none
+/// (an option given on the command line wins over the recorded value). Recorded paths are
+/// looked for next to the image first ([`resolve_recorded_path`]). Warns when this run cannot
+/// give the same image: another model, or a reference file missing or changed since (its
+/// recorded SHA-256).
 fn job_from_metadata(
     png: &Path,
     args: &GenerateArgs,
     reporter: &mut Reporter,
-) -> Result<PromptJob> {
-    let recorded = Recorded::read(png)?;
+) -> Result<(PromptJob, GenerateArgs, Recorded)> {
+    let mut recorded = Recorded::read(png)?;
+    let refs: Vec<String> = recorded
+        .references
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let sha = recorded.references_sha256.get(i).map(String::as_str);
+            resolve_recorded_path(png, name, sha)
+        })
+        .collect();
+    recorded.references = refs;
+    if let Some(name) = &recorded.init_image {
+        recorded.init_image = Some(resolve_recorded_path(
+            png,
+            name,
+            recorded.init_image_sha256.as_deref(),
+        ));
+    }
+    if let Some(name) = &recorded.mask {
+        recorded.mask = Some(resolve_recorded_path(
+            png,
+            name,
+            recorded.mask_sha256.as_deref(),
+        ));
+    }
+    let applied = with_recorded_model(args, &recorded, png)?;
+    let args = &applied;
     let mut job = PromptJob::from_recorded(&recorded);
     if let Some(prompt) = &args.prompt.prompt {
         job.prompt = prompt.clone();
@@ -324,7 +368,85 @@ fn job_from_metadata(
             ));
         }
     }
-    Ok(job)
+    Ok((job, applied, recorded))
+}
+
+/// `args` with the recorded model (and its revision), dtype, VAE dtype and VAE tile size where
+/// the command line gave none.
+fn with_recorded_model(
+    args: &GenerateArgs,
+    recorded: &Recorded,
+    image: &Path,
+) -> Result<GenerateArgs> {
+    let mut applied = args.clone();
+    let m = &mut applied.model;
+    if !args.model.source.model_given() {
+        if let Some(model) = &recorded.model {
+            // A local model recorded by a relative path may be next to the image.
+            let beside = image.parent().map(|d| d.join(model));
+            let local = Path::new(model).is_dir() || Path::new(model).is_absolute();
+            m.source.model = Some(match beside {
+                Some(b) if !local && b.join("model_index.json").is_file() => {
+                    b.display().to_string()
+                }
+                _ => model.clone(),
+            });
+            if args.model.source.revision.is_none() {
+                m.source.revision = recorded.revision.clone();
+            }
+        }
+    }
+    let dtype = |what: &str, v: &str| {
+        <DTypeArg as clap::ValueEnum>::from_str(v, true).map_err(|_| {
+            anyhow::anyhow!(
+                "--config-from-metadata {}: its {what} {v:?} is not bf16 or f32",
+                image.display()
+            )
+        })
+    };
+    if m.dtype.is_none() {
+        m.dtype = recorded
+            .dtype
+            .as_deref()
+            .map(|v| dtype("dtype", v))
+            .transpose()?;
+    }
+    if m.vae_dtype.is_none() {
+        m.vae_dtype = recorded
+            .vae_dtype
+            .as_deref()
+            .map(|v| dtype("vae_dtype", v))
+            .transpose()?;
+    }
+    if m.vae_tile.is_none() {
+        m.vae_tile = recorded.vae_tile;
+    }
+    Ok(applied)
+}
+
+/// A warning when this run computes on another device or in another dtype than the image was
+/// made with: the pixels will differ (bf16 and f32, CPU and GPU round differently).
+fn warn_other_device(
+    recorded: &Recorded,
+    image: &Path,
+    options: &flux2_klein::pipeline::PipelineOptions,
+    reporter: &mut Reporter,
+) {
+    let device = device_name(&options.device);
+    let dtype = dtype_name(options.dtype);
+    let other_device = recorded.device.as_deref().filter(|d| *d != device);
+    let other_dtype = recorded.dtype.as_deref().filter(|d| *d != dtype);
+    if other_device.is_some() || other_dtype.is_some() {
+        reporter.warn(&format!(
+            "{} was made on {} in {}; this run uses {device} in {dtype}, so the pixels will \
+             differ slightly (pass --device {} --dtype {} to match)",
+            image.display(),
+            recorded.device.as_deref().unwrap_or("?"),
+            recorded.dtype.as_deref().unwrap_or("?"),
+            recorded.device.as_deref().unwrap_or(&device),
+            recorded.dtype.as_deref().unwrap_or(dtype),
+        ));
+    }
 }
 
 /// Seeds a user can type back: 0 ..= u32::MAX (any u64 is accepted by `--seed`).
@@ -351,12 +473,15 @@ struct RunInfo {
     dtype: &'static str,
     /// Only when given (`--vae-dtype`).
     vae_dtype: Option<&'static str>,
+    /// Only when given (`--vae-tile`).
+    vae_tile: Option<u32>,
+    jpeg_quality: u8,
     references: Loaded,
     inits: InitImages,
 }
 
 impl RunInfo {
-    fn of(pipeline: &Pipeline, references: Loaded, inits: InitImages) -> Self {
+    fn of(pipeline: &Pipeline, references: Loaded, inits: InitImages, jpeg_quality: u8) -> Self {
         let o = &pipeline.options;
         Self {
             distilled: pipeline.is_distilled(),
@@ -365,6 +490,8 @@ impl RunInfo {
             device: device_name(&o.device),
             dtype: dtype_name(o.dtype),
             vae_dtype: o.vae_dtype.map(dtype_name),
+            vae_tile: o.vae_tile.map(|t| t as u32),
+            jpeg_quality,
             references,
             inits,
         }
@@ -401,6 +528,7 @@ impl RunInfo {
             device: Some(self.device.clone()),
             dtype: Some(self.dtype.to_string()),
             vae_dtype: self.vae_dtype.map(str::to_string),
+            vae_tile: self.vae_tile,
             software: Some(format!("flux2-klein {}", env!("CARGO_PKG_VERSION"))),
         }
     }

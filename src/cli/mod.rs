@@ -17,6 +17,7 @@ mod compare;
 mod device;
 mod fetch;
 mod generate;
+mod info;
 mod init_images;
 mod jobs;
 mod limits;
@@ -65,6 +66,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a, &mut reporter),
         Command::Compare(a) => compare::run(a),
         Command::Fetch(a) => fetch::run(a, &mut reporter),
+        Command::Info(a) => info::run(a),
     };
     // Clear any live display before main prints the error line.
     reporter.finish();
