@@ -110,6 +110,10 @@ pub struct CompareArgs {
     /// `within`, `differs` or `error`, its `message` says why.
     #[arg(long)]
     pub json: bool,
+    /// Also write an image of where they differ (.png, .jpg or .webp): each channel's
+    /// difference scaled so that the largest is white; black where they are the same.
+    #[arg(long, value_name = "PATH")]
+    pub diff_image: Option<std::path::PathBuf>,
 }
 
 /// Where the prompts come from: `--prompt` (one), `--prompt-file` (batch mode) or

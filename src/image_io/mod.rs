@@ -17,8 +17,11 @@
 //! different resize (Pillow premultiplies alpha for RGBA/LA and uses NEAREST for P); for
 //! RGB, L and 16-bit RGB sources both orders give the same bytes.
 
+mod compare;
 mod lanczos;
 mod metadata;
+
+pub use compare::{compare_images, compare_pixels, diff_image, ImageDiff};
 
 pub use metadata::{
     container_of, exif_with_settings, jpeg_exif, png_text_chunks, read_metadata, settings_of_exif,
@@ -541,56 +544,4 @@ pub fn sha256_file(path: impl AsRef<Path>) -> Result<String> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect())
-}
-
-/// How far apart two images of the same size are, per 8-bit channel value.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ImageDiff {
-    /// Largest absolute difference of one channel value (0–255).
-    pub max: u8,
-    /// Mean absolute difference over all channel values.
-    pub mean: f64,
-    /// Peak signal-to-noise ratio in dB (peak 255); infinite for identical images.
-    pub psnr: f64,
-    /// Pixels with any channel different.
-    pub differing_pixels: usize,
-}
-
-/// Compares two RGB images of the same size (what golden-image checks need).
-pub fn compare_images(a: &RgbImage, b: &RgbImage) -> Result<ImageDiff> {
-    if a.dimensions() != b.dimensions() {
-        bail!(
-            "the images differ in size: {}x{} vs {}x{}",
-            a.width(),
-            a.height(),
-            b.width(),
-            b.height()
-        );
-    }
-    let (mut max, mut sum, mut sq) = (0u8, 0u64, 0u64);
-    let mut differing_pixels = 0;
-    for (pa, pb) in a.pixels().zip(b.pixels()) {
-        let mut pixel_differs = false;
-        for (x, y) in pa.0.iter().zip(pb.0.iter()) {
-            let d = x.abs_diff(*y);
-            max = max.max(d);
-            sum += d as u64;
-            sq += (d as u64) * (d as u64);
-            pixel_differs |= d != 0;
-        }
-        differing_pixels += pixel_differs as usize;
-    }
-    let n = (a.as_raw().len()).max(1) as f64;
-    let mse = sq as f64 / n;
-    let psnr = if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64 * 255.0 / mse).log10()
-    };
-    Ok(ImageDiff {
-        max,
-        mean: sum as f64 / n,
-        psnr,
-        differing_pixels,
-    })
 }
