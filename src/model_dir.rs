@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 pub use hub::check_revision;
-pub use weight_file::{check_weight_file, WeightFileSummary};
+pub use weight_file::{check_header as check_weight_header, check_weight_file, WeightFileSummary};
 
 /// The default model: the distilled 4B klein checkpoint in diffusers layout.
 pub const DEFAULT_MODEL: &str = "black-forest-labs/FLUX.2-klein-4B";

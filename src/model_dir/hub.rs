@@ -395,9 +395,10 @@ pub(crate) fn check_rel_path(rel: &str) -> Result<()> {
     let path = Path::new(rel);
     let plain = !rel.is_empty()
         && !rel.contains('\\')
+        && !rel.chars().any(char::is_control)
         && path.components().all(|c| matches!(c, Component::Normal(_)));
     if !plain {
-        bail!("{rel:?} is not a file inside the model (absolute, or with '..')");
+        bail!("{rel:?} is not a file inside the model (absolute, with '..' or control characters)");
     }
     Ok(())
 }
@@ -466,7 +467,7 @@ mod tests {
                 "{bad}"
             );
         }
-        for bad in ["../../etc/passwd", "/etc/passwd", "a/../b", "", "a\\b"] {
+        for bad in ["../../etc/passwd", "/etc/passwd", "a/../b", "", "a\\b", "\0a"] {
             assert!(check_rel_path(bad).is_err(), "{bad}");
         }
         check_rel_path("transformer/model-00001.safetensors").unwrap();
