@@ -415,3 +415,69 @@ fn hub_short_or_corrupt_transfers_are_not_kept() {
         );
     }
 }
+
+/// `tiny-w0` in `dir/model`, with the transformer's first BF16 tensor relabelled `dtype` (a
+/// two-byte integer dtype, so every offset still fits).
+fn tiny_with_int_transformer(dir: &Path, dtype: &str) -> PathBuf {
+    let tiny = common::model("tiny-w0");
+    let model = dir.join("model");
+    for entry in [
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "vae",
+    ] {
+        std::fs::create_dir_all(&model).unwrap();
+        std::os::unix::fs::symlink(tiny.join(entry), model.join(entry)).unwrap();
+    }
+    std::fs::create_dir_all(model.join("transformer")).unwrap();
+    std::fs::copy(
+        tiny.join("transformer/config.json"),
+        model.join("transformer/config.json"),
+    )
+    .unwrap();
+    let mut bytes =
+        std::fs::read(tiny.join("transformer/diffusion_pytorch_model.safetensors")).unwrap();
+    let from = br#""dtype":"BF16""#;
+    let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+    // Same length: the JSON allows the padding space.
+    let to = format!("\"dtype\":\"{dtype}\" ");
+    assert_eq!(to.len(), from.len());
+    bytes[at..at + from.len()].copy_from_slice(to.as_bytes());
+    std::fs::write(
+        model.join("transformer/diffusion_pytorch_model.safetensors"),
+        bytes,
+    )
+    .unwrap();
+    model
+}
+
+#[test]
+fn integer_weights_are_refused_when_a_model_loads() {
+    let tmp = TempDir::new("mf-load-int");
+    let model = tiny_with_int_transformer(tmp.path(), "I16");
+    let o = command_in(
+        tmp.path(),
+        &[
+            "generate",
+            "-q",
+            "-m",
+            model.to_str().unwrap(),
+            "-p",
+            "x",
+            "-W",
+            "64",
+            "-H",
+            "64",
+            "--steps",
+            "1",
+            "-o",
+            "out.png",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_error(&o, 1, &["transformer", "I16", "not a weight dtype"]);
+    assert!(!tmp.join("out.png").exists());
+}

@@ -17,6 +17,23 @@ use sha2::{Digest, Sha256};
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// Relative redirects followed while asking for a file's metadata.
 const MAX_REDIRECTS: usize = 5;
+/// A hub that does not answer, or a transfer that stalls, is an error rather than a hang.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// An HTTP client (proxies from the environment, the timeouts above); `follow`: whether it
+/// follows redirects.
+fn http_agent(follow: bool) -> ureq::Agent {
+    let builder = ureq::AgentBuilder::new()
+        .try_proxy_from_env(true)
+        .timeout_connect(CONNECT_TIMEOUT)
+        .timeout_read(STALL_TIMEOUT);
+    if follow {
+        builder.build()
+    } else {
+        builder.redirects(0).build()
+    }
+}
 
 /// One hub repo at one revision, and where its files are cached.
 #[derive(Debug)]
@@ -123,10 +140,7 @@ impl HubRepo {
     /// The commit, ETag, size and content location of `url` (a one-byte ranged GET, relative
     /// redirects followed, as `huggingface_hub` does).
     fn metadata(&self, url: &str) -> Result<FileMeta> {
-        let agent = ureq::AgentBuilder::new()
-            .redirects(0)
-            .try_proxy_from_env(true)
-            .build();
+        let agent = http_agent(false);
         let mut current = url.to_string();
         let mut response = None;
         for _ in 0..=MAX_REDIRECTS {
@@ -167,8 +181,10 @@ impl HubRepo {
             let size = match r.header("X-Linked-Size") {
                 Some(s) => parse_size(s, "X-Linked-Size")?,
                 None => {
-                    let follow = ureq::AgentBuilder::new().try_proxy_from_env(true).build();
-                    let r = call(self.request(&follow, &location).set("Range", "bytes=0-0"))?;
+                    let r = call(
+                        self.request(&http_agent(true), &location)
+                            .set("Range", "bytes=0-0"),
+                    )?;
                     size_of(&r)?
                 }
             };
@@ -200,8 +216,7 @@ impl HubRepo {
                 .create_new(true)
                 .open(&tmp)
                 .with_context(|| format!("cannot create {}", tmp.display()))?;
-            let agent = ureq::AgentBuilder::new().try_proxy_from_env(true).build();
-            let response = call(self.request(&agent, &meta.location))?;
+            let response = call(self.request(&http_agent(true), &meta.location))?;
             let bar = self.progress.then(|| {
                 let bar = indicatif::ProgressBar::new(meta.size);
                 bar.set_style(
@@ -467,7 +482,14 @@ mod tests {
                 "{bad}"
             );
         }
-        for bad in ["../../etc/passwd", "/etc/passwd", "a/../b", "", "a\\b", "\0a"] {
+        for bad in [
+            "../../etc/passwd",
+            "/etc/passwd",
+            "a/../b",
+            "",
+            "a\\b",
+            "\0a",
+        ] {
             assert!(check_rel_path(bad).is_err(), "{bad}");
         }
         check_rel_path("transformer/model-00001.safetensors").unwrap();
