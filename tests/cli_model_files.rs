@@ -13,7 +13,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
 
 use cli::{assert_error_line, command_in, stderr};
 use common::TempDir;
@@ -204,6 +207,9 @@ struct Answer {
     linked_etag: Option<String>,
     /// The size announced in `Content-Range` (default: the real one).
     announced: Option<usize>,
+    /// Answer as the hub does for LFS files: a redirect to `/cdn/FILE` on the same server,
+    /// the size and SHA-256 in `X-Linked-Size` / `X-Linked-Etag`.
+    lfs: bool,
 }
 
 type Answers = HashMap<String, Answer>;
@@ -211,27 +217,52 @@ type Answers = HashMap<String, Answer>;
 /// Serves `files` as `/org/name/resolve/REV/FILE` (404 for others) on 127.0.0.1 until the
 /// test process ends; returns the endpoint URL.
 fn fake_hub(files: HashMap<String, Vec<u8>>, answers: Answers) -> String {
+    fake_hub_seeing_tokens(files, answers).0
+}
+
+/// [`fake_hub`], and a flag raised when the CDN side (`/cdn/…`) is sent an `Authorization`.
+fn fake_hub_seeing_tokens(
+    files: HashMap<String, Vec<u8>>,
+    answers: Answers,
+) -> (String, Arc<AtomicBool>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let files = Arc::new(files);
     let answers = Arc::new(answers);
+    let leaked = Arc::new(AtomicBool::new(false));
+    let (base, seen) = (url.clone(), leaked.clone());
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
-            let (files, answers) = (files.clone(), answers.clone());
+            let (files, answers, base, seen) =
+                (files.clone(), answers.clone(), base.clone(), seen.clone());
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
                 let mut request_line = String::new();
                 reader.read_line(&mut request_line).unwrap_or(0);
-                let mut ranged = false;
+                let (mut ranged, mut auth) = (false, false);
                 loop {
                     let mut line = String::new();
                     if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
                         break;
                     }
                     ranged |= line.to_ascii_lowercase().starts_with("range:");
+                    auth |= line.to_ascii_lowercase().starts_with("authorization:");
                 }
                 let path = request_line.split(' ').nth(1).unwrap_or("").to_string();
+                if let Some(rel) = path.strip_prefix("/cdn/") {
+                    seen.fetch_or(auth, Ordering::SeqCst);
+                    let body = files.get(rel).cloned().unwrap_or_default();
+                    let _ = stream.write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    );
+                    let _ = stream.write_all(&body);
+                    return;
+                }
                 let rel = path.splitn(6, '/').nth(5).unwrap_or("").to_string();
                 let Some(body) = files.get(&rel) else {
                     let _ = stream.write_all(
@@ -248,6 +279,22 @@ fn fake_hub(files: HashMap<String, Vec<u8>>, answers: Answers) -> String {
                 );
                 if let Some(l) = &a.linked_etag {
                     head += &format!("X-Linked-Etag: \"{l}\"\r\n");
+                }
+                if a.lfs {
+                    let sha: String = Sha256::digest(body)
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect();
+                    let _ = stream.write_all(
+                        format!(
+                            "HTTP/1.1 302 Found\r\n{head}X-Linked-Etag: \"{sha}\"\r\n\
+                             X-Linked-Size: {}\r\nLocation: {base}/cdn/{rel}\r\n\
+                             Content-Length: 0\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    );
+                    return;
                 }
                 let total = a.announced.unwrap_or(body.len());
                 let (status, body): (&str, &[u8]) = if ranged {
@@ -267,7 +314,7 @@ fn fake_hub(files: HashMap<String, Vec<u8>>, answers: Answers) -> String {
             });
         }
     });
-    url
+    (url, leaked)
 }
 
 /// `fetch -q -m org/name` against a fake hub serving `files`, with an empty cache in `tmp`.
@@ -480,4 +527,40 @@ fn integer_weights_are_refused_when_a_model_loads() {
     .unwrap();
     assert_error(&o, 1, &["transformer", "I16", "not a weight dtype"]);
     assert!(!tmp.join("out.png").exists());
+}
+
+#[test]
+fn hub_lfs_redirects_are_followed_without_the_token() {
+    let tmp = TempDir::new("mf-hub-lfs");
+    let weights = "transformer/diffusion_pytorch_model.safetensors";
+    let lfs = Answer {
+        lfs: true,
+        ..Answer::default()
+    };
+    let answers = Answers::from([(weights.to_string(), lfs)]);
+    let (hub, leaked) = fake_hub_seeing_tokens(model_files(&[]), answers);
+    let mut cmd = command_in(tmp.path(), &["fetch", "-q", "-m", "org/name"]);
+    cmd.env_remove("HF_HUB_OFFLINE")
+        .env("HF_ENDPOINT", &hub)
+        .env("HF_TOKEN", "hf_secret");
+    for proxy in ["http_proxy", "HTTP_PROXY", "ALL_PROXY", "all_proxy"] {
+        cmd.env_remove(proxy);
+    }
+    let o = cmd.output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let got = std::fs::read(
+        repo_cache(&tmp)
+            .join("snapshots")
+            .join(COMMIT)
+            .join(weights),
+    )
+    .unwrap();
+    assert_eq!(got, good_weights());
+    // The blob is named by its SHA-256, as huggingface_hub names LFS blobs.
+    let sha: String = Sha256::digest(&got)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(repo_cache(&tmp).join("blobs").join(sha).is_file());
+    assert!(!leaked.load(Ordering::SeqCst), "the token went to the CDN");
 }

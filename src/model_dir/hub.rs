@@ -13,6 +13,7 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 
+const USER_AGENT: &str = concat!("flux2-klein/", env!("CARGO_PKG_VERSION"));
 /// The hub's address unless `HF_ENDPOINT` says otherwise.
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// Relative redirects followed while asking for a file's metadata.
@@ -55,7 +56,8 @@ struct FileMeta {
     size: u64,
     /// The SHA-256 of the content (the `X-Linked-Etag` of LFS files), when given.
     sha256: Option<String>,
-    /// Where the content is (a CDN redirect), else the resolve URL itself.
+    /// The URL to download (the resolve URL after relative redirects; it may redirect again,
+    /// to a CDN, which gets no token).
     location: String,
 }
 
@@ -126,11 +128,10 @@ impl HubRepo {
         Ok(pointer)
     }
 
+    /// A GET of `url` on the hub itself, with the token. ureq drops the token when it
+    /// follows a redirect, so a CDN (or whatever a mirror redirects to) never sees it.
     fn request(&self, agent: &ureq::Agent, url: &str) -> ureq::Request {
-        let mut req = agent.get(url).set(
-            "User-Agent",
-            concat!("flux2-klein/", env!("CARGO_PKG_VERSION"), "; rust/unknown"),
-        );
+        let mut req = agent.get(url).set("User-Agent", USER_AGENT);
         if let Some(token) = &self.token {
             req = req.set("Authorization", &format!("Bearer {token}"));
         }
@@ -173,25 +174,25 @@ impl HubRepo {
         check_etag(&etag)?;
         let sha256 = linked.filter(|e| e.len() == 64 && is_hex(e));
         let status = r.status();
-        let (size, location) = if (300..400).contains(&status) {
+        let size = if (300..400).contains(&status) {
             let location = r
                 .header("Location")
-                .ok_or_else(|| anyhow!("the hub answered a redirect without a Location"))?
-                .to_string();
-            let size = match r.header("X-Linked-Size") {
+                .ok_or_else(|| anyhow!("the hub answered a redirect without a Location"))?;
+            match r.header("X-Linked-Size") {
                 Some(s) => parse_size(s, "X-Linked-Size")?,
                 None => {
-                    let r = call(
-                        self.request(&http_agent(true), &location)
-                            .set("Range", "bytes=0-0"),
-                    )?;
-                    size_of(&r)?
+                    // Another host: no token.
+                    let probe = http_agent(true)
+                        .get(location)
+                        .set("User-Agent", USER_AGENT)
+                        .set("Range", "bytes=0-0");
+                    size_of(&call(probe)?)?
                 }
-            };
-            (size, location)
+            }
         } else {
-            (size_of(&r)?, current)
+            size_of(&r)?
         };
+        let location = current;
         Ok(FileMeta {
             commit,
             etag,
