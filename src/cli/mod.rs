@@ -25,6 +25,7 @@ mod metadata;
 mod output;
 mod progress;
 mod references;
+mod remake;
 
 use anyhow::Result;
 
