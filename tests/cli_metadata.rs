@@ -226,6 +226,28 @@ fn jpeg_and_webp_carry_the_settings() {
     assert!(text.starts_with("prompt: a red fox\nseed: 5\n"), "{text}");
 }
 
+#[test]
+fn settings_too_long_for_a_jpeg_are_left_out_with_a_warning() {
+    let tmp = TempDir::new("meta-long");
+    let long = "fox ".repeat(10_000);
+    let tiny = tiny();
+    let o = run(
+        tmp.path(),
+        &[
+            "generate", "-m", &tiny, "-p", &long, "-W", "64", "-H", "64", "--steps", "1", "-o",
+            "long.jpg",
+        ],
+    );
+    ok(&o);
+    assert!(
+        stderr(&o).contains("do not fit a JPEG's EXIF segment"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(tmp.path(), &["info", "long.jpg"]);
+    assert_error(&o, 1, &["long.jpg", "records no settings"]);
+}
+
 /// A PNG: signature, IHDR claiming `w`×`h`, then `chunks` (type, data) and IEND.
 fn png_bytes(w: u32, h: u32, chunks: &[(&[u8; 4], Vec<u8>)]) -> Vec<u8> {
     fn crc32(bytes: &[u8]) -> u32 {

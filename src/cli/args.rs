@@ -38,7 +38,8 @@ const BUILD_VERSION: &str = concat!(
         flux2-klein generate -p \"a red fox in the snow\" -o fox.png\n  \
         flux2-klein generate -p \"make it night\" -r day.png -o night.png --seed 7\n  \
         flux2-klein generate --prompt-file prompts.txt -n 4 -o 'out/{index}-{seed}.png'\n  \
-        flux2-klein bench --size 512x512 --size 1024x1024 --runs 3\n\n\
+        flux2-klein bench --size 512x512 --size 1024x1024 --runs 3\n  \
+        flux2-klein info fox.png\n\n\
         Each image's path is the only thing written to stdout (with --json, one JSON record \
         per image); progress, warnings and errors go to stderr."
 )]

@@ -133,6 +133,11 @@ fn write_images(
             )?;
             let mut reporter = reporter.borrow_mut();
             reporter.finish();
+            // The encoder's warnings (settings too long for a JPEG's EXIF) come after the
+            // pipeline's last stage has drained its queue.
+            for w in flux2_klein::ops::take_warnings() {
+                reporter.warn(&w);
+            }
             summarize(&generated, &device, &reporter);
             let line = if json {
                 result_json(run, request, &recorded, &generated, path, index).to_string()
