@@ -264,3 +264,45 @@ fn prompt_file_lines_and_output_templates() {
     entries.retain(|e| e != ".hf-home" && e != "p.txt");
     assert!(entries.is_empty() || entries == ["out"], "{entries:?}");
 }
+
+#[test]
+fn shard_indices_through_fetch() {
+    let dir = TempDir::new("fuzz-index");
+    let model = dir.join("m");
+    let weights = {
+        let header = br#"{"a.weight":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}"#;
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header);
+        v.extend_from_slice(&[0; 4]);
+        v
+    };
+    for (name, bytes) in [
+        ("model_index.json", b"{}".to_vec()),
+        ("scheduler/scheduler_config.json", b"{}".to_vec()),
+        ("text_encoder/config.json", b"{}".to_vec()),
+        ("transformer/config.json", b"{}".to_vec()),
+        ("vae/config.json", b"{}".to_vec()),
+        ("tokenizer/tokenizer.json", b"{}".to_vec()),
+        ("text_encoder/model.safetensors", weights.clone()),
+        ("vae/diffusion_pytorch_model.safetensors", weights.clone()),
+        ("transformer/shard-1.safetensors", weights),
+    ] {
+        let p = model.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+    let index = br#"{"metadata": {"total_size": 4}, "weight_map": {"a.weight": "shard-1.safetensors", "b.weight": "shard-1.safetensors"}}"#;
+    let path = model.join("transformer/diffusion_pytorch_model.safetensors.index.json");
+    let mut accepted = 0;
+    for m in mutations(index, 30, 51) {
+        std::fs::write(&path, &m).unwrap();
+        let shown = String::from_utf8_lossy(&m).into_owned();
+        let o = cli::run_in(dir.path(), &["fetch", "-q", "-m", "m"]);
+        let err = cli::stderr(&o);
+        assert!(matches!(o.status.code(), Some(0..=1)), "{shown}: {err}");
+        assert!(!err.contains("panicked"), "{shown}: {err}");
+        accepted += (o.status.code() == Some(0)) as usize;
+    }
+    // Some mutations keep the index valid; most break it.
+    assert!(accepted < 30, "every mutation was accepted");
+}
