@@ -41,6 +41,8 @@ pub const MAX_IMAGES_PER_RUN: usize = 100_000;
 pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
 /// The largest prompt file read.
 pub const MAX_PROMPT_FILE_BYTES: u64 = 16 << 20;
+/// The most text read from an image's metadata (PNG text chunks after inflating, EXIF).
+pub const MAX_METADATA_TEXT_BYTES: usize = 1 << 20;
 /// The largest side an image decoder accepts (a 60000×60000 header is refused before any
 /// pixel buffer is allocated).
 pub const MAX_DECODE_SIDE: u32 = 16384;

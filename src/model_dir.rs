@@ -12,6 +12,9 @@
 //!
 //! Every shape comes from the json configs, so variants (klein base, 9B) load the same way.
 
+mod hub;
+mod weight_file;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -20,6 +23,9 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+
+pub use hub::check_revision;
+pub use weight_file::{check_header as check_weight_header, check_weight_file, WeightFileSummary};
 
 /// The default model: the distilled 4B klein checkpoint in diffusers layout.
 pub const DEFAULT_MODEL: &str = "black-forest-labs/FLUX.2-klein-4B";
@@ -83,8 +89,7 @@ impl ModelIndex {
 enum Source {
     Local(PathBuf),
     Hub {
-        repo: Box<hf_hub::api::sync::ApiRepo>,
-        cache: hf_hub::CacheRepo,
+        repo: Box<hub::HubRepo>,
         offline: bool,
     },
 }
@@ -174,26 +179,11 @@ impl ModelDir {
         let offline = std::env::var("HF_HUB_OFFLINE")
             .map(|v| v != "0" && !v.is_empty())
             .unwrap_or(false);
-        let token = std::env::var("HF_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty())
-            .or_else(|| hf_hub::Cache::from_env().token());
-        let api = hf_hub::api::sync::ApiBuilder::from_env()
-            .with_token(token)
-            .with_progress(DOWNLOAD_PROGRESS.load(std::sync::atomic::Ordering::Relaxed))
-            .build()
-            .context("setting up the Hugging Face hub client")?;
-        let repo_spec = match revision {
-            Some(rev) => {
-                hf_hub::Repo::with_revision(repo_id.into(), hf_hub::RepoType::Model, rev.into())
-            }
-            None => hf_hub::Repo::model(repo_id.into()),
-        };
-        let cache = hf_hub::Cache::from_env().repo(repo_spec.clone());
+        let progress = DOWNLOAD_PROGRESS.load(std::sync::atomic::Ordering::Relaxed);
+        let repo = hub::HubRepo::new(repo_id, revision, progress)?;
         let mut dir = Self {
             source: Source::Hub {
-                repo: Box::new(api.repo(repo_spec)),
-                cache,
+                repo: Box::new(repo),
                 offline,
             },
             id: repo_id.to_string(),
@@ -226,12 +216,8 @@ impl ModelDir {
                     )
                 }
             }
-            Source::Hub {
-                repo,
-                cache,
-                offline,
-            } => {
-                if let Some(p) = cache.get(rel) {
+            Source::Hub { repo, offline } => {
+                if let Some(p) = repo.cached(rel) {
                     return Ok(p);
                 }
                 if *offline {
@@ -241,17 +227,30 @@ impl ModelDir {
                         self.id
                     );
                 }
-                repo.get(rel).map_err(|e| hub_error(&self.id, rel, e))
+                repo.download(rel).map_err(|e| hub_error(&self.id, rel, e))
             }
         }
     }
 
     /// Whether a file exists (locally or in the repo). Used to choose between a single file and
-    /// a sharded index.
-    fn has_file(&self, rel: &str) -> bool {
+    /// a sharded index: a file the hub does not have is `false`, any other trouble (a broken
+    /// transfer, a hostile answer) is the error.
+    fn has_file(&self, rel: &str) -> Result<bool> {
         match &self.source {
-            Source::Local(root) => root.join(rel).is_file(),
-            Source::Hub { .. } => self.file(rel).is_ok(),
+            Source::Local(root) => Ok(root.join(rel).is_file()),
+            Source::Hub { repo, offline } => {
+                if repo.cached(rel).is_some() {
+                    return Ok(true);
+                }
+                if *offline {
+                    return Ok(false);
+                }
+                match self.file(rel) {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.chain().any(|c| c.is::<hub::NotFound>()) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
         }
     }
 
@@ -285,13 +284,13 @@ impl ModelDir {
         let stems = ["diffusion_pytorch_model", "model"];
         for stem in stems {
             let single = format!("{component}/{stem}.safetensors");
-            if self.has_file(&single) {
+            if self.has_file(&single)? {
                 return Ok(vec![self.file(&single)?]);
             }
         }
         for stem in stems {
             let index = format!("{component}/{stem}.safetensors.index.json");
-            if self.has_file(&index) {
+            if self.has_file(&index)? {
                 let path = self.file(&index)?;
                 let shards = shard_names(&path)?;
                 return shards
@@ -324,7 +323,24 @@ fn shard_names(index_path: &Path) -> Result<Vec<String>> {
     if set.is_empty() {
         bail!("{} lists no shards", index_path.display());
     }
+    for name in &set {
+        check_shard_name(name)
+            .with_context(|| format!("invalid shard index {}", index_path.display()))?;
+    }
     Ok(set.into_iter().collect())
+}
+
+/// A shard must be a file of the component's own directory: a name like `../../etc/passwd`
+/// or an absolute path in a (downloaded) index must not reach files outside the model.
+pub fn check_shard_name(name: &str) -> Result<()> {
+    let plain = hub::check_rel_path(name).is_ok() && !name.contains('/');
+    if !plain || !name.ends_with(".safetensors") {
+        bail!(
+            "shard {name:?} is not a .safetensors file name in the component's directory \
+             (no directories, no '..', not absolute) — the index is damaged or hostile"
+        );
+    }
+    Ok(())
 }
 
 /// A `VarBuilder` over memory-mapped safetensors files (a component's single file or its
@@ -334,6 +350,9 @@ pub fn var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
+    for f in files {
+        check_weight_file(f.as_ref())?;
+    }
     // SAFETY: the weight files are memory-mapped read-only and not modified while mapped.
     unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.with_context(|| {
         let names: Vec<String> = files
@@ -390,17 +409,27 @@ fn looks_like_path(s: &str) -> bool {
         || s.contains('\\')
 }
 
-fn hub_error(id: &str, rel: &str, e: hf_hub::api::sync::ApiError) -> anyhow::Error {
-    let msg = e.to_string();
-    anyhow!(
+fn hub_error(id: &str, rel: &str, err: anyhow::Error) -> anyhow::Error {
+    let msg = format!("{err:#}");
+    let line = format!(
         "cannot fetch {rel} of {id} from the Hugging Face hub ({msg}); {}",
         hub_hint(id, &msg)
-    )
+    );
+    // A missing file keeps its cause: `has_file` tells "not there" from trouble by it.
+    if err.chain().any(|c| c.is::<hub::NotFound>()) {
+        err.context(line)
+    } else {
+        anyhow!(line)
+    }
 }
 
 /// What to do about a failed hub request, from its message.
 fn hub_hint(id: &str, msg: &str) -> String {
-    if msg.contains("401") || msg.contains("403") {
+    if msg.contains("incomplete") || msg.contains("corrupt") {
+        "nothing was kept in the cache; run again (or check HF_ENDPOINT)".into()
+    } else if msg.contains("invalid") {
+        "HF_ENDPOINT may not be a Hugging Face hub".into()
+    } else if msg.contains("401") || msg.contains("403") {
         // The 9B and 9B-KV repos are gated (spec-wave2 §6).
         format!(
             "the repo is gated or private: accept its licence on the model page \

@@ -38,7 +38,8 @@ const BUILD_VERSION: &str = concat!(
         flux2-klein generate -p \"a red fox in the snow\" -o fox.png\n  \
         flux2-klein generate -p \"make it night\" -r day.png -o night.png --seed 7\n  \
         flux2-klein generate --prompt-file prompts.txt -n 4 -o 'out/{index}-{seed}.png'\n  \
-        flux2-klein bench --size 512x512 --size 1024x1024 --runs 3\n\n\
+        flux2-klein bench --size 512x512 --size 1024x1024 --runs 3\n  \
+        flux2-klein info fox.png\n\n\
         Each image's path is the only thing written to stdout (with --json, one JSON record \
         per image); progress, warnings and errors go to stderr."
 )]
@@ -75,6 +76,17 @@ pub enum Command {
     /// Download every file the model needs into the Hugging Face cache (or check a local
     /// directory) and print where it is: a setup step for offline runs and CI jobs.
     Fetch(FetchArgs),
+    /// Print the settings recorded in an image flux2-klein wrote (PNG, JPEG or WebP).
+    Info(InfoArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InfoArgs {
+    /// The image (PNG, JPEG or WebP).
+    pub image: PathBuf,
+    /// Print the settings as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -99,6 +111,10 @@ pub struct CompareArgs {
     /// `within`, `differs` or `error`, its `message` says why.
     #[arg(long)]
     pub json: bool,
+    /// Also write an image of where they differ (.png, .jpg or .webp): each channel's
+    /// difference scaled so that the largest is white; black where they are the same.
+    #[arg(long, value_name = "PATH")]
+    pub diff_image: Option<std::path::PathBuf>,
 }
 
 /// Where the prompts come from: `--prompt` (one), `--prompt-file` (batch mode) or
@@ -119,11 +135,12 @@ pub struct PromptArgs {
     #[arg(long, value_name = "PATH", conflicts_with_all = ["prompt", "config_from_metadata"])]
     pub prompt_file: Option<PathBuf>,
 
-    /// Make an image again from a PNG flux2-klein wrote: its prompt, seed, size, steps,
-    /// guidance, negative prompt, references, init image, mask and strength come from the
-    /// PNG's metadata; any of those
-    /// options given here wins (e.g. a new --seed for a variation, or a new --prompt).
-    #[arg(long, value_name = "PNG")]
+    /// Make an image again from one flux2-klein wrote (PNG, JPEG or WebP): its prompt, seed,
+    /// size, steps, guidance, negative prompt, references, init image, mask, strength, model
+    /// and revision, dtype, VAE dtype and tiling come from its metadata (relative paths are
+    /// looked for next to the image first); any of those options given here wins (e.g. a new
+    /// --seed for a variation, or a new --prompt).
+    #[arg(long, value_name = "IMAGE")]
     pub config_from_metadata: Option<PathBuf>,
 }
 
@@ -131,18 +148,14 @@ pub struct PromptArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ModelSource {
     /// Hugging Face repo id or local directory in the diffusers layout
-    /// (model_index.json, text_encoder/, tokenizer/, transformer/, vae/).
-    #[arg(
-        short,
-        long,
-        value_name = "REPO_OR_DIR",
-        env = "FLUX2_KLEIN_MODEL",
-        default_value = DEFAULT_MODEL
-    )]
-    pub model: String,
+    /// (model_index.json, text_encoder/, tokenizer/, transformer/, vae/)
+    /// [default: black-forest-labs/FLUX.2-klein-4B; with --config-from-metadata, the
+    /// recorded model].
+    #[arg(short, long, value_name = "REPO_OR_DIR", env = "FLUX2_KLEIN_MODEL")]
+    pub model: Option<String>,
 
     /// Hub revision (branch, tag or commit) of the model repo.
-    #[arg(long, value_name = "REV")]
+    #[arg(long, value_name = "REV", value_parser = parse_revision)]
     pub revision: Option<String>,
 }
 
@@ -150,10 +163,15 @@ impl ModelSource {
     /// The model to resolve; an empty value (e.g. `FLUX2_KLEIN_MODEL=` in a CI config) means
     /// the default, as if unset.
     pub fn model_id(&self) -> &str {
-        match self.model.trim() {
-            "" => DEFAULT_MODEL,
-            m => m,
+        match self.model.as_deref().map(str::trim) {
+            None | Some("") => DEFAULT_MODEL,
+            Some(m) => m,
         }
+    }
+
+    /// Whether a model was asked for (`-m` or `FLUX2_KLEIN_MODEL`, not empty).
+    pub fn model_given(&self) -> bool {
+        self.model.as_deref().is_some_and(|m| !m.trim().is_empty())
     }
 
     /// The model's configs and files (a local directory, or the hub repo through its cache).
@@ -263,11 +281,16 @@ pub struct GenerateArgs {
     pub count: u32,
 
     /// Output image: .png (with the parameters as text chunks), .jpg/.jpeg or .webp
-    /// (lossless). `{seed}` is replaced by the seed and `{index}` by the image's number in
+    /// (lossless), the last two with the parameters as JSON in the EXIF UserComment. `{seed}` is replaced by the seed and `{index}` by the image's number in
     /// the run (1, 2, …, zero-padded); several images need one of them so that the names
     /// differ. [default: flux2-klein-{seed}.png, batches flux2-klein-{index}-{seed}.png]
     #[arg(short, long, value_name = "PATH")]
     pub output: Option<PathBuf>,
+
+    /// JPEG quality of .jpg/.jpeg outputs, 1-100.
+    #[arg(long, value_name = "N", default_value_t = flux2_klein::image_io::JPEG_QUALITY,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub jpeg_quality: u8,
 
     /// Keep every model loaded for the whole run: the first image of a batch comes sooner and
     /// no model is reloaded, at the memory of all of them together (~17 GiB for klein-4B in
@@ -452,6 +475,12 @@ pub(super) fn parse_side(s: &str) -> Result<u32, String> {
 }
 
 /// `-n/--count`: a habitual `-n "blurry"` (sd.cpp's and mold's negative prompt) gets a hint.
+fn parse_revision(s: &str) -> Result<String, String> {
+    flux2_klein::model_dir::check_revision(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string().trim_start_matches("--revision ").to_string())
+}
+
 fn parse_count(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {
         Ok(n) if n as usize > MAX_IMAGES_PER_RUN => Err(format!(

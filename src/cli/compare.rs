@@ -1,12 +1,14 @@
 //! `flux2-klein compare EXPECTED ACTUAL`: the golden-image check for CI jobs. One line (or
 //! one JSON record, whatever happens) on stdout; exit 0 when the images are the same or within
 //! tolerance, 1 (with an `error:` line) when they differ, 2 when they cannot be compared (a
-//! missing or unreadable file, not an image, another size), as `cmp` and `diff` do.
+//! missing or unreadable file, not an image, another size), as `cmp` and `diff` do. When
+//! either image has an alpha channel, alpha is compared too; `--diff-image PATH` writes where
+//! they differ, amplified.
 
 use std::fmt;
 
 use anyhow::Result;
-use flux2_klein::image_io::{compare_images, load_image, ImageDiff};
+use flux2_klein::image_io::{compare_pixels, diff_image, load_image, save_image, ImageDiff};
 
 use super::args::CompareArgs;
 use super::common::print_stdout;
@@ -28,7 +30,7 @@ fn trouble(err: &anyhow::Error) -> anyhow::Error {
 }
 
 pub fn run(args: &CompareArgs) -> Result<()> {
-    let d = match measure(args) {
+    let (d, alpha) = match measure(args) {
         Ok(d) => d,
         Err(e) => {
             let e = trouble(&e);
@@ -54,8 +56,11 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     let max_diff_ok = d.max <= args.max_diff;
     let psnr_ok = args.min_psnr.is_none_or(|min| d.psnr >= min);
     let summary = format!(
-        "max diff {} mean diff {:.4} PSNR {psnr} dB, {} pixels differ",
-        d.max, d.mean, d.differing_pixels
+        "max diff {} mean diff {:.4} PSNR {psnr} dB, {} pixels differ{}",
+        d.max,
+        d.mean,
+        d.differing_pixels,
+        if alpha { " (alpha compared)" } else { "" }
     );
     let failure = if !max_diff_ok {
         Some(format!(
@@ -93,6 +98,8 @@ pub fn run(args: &CompareArgs) -> Result<()> {
             "pass": failure.is_none(),
             "allowed_max_diff": args.max_diff,
             "min_psnr_db": args.min_psnr,
+            "alpha_compared": alpha,
+            "diff_image": args.diff_image.as_ref().map(|p| p.display().to_string()),
         })
         .to_string()
     } else {
@@ -105,9 +112,46 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     }
 }
 
-/// Both images decoded (within the decoder limits) and compared.
-fn measure(args: &CompareArgs) -> Result<ImageDiff> {
-    let expected = load_image(&args.expected)?.to_rgb8();
-    let actual = load_image(&args.actual)?.to_rgb8();
-    compare_images(&expected, &actual)
+/// Both images decoded (within the decoder limits) and compared, with their alpha when
+/// either has one (an image without alpha is opaque); the difference image written when
+/// asked. Returns the difference and whether alpha was compared.
+fn measure(args: &CompareArgs) -> Result<(ImageDiff, bool)> {
+    if let Some(path) = &args.diff_image {
+        // Before any decoding: a name that cannot be written is trouble, not a verdict.
+        flux2_klein::image_io::OutputFormat::from_path(path)?;
+        for input in [&args.expected, &args.actual] {
+            if std::fs::canonicalize(input).ok() == std::fs::canonicalize(path).ok()
+                && path.exists()
+            {
+                anyhow::bail!(
+                    "--diff-image {} would overwrite the input {} — choose another name",
+                    path.display(),
+                    input.display()
+                );
+            }
+        }
+    }
+    let expected = load_image(&args.expected)?;
+    let actual = load_image(&args.actual)?;
+    let alpha = expected.color().has_alpha() || actual.color().has_alpha();
+    let (a, b, channels) = if alpha {
+        (
+            expected.to_rgba8().into_raw(),
+            actual.to_rgba8().into_raw(),
+            4,
+        )
+    } else {
+        (
+            expected.to_rgb8().into_raw(),
+            actual.to_rgb8().into_raw(),
+            3,
+        )
+    };
+    let size = (expected.width(), expected.height());
+    let d = compare_pixels(size, &a, (actual.width(), actual.height()), &b, channels)?;
+    if let Some(path) = &args.diff_image {
+        let img = diff_image(size, &a, &b, channels)?;
+        save_image(path, &img, &[])?;
+    }
+    Ok((d, alpha))
 }

@@ -32,10 +32,14 @@ pub fn run(args: &FetchArgs, reporter: &mut Reporter) -> Result<()> {
         let files = dir
             .weights(component)
             .with_context(|| format!("the {component} weights of {}", dir.label()))?;
-        let bytes: u64 = files
-            .iter()
-            .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
-            .sum();
+        // Each file's header parsed and its tensors checked against its size: a truncated or
+        // foreign file fails here, not at the first generate.
+        let mut bytes = 0u64;
+        for file in &files {
+            flux2_klein::model_dir::check_weight_file(file)
+                .with_context(|| format!("the {component} weights of {}", dir.label()))?;
+            bytes += std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        }
         reporter.detail(&format!(
             "{component}: {} file(s), {}",
             files.len(),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use candle_core::Device;
-use flux2_klein::image_io::save_image;
+use flux2_klein::image_io::save_image_with_quality;
 use flux2_klein::pipeline::{uses_cfg, Generated, Pipeline, Request};
 
 use super::args::GenerateArgs;
@@ -21,9 +21,16 @@ use super::references::{Loaded, Origin};
 
 pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     // --- Cheap checks, before any weights are touched. ---
-    let jobs = match &args.prompt.config_from_metadata {
-        Some(png) => vec![job_from_metadata(png, args, reporter)?],
-        None => jobs::read(&args.prompt, reporter)?,
+    // With --config-from-metadata, the arguments with the recorded model settings filled in.
+    let applied: GenerateArgs;
+    let (jobs, args, recorded) = match &args.prompt.config_from_metadata {
+        Some(image) => {
+            let (job, with_recorded, recorded) =
+                super::remake::job_from_metadata(image, args, reporter)?;
+            applied = with_recorded;
+            (vec![job], &applied, Some(recorded))
+        }
+        None => (jobs::read(&args.prompt, reporter)?, args, None),
     };
     super::limits::check_jobs(&jobs, args)?;
     let first_seed = args.fixed_seed().unwrap_or_else(random_seed);
@@ -59,6 +66,9 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     let mut options = pipeline_options(&args.model, args.resident)?;
     // From here a SIGINT/SIGTERM stops the run between steps or images (exit 130/143).
     options.cancel = super::signals::install();
+    if let (Some(recorded), Some(image)) = (&recorded, &args.prompt.config_from_metadata) {
+        super::remake::warn_other_device(recorded, image, &options, reporter);
+    }
 
     // --- Model. ---
     let mut pipeline = load_pipeline(&args.model, &args.sampling, options, reporter)?;
@@ -86,7 +96,7 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             init: job_init(image.job, &jobs, &inits).map(|i| init_images.request(i)),
         })
         .collect();
-    let run = RunInfo::of(&pipeline, references, init_images);
+    let run = RunInfo::of(&pipeline, references, init_images, args.jpeg_quality);
     write_images(
         &mut pipeline,
         &requests,
@@ -117,9 +127,19 @@ fn write_images(
             let (path, request) = (&outputs[index], &requests[index]);
             let recorded = run.recorded(request, &generated);
             super::output::create_parent(path)?;
-            save_image(path, &generated.image, &recorded.to_text_chunks())?;
+            save_image_with_quality(
+                path,
+                &generated.image,
+                &recorded.to_text_chunks(),
+                run.jpeg_quality,
+            )?;
             let mut reporter = reporter.borrow_mut();
             reporter.finish();
+            // The encoder's warnings (settings too long for a JPEG's EXIF) come after the
+            // pipeline's last stage has drained its queue.
+            for w in flux2_klein::ops::take_warnings() {
+                reporter.warn(&w);
+            }
             summarize(&generated, &device, &reporter);
             let line = if json {
                 result_json(run, request, &recorded, &generated, path, index).to_string()
@@ -226,109 +246,6 @@ fn report_settings(
     }
 }
 
-/// `--config-from-metadata PNG`: the job recorded in the PNG, where an option given on the
-/// command line wins over the recorded value. Warns when this run cannot give the same image:
-/// another model, or a reference file missing or changed since (its recorded SHA-256).
-fn job_from_metadata(
-    png: &Path,
-    args: &GenerateArgs,
-    reporter: &mut Reporter,
-) -> Result<PromptJob> {
-    let recorded = Recorded::read(png)?;
-    let mut job = PromptJob::from_recorded(&recorded);
-    if let Some(prompt) = &args.prompt.prompt {
-        job.prompt = prompt.clone();
-    }
-    if args.seed.is_some() {
-        job.seed = None;
-    }
-    // New references set the size (from the first one) unless -W/-H do.
-    if args.width.is_some() || !args.refs.is_empty() {
-        job.width = None;
-    }
-    if args.height.is_some() || !args.refs.is_empty() {
-        job.height = None;
-    }
-    if args.sampling.steps.is_some() {
-        job.steps = None;
-    }
-    if args.sampling.guidance.is_some() {
-        job.guidance = None;
-    }
-    if args.negative_prompt.is_some() {
-        job.negative_prompt = None;
-    }
-    if !args.refs.is_empty() {
-        job.refs = None;
-    }
-    let a = &args.inpaint;
-    if a.init_image.is_some() {
-        job.init_image = None;
-        job.width = None;
-        job.height = None;
-    }
-    if a.mask.is_some() {
-        job.mask = None;
-    }
-    if a.strength.is_some() {
-        job.strength = None;
-    }
-    if a.padding_mask_crop.is_some() {
-        job.padding_mask_crop = None;
-    }
-
-    let model = args.model.source.model_id();
-    if let Some(made_with) = recorded.model.as_deref().filter(|m| *m != model) {
-        reporter.warn(&format!(
-            "{} was made with the model {made_with}; this run uses {model} (pass -m \
-             {made_with} to make the same image)",
-            png.display()
-        ));
-    }
-    let recorded_inputs = [
-        (
-            a.init_image.is_none(),
-            "init image",
-            &recorded.init_image,
-            &recorded.init_image_sha256,
-        ),
-        (
-            a.mask.is_none(),
-            "mask",
-            &recorded.mask,
-            &recorded.mask_sha256,
-        ),
-    ];
-    for (used, what, name, hash) in recorded_inputs {
-        let (Some(name), Some(hash), true) = (name, hash, used) else {
-            continue;
-        };
-        let state = match flux2_klein::image_io::sha256_file(name) {
-            Ok(now) if now == *hash => continue,
-            Ok(_) => "has changed (another SHA-256) since",
-            Err(_) => "is missing, recorded in",
-        };
-        reporter.warn(&format!(
-            "the {what} {name} {state} {}, so the image will differ",
-            png.display()
-        ));
-    }
-    if args.refs.is_empty() {
-        for (name, hash) in recorded.references.iter().zip(&recorded.references_sha256) {
-            let state = match flux2_klein::image_io::sha256_file(name) {
-                Ok(now) if now == *hash => continue,
-                Ok(_) => "has changed (another SHA-256) since",
-                Err(_) => "is missing, recorded in",
-            };
-            reporter.warn(&format!(
-                "the reference {name} {state} {}, so the image will differ",
-                png.display()
-            ));
-        }
-    }
-    Ok(job)
-}
-
 /// Seeds a user can type back: 0 ..= u32::MAX (any u64 is accepted by `--seed`).
 fn random_seed() -> u64 {
     rand::random::<u32>() as u64
@@ -353,12 +270,15 @@ struct RunInfo {
     dtype: &'static str,
     /// Only when given (`--vae-dtype`).
     vae_dtype: Option<&'static str>,
+    /// Only when given (`--vae-tile`).
+    vae_tile: Option<u32>,
+    jpeg_quality: u8,
     references: Loaded,
     inits: InitImages,
 }
 
 impl RunInfo {
-    fn of(pipeline: &Pipeline, references: Loaded, inits: InitImages) -> Self {
+    fn of(pipeline: &Pipeline, references: Loaded, inits: InitImages, jpeg_quality: u8) -> Self {
         let o = &pipeline.options;
         Self {
             distilled: pipeline.is_distilled(),
@@ -367,6 +287,8 @@ impl RunInfo {
             device: device_name(&o.device),
             dtype: dtype_name(o.dtype),
             vae_dtype: o.vae_dtype.map(dtype_name),
+            vae_tile: o.vae_tile.map(|t| t as u32),
+            jpeg_quality,
             references,
             inits,
         }
@@ -403,6 +325,7 @@ impl RunInfo {
             device: Some(self.device.clone()),
             dtype: Some(self.dtype.to_string()),
             vae_dtype: self.vae_dtype.map(str::to_string),
+            vae_tile: self.vae_tile,
             software: Some(format!("flux2-klein {}", env!("CARGO_PKG_VERSION"))),
         }
     }

@@ -1,11 +1,11 @@
-//! The settings flux2-klein records in its PNGs (one text chunk per key), written by
-//! `generate` and read back by `--config-from-metadata`: one schema, [`Recorded`], for both.
+//! The settings flux2-klein records in its images (PNG: one text chunk per key; JPEG and WebP:
+//! the same keys as JSON in the EXIF `UserComment`, `image_io::read_metadata`), written by
+//! `generate` and read back by `--config-from-metadata` and `info`: one schema, [`Recorded`].
 //!
 //! The keys and the value formats are a file format (images made by earlier versions must
 //! read back): integers and floats in Rust's `Display` form, the size as `WxH`, lists one item
 //! per line. A key whose field is `None` (or an empty list) is not written.
 
-use std::io::Read;
 use std::path::Path;
 
 use anyhow::{bail, Result};
@@ -38,6 +38,8 @@ pub const DEVICE: &str = "device";
 pub const DTYPE: &str = "dtype";
 /// Only when `--vae-dtype` was given.
 pub const VAE_DTYPE: &str = "vae_dtype";
+/// Only when `--vae-tile` was given: the tile size in latent pixels.
+pub const VAE_TILE: &str = "vae_tile";
 /// `flux2-klein VERSION`.
 pub const SOFTWARE: &str = "software";
 
@@ -65,6 +67,7 @@ pub struct Recorded {
     pub device: Option<String>,
     pub dtype: Option<String>,
     pub vae_dtype: Option<String>,
+    pub vae_tile: Option<u32>,
     pub software: Option<String>,
 }
 
@@ -100,6 +103,7 @@ impl Recorded {
         put(DEVICE, self.device.clone());
         put(DTYPE, self.dtype.clone());
         put(VAE_DTYPE, self.vae_dtype.clone());
+        put(VAE_TILE, self.vae_tile.map(|t| t.to_string()));
         put(SOFTWARE, self.software.clone());
         chunks
     }
@@ -125,8 +129,8 @@ impl Recorded {
         let lines =
             |key: &str| get(key).map_or(vec![], |v| v.lines().map(str::to_string).collect());
         let prompt = get(PROMPT).ok_or(
-            "the PNG has no prompt in its metadata — only images written by flux2-klein (as \
-             PNG) can be made again this way",
+            "the image has no prompt in its metadata — only images written by flux2-klein can \
+             be made again this way",
         )?;
         let seed = get(SEED)
             .map(|v| {
@@ -162,40 +166,68 @@ impl Recorded {
             device: owned(DEVICE),
             dtype: owned(DTYPE),
             vae_dtype: owned(VAE_DTYPE),
+            vae_tile: get(VAE_TILE)
+                .map(|v| match v.parse::<u32>() {
+                    Ok(t) if t >= 1 => Ok(t),
+                    _ => Err(format!("its vae_tile {v:?} is not a tile size")),
+                })
+                .transpose()?,
             software: owned(SOFTWARE),
         })
     }
 
-    /// The settings recorded in the image file `png` (for `--config-from-metadata`).
-    pub fn read(png: &Path) -> Result<Self> {
-        // Before the signature check opens it: a FIFO would block the open.
-        flux2_klein::limits::check_regular_file(
-            png,
-            flux2_klein::limits::MAX_IMAGE_FILE_BYTES,
-            "--config-from-metadata",
-        )?;
-        if !is_png(png) {
-            bail!(
-                "--config-from-metadata {}: not a PNG file — only flux2-klein's PNG outputs \
-                 record their settings (its JPEG and WebP outputs carry none)",
-                png.display()
-            );
-        }
-        let chunks = flux2_klein::image_io::read_png_text(png)?;
+    /// The settings recorded in the image file `path` (PNG, JPEG or WebP; for
+    /// `--config-from-metadata`), read without decoding its pixels.
+    pub fn read(path: &Path) -> Result<Self> {
+        let chunks = read_settings(path, "--config-from-metadata")?;
         Self::from_text_chunks(&chunks)
-            .map_err(|e| anyhow::anyhow!("--config-from-metadata {}: {e}", png.display()))
+            .map_err(|e| anyhow::anyhow!("--config-from-metadata {}: {e}", path.display()))
     }
 }
 
-/// Whether the file starts with the PNG signature; `true` when it cannot be opened (the PNG
-/// reader then names the problem).
-fn is_png(path: &Path) -> bool {
-    let mut head = [0u8; 8];
-    match std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)) {
-        Ok(()) => head == *b"\x89PNG\r\n\x1a\n",
-        // Shorter than a signature: not a PNG.
-        Err(e) => e.kind() != std::io::ErrorKind::UnexpectedEof,
+/// The raw `(key, value)` settings of a PNG, JPEG or WebP file; `what` (the option or
+/// subcommand) names it in errors.
+pub fn read_settings(path: &Path, what: &str) -> Result<Vec<(String, String)>> {
+    let bytes = flux2_klein::limits::read_regular_file(
+        path,
+        flux2_klein::limits::MAX_IMAGE_FILE_BYTES,
+        what,
+    )?;
+    if flux2_klein::image_io::container_of(&bytes).is_none() {
+        bail!(
+            "{what} {}: not a PNG, JPEG or WebP file — only flux2-klein's image outputs record \
+             their settings",
+            path.display()
+        );
     }
+    flux2_klein::image_io::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{what} {}: {e}", path.display()))
+}
+
+/// Where a path recorded in `image`'s metadata is now: paths were recorded as given (relative
+/// to the directory the run started in), so a relative one is looked for next to the image
+/// first, then as given; the candidate whose SHA-256 matches the recorded one wins, else the
+/// first that exists, else the one next to the image (whose error then names it).
+pub fn resolve_recorded_path(image: &Path, name: &str, sha256: Option<&str>) -> String {
+    let as_given = Path::new(name);
+    if as_given.is_absolute() {
+        return name.to_string();
+    }
+    let dir = image.parent().filter(|d| !d.as_os_str().is_empty());
+    let beside = dir.map_or_else(|| as_given.to_path_buf(), |d| d.join(as_given));
+    let candidates = [beside.clone(), as_given.to_path_buf()];
+    let matches = |p: &Path| {
+        sha256.is_some_and(|want| {
+            p.is_file() && flux2_klein::image_io::sha256_file(p).is_ok_and(|h| h == want)
+        })
+    };
+    candidates
+        .iter()
+        .find(|p| matches(p))
+        .or_else(|| candidates.iter().find(|p| p.is_file()))
+        .unwrap_or(&beside)
+        .display()
+        .to_string()
 }
 
 #[cfg(test)]
@@ -223,6 +255,7 @@ mod tests {
             device: Some("cuda:0".into()),
             dtype: Some("bf16".into()),
             vae_dtype: Some("f32".into()),
+            vae_tile: Some(32),
             software: Some("flux2-klein 0.1.0".into()),
         }
     }
@@ -270,6 +303,7 @@ mod tests {
                 ("device", "cuda:0"),
                 ("dtype", "bf16"),
                 ("vae_dtype", "f32"),
+                ("vae_tile", "32"),
                 ("software", "flux2-klein 0.1.0"),
             ]
         );

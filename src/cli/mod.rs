@@ -18,6 +18,7 @@ mod compare;
 mod device;
 mod fetch;
 mod generate;
+mod info;
 mod init_images;
 mod jobs;
 mod limits;
@@ -25,6 +26,7 @@ mod metadata;
 mod output;
 mod progress;
 mod references;
+mod remake;
 mod signals;
 
 use anyhow::Result;
@@ -84,6 +86,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a, &mut reporter),
         Command::Compare(a) => compare::run(a),
         Command::Fetch(a) => fetch::run(a, &mut reporter),
+        Command::Info(a) => info::run(a),
     };
     // Clear any live display before main prints the error line.
     reporter.finish();

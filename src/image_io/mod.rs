@@ -18,7 +18,16 @@
 //! RGB, L and 16-bit RGB sources both orders give the same bytes.
 
 mod atomic;
+mod compare;
 mod lanczos;
+mod metadata;
+
+pub use compare::{compare_images, compare_pixels, diff_image, ImageDiff};
+
+pub use metadata::{
+    container_of, exif_with_settings, jpeg_exif, png_text_chunks, read_metadata, settings_of_exif,
+    webp_exif, Container, MAX_JPEG_EXIF_BYTES,
+};
 
 pub use atomic::{create_temp_file, remove_stale_temp_files, temp_path_for};
 pub use lanczos::resize_lanczos_u8;
@@ -357,9 +366,9 @@ pub fn rgb_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
 pub enum OutputFormat {
     /// Lossless, with the metadata as text chunks.
     Png,
-    /// Quality [`JPEG_QUALITY`], no metadata.
+    /// Quality [`JPEG_QUALITY`] by default, the metadata in the EXIF `UserComment`.
     Jpeg,
-    /// Lossless WebP (the only WebP encoder in `image` 0.25), no metadata.
+    /// Lossless WebP (the only WebP encoder in `image` 0.25), the metadata as for JPEG.
     WebP,
 }
 
@@ -386,43 +395,73 @@ impl OutputFormat {
             ),
         }
     }
-
-    /// Whether [`save_image`] writes the metadata into files of this format (PNG only).
-    pub fn carries_metadata(self) -> bool {
-        self == Self::Png
-    }
 }
 
 /// Writes `img` to `path`, format from the extension ([`OutputFormat::from_path`]): PNG (with
-/// `metadata` as tEXt chunks, iTXt for text that is not Latin-1), JPEG (quality 95) or WebP
-/// (lossless). JPEG and WebP carry no metadata. The file is encoded in memory, written to
-/// [`temp_path_for`] `path` and renamed, so a failure never leaves a partial file behind.
+/// `metadata` as tEXt chunks, iTXt for text that is not Latin-1), JPEG (quality
+/// [`JPEG_QUALITY`]) or WebP (lossless), the last two with `metadata` as JSON in the EXIF
+/// `UserComment`. The file is encoded in memory, written to [`temp_path_for`] `path` and
+/// renamed, so a failure never leaves a partial file behind.
 pub fn save_image(
     path: impl AsRef<Path>,
     img: &RgbImage,
     metadata: &[(String, String)],
 ) -> Result<()> {
+    save_image_with_quality(path, img, metadata, JPEG_QUALITY)
+}
+
+/// [`save_image`] with the JPEG quality (1–100) given; PNG and WebP are lossless.
+pub fn save_image_with_quality(
+    path: impl AsRef<Path>,
+    img: &RgbImage,
+    metadata: &[(String, String)],
+    jpeg_quality: u8,
+) -> Result<()> {
+    use image::ImageEncoder;
     let path = path.as_ref();
+    if !(1..=100).contains(&jpeg_quality) {
+        bail!("JPEG quality {jpeg_quality} is outside 1-100");
+    }
+    let exif = (!metadata.is_empty()).then(|| exif_with_settings(metadata));
     let bytes = match OutputFormat::from_path(path)? {
         OutputFormat::Png => encode_png(img, metadata),
         OutputFormat::Jpeg => {
             let mut buf = Vec::new();
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, JPEG_QUALITY)
-                .encode_image(img)
-                .map(|_| buf)
-                .map_err(anyhow::Error::from)
+            let mut enc =
+                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, jpeg_quality);
+            match exif {
+                Some(exif) if exif.len() > MAX_JPEG_EXIF_BYTES => crate::ops::warn(format!(
+                    "{}: the settings ({} KiB) do not fit a JPEG's EXIF segment (64 KiB) and are \
+                     not recorded — write a PNG to keep them",
+                    path.display(),
+                    exif.len() >> 10
+                )),
+                Some(exif) => enc.set_exif_metadata(exif)?,
+                None => {}
+            }
+            enc.write_image(
+                img.as_raw(),
+                img.width(),
+                img.height(),
+                image::ExtendedColorType::Rgb8,
+            )
+            .map(|_| buf)
+            .map_err(anyhow::Error::from)
         }
         OutputFormat::WebP => {
             let mut buf = Vec::new();
-            image::codecs::webp::WebPEncoder::new_lossless(&mut buf)
-                .encode(
-                    img.as_raw(),
-                    img.width(),
-                    img.height(),
-                    image::ExtendedColorType::Rgb8,
-                )
-                .map(|_| buf)
-                .map_err(anyhow::Error::from)
+            let mut enc = image::codecs::webp::WebPEncoder::new_lossless(&mut buf);
+            if let Some(exif) = exif {
+                enc.set_exif_metadata(exif)?;
+            }
+            enc.write_image(
+                img.as_raw(),
+                img.width(),
+                img.height(),
+                image::ExtendedColorType::Rgb8,
+            )
+            .map(|_| buf)
+            .map_err(anyhow::Error::from)
         }
     }
     .with_context(|| format!("encoding {}", path.display()))?;
@@ -453,41 +492,21 @@ fn encode_png(img: &RgbImage, metadata: &[(String, String)]) -> Result<Vec<u8>> 
     Ok(buf)
 }
 
-/// The text chunks of a PNG file as `(keyword, text)`: tEXt, then zTXt, then iTXt chunks, each
-/// group in file order.
+/// The text chunks of a PNG file as `(keyword, text)` in file order (also those after the
+/// image data), read without decoding the pixels; inflated text is capped
+/// ([`crate::limits::MAX_METADATA_TEXT_BYTES`]).
 pub fn read_png_text(path: impl AsRef<Path>) -> Result<Vec<(String, String)>> {
     let path = path.as_ref();
     let bytes = crate::limits::read_regular_file(path, MAX_IMAGE_FILE_BYTES, "PNG file")?;
-    let mut reader = png::Decoder::new(Cursor::new(bytes))
-        .read_info()
-        .with_context(|| format!("cannot read PNG {}", path.display()))?;
-    // Text chunks after the pixels are read only by decoding them: sizes are checked first.
-    let (width, height) = (reader.info().width, reader.info().height);
-    let size = reader.output_buffer_size().unwrap_or(usize::MAX);
-    crate::limits::check_decode_size(width, height, size as u64)
-        .with_context(|| format!("PNG {}", path.display()))?;
-    let mut buf = vec![0; size];
-    reader
-        .next_frame(&mut buf)
-        .with_context(|| format!("cannot read PNG {}", path.display()))?;
-    let info = reader.info();
-    let mut out = Vec::new();
-    for c in &info.uncompressed_latin1_text {
-        out.push((c.keyword.clone(), c.text.clone()));
-    }
-    for c in &info.compressed_latin1_text {
-        let text = c
-            .get_text()
-            .with_context(|| format!("zTXt {:?} in {}", c.keyword, path.display()))?;
-        out.push((c.keyword.clone(), text));
-    }
-    for c in &info.utf8_text {
-        let text = c
-            .get_text()
-            .with_context(|| format!("iTXt {:?} in {}", c.keyword, path.display()))?;
-        out.push((c.keyword.clone(), text));
-    }
-    Ok(out)
+    png_text_chunks(&bytes).with_context(|| format!("cannot read PNG {}", path.display()))
+}
+
+/// The settings recorded in a PNG, JPEG or WebP file ([`read_metadata`]), read from the
+/// regular file at `path` (size-capped); `what` names the file in errors.
+pub fn read_image_metadata(path: impl AsRef<Path>, what: &str) -> Result<Vec<(String, String)>> {
+    let path = path.as_ref();
+    let bytes = crate::limits::read_regular_file(path, MAX_IMAGE_FILE_BYTES, what)?;
+    read_metadata(&bytes).with_context(|| format!("{what} {}", path.display()))
 }
 
 /// Lower-case hex SHA-256 of a regular file's bytes (the CLI checks recorded inputs with it);
@@ -513,56 +532,4 @@ pub fn sha256_file(path: impl AsRef<Path>) -> Result<String> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect())
-}
-
-/// How far apart two images of the same size are, per 8-bit channel value.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ImageDiff {
-    /// Largest absolute difference of one channel value (0–255).
-    pub max: u8,
-    /// Mean absolute difference over all channel values.
-    pub mean: f64,
-    /// Peak signal-to-noise ratio in dB (peak 255); infinite for identical images.
-    pub psnr: f64,
-    /// Pixels with any channel different.
-    pub differing_pixels: usize,
-}
-
-/// Compares two RGB images of the same size (what golden-image checks need).
-pub fn compare_images(a: &RgbImage, b: &RgbImage) -> Result<ImageDiff> {
-    if a.dimensions() != b.dimensions() {
-        bail!(
-            "the images differ in size: {}x{} vs {}x{}",
-            a.width(),
-            a.height(),
-            b.width(),
-            b.height()
-        );
-    }
-    let (mut max, mut sum, mut sq) = (0u8, 0u64, 0u64);
-    let mut differing_pixels = 0;
-    for (pa, pb) in a.pixels().zip(b.pixels()) {
-        let mut pixel_differs = false;
-        for (x, y) in pa.0.iter().zip(pb.0.iter()) {
-            let d = x.abs_diff(*y);
-            max = max.max(d);
-            sum += d as u64;
-            sq += (d as u64) * (d as u64);
-            pixel_differs |= d != 0;
-        }
-        differing_pixels += pixel_differs as usize;
-    }
-    let n = (a.as_raw().len()).max(1) as f64;
-    let mse = sq as f64 / n;
-    let psnr = if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64 * 255.0 / mse).log10()
-    };
-    Ok(ImageDiff {
-        max,
-        mean: sum as f64 / n,
-        psnr,
-        differing_pixels,
-    })
 }
