@@ -70,6 +70,11 @@ fn model_files(overrides: &[(&str, Vec<u8>)]) -> HashMap<String, Vec<u8>> {
     .map(|f| (f.to_string(), b"{}".to_vec()))
     .collect();
     files.insert("tokenizer/tokenizer.json".into(), b"{}".to_vec());
+    // The one key `fetch` checks in model_index.json: which pipeline the checkpoint is.
+    files.insert(
+        "model_index.json".into(),
+        br#"{"_class_name": "Flux2KleinPipeline"}"#.to_vec(),
+    );
     for c in [
         "text_encoder/model",
         "transformer/diffusion_pytorch_model",

@@ -277,7 +277,10 @@ fn shard_indices_through_fetch() {
         v
     };
     for (name, bytes) in [
-        ("model_index.json", b"{}".to_vec()),
+        (
+            "model_index.json",
+            br#"{"_class_name": "Flux2KleinPipeline"}"#.to_vec(),
+        ),
         ("scheduler/scheduler_config.json", b"{}".to_vec()),
         ("text_encoder/config.json", b"{}".to_vec()),
         ("transformer/config.json", b"{}".to_vec()),
