@@ -48,6 +48,7 @@ pub mod scheduler;
 pub mod text_encoder;
 pub mod transformer;
 pub mod vae;
+pub mod weights;
 
 // Our CUDA kernels; only `ops` (and the CUDA tests) call them.
 #[cfg(feature = "cuda")]

@@ -24,7 +24,7 @@ pub mod stages;
 
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
 pub use batch::BATCH_CHUNK;
@@ -37,6 +37,8 @@ use crate::scheduler::SchedulerConfig;
 use crate::text_encoder::{self, PromptTokenizer, Qwen3Config, Qwen3TextEncoder};
 use crate::transformer::{Flux2Transformer, Flux2TransformerConfig};
 use crate::vae::{AutoencoderKLFlux2, AutoencoderKLFlux2Config, VaeParts};
+use crate::weights::quantize::{self, QuantizeFp8};
+use crate::weights::{Quantization, TransformerFile};
 
 /// Token length of every prompt (diffusers' `max_sequence_length`).
 pub const MAX_SEQUENCE_LENGTH: usize = 512;
@@ -65,6 +67,13 @@ pub struct PipelineOptions {
     /// The largest output area in pixels ([`crate::limits::DEFAULT_MAX_AREA`] by default, at
     /// most [`crate::limits::MAX_AREA_CEILING`]).
     pub max_area: u64,
+    /// A single-file transformer checkpoint that replaces the model's transformer weights
+    /// (BFL or diffusers names, bf16/f32 or fp8; [`crate::weights::single_file`]); the
+    /// architecture still comes from the model's `transformer/config.json`.
+    pub transformer_file: Option<std::path::PathBuf>,
+    /// Quantise the transformer's block linears and the text encoder's linears at load
+    /// ([`crate::weights::quantize`]).
+    pub quantize: Option<Quantization>,
 }
 
 impl PipelineOptions {
@@ -85,6 +94,8 @@ impl PipelineOptions {
             kernels: KernelOptions::default(),
             profile: false,
             max_area: crate::limits::DEFAULT_MAX_AREA,
+            transformer_file: None,
+            quantize: None,
         }
     }
 
@@ -315,6 +326,8 @@ pub struct Pipeline {
     pub options: PipelineOptions,
     scheduler_config: SchedulerConfig,
     transformer_config: Flux2TransformerConfig,
+    /// [`PipelineOptions::transformer_file`], opened and checked against the config.
+    transformer_file: Option<TransformerFile>,
     tokenizer: PromptTokenizer,
     text_encoder: Option<Qwen3TextEncoder>,
     transformer: Option<Flux2Transformer>,
@@ -339,18 +352,31 @@ impl Pipeline {
         let vae_config: AutoencoderKLFlux2Config = model.config("vae")?;
         check_configs(&transformer_config, &text_config, &vae_config, &options)?;
         let tokenizer = PromptTokenizer::from_file(&model.tokenizer()?, MAX_SEQUENCE_LENGTH)?;
+        // A replacement transformer file must fit the config before anything loads.
+        let mut file_warnings = Vec::new();
+        let transformer_file = match &options.transformer_file {
+            Some(path) => {
+                let file = TransformerFile::open(path)?;
+                file_warnings.extend(file.warnings().iter().cloned());
+                file_warnings.extend(file.check(&transformer_config)?);
+                Some(file)
+            }
+            None => None,
+        };
         options.kernels.install();
         crate::profile::set_enabled(options.profile);
-        let pending_warnings = crate::ops::prepare_device(
+        let mut pending_warnings = crate::ops::prepare_device(
             &options.device,
             transformer_config.attention_head_dim,
             options.dtype,
         );
+        pending_warnings.extend(file_warnings);
         Ok(Self {
             model,
             options,
             scheduler_config,
             transformer_config,
+            transformer_file,
             tokenizer,
             text_encoder: None,
             transformer: None,
@@ -423,13 +449,49 @@ impl Pipeline {
                 cfg.num_hidden_layers
             );
         }
-        let vb = self.var_builder("text_encoder", self.options.dtype)?;
+        let vb = match self.options.quantize {
+            None => self.var_builder("text_encoder", self.options.dtype)?,
+            Some(Quantization::Fp8) => {
+                let files = self.model.weights("text_encoder")?;
+                // SAFETY: the weight files are memory-mapped read-only and not modified.
+                let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
+                let backend = QuantizeFp8::new(st, quantize::is_text_encoder_linear);
+                candle_nn::VarBuilder::from_backend(
+                    Box::new(backend),
+                    self.options.dtype,
+                    self.options.device.clone(),
+                )
+            }
+        };
         Qwen3TextEncoder::load(vb, &cfg, deepest)
     }
 
     fn load_transformer(&self) -> Result<Flux2Transformer> {
-        let vb = self.var_builder("transformer", self.options.dtype)?;
+        let (dtype, device) = (self.options.dtype, &self.options.device);
+        let vb = match (&self.transformer_file, self.options.quantize) {
+            (None, None) => self.var_builder("transformer", dtype)?,
+            (Some(file), None) => file.var_builder(dtype, device),
+            (Some(file), Some(Quantization::Fp8)) => {
+                let skip = file.clone();
+                let backend =
+                    QuantizeFp8::new(file.backend(), quantize::is_transformer_block_linear)
+                        .skipping(move |name| skip.is_fp8(name));
+                candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+            }
+            (None, Some(Quantization::Fp8)) => {
+                let files = self.model.weights("transformer")?;
+                // SAFETY: the weight files are memory-mapped read-only and not modified.
+                let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
+                let backend = QuantizeFp8::new(st, quantize::is_transformer_block_linear);
+                candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+            }
+        };
+        let what = match &self.transformer_file {
+            Some(file) => format!("the transformer file {}", file.path().display()),
+            None => format!("the transformer weights of {}", self.model.id),
+        };
         Flux2Transformer::load(vb, &self.transformer_config)
+            .with_context(|| format!("loading {what}"))
     }
 
     fn load_vae(&self, parts: VaeParts) -> Result<AutoencoderKLFlux2> {
