@@ -4,12 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Device;
 use flux2_klein::image_io::save_image;
 use flux2_klein::pipeline::{uses_cfg, Generated, Pipeline, Request};
 
-use super::args::GenerateArgs;
+use super::args::{GenerateArgs, ModelArgs, QuantizeArg};
 use super::common::{floor_side, floored, load_pipeline, print_stdout, warn_many_refs};
 use super::device::{device_name, dtype_name, pipeline_options};
 use super::init_images::{job_init, InitImages, InitPaths};
@@ -56,10 +56,15 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     let height = args
         .height
         .map(|h| floored("--height", h, floor_side, reporter));
-    let options = pipeline_options(&args.model, args.resident)?;
+    // --config-from-metadata: the recorded transformer file and quantisation, unless given.
+    let mut model_args = args.model.clone();
+    if let Some(png) = &args.prompt.config_from_metadata {
+        recorded_weights(png, &mut model_args, reporter)?;
+    }
+    let options = pipeline_options(&model_args, args.resident)?;
 
     // --- Model. ---
-    let mut pipeline = load_pipeline(&args.model, &args.sampling, options, reporter)?;
+    let mut pipeline = load_pipeline(&model_args, &args.sampling, options, reporter)?;
     if args.seed.is_none() && jobs.iter().any(|j| j.seed.is_none()) {
         reporter.info(&format!("seed {first_seed}"));
     }
@@ -84,7 +89,12 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             init: job_init(image.job, &jobs, &inits).map(|i| init_images.request(i)),
         })
         .collect();
-    let run = RunInfo::of(&pipeline, references, init_images);
+    let run = RunInfo::of(
+        &pipeline,
+        model_args.transformer.as_deref(),
+        references,
+        init_images,
+    )?;
     write_images(
         &mut pipeline,
         &requests,
@@ -327,6 +337,38 @@ fn job_from_metadata(
     Ok(job)
 }
 
+/// The transformer file and quantisation recorded in `png`, put into `model` where the
+/// command line gave none. A recorded file that is missing or changed (its SHA-256) is
+/// warned about; a missing one is not used.
+fn recorded_weights(png: &Path, model: &mut ModelArgs, reporter: &mut Reporter) -> Result<()> {
+    let recorded = Recorded::read(png)?;
+    if model.quantize.is_none() && recorded.quantize.as_deref() == Some("fp8") {
+        model.quantize = Some(QuantizeArg::Fp8);
+    }
+    let (None, Some(name)) = (&model.transformer, recorded.transformer) else {
+        return Ok(());
+    };
+    match flux2_klein::weights::resolve::transformer_file(&name) {
+        Ok(path) => {
+            let changed = recorded.transformer_sha256.as_ref().is_some_and(|hash| {
+                flux2_klein::image_io::sha256_file(&path).is_ok_and(|now| now != *hash)
+            });
+            if changed {
+                reporter.warn(&format!(
+                    "the transformer file {name} has changed (another SHA-256) since {}, so                      the image will differ",
+                    png.display()
+                ));
+            }
+            model.transformer = Some(name);
+        }
+        Err(_) => reporter.warn(&format!(
+            "the transformer file {name} is missing, recorded in {}; using the model's own              transformer, so the image will differ",
+            png.display()
+        )),
+    }
+    Ok(())
+}
+
 /// Seeds a user can type back: 0 ..= u32::MAX (any u64 is accepted by `--seed`).
 fn random_seed() -> u64 {
     rand::random::<u32>() as u64
@@ -351,23 +393,41 @@ struct RunInfo {
     dtype: &'static str,
     /// Only when given (`--vae-dtype`).
     vae_dtype: Option<&'static str>,
+    /// `--transformer` as given and its file's SHA-256.
+    transformer: Option<(String, String)>,
+    quantize: Option<&'static str>,
     references: Loaded,
     inits: InitImages,
 }
 
 impl RunInfo {
-    fn of(pipeline: &Pipeline, references: Loaded, inits: InitImages) -> Self {
+    fn of(
+        pipeline: &Pipeline,
+        transformer: Option<&str>,
+        references: Loaded,
+        inits: InitImages,
+    ) -> Result<Self> {
         let o = &pipeline.options;
-        Self {
+        let transformer = match (transformer, &o.transformer_file) {
+            (Some(name), Some(path)) => Some((
+                name.to_string(),
+                flux2_klein::image_io::sha256_file(path)
+                    .with_context(|| format!("hashing {}", path.display()))?,
+            )),
+            _ => None,
+        };
+        Ok(Self {
             distilled: pipeline.is_distilled(),
             model: pipeline.model.id.clone(),
             revision: pipeline.model.revision.clone(),
             device: device_name(&o.device),
             dtype: dtype_name(o.dtype),
             vae_dtype: o.vae_dtype.map(dtype_name),
+            transformer,
+            quantize: o.quantize.map(|q| q.name()),
             references,
             inits,
-        }
+        })
     }
 
     /// The settings that reproduce the image (the PNG's metadata, the `--json` record).
@@ -398,6 +458,9 @@ impl RunInfo {
             mask_sha256: mask.map(|m| self.inits.sha256[&m.name].clone()),
             strength: init.map(|i| i.strength),
             padding_mask_crop: init.and_then(|i| i.padding_mask_crop),
+            transformer: self.transformer.as_ref().map(|(name, _)| name.clone()),
+            transformer_sha256: self.transformer.as_ref().map(|(_, hash)| hash.clone()),
+            quantize: self.quantize.map(str::to_string),
             device: Some(self.device.clone()),
             dtype: Some(self.dtype.to_string()),
             vae_dtype: self.vae_dtype.map(str::to_string),

@@ -40,6 +40,12 @@ use super::fp8::{self, Fp8Format};
 use crate::transformer::bfl::{bfl_source, BflSource};
 use crate::transformer::{Flux2Transformer, Flux2TransformerConfig};
 
+/// A `candle_core::Error` of one message (no backtrace: it becomes one line for the user).
+macro_rules! msg {
+    ($($arg:tt)*) => {
+        candle_core::Error::Msg(format!($($arg)*))
+    };
+}
 /// The largest safetensors header read (the safetensors crate's own limit is 100 MB).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
@@ -472,10 +478,10 @@ impl TransformerFile {
             *first *= 3;
         }
         if view.shape() != want.as_slice() {
-            candle_core::bail!(
+            return Err(msg!(
                 "`{full}` is {:?} in the file, but the config needs {want:?} (for `{name}`)",
                 view.shape()
-            );
+            ));
         }
         if !self.0.fp8.contains_key(&full) {
             check_readable(&full, view.dtype())?;
@@ -498,7 +504,7 @@ impl TransformerFile {
                 let t = self.read_rows(&full, None)?;
                 let rows = t.dim(0)?;
                 if rows % 2 != 0 {
-                    candle_core::bail!("adaLN modulation `{full}` has {rows} rows, not even");
+                    return Err(msg!("adaLN modulation `{full}` has {rows} rows, not even"));
                 }
                 let h = rows / 2;
                 Tensor::cat(&[t.narrow(0, h, h)?, t.narrow(0, 0, h)?], 0)?
@@ -512,10 +518,10 @@ impl TransformerFile {
 fn check_readable(full: &str, dtype: StDtype) -> candle_core::Result<()> {
     match dtype {
         StDtype::BF16 | StDtype::F16 | StDtype::F32 | StDtype::F64 => Ok(()),
-        other => candle_core::bail!(
+        other => Err(msg!(
             "`{full}` is stored as {other:?}, a format flux2-klein cannot read here (packed \
              4-bit or integer weights such as NVFP4); use the bf16 or the fp8 file"
-        ),
+        )),
     }
 }
 
