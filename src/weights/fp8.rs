@@ -3,8 +3,9 @@
 //! files (spec-wave2 §2.2): `scale = amax / max`, `q = fp8(w / scale)`, `w ≈ f32(q) · scale`.
 //!
 //! Decoding is a 256-entry table. Encoding rounds to nearest, ties to even (torch's rule) and
-//! saturates at ±max (ComfyUI clamps to ±max before the cast; torch alone would give NaN
-//! above the largest finite value).
+//! saturates at ±max. torch 2.15's `float8_e4m3fn` cast saturates too (infinities included);
+//! its `float8_e5m2` cast overflows to ±inf from 61440 up. ComfyUI and BFL clamp to ±max
+//! before the cast, so quantised files are the same either way.
 
 use std::sync::OnceLock;
 
