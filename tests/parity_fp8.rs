@@ -30,11 +30,21 @@ fn fp8_fixture(name: &str) -> PathBuf {
 
 /// Our image for a case's settings on tiny-w0, with `file` replacing the transformer.
 fn run(file: Option<PathBuf>, quantize: Option<Quantization>) -> image::RgbImage {
+    run_keeping(file, quantize, false)
+}
+
+/// [`run`], the fp8 weights kept in fp8 (`keep_fp8`) or dequantised at load.
+fn run_keeping(
+    file: Option<PathBuf>,
+    quantize: Option<Quantization>,
+    keep_fp8: bool,
+) -> image::RgbImage {
     let dir = ModelDir::open_local(&common::model("tiny-w0")).unwrap();
     let mut options = PipelineOptions::for_device(Device::Cpu);
     options.dtype = DType::F32;
     options.transformer_file = file;
     options.quantize = quantize;
+    options.keep_fp8 = keep_fp8;
     let mut pipeline = Pipeline::open(dir, options).unwrap();
     let meta = common::case_json("fp8_bfl_t2i");
     let mut request = Request::new(meta["prompt"].as_str().unwrap(), 0);
@@ -272,4 +282,45 @@ fn dequantised_weight_is_codes_times_scale() {
             .unwrap(),
         0.0
     );
+}
+
+/// fp8 weights kept in fp8 (the CUDA default) give the same pixels as weights dequantised at
+/// load: an fp8 file's E4M3 layers and `--quantize fp8`'s.
+#[test]
+fn fp8_weights_kept_in_fp8_give_the_same_images() {
+    let file = Some(fp8_fixture("tiny-w0-fp8-bfl.safetensors"));
+    let kept = run_keeping(file.clone(), None, true);
+    assert_eq!(max_diff(&kept, &run(file, None)), 0);
+    let kept = run_keeping(None, Some(Quantization::Fp8), true);
+    assert_eq!(max_diff(&kept, &run(None, Some(Quantization::Fp8))), 0);
+}
+
+/// A layer over a kept fp8 weight holds it as `F8E4M3` and computes what the dequantised
+/// layer computes.
+#[test]
+fn a_kept_fp8_layer_stores_fp8_and_equals_the_dequantised_one() {
+    use candle_nn::VarBuilder;
+    use flux2_klein::ops::linear::LinearWeight;
+    use flux2_klein::ops::Linear;
+
+    let file = TransformerFile::open(&fp8_fixture("tiny-w0-fp8-bfl.safetensors")).unwrap();
+    let vb = |keep| {
+        VarBuilder::from_backend(Box::new(file.backend(keep)), DType::F32, Device::Cpu)
+            .pp("transformer_blocks.1.attn.add_v_proj")
+    };
+    let kept = Linear::load_no_bias(32, 32, vb(true)).unwrap();
+    let dense = Linear::load_no_bias(32, 32, vb(false)).unwrap();
+    match kept.weight() {
+        LinearWeight::Fp8 { weight, scale, .. } => {
+            assert_eq!(weight.dtype(), DType::F8E4M3);
+            assert_eq!(weight.dims(), &[32, 32]);
+            assert_eq!(scale.dims(), &[] as &[usize]);
+        }
+        other => panic!("not kept in fp8: {other:?}"),
+    }
+    assert!(matches!(dense.weight(), LinearWeight::Dense(_)));
+    let x = Tensor::randn(0f32, 1.0, (3, 32), &Device::Cpu).unwrap();
+    let (a, b) = (kept.forward(&x).unwrap(), dense.forward(&x).unwrap());
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
 }

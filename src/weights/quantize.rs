@@ -10,13 +10,19 @@
 //! Per-row scales (torchao's default) would be slightly more accurate for rows far below the
 //! tensor's largest value.
 //!
-//! On the CPU (and GPUs without fp8 tensor cores) the quantised weight is dequantised at once
-//! to the compute dtype: the numbers are the fp8 model's, the memory is not reduced.
+//! Kept as fp8 ([`QuantizeFp8::keeping_fp8`], the default on CUDA), the quantised weight is
+//! offered to the layers as stored (`ops::linear::FP8_WEIGHT`): half the memory of bf16, and
+//! dequantised per layer at each forward. Otherwise (the CPU) it is dequantised at once to the
+//! compute dtype. The numbers are the fp8 model's either way.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 
 use super::fp8::{self, Fp8Format};
+use super::single_file::fp8_request;
 
 /// A weight quantisation applied at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +104,10 @@ pub struct QuantizeFp8<B> {
     select: fn(&str) -> bool,
     /// Weights that are already fp8 in the file (not quantised twice).
     already_fp8: Box<dyn Fn(&str) -> bool + Send + Sync>,
+    /// Offer the quantised weights as stored (fp8 + scale) instead of dequantised.
+    keep_fp8: bool,
+    /// The scale of each weight quantised for keeping (asked for after its codes).
+    scales: Mutex<HashMap<String, f32>>,
 }
 
 impl<B: SimpleBackend> QuantizeFp8<B> {
@@ -106,7 +116,15 @@ impl<B: SimpleBackend> QuantizeFp8<B> {
             inner,
             select,
             already_fp8: Box::new(|_| false),
+            keep_fp8: false,
+            scales: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Keeps the quantised weights in fp8 (see the module doc).
+    pub fn keeping_fp8(mut self, keep: bool) -> Self {
+        self.keep_fp8 = keep;
+        self
     }
 
     /// Skips the weights for which `already_fp8` holds (an fp8 file's own layers).
@@ -127,6 +145,48 @@ impl<B: SimpleBackend> QuantizeFp8<B> {
     fn wants(&self, name: &str) -> bool {
         (self.select)(name) && !(self.already_fp8)(name)
     }
+
+    /// The E4M3 codes (or with `scale`, the scale) of the model weight `weight`, quantised
+    /// here; on `dev`.
+    fn kept(
+        &self,
+        weight: &str,
+        scale: bool,
+        s: Option<Shape>,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let cached = self
+            .scales
+            .lock()
+            .expect("not poisoned")
+            .get(weight)
+            .copied();
+        if let (true, Some(v)) = (scale, cached) {
+            return Tensor::new(v, &Device::Cpu)?.to_device(dev);
+        }
+        let t = match s {
+            Some(s) => self.inner.get(
+                s,
+                weight,
+                candle_nn::Init::Const(0.),
+                DType::F32,
+                &Device::Cpu,
+            )?,
+            None => self.inner.get_unchecked(weight, DType::F32, &Device::Cpu)?,
+        };
+        let shape = t.shape().clone();
+        let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        let v = fp8::per_tensor_scale(&values, Fp8Format::E4M3);
+        self.scales
+            .lock()
+            .expect("not poisoned")
+            .insert(weight.to_string(), v);
+        if scale {
+            return Tensor::new(v, &Device::Cpu)?.to_device(dev);
+        }
+        let codes = fp8::quantize(&values, v, Fp8Format::E4M3);
+        Tensor::from_raw_buffer(&codes, DType::F8E4M3, shape.dims(), &Device::Cpu)?.to_device(dev)
+    }
 }
 
 impl<B: SimpleBackend> SimpleBackend for QuantizeFp8<B> {
@@ -138,6 +198,11 @@ impl<B: SimpleBackend> SimpleBackend for QuantizeFp8<B> {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        if let Some((weight, scale)) = fp8_request(name) {
+            if !self.inner.contains_tensor(name) {
+                return self.kept(&weight, scale, (!scale).then_some(s), dev);
+            }
+        }
         if !self.wants(name) {
             return self.inner.get(s, name, h, dtype, dev);
         }
@@ -146,6 +211,11 @@ impl<B: SimpleBackend> SimpleBackend for QuantizeFp8<B> {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some((weight, scale)) = fp8_request(name) {
+            if !self.inner.contains_tensor(name) {
+                return self.kept(&weight, scale, None, dev);
+            }
+        }
         if !self.wants(name) {
             return self.inner.get_unchecked(name, dtype, dev);
         }
@@ -154,6 +224,10 @@ impl<B: SimpleBackend> SimpleBackend for QuantizeFp8<B> {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
+        if let Some((weight, _)) = fp8_request(name) {
+            return self.inner.contains_tensor(name)
+                || (self.keep_fp8 && self.wants(&weight) && self.inner.contains_tensor(&weight));
+        }
         self.inner.contains_tensor(name)
     }
 }

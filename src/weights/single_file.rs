@@ -369,6 +369,7 @@ impl TransformerFile {
         let backend = FileBackend {
             file: self.clone(),
             shapes_only: true,
+            keep_fp8: false,
         };
         let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
         Flux2Transformer::load(vb, cfg).with_context(|| {
@@ -402,17 +403,78 @@ impl TransformerFile {
     }
 
     /// A `VarBuilder` serving the model's (diffusers) names from the file, in `dtype` on
-    /// `device`.
+    /// `device`, every weight dequantised.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self.backend()), dtype, device.clone())
+        VarBuilder::from_backend(Box::new(self.backend(false)), dtype, device.clone())
     }
 
     /// The file as a `VarBuilder` backend (to wrap, e.g. by [`super::quantize::QuantizeFp8`]).
-    pub fn backend(&self) -> FileBackend {
+    /// With `keep_fp8`, E4M3 weights are also offered as stored (`ops::linear::FP8_WEIGHT`),
+    /// so the layers keep them in fp8.
+    pub fn backend(&self, keep_fp8: bool) -> FileBackend {
         FileBackend {
             file: self.clone(),
             shapes_only: false,
+            keep_fp8,
         }
+    }
+
+    /// Where the stored E4M3 weight behind the model weight `name` is: its file name and the
+    /// rows the model's tensor takes (a fused-qkv chunk), if it can be kept as stored.
+    fn resident_source(
+        &self,
+        name: &str,
+        rows_wanted: Option<usize>,
+    ) -> Option<(String, usize, usize)> {
+        let src = self.source(name)?;
+        let full = self.full(&src);
+        let w = self.0.fp8.get(&full)?;
+        if w.format != Fp8Format::E4M3 {
+            return None; // candle has no E5M2 dtype: dequantised at load instead
+        }
+        let rows = *self.0.tensors.get(&full).ok()?.shape().first()?;
+        match src {
+            BflSource::Rename(_) => Some((full, 0, rows)),
+            BflSource::QkvChunk { index, .. } => {
+                let r = rows_wanted.unwrap_or(rows / 3);
+                Some((full, index * r, (index + 1) * r))
+            }
+            BflSource::SwapHalves(_) => None,
+        }
+    }
+
+    /// The stored E4M3 codes (`FP8_WEIGHT`) or the scale (`FP8_SCALE`) of the model weight
+    /// `weight`, on the CPU.
+    fn resident(
+        &self,
+        weight: &str,
+        scale: bool,
+        s: Option<&Shape>,
+    ) -> candle_core::Result<Tensor> {
+        let rows_wanted = s.and_then(|s| s.dims().first().copied());
+        let (full, r0, r1) = self
+            .resident_source(weight, rows_wanted)
+            .ok_or_else(|| msg!("`{weight}` is not stored as E4M3 fp8"))?;
+        let view = self.0.tensors.get(&full)?;
+        let mut shape = view.shape().to_vec();
+        shape[0] = r1 - r0;
+        if scale {
+            return match &self.0.fp8[&full].scale {
+                WeightScale::Tensor(v) => Tensor::new(*v, &Device::Cpu),
+                WeightScale::Rows(v) => Tensor::from_slice(&v[r0..r1], (r1 - r0, 1), &Device::Cpu),
+            };
+        }
+        if let Some(s) = s {
+            if s.dims() != shape.as_slice() {
+                return Err(msg!(
+                    "`{full}` gives {shape:?} for `{weight}`, but the config needs {:?}",
+                    s.dims()
+                ));
+            }
+        }
+        let row_len: usize = shape.iter().skip(1).product();
+        let codes = &view.data()[r0 * row_len..r1 * row_len];
+        Tensor::from_raw_buffer(codes, DType::F8E4M3, &shape, &Device::Cpu)
     }
 
     /// Where the diffusers tensor `name` is in the file.
@@ -551,6 +613,20 @@ fn detect_naming<'a>(names: impl Iterator<Item = &'a str> + Clone) -> Option<(St
 pub struct FileBackend {
     file: TransformerFile,
     shapes_only: bool,
+    keep_fp8: bool,
+}
+
+/// `(model weight name, is the scale)` of an `ops::linear::FP8_WEIGHT` / `FP8_SCALE` name.
+pub(crate) fn fp8_request(name: &str) -> Option<(String, bool)> {
+    use crate::ops::linear::{FP8_SCALE, FP8_WEIGHT};
+    let (module, param) = name.rsplit_once('.')?;
+    if param == FP8_WEIGHT {
+        Some((format!("{module}.weight"), false))
+    } else if param == FP8_SCALE {
+        Some((format!("{module}.weight"), true))
+    } else {
+        None
+    }
 }
 
 impl FileBackend {
@@ -569,12 +645,18 @@ impl SimpleBackend for FileBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        if let Some((weight, scale)) = fp8_request(name) {
+            return self.file.resident(&weight, scale, Some(&s))?.to_device(dev);
+        }
         self.file
             .get(&s, name, dtype, self.shapes_only)?
             .to_device(dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Some((weight, scale)) = fp8_request(name) {
+            return self.file.resident(&weight, scale, None)?.to_device(dev);
+        }
         let src = self
             .file
             .source(name)
@@ -591,6 +673,9 @@ impl SimpleBackend for FileBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
+        if let Some((weight, _)) = fp8_request(name) {
+            return self.keep_fp8 && self.file.resident_source(&weight, None).is_some();
+        }
         self.file
             .source(name)
             .is_some_and(|s| self.file.0.tensors.get(&self.file.full(&s)).is_ok())
