@@ -6,10 +6,12 @@
 //! Each is a `VarBuilder` backend (or a wrapper of one): the models load the same way from
 //! any of them, and other load-time layers (LoRA merges) can wrap them.
 
+pub mod file_backend;
 pub mod fp8;
 pub mod quantize;
 pub mod resolve;
 pub mod single_file;
 
+pub use file_backend::FileBackend;
 pub use quantize::Quantization;
 pub use single_file::TransformerFile;

@@ -21,8 +21,8 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 
+use super::file_backend::fp8_request;
 use super::fp8::{self, Fp8Format};
-use super::single_file::fp8_request;
 
 /// A weight quantisation applied at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
