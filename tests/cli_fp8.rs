@@ -116,6 +116,20 @@ fn fp8_transformer_from_a_repo_id_is_recorded_and_made_again() {
     );
     assert!(o.status.success(), "{}", cli::stderr(&o));
     assert_eq!(max_diff(&png(&a), &png(&dir.join("b.png"))), 0);
+    // `fetch --transformer` finds it too (and prints only the model's directory).
+    let o = run_in(
+        dir.path(),
+        &[
+            "fetch",
+            "-m",
+            &model(),
+            "--transformer",
+            "test-org/klein-fp8",
+        ],
+    );
+    assert!(o.status.success(), "{}", cli::stderr(&o));
+    assert!(cli::stderr(&o).contains("flux-2-klein-4b-fp8.safetensors"));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), model());
 }
 
 #[test]

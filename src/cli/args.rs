@@ -81,6 +81,11 @@ pub enum Command {
 pub struct FetchArgs {
     #[command(flatten)]
     pub source: ModelSource,
+
+    /// Also fetch (or check) a single-file transformer checkpoint, as `generate
+    /// --transformer` takes it (a .safetensors file or a hub repo id holding one).
+    #[arg(long, value_name = "PATH_OR_REPO")]
+    pub transformer: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
