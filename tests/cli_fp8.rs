@@ -116,6 +116,28 @@ fn fp8_transformer_from_a_repo_id_is_recorded_and_made_again() {
     );
     assert!(o.status.success(), "{}", cli::stderr(&o));
     assert_eq!(max_diff(&png(&a), &png(&dir.join("b.png"))), 0);
+    // Another --transformer wins, with a warning naming the recorded one.
+    let o = run_in(
+        dir.path(),
+        &[
+            "generate",
+            "--config-from-metadata",
+            "a.png",
+            "-m",
+            &model(),
+            "-o",
+            "c.png",
+            "--transformer",
+            &file,
+        ],
+    );
+    assert!(o.status.success(), "{}", cli::stderr(&o));
+    assert!(
+        cli::stderr(&o).contains("made with the transformer file test-org/klein-fp8"),
+        "{}",
+        cli::stderr(&o)
+    );
+    assert_eq!(max_diff(&png(&a), &png(&dir.join("c.png"))), 0);
     // `fetch --transformer` finds it too (and prints only the model's directory).
     let o = run_in(
         dir.path(),

@@ -345,8 +345,16 @@ fn recorded_weights(png: &Path, model: &mut ModelArgs, reporter: &mut Reporter) 
     if model.quantize.is_none() && recorded.quantize.as_deref() == Some("fp8") {
         model.quantize = Some(QuantizeArg::Fp8);
     }
-    let (None, Some(name)) = (&model.transformer, recorded.transformer) else {
-        return Ok(());
+    let name = match (&model.transformer, recorded.transformer) {
+        (None, Some(name)) => name,
+        (Some(given), Some(made_with)) if *given != made_with => {
+            reporter.warn(&format!(
+                "{} was made with the transformer file {made_with}; this run uses {given}",
+                png.display()
+            ));
+            return Ok(());
+        }
+        _ => return Ok(()),
     };
     match flux2_klein::weights::resolve::transformer_file(&name) {
         Ok(path) => {
