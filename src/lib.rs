@@ -50,6 +50,7 @@ pub mod text;
 pub mod text_encoder;
 pub mod transformer;
 pub mod vae;
+pub mod weights;
 
 // Our CUDA kernels; only `ops` (and the CUDA tests) call them.
 #[cfg(feature = "cuda")]

@@ -10,6 +10,7 @@
 #   GPU_SKIP_FULL=1 scripts/gpu/gpu.sh # only the tiny-model correctness checks
 #   GPU_SKIP_AB=1, GPU_SKIP_COLD=1     # skip the speed-paths-off run / the cold-start runs
 #   GPU_SKIP_ATTN=1                    # skip the attention-kernel check and timings
+#   GPU_SKIP_FP8=1                     # skip the fp8 runs (--quantize fp8 at 1024²)
 #   GPU_RUNS=2, DIFFUSERS_RUNS=3       # timed runs per workload (after one warm-up), ours / diffusers
 #   GPU_BUDGET_S=570                   # optional steps are skipped (and logged) when the time left
 #                                      # in this budget is short, so the core numbers come back
@@ -63,6 +64,11 @@ tiny cuda_f32_t2i_64x64 $C/t2i_64x64/image.png -m $M/tiny-w0 -p "$GIFU" --seed 0
   -W 128 -H 64 -r $C/tiny2_edit_64x128/ref_0.png
 "$BIN" -q generate -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64 --device cuda --dtype bf16 -o "$WORK/cuda_bf16_t2i.png" >>"$LOG" 2>&1 \
   && python3 scripts/gpu/gpu_bench.py psnr $C/t2i_64x64_bf16/image.png "$WORK/cuda_bf16_t2i.png" | tee -a "$LOG"
+# fp8 weights kept in fp8 on the GPU (dequantised per layer at each forward): BFL's fp8 layout
+# and --quantize fp8, against diffusers on the dequantised weights (tests/parity_fp8.rs on CPU).
+tiny cuda_f32_fp8_bfl $C/fp8_bfl_t2i/image.png -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64 \
+  --transformer tests/fixtures/fp8/tiny-w0-fp8-bfl.safetensors
+tiny cuda_f32_quantize_fp8 $C/quantize_fp8_t2i/image.png -m $M/tiny-w0 -p "$GIFU" --seed 0 -W 64 -H 64 --quantize fp8
 
 # 2. Our kernels against their references (tests/cuda_gpu: fused kernels, cuDNN convs, the
 # flash-attention kernels incl. the text encoder's causal one).
@@ -101,6 +107,23 @@ for f in ['$OUT/ours_bench.json','$OUT/ours_bench_edit.json']:
     except Exception as e: print(f, 'unreadable', e); continue
     print(json.dumps(d.get('summary', d), indent=None)[:1500])
 " | tee -a "$LOG"
+
+# 3a. fp8 (issue #18): --quantize fp8 (transformer block linears + text encoder linears kept in
+# fp8, dequantised per layer; no fp8 GEMM yet): one generate's peak memory (bf16: the lean bar
+# above), its PSNR against our bf16 image, and the warm step time.
+if [ -z "${GPU_SKIP_FP8:-}" ] && have 300 "fp8 runs"; then
+  log "flux2-klein --quantize fp8: generate 1024² and warm bench"
+  timeout 90 "$BIN" -v generate -m "$MODEL" --quantize fp8 -p "$GIFU" --seed 0 -W 1024 -H 1024 -o "$WORK/ours_fp8_t2i_1024.png" 2>&1 | tail -8 | tee -a "$LOG"
+  grep -o 'peak device memory: [0-9.]* GiB' "$LOG" | tail -1 | awk '{print $4}' > "$OUT/ours_fp8_generate_peak_gib"
+  log "fp8 generate peak: $(cat "$OUT/ours_fp8_generate_peak_gib") GiB (bf16: $(cat "$OUT/ours_generate_peak_gib") GiB)"
+  python3 scripts/gpu/gpu_bench.py psnr "$OUT/ours_t2i_1024.png" "$WORK/ours_fp8_t2i_1024.png" | tee -a "$LOG"
+  timeout 100 "$BIN" bench -m "$MODEL" --quantize fp8 --size 1024x1024 --runs ${GPU_RUNS:-2} --warmup 1 --json > "$OUT/ours_bench_fp8.json" 2>>"$LOG"
+  python3 -c "
+import json
+try: d=json.load(open('$OUT/ours_bench_fp8.json')); print('fp8', json.dumps(d.get('summary', d))[:600])
+except Exception as e: print('fp8 bench unreadable', e)
+" | tee -a "$LOG"
+fi
 
 # 3b. A binary of an earlier commit (carry/flux2-klein-base.xz, from pack-gpu-carry.sh with
 # BASE_BIN): the same 1024² image and warm bench, for changes that must move neither images nor

@@ -93,6 +93,11 @@ pub struct InfoArgs {
 pub struct FetchArgs {
     #[command(flatten)]
     pub source: ModelSource,
+
+    /// Also fetch (or check) a single-file transformer checkpoint, as `generate
+    /// --transformer` takes it (a .safetensors file or a hub repo id holding one).
+    #[arg(long, value_name = "PATH_OR_REPO")]
+    pub transformer: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -202,6 +207,26 @@ pub struct ModelArgs {
     /// Tiled VAE with tiles of N latent pixels (lower memory for large images).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub vae_tile: Option<u32>,
+
+    /// One single-file checkpoint that replaces --model's transformer weights: a .safetensors
+    /// file with BFL names (as flux-2-klein-4b.safetensors) or diffusers names, bf16/f32 or
+    /// fp8 (BFL's flux-2-klein-4b-fp8.safetensors, ComfyUI's scaled fp8), or a hub repo id
+    /// holding one such file (black-forest-labs/FLUX.2-klein-4b-fp8). The architecture still
+    /// comes from --model's transformer/config.json.
+    #[arg(long, value_name = "PATH_OR_REPO")]
+    pub transformer: Option<String>,
+
+    /// Quantise at load: `fp8` stores the transformer's block linears and the text encoder's
+    /// linears as fp8 E4M3 with one scale per tensor (amax/448, as BFL's fp8 files); on the
+    /// CPU the weights are then dequantised, so the numbers are the fp8 model's.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub quantize: Option<QuantizeArg>,
+}
+
+/// `--quantize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantizeArg {
+    Fp8,
 }
 
 /// Sampling options shared by `generate` and `bench`.

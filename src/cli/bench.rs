@@ -259,8 +259,15 @@ const COLUMNS: [Column; 6] = [
 
 fn header(args: &BenchArgs, pipeline: &Pipeline, settings: Settings) -> String {
     let o = &pipeline.options;
+    let mut weights = String::new();
+    if let Some(file) = &o.transformer_file {
+        weights.push_str(&format!(", transformer: {}", file.display()));
+    }
+    if let Some(q) = o.quantize {
+        weights.push_str(&format!(", quantize: {}", q.name()));
+    }
     format!(
-        "model: {}, device: {}, dtype: {} (VAE {}), attention: {}, steps: {}, \
+        "model: {}{weights}, device: {}, dtype: {} (VAE {}), attention: {}, steps: {}, \
          guidance: {}, runs: {} (+{} warmup){}, seed: {}",
         pipeline.model.label(),
         device_name(&o.device),
@@ -435,6 +442,8 @@ fn to_json(
         "text_attention_kernel": pipeline.text_attention_kernel(),
         "vae_dtype": dtype_name(o.vae_dtype()),
         "vae_tile": o.vae_tile,
+        "transformer_file": o.transformer_file.as_ref().map(|p| p.display().to_string()),
+        "quantize": o.quantize.map(|q| q.name()),
         "prompt": args.prompt,
         "references": args.refs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "steps": settings.steps,

@@ -5,7 +5,9 @@ use candle_core::{DType, Device};
 use flux2_klein::ops::KernelOptions;
 use flux2_klein::pipeline::PipelineOptions;
 
-use super::args::{DTypeArg, DeviceArg, ModelArgs};
+use flux2_klein::weights::Quantization;
+
+use super::args::{DTypeArg, DeviceArg, ModelArgs, QuantizeArg};
 
 /// The pipeline options for the model arguments. Fails (before any weights load) when CUDA is
 /// asked for and this build or machine cannot provide it.
@@ -20,6 +22,12 @@ pub fn pipeline_options(args: &ModelArgs, keep_resident: bool) -> Result<Pipelin
     options.vae_dtype = args.vae_dtype.map(to_dtype);
     options.keep_resident = keep_resident;
     options.vae_tile = args.vae_tile.map(|t| t as usize);
+    options.quantize = args.quantize.map(|QuantizeArg::Fp8| Quantization::Fp8);
+    options.transformer_file = args
+        .transformer
+        .as_deref()
+        .map(flux2_klein::weights::resolve::transformer_file)
+        .transpose()?;
     // The library reads no environment: its kernel switches and profiling come from here.
     options.kernels = KernelOptions::from_env(&mut |w| super::log_line(&format!("warning: {w}")));
     options.profile = std::env::var("FLUX2_KLEIN_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0");

@@ -47,6 +47,16 @@ pub fn run(args: &FetchArgs, reporter: &mut Reporter) -> Result<()> {
         ));
         total += bytes;
     }
+    if let Some(spec) = &args.transformer {
+        let path = flux2_klein::weights::resolve::transformer_file(spec)?;
+        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        reporter.info(&format!(
+            "--transformer {spec}: {} ({})",
+            path.display(),
+            fmt_bytes(bytes)
+        ));
+        total += bytes;
+    }
     let root = dir
         .file("model_index.json")?
         .parent()

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Device;
 use flux2_klein::image_io::save_image_with_quality;
 use flux2_klein::pipeline::{uses_cfg, Generated, Pipeline, Request};
@@ -63,7 +63,12 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     let height = args
         .height
         .map(|h| floored("--height", h, floor_side, reporter));
-    let mut options = pipeline_options(&args.model, args.resident)?;
+    // --config-from-metadata: the recorded transformer file and quantisation, unless given.
+    let mut model_args = args.model.clone();
+    if let Some(image) = &args.prompt.config_from_metadata {
+        super::remake::recorded_weights(image, &mut model_args, reporter)?;
+    }
+    let mut options = pipeline_options(&model_args, args.resident)?;
     // From here a SIGINT/SIGTERM stops the run between steps or images (exit 130/143).
     options.cancel = super::signals::install();
     if let (Some(recorded), Some(image)) = (&recorded, &args.prompt.config_from_metadata) {
@@ -71,7 +76,7 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     }
 
     // --- Model. ---
-    let mut pipeline = load_pipeline(&args.model, &args.sampling, options, reporter)?;
+    let mut pipeline = load_pipeline(&model_args, &args.sampling, options, reporter)?;
     if args.fixed_seed().is_none() && jobs.iter().any(|j| j.seed.is_none()) {
         reporter.info(&format!("seed {first_seed}"));
     }
@@ -96,7 +101,13 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             init: job_init(image.job, &jobs, &inits).map(|i| init_images.request(i)),
         })
         .collect();
-    let run = RunInfo::of(&pipeline, references, init_images, args.jpeg_quality);
+    let run = RunInfo::of(
+        &pipeline,
+        model_args.transformer.as_deref(),
+        references,
+        init_images,
+        args.jpeg_quality,
+    )?;
     write_images(
         &mut pipeline,
         &requests,
@@ -273,14 +284,31 @@ struct RunInfo {
     /// Only when given (`--vae-tile`).
     vae_tile: Option<u32>,
     jpeg_quality: u8,
+    /// `--transformer` as given and its file's SHA-256.
+    transformer: Option<(String, String)>,
+    quantize: Option<&'static str>,
     references: Loaded,
     inits: InitImages,
 }
 
 impl RunInfo {
-    fn of(pipeline: &Pipeline, references: Loaded, inits: InitImages, jpeg_quality: u8) -> Self {
+    fn of(
+        pipeline: &Pipeline,
+        transformer: Option<&str>,
+        references: Loaded,
+        inits: InitImages,
+        jpeg_quality: u8,
+    ) -> Result<Self> {
         let o = &pipeline.options;
-        Self {
+        let transformer = match (transformer, &o.transformer_file) {
+            (Some(name), Some(path)) => Some((
+                name.to_string(),
+                flux2_klein::image_io::sha256_file(path)
+                    .with_context(|| format!("hashing {}", path.display()))?,
+            )),
+            _ => None,
+        };
+        Ok(Self {
             distilled: pipeline.is_distilled(),
             model: pipeline.model.id.clone(),
             revision: pipeline.model.revision.clone(),
@@ -289,9 +317,11 @@ impl RunInfo {
             vae_dtype: o.vae_dtype.map(dtype_name),
             vae_tile: o.vae_tile.map(|t| t as u32),
             jpeg_quality,
+            transformer,
+            quantize: o.quantize.map(|q| q.name()),
             references,
             inits,
-        }
+        })
     }
 
     /// The settings that reproduce the image (the PNG's metadata, the `--json` record).
@@ -322,6 +352,9 @@ impl RunInfo {
             mask_sha256: mask.map(|m| self.inits.sha256[&m.name].clone()),
             strength: init.map(|i| i.strength),
             padding_mask_crop: init.and_then(|i| i.padding_mask_crop),
+            transformer: self.transformer.as_ref().map(|(name, _)| name.clone()),
+            transformer_sha256: self.transformer.as_ref().map(|(_, hash)| hash.clone()),
+            quantize: self.quantize.map(str::to_string),
             device: Some(self.device.clone()),
             dtype: Some(self.dtype.to_string()),
             vae_dtype: self.vae_dtype.map(str::to_string),

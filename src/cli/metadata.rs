@@ -34,6 +34,11 @@ pub const MASK_SHA256: &str = "mask_sha256";
 /// With an init image.
 pub const STRENGTH: &str = "strength";
 pub const PADDING_MASK_CROP: &str = "padding_mask_crop";
+/// `--transformer` as given (a path or hub repo id) and the SHA-256 of the file it named.
+pub const TRANSFORMER: &str = "transformer";
+pub const TRANSFORMER_SHA256: &str = "transformer_sha256";
+/// `--quantize` (`fp8`), only when given.
+pub const QUANTIZE: &str = "quantize";
 pub const DEVICE: &str = "device";
 pub const DTYPE: &str = "dtype";
 /// Only when `--vae-dtype` was given.
@@ -64,6 +69,9 @@ pub struct Recorded {
     pub mask_sha256: Option<String>,
     pub strength: Option<f64>,
     pub padding_mask_crop: Option<u32>,
+    pub transformer: Option<String>,
+    pub transformer_sha256: Option<String>,
+    pub quantize: Option<String>,
     pub device: Option<String>,
     pub dtype: Option<String>,
     pub vae_dtype: Option<String>,
@@ -100,6 +108,9 @@ impl Recorded {
             PADDING_MASK_CROP,
             self.padding_mask_crop.map(|p| p.to_string()),
         );
+        put(TRANSFORMER, self.transformer.clone());
+        put(TRANSFORMER_SHA256, self.transformer_sha256.clone());
+        put(QUANTIZE, self.quantize.clone());
         put(DEVICE, self.device.clone());
         put(DTYPE, self.dtype.clone());
         put(VAE_DTYPE, self.vae_dtype.clone());
@@ -163,6 +174,9 @@ impl Recorded {
             mask_sha256: owned(MASK_SHA256),
             strength: number(STRENGTH)?,
             padding_mask_crop: number(PADDING_MASK_CROP)?.map(|p| p as u32),
+            transformer: owned(TRANSFORMER),
+            transformer_sha256: owned(TRANSFORMER_SHA256),
+            quantize: owned(QUANTIZE),
             device: owned(DEVICE),
             dtype: owned(DTYPE),
             vae_dtype: owned(VAE_DTYPE),
@@ -252,6 +266,9 @@ mod tests {
             mask_sha256: Some("5678".into()),
             strength: Some(0.75),
             padding_mask_crop: Some(32),
+            transformer: Some("black-forest-labs/FLUX.2-klein-4b-fp8".into()),
+            transformer_sha256: Some("97ed".into()),
+            quantize: Some("fp8".into()),
             device: Some("cuda:0".into()),
             dtype: Some("bf16".into()),
             vae_dtype: Some("f32".into()),
@@ -300,6 +317,9 @@ mod tests {
                 ("mask_sha256", "5678"),
                 ("strength", "0.75"),
                 ("padding_mask_crop", "32"),
+                ("transformer", "black-forest-labs/FLUX.2-klein-4b-fp8"),
+                ("transformer_sha256", "97ed"),
+                ("quantize", "fp8"),
                 ("device", "cuda:0"),
                 ("dtype", "bf16"),
                 ("vae_dtype", "f32"),

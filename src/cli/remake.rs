@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::args::{DTypeArg, GenerateArgs};
+use super::args::{DTypeArg, GenerateArgs, ModelArgs, QuantizeArg};
 use super::device::{device_name, dtype_name};
 use super::jobs::PromptJob;
 use super::metadata::{resolve_recorded_path, Recorded};
@@ -220,4 +220,47 @@ pub fn warn_other_device(
             recorded.dtype.as_deref().unwrap_or(dtype),
         ));
     }
+}
+
+/// The transformer file and quantisation recorded in `png`, put into `model` where the
+/// command line gave none. A recorded file that is missing or changed (its SHA-256) is
+/// warned about; a missing one is not used.
+pub fn recorded_weights(png: &Path, model: &mut ModelArgs, reporter: &mut Reporter) -> Result<()> {
+    let recorded = Recorded::read(png)?;
+    if model.quantize.is_none() && recorded.quantize.as_deref() == Some("fp8") {
+        model.quantize = Some(QuantizeArg::Fp8);
+    }
+    let name = match (&model.transformer, recorded.transformer) {
+        // A recorded path is found next to the image first, as references are.
+        (None, Some(name)) => {
+            resolve_recorded_path(png, &name, recorded.transformer_sha256.as_deref())
+        }
+        (Some(given), Some(made_with)) if *given != made_with => {
+            reporter.warn(&format!(
+                "{} was made with the transformer file {made_with}; this run uses {given}",
+                png.display()
+            ));
+            return Ok(());
+        }
+        _ => return Ok(()),
+    };
+    match flux2_klein::weights::resolve::transformer_file(&name) {
+        Ok(path) => {
+            let changed = recorded.transformer_sha256.as_ref().is_some_and(|hash| {
+                flux2_klein::image_io::sha256_file(&path).is_ok_and(|now| now != *hash)
+            });
+            if changed {
+                reporter.warn(&format!(
+                    "the transformer file {name} has changed (another SHA-256) since {}, so                      the image will differ",
+                    png.display()
+                ));
+            }
+            model.transformer = Some(name);
+        }
+        Err(_) => reporter.warn(&format!(
+            "the transformer file {name} is missing, recorded in {}; using the model's own              transformer, so the image will differ",
+            png.display()
+        )),
+    }
+    Ok(())
 }

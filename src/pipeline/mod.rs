@@ -30,7 +30,7 @@ pub mod stages;
 
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
 pub use batch::BATCH_CHUNK;
@@ -44,6 +44,8 @@ use crate::scheduler::SchedulerConfig;
 use crate::text_encoder::{self, PromptTokenizer, Qwen3Config, Qwen3TextEncoder};
 use crate::transformer::{Flux2Transformer, Flux2TransformerConfig};
 use crate::vae::{AutoencoderKLFlux2, AutoencoderKLFlux2Config, VaeParts};
+use crate::weights::quantize::{self, QuantizeFp8};
+use crate::weights::{Quantization, TransformerFile};
 
 /// Token length of every prompt (diffusers' `max_sequence_length`).
 pub const MAX_SEQUENCE_LENGTH: usize = 512;
@@ -77,11 +79,24 @@ pub struct PipelineOptions {
     /// Refuse a request whose estimated memory clearly exceeds what the device has
     /// ([`memory`]), before anything loads; on by default.
     pub check_memory: bool,
+    /// A single-file transformer checkpoint that replaces the model's transformer weights
+    /// (BFL or diffusers names, bf16/f32 or fp8; [`crate::weights::single_file`]); the
+    /// architecture still comes from the model's `transformer/config.json`.
+    pub transformer_file: Option<std::path::PathBuf>,
+    /// Quantise the transformer's block linears and the text encoder's linears at load
+    /// ([`crate::weights::quantize`]).
+    pub quantize: Option<Quantization>,
+    /// Keep fp8 weights (an fp8 `transformer_file`'s E4M3 layers, `quantize`'s) in fp8 in
+    /// memory, dequantised per layer at each forward: half the memory of bf16, the same
+    /// numbers. Off, they are dequantised at load (faster where memory is plenty). Default:
+    /// on for CUDA, off for the CPU.
+    pub keep_fp8: bool,
 }
 
 impl PipelineOptions {
     /// Defaults for a device: bf16 on CUDA, f32 on CPU; components freed after use.
     pub fn for_device(device: Device) -> Self {
+        let keep_fp8 = device.is_cuda();
         let dtype = if device.is_cuda() {
             DType::BF16
         } else {
@@ -99,6 +114,9 @@ impl PipelineOptions {
             max_area: crate::limits::DEFAULT_MAX_AREA,
             cancel: Cancel::default(),
             check_memory: true,
+            transformer_file: None,
+            quantize: None,
+            keep_fp8,
         }
     }
 
@@ -337,6 +355,8 @@ pub struct Pipeline {
     kind: PipelineKind,
     scheduler_config: SchedulerConfig,
     transformer_config: Flux2TransformerConfig,
+    /// [`PipelineOptions::transformer_file`], opened and checked against the config.
+    transformer_file: Option<TransformerFile>,
     tokenizer: PromptTokenizer,
     text_encoder: Option<Qwen3TextEncoder>,
     transformer: Option<Flux2Transformer>,
@@ -362,19 +382,32 @@ impl Pipeline {
         let vae_config: AutoencoderKLFlux2Config = model.config("vae")?;
         check_configs(&transformer_config, &text_config, &vae_config, &options)?;
         let tokenizer = PromptTokenizer::from_file(&model.tokenizer()?, MAX_SEQUENCE_LENGTH)?;
+        // A replacement transformer file must fit the config before anything loads.
+        let mut file_warnings = Vec::new();
+        let transformer_file = match &options.transformer_file {
+            Some(path) => {
+                let file = TransformerFile::open(path)?;
+                file_warnings.extend(file.warnings().iter().cloned());
+                file_warnings.extend(file.check(&transformer_config)?);
+                Some(file)
+            }
+            None => None,
+        };
         options.kernels.install();
         crate::profile::set_enabled(options.profile);
-        let pending_warnings = crate::ops::prepare_device(
+        let mut pending_warnings = crate::ops::prepare_device(
             &options.device,
             transformer_config.attention_head_dim,
             options.dtype,
         );
+        pending_warnings.extend(file_warnings);
         Ok(Self {
             model,
             options,
             kind,
             scheduler_config,
             transformer_config,
+            transformer_file,
             tokenizer,
             text_encoder: None,
             transformer: None,
@@ -453,13 +486,60 @@ impl Pipeline {
                 cfg.num_hidden_layers
             );
         }
-        let vb = self.var_builder("text_encoder", self.options.dtype)?;
+        let vb = match self.options.quantize {
+            None => self.var_builder("text_encoder", self.options.dtype)?,
+            Some(Quantization::Fp8) => {
+                let files = self.model.weights("text_encoder")?;
+                // SAFETY: the weight files are memory-mapped read-only and not modified.
+                let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
+                let backend = QuantizeFp8::new(st, quantize::is_text_encoder_linear)
+                    .keeping_fp8(self.options.keep_fp8);
+                candle_nn::VarBuilder::from_backend(
+                    Box::new(backend),
+                    self.options.dtype,
+                    self.options.device.clone(),
+                )
+            }
+        };
         Qwen3TextEncoder::load(vb, &cfg, deepest)
     }
 
     fn load_transformer(&self) -> Result<Flux2Transformer> {
-        let vb = self.var_builder("transformer", self.options.dtype)?;
+        let (dtype, device, keep) = (
+            self.options.dtype,
+            &self.options.device,
+            self.options.keep_fp8,
+        );
+        let vb = match (&self.transformer_file, self.options.quantize) {
+            (None, None) => self.var_builder("transformer", dtype)?,
+            (Some(file), None) => candle_nn::VarBuilder::from_backend(
+                Box::new(file.backend(keep)),
+                dtype,
+                device.clone(),
+            ),
+            (Some(file), Some(Quantization::Fp8)) => {
+                let skip = file.clone();
+                let backend =
+                    QuantizeFp8::new(file.backend(keep), quantize::is_transformer_block_linear)
+                        .skipping(move |name| skip.is_fp8(name))
+                        .keeping_fp8(keep);
+                candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+            }
+            (None, Some(Quantization::Fp8)) => {
+                let files = self.model.weights("transformer")?;
+                // SAFETY: the weight files are memory-mapped read-only and not modified.
+                let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
+                let backend =
+                    QuantizeFp8::new(st, quantize::is_transformer_block_linear).keeping_fp8(keep);
+                candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+            }
+        };
+        let what = match &self.transformer_file {
+            Some(file) => format!("the transformer file {}", file.path().display()),
+            None => format!("the transformer weights of {}", self.model.id),
+        };
         Flux2Transformer::load(vb, &self.transformer_config)
+            .with_context(|| format!("loading {what}"))
     }
 
     fn load_vae(&self, parts: VaeParts) -> Result<AutoencoderKLFlux2> {
