@@ -39,6 +39,7 @@
 pub mod image_io;
 pub mod latents;
 pub mod limits;
+pub mod lora;
 pub mod model_dir;
 pub mod noise;
 pub mod ops;

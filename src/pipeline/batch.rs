@@ -432,6 +432,8 @@ fn denoise(pipeline: &mut Pipeline, job: &mut Job, events: &mut dyn FnMut(Event)
         Some((init, _, _)) => inpaint::scale_noise(init, &noise, schedule.sigmas[0])?,
         None => noise.clone(),
     };
+    // A request with other adapters than the resident transformer's reloads it.
+    pipeline.use_adapters(&job.request.adapters);
     let latents = with_component(
         pipeline,
         TRANSFORMER,

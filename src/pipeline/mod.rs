@@ -31,6 +31,7 @@ pub use batch::BATCH_CHUNK;
 pub use inpaint::InitImage;
 
 use crate::limits;
+use crate::lora::{AppliedLora, Lora};
 use crate::model_dir::ModelDir;
 use crate::ops::KernelOptions;
 use crate::scheduler::SchedulerConfig;
@@ -114,6 +115,9 @@ pub struct Request {
     /// Inpainting / image-to-image (diffusers' `Flux2KleinInpaintPipeline`): the output has
     /// the init image's size, so `width`/`height` must be `None`.
     pub init: Option<InitImage>,
+    /// LoRA/LoKr adapters merged into the transformer for this request, each at its scale
+    /// (their deltas add up); requests with another set reload the transformer.
+    pub adapters: Vec<AppliedLora>,
 }
 
 impl Request {
@@ -128,6 +132,7 @@ impl Request {
             guidance: None,
             seed,
             init: None,
+            adapters: Vec::new(),
         }
     }
 }
@@ -320,6 +325,8 @@ pub struct Pipeline {
     transformer: Option<Flux2Transformer>,
     vae_encoder: Option<AutoencoderKLFlux2>,
     vae_decoder: Option<AutoencoderKLFlux2>,
+    /// The adapters merged into `transformer` (or into the next one to load).
+    transformer_adapters: Vec<AppliedLora>,
     /// Warnings of [`Pipeline::open`], not yet delivered.
     pending_warnings: Vec<String>,
 }
@@ -356,6 +363,7 @@ impl Pipeline {
             transformer: None,
             vae_encoder: None,
             vae_decoder: None,
+            transformer_adapters: Vec::new(),
             pending_warnings,
         })
     }
@@ -428,8 +436,35 @@ impl Pipeline {
     }
 
     fn load_transformer(&self) -> Result<Flux2Transformer> {
-        let vb = self.var_builder("transformer", self.options.dtype)?;
-        Flux2Transformer::load(vb, &self.transformer_config)
+        if self.transformer_adapters.is_empty() {
+            let vb = self.var_builder("transformer", self.options.dtype)?;
+            return Flux2Transformer::load(vb, &self.transformer_config);
+        }
+        let files = self.model.weights("transformer")?;
+        let (vb, pending) = crate::lora::merging_var_builder(
+            &files,
+            &self.transformer_adapters,
+            self.options.dtype,
+            &self.options.device,
+        )?;
+        let model = Flux2Transformer::load(vb, &self.transformer_config)?;
+        crate::lora::check_all_merged(&pending)?;
+        Ok(model)
+    }
+
+    /// Reads and checks an adapter file (local, or `owner/repo/file` on the hub) against this
+    /// model's transformer; apply it through [`Request::adapters`].
+    pub fn load_lora(&self, source: &str) -> Result<Lora> {
+        Lora::open(source, &self.transformer_config)
+    }
+
+    /// Makes `adapters` the set the transformer carries: a resident transformer merged with
+    /// another set is dropped, to be reloaded from the unchanged files.
+    fn use_adapters(&mut self, adapters: &[AppliedLora]) {
+        if self.transformer_adapters.as_slice() != adapters {
+            self.transformer = None;
+            self.transformer_adapters = adapters.to_vec();
+        }
     }
 
     fn load_vae(&self, parts: VaeParts) -> Result<AutoencoderKLFlux2> {
