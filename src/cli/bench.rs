@@ -52,6 +52,8 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
 
     // --- Model, loaded once. ---
     let mut pipeline = load_pipeline(&args.model, &args.sampling, options, reporter)?;
+    let adapters = super::common::Adapters::load(&pipeline, &args.sampling.loras, reporter)?
+        .applied(&args.sampling.loras);
 
     // With --init-image the init image (and mask) are resized to each size, which the output
     // then has.
@@ -88,6 +90,7 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
             guidance: args.sampling.guidance,
             seed: args.seed,
             init,
+            adapters: adapters.clone(),
         })
     };
     let verbose = reporter.verbosity() >= Verbosity::Verbose;

@@ -60,6 +60,12 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
 
     // --- Model. ---
     let mut pipeline = load_pipeline(&args.model, &args.sampling, options, reporter)?;
+    // Every adapter read and checked against the model before any weights load.
+    let adapters = super::common::Adapters::load(
+        &pipeline,
+        jobs.iter().flat_map(|j| j.loras(&args.sampling.loras)),
+        reporter,
+    )?;
     if args.seed.is_none() && jobs.iter().any(|j| j.seed.is_none()) {
         reporter.info(&format!("seed {first_seed}"));
     }
@@ -82,6 +88,7 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             guidance: image.job.guidance.or(args.sampling.guidance),
             seed: image.seed,
             init: job_init(image.job, &jobs, &inits).map(|i| init_images.request(i)),
+            adapters: adapters.applied(image.job.loras(&args.sampling.loras)),
         })
         .collect();
     let run = RunInfo::of(&pipeline, references, init_images);
@@ -274,6 +281,9 @@ fn job_from_metadata(
     if a.padding_mask_crop.is_some() {
         job.padding_mask_crop = None;
     }
+    if !args.sampling.loras.is_empty() {
+        job.lora = None;
+    }
 
     let model = args.model.source.model_id();
     if let Some(made_with) = recorded.model.as_deref().filter(|m| *m != model) {
@@ -310,6 +320,23 @@ fn job_from_metadata(
             "the {what} {name} {state} {}, so the image will differ",
             png.display()
         ));
+    }
+    if args.sampling.loras.is_empty() {
+        for (lora, hash) in recorded.loras.iter().zip(&recorded.loras_sha256) {
+            // A hub file that is not in the cache counts as unchanged (it is fetched by name).
+            let Ok(path) = flux2_klein::lora::resolve(&lora.source) else {
+                continue;
+            };
+            match flux2_klein::image_io::sha256_file(&path) {
+                Ok(now) if now == *hash => {}
+                _ => reporter.warn(&format!(
+                    "the LoRA file {} has changed (another SHA-256) since {}, so the image will \
+                     differ",
+                    lora.source,
+                    png.display()
+                )),
+            }
+        }
     }
     if args.refs.is_empty() {
         for (name, hash) in recorded.references.iter().zip(&recorded.references_sha256) {
@@ -398,6 +425,19 @@ impl RunInfo {
             mask_sha256: mask.map(|m| self.inits.sha256[&m.name].clone()),
             strength: init.map(|i| i.strength),
             padding_mask_crop: init.and_then(|i| i.padding_mask_crop),
+            loras: request
+                .adapters
+                .iter()
+                .map(|a| flux2_klein::lora::LoraSpec {
+                    source: a.lora.label.clone(),
+                    scale: a.scale,
+                })
+                .collect(),
+            loras_sha256: request
+                .adapters
+                .iter()
+                .map(|a| a.lora.sha256.clone())
+                .collect(),
             device: Some(self.device.clone()),
             dtype: Some(self.dtype.to_string()),
             vae_dtype: self.vae_dtype.map(str::to_string),
@@ -467,6 +507,9 @@ fn result_json(
         "init_image": recorded.init_image,
         "mask": recorded.mask,
         "strength": recorded.strength,
+        "loras": recorded.loras.iter().zip(&recorded.loras_sha256).map(|(l, h)| serde_json::json!({
+            "path": l.source, "scale": l.scale, "sha256": h,
+        })).collect::<Vec<_>>(),
         "model": recorded.model,
         "revision": recorded.revision,
         "timings_ms": {

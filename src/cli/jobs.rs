@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
 use flux2_klein::limits::{MAX_IMAGES_PER_RUN, MAX_PROMPT_FILE_BYTES};
+use flux2_klein::lora::LoraSpec;
 
 use super::args::{parse_guidance, parse_side, parse_strength, PromptArgs};
 use super::metadata::Recorded;
@@ -44,6 +45,9 @@ pub struct PromptJob {
     pub padding_mask_crop: Option<u32>,
     /// Output path of this job's images (else --output), with `{seed}` / `{index}`.
     pub output: Option<PathBuf>,
+    /// Adapters of this job (else --lora; `[]` for none).
+    #[serde(default, deserialize_with = "lora_list")]
+    pub lora: Option<Vec<LoraSpec>>,
     /// The 1-based prompt-file line it came from (for messages).
     #[serde(skip)]
     pub line: Option<usize>,
@@ -65,6 +69,7 @@ impl PromptJob {
             strength: None,
             padding_mask_crop: None,
             output: None,
+            lora: None,
             line: None,
         }
     }
@@ -88,6 +93,7 @@ impl PromptJob {
             strength: recorded.strength,
             padding_mask_crop: recorded.padding_mask_crop,
             output: None,
+            lora: Some(recorded.loras.clone()),
             line: None,
         }
     }
@@ -95,6 +101,11 @@ impl PromptJob {
     /// This job's reference paths: its own, else `default` (the `--ref`s).
     pub fn refs<'a>(&'a self, default: &'a [PathBuf]) -> &'a [PathBuf] {
         self.refs.as_deref().unwrap_or(default)
+    }
+
+    /// This job's adapters: its own, else `default` (the `--lora`s).
+    pub fn loras<'a>(&'a self, default: &'a [LoraSpec]) -> &'a [LoraSpec] {
+        self.lora.as_deref().unwrap_or(default)
     }
 
     /// The same range checks as the command-line options (their value parsers and
@@ -117,6 +128,26 @@ impl PromptJob {
         }
         Ok(())
     }
+}
+
+/// A prompt file's `lora` list: `"PATH[:SCALE]"` strings or `{"path": …, "scale": …}`.
+fn lora_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<LoraSpec>>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged, deny_unknown_fields)]
+    enum Entry {
+        Spec(String),
+        Full { path: String, scale: Option<f64> },
+    }
+    let entries = <Vec<Entry> as serde::Deserialize>::deserialize(d)?;
+    entries
+        .into_iter()
+        .map(|e| match e {
+            Entry::Spec(s) => LoraSpec::parse(&s),
+            Entry::Full { path, scale } => LoraSpec::new(&path, scale.unwrap_or(1.0)),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("\"lora\": {e}")))
 }
 
 fn saturate(v: usize) -> u32 {
@@ -297,6 +328,18 @@ mod tests {
             parse_prompt_lines("{\"seed\": 1}").is_err(),
             "prompt is required"
         );
+        let jobs = parse_prompt_lines(
+            "{\"prompt\": \"l\", \"lora\": [\"a.safetensors:0.5\", {\"path\": \"b\", \"scale\": 2}]}",
+        )
+        .unwrap();
+        let got: Vec<_> = jobs[0]
+            .loras(&[])
+            .iter()
+            .map(|s| (s.source.as_str(), s.scale))
+            .collect();
+        assert_eq!(got, [("a.safetensors", 0.5), ("b", 2.0)]);
+        let (_, err) = parse_prompt_lines("{\"prompt\": \"l\", \"lora\": [\"a:x\"]}").unwrap_err();
+        assert!(err.contains("not a number"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{bail, Result};
+use flux2_klein::lora::LoraSpec;
 
 pub const PROMPT: &str = "prompt";
 /// Only when classifier-free guidance ran with a non-empty negative prompt.
@@ -34,6 +35,10 @@ pub const MASK_SHA256: &str = "mask_sha256";
 /// With an init image.
 pub const STRENGTH: &str = "strength";
 pub const PADDING_MASK_CROP: &str = "padding_mask_crop";
+/// The adapters (names as given), their SHA-256s and scales, one per line, in one order.
+pub const LORAS: &str = "loras";
+pub const LORAS_SHA256: &str = "loras_sha256";
+pub const LORA_SCALES: &str = "lora_scales";
 pub const DEVICE: &str = "device";
 pub const DTYPE: &str = "dtype";
 /// Only when `--vae-dtype` was given.
@@ -62,6 +67,9 @@ pub struct Recorded {
     pub mask_sha256: Option<String>,
     pub strength: Option<f64>,
     pub padding_mask_crop: Option<u32>,
+    /// The adapters (name as given, scale) and each file's SHA-256.
+    pub loras: Vec<LoraSpec>,
+    pub loras_sha256: Vec<String>,
     pub device: Option<String>,
     pub dtype: Option<String>,
     pub vae_dtype: Option<String>,
@@ -97,6 +105,11 @@ impl Recorded {
             PADDING_MASK_CROP,
             self.padding_mask_crop.map(|p| p.to_string()),
         );
+        let sources: Vec<String> = self.loras.iter().map(|l| l.source.clone()).collect();
+        let scales: Vec<String> = self.loras.iter().map(|l| l.scale.to_string()).collect();
+        put(LORAS, lines(&sources));
+        put(LORAS_SHA256, lines(&self.loras_sha256));
+        put(LORA_SCALES, lines(&scales));
         put(DEVICE, self.device.clone());
         put(DTYPE, self.dtype.clone());
         put(VAE_DTYPE, self.vae_dtype.clone());
@@ -141,6 +154,25 @@ impl Recorded {
                     .ok_or(format!("its size {v:?} is not WxH"))
             })
             .transpose()?;
+        let sources = lines(LORAS);
+        let scales = lines(LORA_SCALES);
+        if scales.len() != sources.len() {
+            return Err(format!(
+                "its {LORAS} and {LORA_SCALES} have {} and {} lines",
+                sources.len(),
+                scales.len()
+            ));
+        }
+        let loras = sources
+            .iter()
+            .zip(&scales)
+            .map(|(src, scale)| {
+                let s: f64 = scale
+                    .parse()
+                    .map_err(|_| format!("its LoRA scale {scale:?} is not a number"))?;
+                LoraSpec::new(src, s).map_err(|e| format!("its {LORAS}: {e}"))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         Ok(Self {
             prompt: prompt.to_string(),
             negative_prompt: owned(NEGATIVE_PROMPT),
@@ -159,6 +191,8 @@ impl Recorded {
             mask_sha256: owned(MASK_SHA256),
             strength: number(STRENGTH)?,
             padding_mask_crop: number(PADDING_MASK_CROP)?.map(|p| p as u32),
+            loras,
+            loras_sha256: lines(LORAS_SHA256),
             device: owned(DEVICE),
             dtype: owned(DTYPE),
             vae_dtype: owned(VAE_DTYPE),
@@ -220,6 +254,11 @@ mod tests {
             mask_sha256: Some("5678".into()),
             strength: Some(0.75),
             padding_mask_crop: Some(32),
+            loras: vec![
+                LoraSpec::new("style.safetensors", 0.8).unwrap(),
+                LoraSpec::new("o/r/b.safetensors", -1.0).unwrap(),
+            ],
+            loras_sha256: vec!["aa".into(), "bb".into()],
             device: Some("cuda:0".into()),
             dtype: Some("bf16".into()),
             vae_dtype: Some("f32".into()),
@@ -267,6 +306,9 @@ mod tests {
                 ("mask_sha256", "5678"),
                 ("strength", "0.75"),
                 ("padding_mask_crop", "32"),
+                ("loras", "style.safetensors\no/r/b.safetensors"),
+                ("loras_sha256", "aa\nbb"),
+                ("lora_scales", "0.8\n-1"),
                 ("device", "cuda:0"),
                 ("dtype", "bf16"),
                 ("vae_dtype", "f32"),
