@@ -6,7 +6,8 @@ Run with the refenv python from the repository root (make_fixtures.sh does):
 
 Writes tests/fixtures/lora/:
   * <name>.safetensors: small adapters for tiny-w0 in each layout diffusers 0.42.1's
-    `Flux2LoraLoaderMixin` reads (seeded random factors, large enough to change the image);
+    `Flux2LoraLoaderMixin` reads (seeded random factors, large enough to change the image),
+    peft_meta written by diffusers' `save_lora_weights` with its peft config in the header;
   * cases.json: per case the adapters and scales, the prompt, size, steps, seed, references,
     and the image file;
   * <case>.png: diffusers' image (`pipe.load_lora_weights(path, adapter_name=…)`, then
@@ -171,12 +172,31 @@ def lokr_file():
     return sd
 
 
+def peft_with_metadata(path):
+    """diffusers' own `save_lora_weights` with `transformer_lora_adapter_metadata`: the file's
+    peft config (lora_alpha 8 with rank 4, so a scale of 2; proj_out rank 2 with alpha 1 through
+    rank_pattern / alpha_pattern) is in the safetensors header, and diffusers applies it."""
+    layers = {}
+    mods = {"transformer_blocks.0.attn.to_q": (D, D), "transformer_blocks.1.ff.linear_in": (2 * F, D),
+            "single_transformer_blocks.0.attn.to_out": (D, D + F), "proj_out": (IN, D)}
+    for m, (o, i) in mods.items():
+        a, b = pair(o, i, rank=2 if m == "proj_out" else 4, std=0.15)
+        layers[f"{m}.lora_A.weight"] = a
+        layers[f"{m}.lora_B.weight"] = b
+    meta = {"r": 4, "lora_alpha": 8, "target_modules": sorted(mods), "rank_pattern": {"proj_out": 2},
+            "alpha_pattern": {"proj_out": 1}}
+    Flux2KleinPipeline.save_lora_weights(
+        OUT, transformer_lora_layers=layers, transformer_lora_adapter_metadata=meta,
+        weight_name=os.path.basename(path))
+
+
 FILES = {
     "peft": peft_file,
     "aitoolkit": lambda: bfl_lora("diffusion_model."),
     "bflpeft": lambda: bfl_lora("base_model.model."),
     "kohya": kohya_file,
     "lokr": lokr_file,
+    "peft_meta": None,
 }
 
 CASES = [
@@ -187,6 +207,7 @@ CASES = [
     dict(name="lokr", adapters=[("lokr", 1.0)]),
     dict(name="two_adapters", adapters=[("peft", 0.7), ("aitoolkit", -0.4)]),
     dict(name="edit_peft", adapters=[("peft", 1.0)], ref=REF),
+    dict(name="peft_meta_s05", adapters=[("peft_meta", 0.5)]),
 ]
 
 
@@ -213,6 +234,9 @@ def generate(pipe, ref):
 def main():
     os.makedirs(OUT, exist_ok=True)
     for name, make in FILES.items():
+        if make is None:
+            peft_with_metadata(os.path.join(OUT, f"{name}.safetensors"))
+            continue
         save_file({k: v.contiguous() for k, v in make().items()},
                   os.path.join(OUT, f"{name}.safetensors"))
     generate(pipeline(), None).save(os.path.join(OUT, "base_t2i.png"))

@@ -271,3 +271,38 @@ fn bad_adapter_files_fail_with_one_line() {
         assert_no_output(&dir, &inputs);
     }
 }
+
+/// A hub file (`owner/repo/file` or `hf://owner/repo/file`) is read from the Hugging Face
+/// cache as models are; offline and not cached, it fails with one line.
+#[test]
+fn hub_files_come_from_the_cache() {
+    let dir = TempDir::new("cli-lora-hub");
+    let repo = dir.join(".hf-home/hub/models--test--loras");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots").join(commit)).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    std::fs::copy(
+        fixture("peft.safetensors"),
+        repo.join("snapshots")
+            .join(commit)
+            .join("style.safetensors"),
+    )
+    .unwrap();
+    for (spec, out) in [
+        ("test/loras/style.safetensors:0.8", "a.png"),
+        ("hf://test/loras/style.safetensors:0.8", "b.png"),
+    ] {
+        let o = generate(dir.path(), &["-p", GIFU, "--lora", spec, "-o", out]);
+        assert_ok(&o);
+        let d = max_diff(&rgb(&fixture("peft_s08.png")), &rgb(&dir.join(out)));
+        assert!(d <= 1, "{spec}: max diff {d} from diffusers' image");
+    }
+    let chunks = flux2_klein::image_io::read_png_text(&dir.join("a.png")).unwrap();
+    assert_eq!(key(&chunks, "loras"), Some("test/loras/style.safetensors"));
+    let o = generate(
+        dir.path(),
+        &["-p", "x", "--lora", "test/loras/other.safetensors"],
+    );
+    assert_error_line(&o, 1, &["other.safetensors", "HF_HUB_OFFLINE"]);
+}

@@ -129,3 +129,10 @@ fn two_adapters_at_different_scales() {
 fn edit_with_reference() {
     check_case("edit_peft", LoraFormat::Diffusers);
 }
+
+/// diffusers' own file (`save_lora_weights` with the peft config in the header): lora_alpha 8
+/// at rank 4, and a rank_pattern / alpha_pattern entry for proj_out, scale the deltas.
+#[test]
+fn diffusers_metadata_alpha_and_patterns() {
+    check_case("peft_meta_s05", LoraFormat::Diffusers);
+}
