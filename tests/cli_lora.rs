@@ -76,7 +76,7 @@ fn lora_equals_diffusers_and_round_trips_through_metadata() {
     assert!(d <= 1, "max diff {d} from diffusers' image");
     assert!(max_diff(&rgb(&fixture("base_t2i.png")), &ours) > 16);
 
-    let chunks = flux2_klein::image_io::read_png_text(&dir.join("out.png")).unwrap();
+    let chunks = flux2_klein::image_io::read_png_text(dir.join("out.png")).unwrap();
     let sha = flux2_klein::image_io::sha256_file(dir.join("style.safetensors")).unwrap();
     assert_eq!(key(&chunks, "loras"), Some("style.safetensors"));
     assert_eq!(key(&chunks, "loras_sha256"), Some(sha.as_str()));
@@ -298,7 +298,7 @@ fn hub_files_come_from_the_cache() {
         let d = max_diff(&rgb(&fixture("peft_s08.png")), &rgb(&dir.join(out)));
         assert!(d <= 1, "{spec}: max diff {d} from diffusers' image");
     }
-    let chunks = flux2_klein::image_io::read_png_text(&dir.join("a.png")).unwrap();
+    let chunks = flux2_klein::image_io::read_png_text(dir.join("a.png")).unwrap();
     assert_eq!(key(&chunks, "loras"), Some("test/loras/style.safetensors"));
     let o = generate(
         dir.path(),
