@@ -231,9 +231,15 @@ const COLUMNS: [Column; 5] = [
 
 fn header(args: &BenchArgs, pipeline: &Pipeline, settings: Settings) -> String {
     let o = &pipeline.options;
+    let loras: String = args
+        .sampling
+        .loras
+        .iter()
+        .map(|l| format!(", LoRA {}:{}", l.source, l.scale))
+        .collect();
     format!(
         "model: {}, device: {}, dtype: {} (VAE {}), attention: {}, steps: {}, \
-         guidance: {}, runs: {} (+{} warmup), seed: {}",
+         guidance: {}, runs: {} (+{} warmup), seed: {}{loras}",
         pipeline.model.label(),
         device_name(&o.device),
         dtype_name(o.dtype),
@@ -396,6 +402,7 @@ fn to_json(
         "vae_tile": o.vae_tile,
         "prompt": args.prompt,
         "references": args.refs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "loras": args.sampling.loras.iter().map(|l| json!({"path": l.source, "scale": l.scale})).collect::<Vec<_>>(),
         "steps": settings.steps,
         "guidance": settings.guidance,
         "seed": args.seed,

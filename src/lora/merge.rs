@@ -89,7 +89,7 @@ impl MergingBackend {
         }
         let mut w = self.inner.get(s, name, init, DType::F32, dev)?;
         for part in parts {
-            let delta = delta_weight(&part.delta, dev)?;
+            let delta = delta_weight(&part.delta, part.scale, dev)?;
             let delta = match part.rows {
                 Some(i) => {
                     let rows = delta.dim(0)? / 3;
@@ -104,23 +104,25 @@ impl MergingBackend {
                     w.dims()
                 );
             }
-            w = (w + (delta * part.scale)?)?;
+            w = (w + delta)?;
         }
         w.to_dtype(dtype)
     }
 }
 
-/// `ΔW` in f32 on `dev`: `B·A`, or `kron(w1, w2)` (torch's `torch.kron` on matrices).
-pub fn delta_weight(delta: &Delta, dev: &Device) -> Result<Tensor> {
+/// `scale · ΔW` in f32 on `dev`: `(scale·B)·A`, or `kron(scale·w1, w2)` (torch's
+/// `torch.kron` on matrices). The scale goes on the small factor: one pass fewer over the
+/// layer-sized delta.
+pub fn delta_weight(delta: &Delta, scale: f64, dev: &Device) -> Result<Tensor> {
     let f32_on = |t: &Tensor| t.to_device(dev)?.to_dtype(DType::F32);
     match delta {
-        Delta::LowRank { down, up } => f32_on(up)?.matmul(&f32_on(down)?),
+        Delta::LowRank { down, up } => (f32_on(up)? * scale)?.matmul(&f32_on(down)?),
         Delta::Kronecker { w1, w2 } => {
             let factor = |f: &Factor| match f {
                 Factor::Full(t) => f32_on(t),
                 Factor::Product(a, b) => f32_on(a)?.matmul(&f32_on(b)?),
             };
-            let (w1, w2) = (factor(w1)?, factor(w2)?);
+            let (w1, w2) = ((factor(w1)? * scale)?, factor(w2)?);
             let (a, b) = w1.dims2()?;
             let (c, d) = w2.dims2()?;
             // kron[i·c + k, j·d + l] = w1[i, j] · w2[k, l]
@@ -174,6 +176,7 @@ mod tests {
                 w1: Factor::Full(w1),
                 w2: Factor::Full(w2),
             },
+            1.0,
             &dev,
         )
         .unwrap();
