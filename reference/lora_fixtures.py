@@ -11,9 +11,10 @@ Writes tests/fixtures/lora/:
   * cases.json: per case the adapters and scales, the prompt, size, steps, seed, references,
     and the image file;
   * <case>.png: diffusers' image (`pipe.load_lora_weights(path, adapter_name=…)`, then
-    `pipe.set_adapters(names, adapter_weights=scales)`), f32 on the CPU, 4 steps, seed 0;
-  * base_t2i.png / base_edit.png: the same runs without adapters (the tests check that the
-    adapters change the image).
+    `pipe.set_adapters(names, adapter_weights=scales)`), on the CPU in f32 (one case in bf16),
+    4 steps, seed 0;
+  * base_t2i.png / base_edit.png / base_t2i_bf16.png: the same runs without adapters (the
+    tests check that the adapters change the image).
 
 A fresh pipeline is loaded for every case: LoKr files on BFL names make diffusers fuse the
 model's q/k/v projections (`fuse_qkv_projections`), which would leak into later cases.
@@ -208,11 +209,16 @@ CASES = [
     dict(name="two_adapters", adapters=[("peft", 0.7), ("aitoolkit", -0.4)]),
     dict(name="edit_peft", adapters=[("peft", 1.0)], ref=REF),
     dict(name="peft_meta_s05", adapters=[("peft_meta", 0.5)]),
+    # bf16: peft keeps the adapter in the model's dtype; the tests compare by PSNR.
+    dict(name="peft_s08_bf16", adapters=[("peft", 0.8)], dtype="bfloat16"),
 ]
 
 
-def pipeline():
-    return Flux2KleinPipeline.from_pretrained(MODEL, torch_dtype=torch.float32)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pipeline(dtype="float32"):
+    return Flux2KleinPipeline.from_pretrained(MODEL, torch_dtype=DTYPES[dtype])
 
 
 def generate(pipe, ref):
@@ -241,9 +247,11 @@ def main():
                   os.path.join(OUT, f"{name}.safetensors"))
     generate(pipeline(), None).save(os.path.join(OUT, "base_t2i.png"))
     generate(pipeline(), REF).save(os.path.join(OUT, "base_edit.png"))
+    generate(pipeline("bfloat16"), None).save(os.path.join(OUT, "base_t2i_bf16.png"))
     records = []
     for case in CASES:
-        pipe = pipeline()
+        dtype = case.get("dtype", "float32")
+        pipe = pipeline(dtype)
         names = []
         for k, (file, _) in enumerate(case["adapters"]):
             name = f"a{k}_{file}"
@@ -260,12 +268,14 @@ def main():
             "steps": 4,
             "seed": 0,
             "ref": case.get("ref"),
+            "dtype": dtype,
             "image": f"{case['name']}.png",
-            "base": "base_edit.png" if case.get("ref") else "base_t2i.png",
+            "base": ("base_edit.png" if case.get("ref") else "base_t2i.png").replace(
+                ".png", "_bf16.png" if dtype == "bfloat16" else ".png"),
         })
         print(f"wrote {case['name']}")
     with open(os.path.join(OUT, "cases.json"), "w") as f:
-        json.dump({"model": "tiny-w0", "dtype": "float32", "cases": records}, f, indent=1)
+        json.dump({"model": "tiny-w0", "cases": records}, f, indent=1)
 
 
 main()

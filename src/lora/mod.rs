@@ -96,12 +96,11 @@ impl Lora {
     /// Reads a local file, named `label` in messages.
     pub fn open_file(path: &Path, label: &str, cfg: &Flux2TransformerConfig) -> Result<Self> {
         let mut warnings = vec![];
-        let (converted, config) = read::read_adapter(path, label, cfg, &mut |w| warnings.push(w))?;
+        let (converted, config, sha256) =
+            read::read_adapter(path, label, cfg, &mut |w| warnings.push(w))?;
         for w in warnings {
             crate::ops::warn(w);
         }
-        let sha256 = crate::image_io::sha256_file(path)
-            .with_context(|| format!("hashing LoRA file {label}"))?;
         Ok(Self {
             label: label.to_string(),
             path: path.to_path_buf(),

@@ -19,12 +19,24 @@ pub const MAX_ADAPTER_FILE_BYTES: u64 = 8 << 30;
 /// diffusers' key in the safetensors `__metadata__` holding the peft config as JSON.
 const METADATA_KEY: &str = "lora_adapter_metadata";
 
-/// The file's tensors by name and diffusers' adapter metadata (if any).
-pub fn read_tensors(
-    path: &Path,
-    label: &str,
-) -> Result<(BTreeMap<String, Tensor>, Option<serde_json::Value>)> {
+/// A read adapter file: its tensors by name, diffusers' adapter metadata (if any), and the
+/// SHA-256 of its bytes (lowercase hex).
+pub struct FileContents {
+    pub tensors: BTreeMap<String, Tensor>,
+    pub metadata: Option<serde_json::Value>,
+    pub sha256: String,
+}
+
+/// Reads an adapter file (named `label` in messages).
+pub fn read_tensors(path: &Path, label: &str) -> Result<FileContents> {
     let bytes = crate::limits::read_regular_file(path, MAX_ADAPTER_FILE_BYTES, "LoRA file")?;
+    let sha256 = {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
         anyhow!(
             "LoRA file {label} is not a readable safetensors file ({e}) — it may be truncated \
@@ -46,7 +58,11 @@ pub fn read_tensors(
             .with_context(|| format!("LoRA file {label}: reading tensor {name}"))?;
         tensors.insert(name, t);
     }
-    Ok((tensors, metadata))
+    Ok(FileContents {
+        tensors,
+        metadata,
+        sha256,
+    })
 }
 
 /// peft's scale of one module, `lora_alpha / r` (`/ √r` with rsLoRA), from the metadata's
@@ -268,8 +284,12 @@ pub fn read_adapter(
     label: &str,
     cfg: &Flux2TransformerConfig,
     warn: &mut dyn FnMut(String),
-) -> Result<(Converted, PeftConfig)> {
-    let (tensors, metadata) = read_tensors(path, label)?;
+) -> Result<(Converted, PeftConfig, String)> {
+    let FileContents {
+        tensors,
+        metadata,
+        sha256,
+    } = read_tensors(path, label)?;
     if tensors.is_empty() {
         bail!("LoRA file {label} holds no tensors");
     }
@@ -355,7 +375,7 @@ pub fn read_adapter(
             }
         }
     }
-    Ok((converted, config))
+    Ok((converted, config, sha256))
 }
 
 /// Text-encoder adapter keys: diffusers' `text_encoder.` prefix, kohya's `lora_te…`.

@@ -279,6 +279,7 @@ pub fn check_request(request: &Request) -> Result<()> {
     if let Some(guidance) = request.guidance {
         limits::check_guidance(guidance)?;
     }
+    limits::check_adapter_count(request.adapters.len())?;
     limits::check_reference_count(request.references.len())
 }
 
