@@ -118,8 +118,8 @@ fn a_batch_with_and_without_adapters_equals_separate_runs() {
         flux2_klein::image_io::sha256_file(&weights).unwrap(),
         std::fs::metadata(&weights).unwrap().modified().unwrap(),
     );
-    // Separate runs.
-    assert_ok(&generate(
+    // Separate runs. The file's text-encoder keys are skipped with a warning, as diffusers does.
+    let o = generate(
         dir.path(),
         &[
             "-p",
@@ -129,7 +129,13 @@ fn a_batch_with_and_without_adapters_equals_separate_runs() {
             "-o",
             "sep_lora.png",
         ],
-    ));
+    );
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("warning: LoRA file k.safetensors: 3 text-encoder keys skipped"),
+        "{}",
+        stderr(&o)
+    );
     assert_ok(&generate(dir.path(), &["-p", GIFU, "-o", "sep_base.png"]));
     // One batch: adapter, none, adapter again (the transformer is re-merged each time the set
     // changes), with and without --resident.
@@ -260,6 +266,13 @@ fn bad_adapter_files_fail_with_one_line() {
         assert_error_line(&o, 1, needles);
         assert_no_output(&dir, &inputs);
     }
+    // More adapters than one image may take.
+    let mut args = vec!["-p", "x"];
+    for _ in 0..17 {
+        args.extend(["--lora", "te.safetensors"]);
+    }
+    let o = generate(dir.path(), &args);
+    assert_error_line(&o, 1, &["17 LoRA adapters", "16"]);
     // A scale that is not a finite number is a usage error.
     for bad in [
         "te.safetensors:nan",
