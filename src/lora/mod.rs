@@ -3,8 +3,8 @@
 //! (`W + s·ΔW` in f32 on the device, then cast), so a denoising step costs the same with or
 //! without adapters.
 //!
-//! * [`formats`]: the key layouts (diffusers/peft, ai-toolkit, BFL-PEFT, kohya, LoKr) →
-//!   per-module deltas;
+//! * [`formats`]: the key layouts (diffusers/peft, ai-toolkit, BFL-PEFT; kohya and LoKr in
+//!   their own files) → per-module deltas;
 //! * [`read`]: the file (safetensors, size cap, diffusers' metadata) and the checks against
 //!   the model (names, ranks, shapes) before anything loads;
 //! * [`merge`]: the `VarBuilder` backend that adds the deltas as each weight loads.
@@ -13,6 +13,8 @@
 //! scale); the pipeline reloads the transformer when the next request's set differs.
 
 pub mod formats;
+mod kohya;
+mod lokr;
 pub mod merge;
 pub mod read;
 

@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::safetensors::Load;
 use candle_core::{Device, Tensor};
 
-use super::formats::{convert, first_keys, Converted, Delta, Factor, LoraFormat};
+use super::formats::{convert, detect, first_keys, Converted, Delta, Factor, LoraFormat};
 use crate::transformer::Flux2TransformerConfig;
 
 /// The largest adapter file read (a rank-256 adapter of the 9B model is ~2 GiB in bf16).
@@ -300,7 +300,9 @@ pub fn read_adapter(
         ));
     }
     let names: Vec<String> = tensors.keys().cloned().collect();
-    let converted = convert(tensors).map_err(|e| anyhow!("LoRA file {label}: {e}"))?;
+    let detected = detect(tensors.keys());
+    let converted = convert(tensors)
+        .map_err(|e| anyhow!("LoRA file {label} ({} layout): {e}", detected.name()))?;
     let format = converted.format;
     if converted.modules.is_empty() {
         let what = if converted.skipped.iter().all(|k| is_text_encoder_key(k))
