@@ -1,8 +1,9 @@
 //! Merging adapters into the transformer's weights as they load: a `VarBuilder` backend over
 //! the checkpoint's backend that, when the model asks for a weight some adapter targets,
 //! loads it in f32 on the device, adds `Σ s·ΔW` (computed there in f32), and casts it to
-//! the model's dtype. One layer at a time, so the extra memory is one weight's f32 copy and
-//! its delta; the files on disk are only read.
+//! the model's dtype. One weight at a time, so the extra memory is a few f32 copies of that
+//! one weight (the weight, its delta, their sum), never of the model; the files on disk are
+//! only read.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};

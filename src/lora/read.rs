@@ -384,3 +384,31 @@ pub fn read_adapter(
 fn is_text_encoder_key(k: &str) -> bool {
     k.starts_with("text_encoder") || k.starts_with("lora_te")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peft_scales_from_metadata() {
+        let meta = serde_json::json!({
+            "transformer.r": 4,
+            "transformer.lora_alpha": 8,
+            "transformer.rank_pattern": {"proj_out": 2, "^transformer_blocks.0.attn.to_q": 8},
+            "transformer.alpha_pattern": {"proj_out": 1},
+        });
+        let c = PeftConfig::from_metadata(Some(&meta), "x").unwrap();
+        assert_eq!(c.module("transformer_blocks.1.attn.to_k"), (Some(4.0), 2.0));
+        assert_eq!(c.module("proj_out"), (Some(2.0), 0.5));
+        assert_eq!(c.module("transformer_blocks.0.attn.to_q"), (Some(8.0), 1.0));
+        let rs = serde_json::json!({"transformer.r": 16, "transformer.lora_alpha": 8,
+            "transformer.use_rslora": true});
+        let c = PeftConfig::from_metadata(Some(&rs), "x").unwrap();
+        assert_eq!(c.module("proj_out"), (Some(16.0), 2.0));
+        assert_eq!(PeftConfig::default().module("proj_out"), (None, 1.0));
+        let dora = serde_json::json!({"transformer.use_dora": true});
+        assert!(PeftConfig::from_metadata(Some(&dora), "x").is_err());
+        let bad = serde_json::json!({"transformer.lora_alpha": "big"});
+        assert!(PeftConfig::from_metadata(Some(&bad), "x").is_err());
+    }
+}
