@@ -12,6 +12,9 @@
 //! let mut request = Request::new("a red fox in snow, golden hour", 42); // prompt, seed
 //! request.width = Some(512);
 //! request.height = Some(512);
+//! // Optionally a LoRA/LoKr adapter at scale 0.8, merged into the transformer as it loads:
+//! let lora = std::sync::Arc::new(pipeline.load_lora("style.safetensors")?);
+//! request.adapters.push(flux2_klein::lora::AppliedLora { lora, scale: 0.8 });
 //! let mut events = Vec::new(); // stages, steps and warnings, as they happen
 //! let out = pipeline.generate(&request, &mut |event| events.push(event))?;
 //! flux2_klein::image_io::save_image("fox.png", &out.image, &[])?;
@@ -40,6 +43,7 @@
 pub mod image_io;
 pub mod latents;
 pub mod limits;
+pub mod lora;
 pub mod model_dir;
 pub mod noise;
 pub mod ops;

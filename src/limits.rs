@@ -39,6 +39,10 @@ pub const MAX_REFERENCES: usize = 10;
 pub const MAX_IMAGES_PER_RUN: usize = 100_000;
 /// The largest image file read (a reference, an image to compare or read settings from).
 pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
+/// The most LoRA adapters applied to one image (their deltas add up).
+pub const MAX_ADAPTERS_PER_IMAGE: usize = 16;
+/// The most distinct LoRA files one run reads (each is held in memory for the run).
+pub const MAX_ADAPTER_FILES_PER_RUN: usize = 64;
 /// The largest prompt file read.
 pub const MAX_PROMPT_FILE_BYTES: u64 = 16 << 20;
 /// The most text read from an image's metadata (PNG text chunks after inflating, EXIF).
@@ -131,6 +135,13 @@ pub fn check_steps(steps: usize) -> Result<()> {
 pub fn check_guidance(guidance: f64) -> Result<()> {
     if !(guidance.is_finite() && guidance >= 0.0) {
         bail!("guidance {guidance} is not a finite number ≥ 0");
+    }
+    Ok(())
+}
+
+pub fn check_adapter_count(n: usize) -> Result<()> {
+    if n > MAX_ADAPTERS_PER_IMAGE {
+        bail!("{n} LoRA adapters for one image is more than the {MAX_ADAPTERS_PER_IMAGE} allowed");
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
@@ -276,6 +277,18 @@ impl ModelDir {
         let files = self.weights(component)?;
         var_builder(&files, dtype, device)
             .with_context(|| format!("loading the {component} weights of {}", self.id))
+    }
+
+    /// A component's weight files, checked ([`check_weight_file`]) and memory-mapped: the
+    /// backend that wrapping backends (fp8 quantisation, LoRA merging) read through.
+    pub fn mmaped(&self, component: &str) -> Result<MmapedSafetensors> {
+        let files = self.weights(component)?;
+        for f in &files {
+            check_weight_file(f)?;
+        }
+        // SAFETY: the weight files are memory-mapped read-only and not modified while mapped.
+        unsafe { MmapedSafetensors::multi(&files) }
+            .with_context(|| format!("opening the {component} weights of {}", self.id))
     }
 
     /// The safetensors files of a component: the single file, or every shard named by the

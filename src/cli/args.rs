@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use flux2_klein::limits::{MAX_IMAGES_PER_RUN, MAX_STEPS, MIN_OUTPUT_SIDE};
+use flux2_klein::lora::LoraSpec;
 use flux2_klein::model_dir::DEFAULT_MODEL;
 
 /// The smallest output side: diffusers accepts any multiple of 16 (`pipeline::resolve_size`;
@@ -136,7 +137,7 @@ pub struct PromptArgs {
     /// are skipped), or a JSON object per line with per-image settings ({"prompt": …,
     /// "seed": …, "width": …, "height": …, "ref": […], "output": …, "negative_prompt": …,
     /// "steps": …, "guidance": …, "init_image": …, "mask": …, "strength": …,
-    /// "padding_mask_crop": …}). The models load once for all of them.
+    /// "padding_mask_crop": …, "lora": ["a.safetensors:0.8", {"path": …, "scale": …}]}). The models load once for all of them.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["prompt", "config_from_metadata"])]
     pub prompt_file: Option<PathBuf>,
 
@@ -250,6 +251,18 @@ pub struct SamplingArgs {
     /// larger sizes are refused before anything loads.
     #[arg(long, value_name = "MP", default_value_t = 4.0, value_parser = parse_max_area)]
     pub max_area: f64,
+
+    /// LoRA/LoKr adapter for the transformer, PATH[:SCALE] (repeatable: the deltas add up,
+    /// each at its scale) [default scale: 1]. A local .safetensors file, or a hub file as
+    /// owner/repo/file.safetensors or hf://owner/repo/file.safetensors. diffusers/peft,
+    /// ai-toolkit, BFL-PEFT, kohya/musubi and LoKr layouts; merged into the weights at load.
+    #[arg(long = "lora", value_name = "PATH[:SCALE]", value_parser = parse_lora)]
+    pub loras: Vec<LoraSpec>,
+}
+
+/// `--lora PATH[:SCALE]`: the scale a finite number.
+fn parse_lora(s: &str) -> Result<LoraSpec, String> {
+    LoraSpec::parse(s)
 }
 
 #[derive(Debug, Clone, Args)]

@@ -55,6 +55,8 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
 
     // --- Model, loaded once. ---
     let mut pipeline = load_pipeline(&args.model, &args.sampling, options, reporter)?;
+    let adapters = super::common::Adapters::load(&pipeline, &args.sampling.loras, reporter)?
+        .applied(&args.sampling.loras);
 
     // With --init-image the init image (and mask) are resized to each size, which the output
     // then has.
@@ -91,6 +93,7 @@ pub fn run(args: &BenchArgs, reporter: &mut Reporter) -> Result<()> {
             guidance: args.sampling.guidance,
             seed: args.seed,
             init,
+            adapters: adapters.clone(),
         })
     };
     let verbose = reporter.verbosity() >= Verbosity::Verbose;
@@ -266,9 +269,15 @@ fn header(args: &BenchArgs, pipeline: &Pipeline, settings: Settings) -> String {
     if let Some(q) = o.quantize {
         weights.push_str(&format!(", quantize: {}", q.name()));
     }
+    let loras: String = args
+        .sampling
+        .loras
+        .iter()
+        .map(|l| format!(", LoRA {}:{}", l.source, l.scale))
+        .collect();
     format!(
         "model: {}{weights}, device: {}, dtype: {} (VAE {}), attention: {}, steps: {}, \
-         guidance: {}, runs: {} (+{} warmup){}, seed: {}",
+         guidance: {}, runs: {} (+{} warmup){}, seed: {}{loras}",
         pipeline.model.label(),
         device_name(&o.device),
         dtype_name(o.dtype),
@@ -446,6 +455,7 @@ fn to_json(
         "quantize": o.quantize.map(|q| q.name()),
         "prompt": args.prompt,
         "references": args.refs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "loras": args.sampling.loras.iter().map(|l| json!({"path": l.source, "scale": l.scale})).collect::<Vec<_>>(),
         "steps": settings.steps,
         "guidance": settings.guidance,
         "seed": args.seed,

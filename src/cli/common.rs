@@ -127,3 +127,53 @@ mod tests {
         );
     }
 }
+
+/// The adapter files of a run, each read and checked once (by the name it was given).
+#[derive(Default)]
+pub struct Adapters {
+    by_source: std::collections::BTreeMap<String, std::sync::Arc<flux2_klein::lora::Lora>>,
+}
+
+impl Adapters {
+    /// Reads every adapter in `specs` (repeats once), checked against the pipeline's
+    /// transformer; what diffusers skips is warned about here.
+    pub fn load<'a>(
+        pipeline: &Pipeline,
+        specs: impl IntoIterator<Item = &'a flux2_klein::lora::LoraSpec>,
+        reporter: &mut Reporter,
+    ) -> Result<Self> {
+        let mut out = Self::default();
+        for spec in specs {
+            if out.by_source.contains_key(&spec.source) {
+                continue;
+            }
+            let lora = pipeline.load_lora(&spec.source)?;
+            for w in flux2_klein::ops::take_warnings() {
+                reporter.warn(&w);
+            }
+            reporter.detail(&format!(
+                "LoRA {} ({} layout, {} modules)",
+                spec.source,
+                lora.format.name(),
+                lora.modules().count()
+            ));
+            out.by_source
+                .insert(spec.source.clone(), std::sync::Arc::new(lora));
+        }
+        Ok(out)
+    }
+
+    /// The adapters of `specs`, each at its scale (all were loaded by [`Adapters::load`]).
+    pub fn applied(
+        &self,
+        specs: &[flux2_klein::lora::LoraSpec],
+    ) -> Vec<flux2_klein::lora::AppliedLora> {
+        specs
+            .iter()
+            .map(|s| flux2_klein::lora::AppliedLora {
+                lora: self.by_source[&s.source].clone(),
+                scale: s.scale,
+            })
+            .collect()
+    }
+}

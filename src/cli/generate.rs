@@ -77,6 +77,12 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
 
     // --- Model. ---
     let mut pipeline = load_pipeline(&model_args, &args.sampling, options, reporter)?;
+    // Every adapter read and checked against the model before any weights load.
+    let adapters = super::common::Adapters::load(
+        &pipeline,
+        jobs.iter().flat_map(|j| j.loras(&args.sampling.loras)),
+        reporter,
+    )?;
     if args.fixed_seed().is_none() && jobs.iter().any(|j| j.seed.is_none()) {
         reporter.info(&format!("seed {first_seed}"));
     }
@@ -99,6 +105,7 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
             guidance: image.job.guidance.or(args.sampling.guidance),
             seed: image.seed,
             init: job_init(image.job, &jobs, &inits).map(|i| init_images.request(i)),
+            adapters: adapters.applied(image.job.loras(&args.sampling.loras)),
         })
         .collect();
     let run = RunInfo::of(
@@ -355,6 +362,19 @@ impl RunInfo {
             transformer: self.transformer.as_ref().map(|(name, _)| name.clone()),
             transformer_sha256: self.transformer.as_ref().map(|(_, hash)| hash.clone()),
             quantize: self.quantize.map(str::to_string),
+            loras: request
+                .adapters
+                .iter()
+                .map(|a| flux2_klein::lora::LoraSpec {
+                    source: a.lora.label.clone(),
+                    scale: a.scale,
+                })
+                .collect(),
+            loras_sha256: request
+                .adapters
+                .iter()
+                .map(|a| a.lora.sha256.clone())
+                .collect(),
             device: Some(self.device.clone()),
             dtype: Some(self.dtype.to_string()),
             vae_dtype: self.vae_dtype.map(str::to_string),
@@ -430,6 +450,9 @@ fn result_json(
         "init_image": recorded.init_image,
         "mask": recorded.mask,
         "strength": recorded.strength,
+        "loras": recorded.loras.iter().zip(&recorded.loras_sha256).map(|(l, h)| serde_json::json!({
+            "path": l.source, "scale": l.scale, "sha256": h,
+        })).collect::<Vec<_>>(),
         "model": recorded.model,
         "revision": recorded.revision,
         "timings_ms": {

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
 use flux2_klein::limits::{MAX_IMAGES_PER_RUN, MAX_PROMPT_FILE_BYTES};
+use flux2_klein::lora::LoraSpec;
 
 use super::args::{parse_guidance, parse_side, parse_strength, PromptArgs};
 use super::metadata::Recorded;
@@ -47,6 +48,9 @@ pub struct PromptJob {
     pub padding_mask_crop: Option<u32>,
     /// Output path of this job's images (else --output), with `{seed}` / `{index}`.
     pub output: Option<PathBuf>,
+    /// Adapters of this job (else --lora; `[]` for none).
+    #[serde(default, deserialize_with = "lora_list")]
+    pub lora: Option<Vec<LoraSpec>>,
     /// The 1-based prompt-file line it came from (for messages).
     #[serde(skip)]
     pub line: Option<usize>,
@@ -68,6 +72,7 @@ impl PromptJob {
             strength: None,
             padding_mask_crop: None,
             output: None,
+            lora: None,
             line: None,
         }
     }
@@ -91,6 +96,7 @@ impl PromptJob {
             strength: recorded.strength,
             padding_mask_crop: recorded.padding_mask_crop,
             output: None,
+            lora: Some(recorded.loras.clone()),
             line: None,
         }
     }
@@ -111,11 +117,27 @@ impl PromptJob {
             .into_iter()
             .flatten()
             .for_each(under);
+        // An adapter names a local file or a hub file (`owner/repo/file`, `hf://…`): a
+        // relative name is the prompt file's neighbour when such a file exists there.
+        for lora in self.lora.iter_mut().flatten() {
+            let beside = dir.join(&lora.source);
+            if !lora.source.starts_with("hf://")
+                && Path::new(&lora.source).is_relative()
+                && beside.is_file()
+            {
+                lora.source = beside.display().to_string();
+            }
+        }
     }
 
     /// This job's reference paths: its own, else `default` (the `--ref`s).
     pub fn refs<'a>(&'a self, default: &'a [PathBuf]) -> &'a [PathBuf] {
         self.refs.as_deref().unwrap_or(default)
+    }
+
+    /// This job's adapters: its own, else `default` (the `--lora`s).
+    pub fn loras<'a>(&'a self, default: &'a [LoraSpec]) -> &'a [LoraSpec] {
+        self.lora.as_deref().unwrap_or(default)
     }
 
     /// The same range checks as the command-line options (their value parsers and
@@ -138,6 +160,26 @@ impl PromptJob {
         }
         Ok(())
     }
+}
+
+/// A prompt file's `lora` list: `"PATH[:SCALE]"` strings or `{"path": …, "scale": …}`.
+fn lora_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<LoraSpec>>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged, deny_unknown_fields)]
+    enum Entry {
+        Spec(String),
+        Full { path: String, scale: Option<f64> },
+    }
+    let entries = <Vec<Entry> as serde::Deserialize>::deserialize(d)?;
+    entries
+        .into_iter()
+        .map(|e| match e {
+            Entry::Spec(s) => LoraSpec::parse(&s),
+            Entry::Full { path, scale } => LoraSpec::new(&path, scale.unwrap_or(1.0)),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("\"lora\": {e}")))
 }
 
 fn saturate(v: usize) -> u32 {
@@ -328,6 +370,18 @@ mod tests {
             parse_prompt_lines("{\"seed\": 1}").is_err(),
             "prompt is required"
         );
+        let jobs = parse_prompt_lines(
+            "{\"prompt\": \"l\", \"lora\": [\"a.safetensors:0.5\", {\"path\": \"b\", \"scale\": 2}]}",
+        )
+        .unwrap();
+        let got: Vec<_> = jobs[0]
+            .loras(&[])
+            .iter()
+            .map(|s| (s.source.as_str(), s.scale))
+            .collect();
+        assert_eq!(got, [("a.safetensors", 0.5), ("b", 2.0)]);
+        let (_, err) = parse_prompt_lines("{\"prompt\": \"l\", \"lora\": [\"a:x\"]}").unwrap_err();
+        assert!(err.contains("not a number"), "{err}");
     }
 
     #[test]

@@ -42,6 +42,20 @@ pub fn check_jobs(jobs: &[PromptJob], args: &GenerateArgs) -> Result<()> {
             .map_err(|e| anyhow!("{}{e}", origin(job, args)))?;
         limits::check_reference_count(job.refs(&args.refs).len())
             .map_err(|e| anyhow!("{}{e} — use fewer references", origin(job, args)))?;
+        limits::check_adapter_count(job.loras(&args.sampling.loras).len())
+            .map_err(|e| anyhow!("{}{e} — use fewer --lora", origin(job, args)))?;
+    }
+    let files: std::collections::BTreeSet<&str> = jobs
+        .iter()
+        .flat_map(|j| j.loras(&args.sampling.loras))
+        .map(|l| l.source.as_str())
+        .collect();
+    if files.len() > limits::MAX_ADAPTER_FILES_PER_RUN {
+        return Err(anyhow!(
+            "{} distinct LoRA files is more than the {} one run reads — split the prompt file",
+            files.len(),
+            limits::MAX_ADAPTER_FILES_PER_RUN
+        ));
     }
     Ok(())
 }

@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
+use flux2_klein::lora::LoraSpec;
 
 pub const PROMPT: &str = "prompt";
 /// Only when classifier-free guidance ran with a non-empty negative prompt.
@@ -39,6 +40,10 @@ pub const TRANSFORMER: &str = "transformer";
 pub const TRANSFORMER_SHA256: &str = "transformer_sha256";
 /// `--quantize` (`fp8`), only when given.
 pub const QUANTIZE: &str = "quantize";
+/// The adapters (names as given), their SHA-256s and scales, one per line, in one order.
+pub const LORAS: &str = "loras";
+pub const LORAS_SHA256: &str = "loras_sha256";
+pub const LORA_SCALES: &str = "lora_scales";
 pub const DEVICE: &str = "device";
 pub const DTYPE: &str = "dtype";
 /// Only when `--vae-dtype` was given.
@@ -72,6 +77,9 @@ pub struct Recorded {
     pub transformer: Option<String>,
     pub transformer_sha256: Option<String>,
     pub quantize: Option<String>,
+    /// The adapters (name as given, scale) and each file's SHA-256.
+    pub loras: Vec<LoraSpec>,
+    pub loras_sha256: Vec<String>,
     pub device: Option<String>,
     pub dtype: Option<String>,
     pub vae_dtype: Option<String>,
@@ -111,6 +119,11 @@ impl Recorded {
         put(TRANSFORMER, self.transformer.clone());
         put(TRANSFORMER_SHA256, self.transformer_sha256.clone());
         put(QUANTIZE, self.quantize.clone());
+        let sources: Vec<String> = self.loras.iter().map(|l| l.source.clone()).collect();
+        let scales: Vec<String> = self.loras.iter().map(|l| l.scale.to_string()).collect();
+        put(LORAS, lines(&sources));
+        put(LORAS_SHA256, lines(&self.loras_sha256));
+        put(LORA_SCALES, lines(&scales));
         put(DEVICE, self.device.clone());
         put(DTYPE, self.dtype.clone());
         put(VAE_DTYPE, self.vae_dtype.clone());
@@ -156,6 +169,25 @@ impl Recorded {
                     .ok_or(format!("its size {v:?} is not WxH"))
             })
             .transpose()?;
+        let sources = lines(LORAS);
+        let scales = lines(LORA_SCALES);
+        if scales.len() != sources.len() {
+            return Err(format!(
+                "its {LORAS} and {LORA_SCALES} have {} and {} lines",
+                sources.len(),
+                scales.len()
+            ));
+        }
+        let loras = sources
+            .iter()
+            .zip(&scales)
+            .map(|(src, scale)| {
+                let s: f64 = scale
+                    .parse()
+                    .map_err(|_| format!("its LoRA scale {scale:?} is not a number"))?;
+                LoraSpec::new(src, s).map_err(|e| format!("its {LORAS}: {e}"))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         Ok(Self {
             prompt: prompt.to_string(),
             negative_prompt: owned(NEGATIVE_PROMPT),
@@ -177,6 +209,8 @@ impl Recorded {
             transformer: owned(TRANSFORMER),
             transformer_sha256: owned(TRANSFORMER_SHA256),
             quantize: owned(QUANTIZE),
+            loras,
+            loras_sha256: lines(LORAS_SHA256),
             device: owned(DEVICE),
             dtype: owned(DTYPE),
             vae_dtype: owned(VAE_DTYPE),
@@ -269,6 +303,11 @@ mod tests {
             transformer: Some("black-forest-labs/FLUX.2-klein-4b-fp8".into()),
             transformer_sha256: Some("97ed".into()),
             quantize: Some("fp8".into()),
+            loras: vec![
+                LoraSpec::new("style.safetensors", 0.8).unwrap(),
+                LoraSpec::new("o/r/b.safetensors", -1.0).unwrap(),
+            ],
+            loras_sha256: vec!["aa".into(), "bb".into()],
             device: Some("cuda:0".into()),
             dtype: Some("bf16".into()),
             vae_dtype: Some("f32".into()),
@@ -320,6 +359,9 @@ mod tests {
                 ("transformer", "black-forest-labs/FLUX.2-klein-4b-fp8"),
                 ("transformer_sha256", "97ed"),
                 ("quantize", "fp8"),
+                ("loras", "style.safetensors\no/r/b.safetensors"),
+                ("loras_sha256", "aa\nbb"),
+                ("lora_scales", "0.8\n-1"),
                 ("device", "cuda:0"),
                 ("dtype", "bf16"),
                 ("vae_dtype", "f32"),

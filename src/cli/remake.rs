@@ -48,6 +48,14 @@ pub fn job_from_metadata(
             recorded.mask_sha256.as_deref(),
         ));
     }
+    // A local adapter file is looked for next to the image too; a hub name stays as recorded.
+    for (i, lora) in recorded.loras.iter_mut().enumerate() {
+        let sha = recorded.loras_sha256.get(i).map(String::as_str);
+        let found = resolve_recorded_path(png, &lora.source, sha);
+        if Path::new(&found).is_file() {
+            lora.source = found;
+        }
+    }
     let applied = with_recorded_model(args, &recorded, png)?;
     let args = &applied;
     let mut job = PromptJob::from_recorded(&recorded);
@@ -90,6 +98,9 @@ pub fn job_from_metadata(
     }
     if a.padding_mask_crop.is_some() {
         job.padding_mask_crop = None;
+    }
+    if !args.sampling.loras.is_empty() {
+        job.lora = None;
     }
 
     let model = args.model.source.model_id();
@@ -139,6 +150,23 @@ pub fn job_from_metadata(
                 "the reference {name} {state} {}, so the image will differ",
                 png.display()
             ));
+        }
+    }
+    if args.sampling.loras.is_empty() {
+        for (lora, hash) in recorded.loras.iter().zip(&recorded.loras_sha256) {
+            // A hub file that is not in the cache counts as unchanged (it is fetched by name).
+            let Ok(path) = flux2_klein::lora::resolve(&lora.source) else {
+                continue;
+            };
+            match flux2_klein::image_io::sha256_file(&path) {
+                Ok(now) if now == *hash => {}
+                _ => reporter.warn(&format!(
+                    "the LoRA file {} has changed (another SHA-256) since {}, so the image will \
+                     differ",
+                    lora.source,
+                    png.display()
+                )),
+            }
         }
     }
     Ok((job, applied, recorded))

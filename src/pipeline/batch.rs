@@ -491,6 +491,8 @@ fn denoise(
         Some((init, _, _)) => inpaint::scale_noise(init, &noise, schedule.sigmas[0])?,
         None => noise.clone(),
     };
+    // A request with other adapters than the resident transformer's reloads it.
+    pipeline.use_adapters(&job.request.adapters);
     let latents = with_component(
         pipeline,
         TRANSFORMER,

@@ -32,12 +32,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use candle_nn::var_builder::SimpleBackend;
 
 pub use batch::BATCH_CHUNK;
 pub use cancel::{Cancel, Cancelled};
 pub use inpaint::InitImage;
 
 use crate::limits;
+use crate::lora::{AppliedLora, Lora};
 use crate::model_dir::{ModelDir, PipelineKind};
 use crate::ops::KernelOptions;
 use crate::scheduler::SchedulerConfig;
@@ -146,6 +148,9 @@ pub struct Request {
     /// Inpainting / image-to-image (diffusers' `Flux2KleinInpaintPipeline`): the output has
     /// the init image's size, so `width`/`height` must be `None`.
     pub init: Option<InitImage>,
+    /// LoRA/LoKr adapters merged into the transformer for this request, each at its scale
+    /// (their deltas add up); requests with another set reload the transformer.
+    pub adapters: Vec<AppliedLora>,
 }
 
 impl Request {
@@ -160,6 +165,7 @@ impl Request {
             guidance: None,
             seed,
             init: None,
+            adapters: Vec::new(),
         }
     }
 }
@@ -312,6 +318,7 @@ pub fn check_request(request: &Request) -> Result<()> {
     if let Some(guidance) = request.guidance {
         limits::check_guidance(guidance)?;
     }
+    limits::check_adapter_count(request.adapters.len())?;
     limits::check_reference_count(request.references.len())
 }
 
@@ -362,6 +369,8 @@ pub struct Pipeline {
     transformer: Option<Flux2Transformer>,
     vae_encoder: Option<AutoencoderKLFlux2>,
     vae_decoder: Option<AutoencoderKLFlux2>,
+    /// The adapters merged into `transformer` (or into the next one to load).
+    transformer_adapters: Vec<AppliedLora>,
     /// Warnings of [`Pipeline::open`], not yet delivered.
     pending_warnings: Vec<String>,
 }
@@ -413,6 +422,7 @@ impl Pipeline {
             transformer: None,
             vae_encoder: None,
             vae_decoder: None,
+            transformer_adapters: Vec::new(),
             pending_warnings,
         })
     }
@@ -505,41 +515,75 @@ impl Pipeline {
     }
 
     fn load_transformer(&self) -> Result<Flux2Transformer> {
-        let (dtype, device, keep) = (
-            self.options.dtype,
-            &self.options.device,
-            self.options.keep_fp8,
-        );
-        let vb = match (&self.transformer_file, self.options.quantize) {
-            (None, None) => self.var_builder("transformer", dtype)?,
-            (Some(file), None) => candle_nn::VarBuilder::from_backend(
-                Box::new(file.backend(keep)),
-                dtype,
-                device.clone(),
-            ),
-            (Some(file), Some(Quantization::Fp8)) => {
-                let skip = file.clone();
-                let backend =
-                    QuantizeFp8::new(file.backend(keep), quantize::is_transformer_block_linear)
-                        .skipping(move |name| skip.is_fp8(name))
-                        .keeping_fp8(keep);
-                candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+        let (dtype, device) = (self.options.dtype, &self.options.device);
+        // Adapters merge into dequantised weights: fp8 layers are kept as stored only without.
+        let keep = self.options.keep_fp8 && self.transformer_adapters.is_empty();
+        let backend: Option<Box<dyn SimpleBackend>> =
+            match (&self.transformer_file, self.options.quantize) {
+                (None, None) => None,
+                (Some(file), None) => Some(Box::new(file.backend(keep))),
+                (Some(file), Some(Quantization::Fp8)) => {
+                    let skip = file.clone();
+                    Some(Box::new(
+                        QuantizeFp8::new(file.backend(keep), quantize::is_transformer_block_linear)
+                            .skipping(move |name| skip.is_fp8(name))
+                            .keeping_fp8(keep),
+                    ))
+                }
+                (None, Some(Quantization::Fp8)) => Some(Box::new(
+                    QuantizeFp8::new(
+                        self.model.mmaped("transformer")?,
+                        quantize::is_transformer_block_linear,
+                    )
+                    .keeping_fp8(keep),
+                )),
+            };
+        let mut pending = None;
+        let vb = match backend {
+            None if self.transformer_adapters.is_empty() => {
+                self.var_builder("transformer", dtype)?
             }
-            (None, Some(Quantization::Fp8)) => {
-                let files = self.model.weights("transformer")?;
-                // SAFETY: the weight files are memory-mapped read-only and not modified.
-                let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
-                let backend =
-                    QuantizeFp8::new(st, quantize::is_transformer_block_linear).keeping_fp8(keep);
-                candle_nn::VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+            backend => {
+                let backend = match backend {
+                    Some(b) => b,
+                    None => Box::new(self.model.mmaped("transformer")?),
+                };
+                match self.transformer_adapters.as_slice() {
+                    [] => candle_nn::VarBuilder::from_backend(backend, dtype, device.clone()),
+                    adapters => {
+                        let (vb, left) =
+                            crate::lora::merging_var_builder(backend, adapters, dtype, device);
+                        pending = Some(left);
+                        vb
+                    }
+                }
             }
         };
         let what = match &self.transformer_file {
             Some(file) => format!("the transformer file {}", file.path().display()),
             None => format!("the transformer weights of {}", self.model.id),
         };
-        Flux2Transformer::load(vb, &self.transformer_config)
-            .with_context(|| format!("loading {what}"))
+        let model = Flux2Transformer::load(vb, &self.transformer_config)
+            .with_context(|| format!("loading {what}"))?;
+        if let Some(left) = pending {
+            crate::lora::check_all_merged(&left)?;
+        }
+        Ok(model)
+    }
+
+    /// Reads and checks an adapter file (local, or `owner/repo/file` on the hub) against this
+    /// model's transformer; apply it through [`Request::adapters`].
+    pub fn load_lora(&self, source: &str) -> Result<Lora> {
+        Lora::open(source, &self.transformer_config)
+    }
+
+    /// Makes `adapters` the set the transformer carries: a resident transformer merged with
+    /// another set is dropped, to be reloaded from the unchanged files.
+    fn use_adapters(&mut self, adapters: &[AppliedLora]) {
+        if self.transformer_adapters.as_slice() != adapters {
+            self.transformer = None;
+            self.transformer_adapters = adapters.to_vec();
+        }
     }
 
     fn load_vae(&self, parts: VaeParts) -> Result<AutoencoderKLFlux2> {
