@@ -71,7 +71,7 @@ json.dump(index, open(sys.argv[2], "w"), indent=2)
 PYEOF
 
 # 4. Component fixtures (each script documents what it writes).
-for script in foundation_fixtures.py image_fixtures.py text_fixtures.py bfl_fixture.py vae_tiled_fixture.py pipeline_fixtures.py inpaint_fixtures.py kv_fixtures.py config_fixtures.py fp8_fixtures.py lora_fixtures.py; do
+for script in foundation_fixtures.py image_fixtures.py text_fixtures.py bfl_fixture.py vae_tiled_fixture.py pipeline_fixtures.py inpaint_fixtures.py kv_fixtures.py config_fixtures.py fp8_fixtures.py lora_fixtures.py lora_fp8_fixtures.py; do
   if [ -f "$HERE/$script" ]; then
     echo "[fixtures] $script"
     (cd "$ROOT" && "$PY" "$HERE/$script")
