@@ -108,6 +108,18 @@ fn config_variant(dir: &TempDir, name: &str, component: &str, key: &str, value: 
     })
 }
 
+/// Every failure-path run here goes through `cli::command_in`, which caps its data segment:
+/// an allocation sized by untrusted input aborts there (exit 134) rather than succeeding on a
+/// big machine. The cap is really applied to the child:
+#[test]
+fn runs_are_memory_capped() {
+    let mut sh = std::process::Command::new("sh");
+    sh.args(["-c", "ulimit -d"]);
+    let o = cli::limit_memory(&mut sh).output().unwrap();
+    let kib: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    assert_eq!(kib * 1024, cli::DATA_LIMIT_BYTES);
+}
+
 #[test]
 fn output_area_is_bounded_before_anything_loads() {
     let dir = TempDir::new("limits-area");

@@ -23,8 +23,34 @@ fn check_binary() {
     );
 }
 
+/// The data (heap and anonymous memory) a run through [`command_in`] may use. The tiny models
+/// need a few hundred MiB; an allocation sized by untrusted input (a forged image header, a
+/// config's `in_channels`, `-W 16384`) needs far more, so it aborts the child (exit 134)
+/// instead of passing unnoticed on a machine with memory to spare.
+pub const DATA_LIMIT_BYTES: u64 = 4 << 30;
+
+/// Caps `cmd`'s data segment at [`DATA_LIMIT_BYTES`] (`RLIMIT_DATA`, which counts what is
+/// written, not the address space reserved for thread stacks and malloc arenas).
+pub fn limit_memory(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: DATA_LIMIT_BYTES as libc::rlim_t,
+                rlim_max: DATA_LIMIT_BYTES as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// The binary in `dir` with a clean model environment (no `FLUX2_KLEIN_MODEL`, an empty
-/// offline HF cache in `dir/.hf-home`) so that nothing can reach the network or a real model.
+/// offline HF cache in `dir/.hf-home`) so that nothing can reach the network or a real model,
+/// and its memory capped ([`limit_memory`]).
 pub fn command_in(dir: &Path, args: &[&str]) -> Command {
     check_binary();
     let hf_home = dir.join(".hf-home");
@@ -36,6 +62,7 @@ pub fn command_in(dir: &Path, args: &[&str]) -> Command {
         .env_remove("HF_TOKEN")
         .env("HF_HOME", &hf_home)
         .env("HF_HUB_OFFLINE", "1");
+    limit_memory(&mut cmd);
     cmd
 }
 
