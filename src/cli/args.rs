@@ -133,11 +133,15 @@ pub struct PromptArgs {
     #[arg(short, long, value_name = "TEXT")]
     pub prompt: Option<String>,
 
-    /// Batch mode: one prompt per line (`-` = stdin; blank lines and lines starting with `#`
-    /// are skipped), or a JSON object per line with per-image settings ({"prompt": …,
+    /// Batch mode: one prompt per line (blank lines and lines starting with `#` are
+    /// skipped), or a JSON object per line with per-image settings ({"prompt": …,
     /// "seed": …, "width": …, "height": …, "ref": […], "output": …, "negative_prompt": …,
     /// "steps": …, "guidance": …, "init_image": …, "mask": …, "strength": …,
-    /// "padding_mask_crop": …, "lora": ["a.safetensors:0.8", {"path": …, "scale": …}]}). The models load once for all of them.
+    /// "padding_mask_crop": …, "lora": ["a.safetensors:0.8", {"path": …, "scale": …}]}). The
+    /// models load once for all of them. `-` streams stdin: each line's images start as soon
+    /// as it arrives (the models stay loaded), `{index}` is not zero-padded and the default
+    /// name is flux2-klein-{index}-{seed}.png (the total is not known); a bad line stops the
+    /// run (exit 1) after the images before it.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["prompt", "config_from_metadata"])]
     pub prompt_file: Option<PathBuf>,
 
@@ -336,6 +340,19 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub resident: bool,
 
+    /// Run only part K of N of the batch (1 ≤ K ≤ N): the prompts (prompt-file lines, or the
+    /// one --prompt) whose number i (1, 2, …) satisfies i ≡ K (mod N). Every image keeps the
+    /// seed and output name it has in the whole run, so N runs (a Slurm or Kubernetes job
+    /// array) together make exactly the images of one run.
+    #[arg(long, value_name = "K/N", value_parser = parse_shard)]
+    pub shard: Option<Shard>,
+
+    /// Skip the images whose output file exists already (e.g. when re-running a job array
+    /// after failures); nothing loads when all of them exist. Needs fixed seeds (--seed N, or a
+    /// "seed" on every prompt-file line): with random ones the names would change.
+    #[arg(long)]
+    pub skip_existing: bool,
+
     /// For scripts: one JSON object per image on stdout (one line each, as the image is
     /// written) instead of its path: path, prompt, seed, width, height, steps, guidance,
     /// references, model and the per-stage times in milliseconds.
@@ -470,6 +487,27 @@ impl GenerateArgs {
     }
 }
 
+/// `--shard K/N`: part `k` (1-based) of `n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub k: usize,
+    pub n: usize,
+}
+
+impl Shard {
+    /// Whether the job with 0-based index `job` is in this part: its number i = job + 1
+    /// satisfies i ≡ K (mod N).
+    pub fn runs(&self, job: usize) -> bool {
+        job % self.n == self.k - 1
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.k, self.n)
+    }
+}
+
 /// `--size WxH`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Size {
@@ -543,6 +581,17 @@ fn parse_seed(s: &str) -> Result<SeedArg, String> {
             )
         }),
     }
+}
+
+fn parse_shard(s: &str) -> Result<Shard, String> {
+    let error = || format!("expected K/N, part K of N with 1 ≤ K ≤ N (e.g. 2/8), got {s:?}");
+    let (k, n) = s.trim().split_once('/').ok_or_else(error)?;
+    let number = |v: &str| v.trim().parse::<usize>().map_err(|_| error());
+    let (k, n) = (number(k)?, number(n)?);
+    if k == 0 || k > n {
+        return Err(error());
+    }
+    Ok(Shard { k, n })
 }
 
 fn parse_size(s: &str) -> Result<Size, String> {
@@ -634,6 +683,14 @@ mod tests {
             .unwrap_err()
             .contains("-1 for a random one"));
         assert!(parse_count("0").is_err());
+        assert_eq!(parse_shard("2/3"), Ok(Shard { k: 2, n: 3 }));
+        assert_eq!(parse_shard("1/1"), Ok(Shard { k: 1, n: 1 }));
+        for bad in ["0/3", "4/3", "a/b", "3", "1/0", "-1/3", ""] {
+            assert!(parse_shard(bad).unwrap_err().contains("K/N"), "{bad}");
+        }
+        let shard = Shard { k: 3, n: 3 };
+        let jobs: Vec<usize> = (0..7).filter(|&j| shard.runs(j)).collect();
+        assert_eq!(jobs, [2, 5], "jobs 3 and 6");
         assert!(parse_count("blurry, lowres")
             .unwrap_err()
             .contains("--negative-prompt"));

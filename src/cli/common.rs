@@ -143,6 +143,19 @@ impl Adapters {
         reporter: &mut Reporter,
     ) -> Result<Self> {
         let mut out = Self::default();
+        out.add(pipeline, specs, reporter)?;
+        Ok(out)
+    }
+
+    /// Reads the adapters of `specs` not read yet (a stream of prompts brings them one job at
+    /// a time), as [`Adapters::load`].
+    pub fn add<'a>(
+        &mut self,
+        pipeline: &Pipeline,
+        specs: impl IntoIterator<Item = &'a flux2_klein::lora::LoraSpec>,
+        reporter: &mut Reporter,
+    ) -> Result<()> {
+        let out = self;
         for spec in specs {
             if out.by_source.contains_key(&spec.source) {
                 continue;
@@ -160,7 +173,7 @@ impl Adapters {
             out.by_source
                 .insert(spec.source.clone(), std::sync::Arc::new(lora));
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The adapters of `specs`, each at its scale (all were loaded by [`Adapters::load`]).

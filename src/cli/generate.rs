@@ -4,22 +4,25 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use flux2_klein::image_io::save_image_with_quality;
-use flux2_klein::pipeline::{uses_cfg, Generated, Pipeline, Request};
+use flux2_klein::limits::MAX_IMAGES_PER_RUN;
+use flux2_klein::pipeline::{uses_cfg, Cancelled, Generated, Pipeline, Request};
 
 use super::args::GenerateArgs;
 use super::common::{floor_side, floored, load_pipeline, print_stdout, warn_many_refs};
 use super::device::{device_name, dtype_name, pipeline_options};
-use super::init_images::{job_init, InitImages, InitPaths};
+use super::init_images::{InitImages, InitPaths};
 use super::jobs::{self, PromptJob};
 use super::metadata::Recorded;
-use super::output::check_outputs;
 use super::progress::{fmt_bytes, fmt_duration, Reporter};
 use super::references::{Loaded, Origin};
 
 pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
+    if args.prompt.prompt_file.as_deref() == Some(Path::new("-")) {
+        return run_streamed(args, reporter);
+    }
     // --- Cheap checks, before any weights are touched. ---
     // With --config-from-metadata, the arguments with the recorded model settings filled in.
     let applied: GenerateArgs;
@@ -33,36 +36,51 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
         None => (jobs::read(&args.prompt, reporter)?, args, None),
     };
     super::limits::check_jobs(&jobs, args)?;
+    if let Some(job) = jobs.iter().find(|j| random_seed_of(j, args)) {
+        bail!("{}", needs_fixed_seeds(job));
+    }
     let first_seed = args.fixed_seed().unwrap_or_else(random_seed);
     let images = jobs::expand(&jobs, args.count, first_seed, args.output.as_deref());
+    // Every image's name as the whole run gives it, then the images this run makes: those of
+    // its shard, less those written already.
+    let paths = super::output::plan_outputs(&images, reporter)?;
+    let count = args.count as usize;
+    let mut selected: Vec<usize> = (0..images.len())
+        .filter(|&i| args.shard.is_none_or(|s| s.runs(i / count)))
+        .collect();
+    if let Some(shard) = args.shard {
+        reporter.info(&format!(
+            "shard {shard}: {} of {}",
+            selected.len(),
+            plural(images.len(), "image")
+        ));
+    }
+    if args.skip_existing {
+        let before = selected.len();
+        selected.retain(|&i| !paths[i].is_file());
+        report_skipped(before - selected.len(), reporter);
+    }
+    if selected.is_empty() {
+        return Ok(());
+    }
+    let mut job_ids: Vec<usize> = selected.iter().map(|&i| i / count).collect();
+    job_ids.dedup();
     let inits = jobs
         .iter()
         .map(|job| InitPaths::of(job, args))
         .collect::<Result<Vec<_>>>()?;
+    // Any job's inputs, not only this part's: no part may overwrite what another reads.
     let inputs: Vec<&Path> = jobs
         .iter()
-        .flat_map(|job| job.refs(&args.refs))
-        .map(PathBuf::as_path)
-        .chain(
-            inits
-                .iter()
-                .flatten()
-                .flat_map(|i| std::iter::once(i.init.as_path()).chain(i.mask.as_deref())),
-        )
+        .zip(&inits)
+        .flat_map(|(job, init)| job_inputs(job, init.as_ref(), args))
         .collect();
-    let outputs = check_outputs(&images, &inputs, reporter)?;
-    let references = load_references(&jobs, args, reporter)?;
-    let mut init_images = InitImages::default();
-    for init in inits.iter().flatten() {
-        init_images.add(init)?;
-    }
-    super::limits::check_sizes(&jobs, args, &references)?;
-    let width = args
-        .width
-        .map(|w| floored("--width", w, floor_side, reporter));
-    let height = args
-        .height
-        .map(|h| floored("--height", h, floor_side, reporter));
+    let written: Vec<&Path> = selected.iter().map(|&i| paths[i].as_path()).collect();
+    super::output::check_written(&written, &inputs, reporter)?;
+    let part_jobs: Vec<&PromptJob> = job_ids.iter().map(|&j| &jobs[j]).collect();
+    let part_inits: Vec<Option<&InitPaths>> = job_ids.iter().map(|&j| inits[j].as_ref()).collect();
+    let loaded = Inputs::load(&part_jobs, &part_inits, args, reporter)?;
+    let size = floored_size(args, reporter);
     // --config-from-metadata: the recorded transformer file and quantisation, unless given.
     let mut model_args = args.model.clone();
     if let Some(image) = &args.prompt.config_from_metadata {
@@ -80,57 +98,319 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     // Every adapter read and checked against the model before any weights load.
     let adapters = super::common::Adapters::load(
         &pipeline,
-        jobs.iter().flat_map(|j| j.loras(&args.sampling.loras)),
+        part_jobs.iter().flat_map(|j| j.loras(&args.sampling.loras)),
         reporter,
     )?;
-    if args.fixed_seed().is_none() && jobs.iter().any(|j| j.seed.is_none()) {
+    if part_jobs.iter().any(|j| random_seed_of(j, args)) {
         reporter.info(&format!("seed {first_seed}"));
     }
-    report_settings(args, &jobs, images.len(), &pipeline, reporter);
+    warn_ignored_negative(args, part_jobs.iter().copied(), &pipeline, reporter);
+    report_model(args, &pipeline, reporter);
+    if selected.len() > 1 {
+        reporter.info(&format!(
+            "{} images ({} × {})",
+            selected.len(),
+            plural(part_jobs.len(), "prompt"),
+            args.count
+        ));
+    }
 
     // --- Images. ---
-    let requests: Vec<Request> = images
-        .iter()
-        .map(|image| Request {
-            prompt: image.job.prompt.clone(),
-            negative_prompt: negative_prompt(image.job, args)
-                .cloned()
-                .unwrap_or_default(),
-            references: references.get(image.job.refs(&args.refs)),
-            // A job's own size is floored (with a warning) by the pipeline.
-            width: image.job.width.or(width).map(|w| w as usize),
-            height: image.job.height.or(height).map(|h| h as usize),
-            // Unset: the checkpoint's defaults (the pipeline's).
-            steps: image.job.steps.or(args.sampling.steps).map(|s| s as usize),
-            guidance: image.job.guidance.or(args.sampling.guidance),
-            seed: image.seed,
-            init: job_init(image.job, &jobs, &inits).map(|i| init_images.request(i)),
-            adapters: adapters.applied(image.job.loras(&args.sampling.loras)),
-        })
-        .collect();
+    let part = Part {
+        requests: selected
+            .iter()
+            .map(|&i| {
+                let j = i / count;
+                let init = inits[j].as_ref();
+                request(
+                    &jobs[j],
+                    images[i].seed,
+                    init,
+                    &loaded,
+                    &adapters,
+                    size,
+                    args,
+                )
+            })
+            .collect(),
+        outputs: selected.iter().map(|&i| paths[i].clone()).collect(),
+        indices: selected,
+        inputs: loaded,
+    };
     let run = RunInfo::of(
         &pipeline,
         model_args.transformer.as_deref(),
-        references,
-        init_images,
         args.jpeg_quality,
     )?;
-    write_images(
-        &mut pipeline,
-        &requests,
-        &outputs,
-        &run,
-        args.json,
-        reporter,
+    write_images(&mut pipeline, &part, &run, args.json, reporter)
+}
+
+/// `generate --prompt-file -`: each line's images are made as soon as the line arrives,
+/// with the models loaded once (at the first image) and kept loaded. The checks of a file's
+/// run apply line by line; an image's number (`{index}`) counts the images of the lines read
+/// so far, not zero-padded, as the total is not known.
+fn run_streamed(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
+    let first_seed = args.fixed_seed().unwrap_or_else(random_seed);
+    let size = floored_size(args, reporter);
+    let mut options = Some(pipeline_options(&args.model, true)?);
+    let cancel = super::signals::install();
+    if let Some(o) = &mut options {
+        o.cancel = cancel.clone();
+    }
+    let mut pipeline: Option<(Pipeline, RunInfo)> = None;
+    let mut adapters = super::common::Adapters::default();
+    let mut adapter_files = std::collections::BTreeSet::new();
+    let mut names = super::output::OutputNames::default();
+    let mut prompts = jobs::StdinPrompts::start(reporter);
+    let count = args.count as usize;
+    let mut seed_reported = false;
+    // Jobs read; images of the lines read, of this shard, skipped, and written.
+    let (mut jobs_read, mut planned, mut in_shard, mut skipped) = (0usize, 0, 0, 0);
+    let written = std::cell::Cell::new(0);
+    // A cancelled part reports the counts of the whole run.
+    let whole_run = |e: anyhow::Error, total: usize| match e.downcast_ref::<Cancelled>() {
+        Some(c) => Cancelled {
+            finished: written.get(),
+            total,
+            reason: c.reason,
+        }
+        .into(),
+        None => e,
+    };
+    while let Some(job) = prompts
+        .next(&cancel)
+        .map_err(|e| whole_run(e, in_shard - skipped))?
+    {
+        let line = job.line.unwrap_or(0);
+        let index = jobs_read;
+        jobs_read += 1;
+        if jobs_read.saturating_mul(count) > MAX_IMAGES_PER_RUN {
+            bail!(
+                "stdin line {line}: more than {MAX_IMAGES_PER_RUN} images in one run — split \
+                 the prompts into several runs or lower -n"
+            );
+        }
+        super::limits::check_jobs(std::slice::from_ref(&job), args)?;
+        adapter_files.extend(
+            job.loras(&args.sampling.loras)
+                .iter()
+                .map(|l| l.source.clone()),
+        );
+        if adapter_files.len() > flux2_klein::limits::MAX_ADAPTER_FILES_PER_RUN {
+            bail!(
+                "stdin line {line}: more than {} distinct LoRA files in one run — split the \
+                 prompts into several runs",
+                flux2_klein::limits::MAX_ADAPTER_FILES_PER_RUN
+            );
+        }
+        if random_seed_of(&job, args) && args.skip_existing {
+            bail!("stdin line {line}: {}", needs_fixed_seeds(&job));
+        }
+        // Every line's names are checked, also those of other shards (as in a file's run).
+        let template = job.output.as_deref().or(args.output.as_deref());
+        let seed = job.seed.unwrap_or(first_seed);
+        let mut images = Vec::with_capacity(count);
+        for c in 0..count {
+            let i = index * count + c;
+            let seed = seed.wrapping_add(c as u64);
+            let path = super::output::streamed_output_path(template, seed, i);
+            let inserted = names.insert(i, &path, template, None);
+            for w in names.take_warnings() {
+                reporter.warn(&w);
+            }
+            inserted?;
+            images.push((i, seed, path));
+        }
+        planned += count;
+        if args.shard.is_some_and(|s| !s.runs(index)) {
+            continue;
+        }
+        in_shard += count;
+        if args.skip_existing {
+            let before = images.len();
+            images.retain(|(_, _, path)| !path.is_file());
+            skipped += before - images.len();
+        }
+        if images.is_empty() {
+            continue;
+        }
+        let init = InitPaths::of(&job, args)?;
+        let inputs: Vec<&Path> = job_inputs(&job, init.as_ref(), args).collect();
+        let outputs: Vec<&Path> = images.iter().map(|(_, _, p)| p.as_path()).collect();
+        super::output::check_written(&outputs, &inputs, reporter)?;
+        let loaded = Inputs::load(&[&job], &[init.as_ref()], args, reporter)?;
+        let (pipeline, run) = match &mut pipeline {
+            Some(p) => p,
+            None => {
+                let options = options.take().expect("the pipeline is opened once");
+                let p = load_pipeline(&args.model, &args.sampling, options, reporter)?;
+                report_model(args, &p, reporter);
+                let run = RunInfo::of(&p, args.model.transformer.as_deref(), args.jpeg_quality)?;
+                pipeline.insert((p, run))
+            }
+        };
+        if !seed_reported && random_seed_of(&job, args) {
+            reporter.info(&format!("seed {first_seed}"));
+            seed_reported = true;
+        }
+        adapters.add(pipeline, job.loras(&args.sampling.loras), reporter)?;
+        warn_ignored_negative(args, [&job], pipeline, reporter);
+        let part = Part {
+            requests: images
+                .iter()
+                .map(|&(_, seed, _)| {
+                    request(&job, seed, init.as_ref(), &loaded, &adapters, size, args)
+                })
+                .collect(),
+            indices: images.iter().map(|(i, _, _)| *i).collect(),
+            outputs: images.into_iter().map(|(_, _, p)| p).collect(),
+            inputs: loaded,
+        };
+        let total = in_shard - skipped;
+        let done = written.get();
+        write_images(pipeline, &part, run, args.json, reporter).map_err(|e| {
+            // The images of this part written before it stopped.
+            if let Some(c) = e.downcast_ref::<Cancelled>() {
+                written.set(done + c.finished);
+            }
+            whole_run(e, total)
+        })?;
+        written.set(done + part.requests.len());
+    }
+    if jobs_read == 0 {
+        bail!("{}", jobs::no_prompts(Path::new("-")));
+    }
+    if let Some(shard) = args.shard {
+        reporter.info(&format!(
+            "shard {shard}: {in_shard} of {}",
+            plural(planned, "image")
+        ));
+    }
+    report_skipped(skipped, reporter);
+    Ok(())
+}
+
+/// Whether `job`'s images get a random seed (no `--seed N` and no seed of its own).
+fn random_seed_of(job: &PromptJob, args: &GenerateArgs) -> bool {
+    args.fixed_seed().is_none() && job.seed.is_none()
+}
+
+/// The error of `--skip-existing` with random seeds (`job` has one).
+fn needs_fixed_seeds(job: &PromptJob) -> String {
+    let which = match job.line {
+        Some(line) => format!(" (line {line} has no \"seed\")"),
+        None => String::new(),
+    };
+    format!(
+        "--skip-existing needs fixed seeds: pass --seed N, or a \"seed\" on every prompt-file \
+         line{which}; with random seeds the names and images change from run to run"
     )
 }
 
-/// Runs the batch and writes each image as it comes, then reports it (its path, or with
-/// `--json` its record, on stdout).
+/// "skipped 3 existing images", when any were.
+fn report_skipped(skipped: usize, reporter: &Reporter) {
+    if skipped > 0 {
+        reporter.info(&format!(
+            "skipped {} (--skip-existing)",
+            plural(skipped, "existing image")
+        ));
+    }
+}
+
+/// `-W/-H`, floored to multiples of 16 (with a warning when that changes them).
+fn floored_size(args: &GenerateArgs, reporter: &mut Reporter) -> (Option<u32>, Option<u32>) {
+    let width = args
+        .width
+        .map(|w| floored("--width", w, floor_side, reporter));
+    let height = args
+        .height
+        .map(|h| floored("--height", h, floor_side, reporter));
+    (width, height)
+}
+
+/// The files `job` reads: its references, init image and mask.
+fn job_inputs<'a>(
+    job: &'a PromptJob,
+    init: Option<&'a InitPaths>,
+    args: &'a GenerateArgs,
+) -> impl Iterator<Item = &'a Path> {
+    job.refs(&args.refs).iter().map(PathBuf::as_path).chain(
+        init.into_iter()
+            .flat_map(|i| std::iter::once(i.init.as_path()).chain(i.mask.as_deref())),
+    )
+}
+
+/// The decoded inputs of some jobs of a run (their references, init images and masks), each
+/// file checked and hashed once.
+struct Inputs {
+    references: Loaded,
+    inits: InitImages,
+}
+
+impl Inputs {
+    /// Loads the inputs of `jobs` (`inits`: theirs, in order) and checks the jobs' output
+    /// sizes, which can depend on the first reference.
+    fn load(
+        jobs: &[&PromptJob],
+        inits: &[Option<&InitPaths>],
+        args: &GenerateArgs,
+        reporter: &mut Reporter,
+    ) -> Result<Self> {
+        let references = load_references(jobs, args, reporter)?;
+        let mut init_images = InitImages::default();
+        for init in inits.iter().flatten() {
+            init_images.add(init)?;
+        }
+        for &job in jobs {
+            super::limits::check_sizes(std::slice::from_ref(job), args, &references)?;
+        }
+        Ok(Self {
+            references,
+            inits: init_images,
+        })
+    }
+}
+
+/// The request of one image of `job`.
+fn request(
+    job: &PromptJob,
+    seed: u64,
+    init: Option<&InitPaths>,
+    inputs: &Inputs,
+    adapters: &super::common::Adapters,
+    (width, height): (Option<u32>, Option<u32>),
+    args: &GenerateArgs,
+) -> Request {
+    Request {
+        prompt: job.prompt.clone(),
+        negative_prompt: negative_prompt(job, args).cloned().unwrap_or_default(),
+        references: inputs.references.get(job.refs(&args.refs)),
+        // A job's own size is floored (with a warning) by the pipeline.
+        width: job.width.or(width).map(|w| w as usize),
+        height: job.height.or(height).map(|h| h as usize),
+        // Unset: the checkpoint's defaults (the pipeline's).
+        steps: job.steps.or(args.sampling.steps).map(|s| s as usize),
+        guidance: job.guidance.or(args.sampling.guidance),
+        seed,
+        init: init.map(|i| inputs.inits.request(i)),
+        adapters: adapters.applied(job.loras(&args.sampling.loras)),
+    }
+}
+
+/// Images of a run for one `generate_batch`: the whole run, or one line of a stream.
+struct Part {
+    requests: Vec<Request>,
+    outputs: Vec<PathBuf>,
+    /// Each image's 0-based number in the whole run (`{index}`, the `--json` record's).
+    indices: Vec<usize>,
+    inputs: Inputs,
+}
+
+/// Runs the part's batch and writes each image as it comes, then reports it (its path, or
+/// with `--json` its record, on stdout).
 fn write_images(
     pipeline: &mut Pipeline,
-    requests: &[Request],
-    outputs: &[PathBuf],
+    part: &Part,
     run: &RunInfo,
     json: bool,
     reporter: &mut Reporter,
@@ -139,11 +419,11 @@ fn write_images(
     // Progress events and the per-image callback both report.
     let reporter = std::cell::RefCell::new(reporter);
     pipeline.generate_batch(
-        requests,
+        &part.requests,
         &mut |e| reporter.borrow_mut().event(e),
-        &mut |index, generated| {
-            let (path, request) = (&outputs[index], &requests[index]);
-            let recorded = run.recorded(request, &generated);
+        &mut |i, generated| {
+            let (path, request) = (&part.outputs[i], &part.requests[i]);
+            let recorded = run.recorded(request, &generated, &part.inputs);
             super::output::create_parent(path)?;
             save_image_with_quality(
                 path,
@@ -160,6 +440,7 @@ fn write_images(
             }
             summarize(&generated, &device, &reporter);
             let line = if json {
+                let index = part.indices[i];
                 result_json(run, request, &recorded, &generated, path, index).to_string()
             } else {
                 flux2_klein::text::escape_control(&path.display().to_string()).into_owned()
@@ -171,12 +452,12 @@ fn write_images(
 
 /// Each job's references, checked and hashed (each distinct file once).
 fn load_references(
-    jobs: &[PromptJob],
+    jobs: &[&PromptJob],
     args: &GenerateArgs,
     reporter: &mut Reporter,
 ) -> Result<Loaded> {
     let mut loaded = Loaded::default();
-    for job in jobs {
+    for &job in jobs {
         let origin = match (&job.refs, job.line, &args.prompt) {
             (None, ..) => Origin::Flag,
             (Some(_), Some(line), p) => Origin::PromptFile {
@@ -202,28 +483,20 @@ fn negative_prompt<'a>(job: &'a PromptJob, args: &'a GenerateArgs) -> Option<&'a
         .or(args.negative_prompt.as_ref())
 }
 
-/// The run's settings on stderr: a warning for each negative prompt that will be ignored, the
-/// model and settings (`-v`), and the batch size.
-fn report_settings(
+/// A warning for each job whose negative prompt will be ignored (no classifier-free
+/// guidance runs).
+fn warn_ignored_negative<'a>(
     args: &GenerateArgs,
-    jobs: &[PromptJob],
-    images: usize,
+    jobs: impl IntoIterator<Item = &'a PromptJob>,
     pipeline: &Pipeline,
     reporter: &mut Reporter,
 ) {
-    let kind = if pipeline.is_distilled() {
-        "distilled"
-    } else {
-        "base"
-    };
-    // What the pipeline resolves an unset value to (its defaults), for the messages.
-    let guidance_of = |job: &PromptJob| {
-        job.guidance
-            .or(args.sampling.guidance)
-            .unwrap_or_else(|| pipeline.default_guidance())
-    };
     for job in jobs {
-        let guidance = guidance_of(job);
+        // What the pipeline resolves an unset value to (its default), for the message.
+        let guidance = job
+            .guidance
+            .or(args.sampling.guidance)
+            .unwrap_or_else(|| pipeline.default_guidance());
         if !pipeline.uses_cfg(guidance) && negative_prompt(job, args).is_some_and(|p| !p.is_empty())
         {
             reporter.warn(&format!(
@@ -239,6 +512,15 @@ fn report_settings(
             ));
         }
     }
+}
+
+/// The model and the run's settings on stderr (`-v`).
+fn report_model(args: &GenerateArgs, pipeline: &Pipeline, reporter: &mut Reporter) {
+    let kind = if pipeline.is_distilled() {
+        "distilled"
+    } else {
+        "base"
+    };
     let steps = args
         .sampling
         .steps
@@ -255,13 +537,6 @@ fn report_settings(
         dtype_name(pipeline.options.vae_dtype()),
         plural(steps, "step"),
     ));
-    if images > 1 {
-        reporter.info(&format!(
-            "{images} images ({} × {})",
-            plural(jobs.len(), "prompt"),
-            args.count
-        ));
-    }
 }
 
 /// Seeds a user can type back: 0 ..= u32::MAX (any u64 is accepted by `--seed`).
@@ -294,18 +569,10 @@ struct RunInfo {
     /// `--transformer` as given and its file's SHA-256.
     transformer: Option<(String, String)>,
     quantize: Option<&'static str>,
-    references: Loaded,
-    inits: InitImages,
 }
 
 impl RunInfo {
-    fn of(
-        pipeline: &Pipeline,
-        transformer: Option<&str>,
-        references: Loaded,
-        inits: InitImages,
-        jpeg_quality: u8,
-    ) -> Result<Self> {
+    fn of(pipeline: &Pipeline, transformer: Option<&str>, jpeg_quality: u8) -> Result<Self> {
         let o = &pipeline.options;
         let transformer = match (transformer, &o.transformer_file) {
             (Some(name), Some(path)) => Some((
@@ -326,13 +593,12 @@ impl RunInfo {
             jpeg_quality,
             transformer,
             quantize: o.quantize.map(|q| q.name()),
-            references,
-            inits,
         })
     }
 
-    /// The settings that reproduce the image (the PNG's metadata, the `--json` record).
-    fn recorded(&self, request: &Request, generated: &Generated) -> Recorded {
+    /// The settings that reproduce the image (the PNG's metadata, the `--json` record);
+    /// `inputs` holds its references' and init images' hashes.
+    fn recorded(&self, request: &Request, generated: &Generated, inputs: &Inputs) -> Recorded {
         let names: Vec<String> = request.references.iter().map(|r| r.name.clone()).collect();
         let init = request.init.as_ref();
         let mask = init.and_then(|i| i.mask.as_ref());
@@ -350,13 +616,13 @@ impl RunInfo {
             // Content hashes, so a golden image records exactly which inputs made it.
             references_sha256: names
                 .iter()
-                .map(|n| self.references.sha256[n].clone())
+                .map(|n| inputs.references.sha256[n].clone())
                 .collect(),
             references: names,
             init_image: init.map(|i| i.name.clone()),
-            init_image_sha256: init.map(|i| self.inits.sha256[&i.name].clone()),
+            init_image_sha256: init.map(|i| inputs.inits.sha256[&i.name].clone()),
             mask: mask.map(|m| m.name.clone()),
-            mask_sha256: mask.map(|m| self.inits.sha256[&m.name].clone()),
+            mask_sha256: mask.map(|m| inputs.inits.sha256[&m.name].clone()),
             strength: init.map(|i| i.strength),
             padding_mask_crop: init.and_then(|i| i.padding_mask_crop),
             transformer: self.transformer.as_ref().map(|(name, _)| name.clone()),

@@ -94,16 +94,6 @@ impl InitPaths {
     }
 }
 
-/// The init settings of `job` (one of `jobs`, in the order of `inits`).
-pub(super) fn job_init<'a>(
-    job: &PromptJob,
-    jobs: &[PromptJob],
-    inits: &'a [Option<InitPaths>],
-) -> Option<&'a InitPaths> {
-    let i = jobs.iter().position(|j| std::ptr::eq(j, job))?;
-    inits[i].as_ref()
-}
-
 /// The init images and masks of a run, each file decoded and hashed once.
 #[derive(Default)]
 pub(super) struct InitImages {

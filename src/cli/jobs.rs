@@ -11,12 +11,14 @@
 //! Relative paths in a prompt file are relative to the file's directory (stdin's: the current
 //! directory), so a prompt file and its images can move together.
 
-use std::io::{IsTerminal, Read};
+use std::io::{BufRead, IsTerminal, Read};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use flux2_klein::limits::{MAX_IMAGES_PER_RUN, MAX_PROMPT_FILE_BYTES};
 use flux2_klein::lora::LoraSpec;
+use flux2_klein::pipeline::{Cancel, Cancelled};
 
 use super::args::{parse_guidance, parse_side, parse_strength, PromptArgs};
 use super::metadata::Recorded;
@@ -203,39 +205,135 @@ pub fn read(args: &PromptArgs, reporter: &Reporter) -> Result<Vec<PromptJob>> {
         }
         return Ok(vec![PromptJob::plain(prompt.to_string())]);
     };
-    let text = if path.as_os_str() == "-" {
-        read_stdin(reporter, "one prompt per line, then Ctrl-D")?
-    } else {
-        // A regular file, capped (a FIFO or /dev/zero would hang or fill memory).
-        let bytes =
-            flux2_klein::limits::read_regular_file(path, MAX_PROMPT_FILE_BYTES, "prompt file")
-                .map_err(|e| match path.exists() {
-                    true => e,
-                    false => anyhow!("{e} — check the path (or pass - for stdin)"),
-                })?;
-        String::from_utf8(bytes).map_err(|_| {
-            anyhow!(
-                "the prompt file {} is not UTF-8 text — save it as UTF-8",
-                path.display()
-            )
-        })?
-    };
+    // (`generate` streams `--prompt-file -` line by line: [`StdinPrompts`].)
+    // A regular file, capped (a FIFO or /dev/zero would hang or fill memory).
+    let bytes = flux2_klein::limits::read_regular_file(path, MAX_PROMPT_FILE_BYTES, "prompt file")
+        .map_err(|e| match path.exists() {
+            true => e,
+            false => anyhow!("{e} — check the path (or pass - for stdin)"),
+        })?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        anyhow!(
+            "the prompt file {} is not UTF-8 text — save it as UTF-8",
+            path.display()
+        )
+    })?;
     let mut jobs = parse_prompt_lines(&text)
         .map_err(|(line, e)| anyhow!("prompt file {} line {line}: {e}", path.display()))?;
-    if path.as_os_str() != "-" {
-        let dir = path.parent().unwrap_or(Path::new(""));
-        for job in &mut jobs {
-            job.resolve_paths(dir);
-        }
+    let dir = path.parent().unwrap_or(Path::new(""));
+    for job in &mut jobs {
+        job.resolve_paths(dir);
     }
     if jobs.is_empty() {
-        bail!(
-            "the prompt file {} has no prompts — write one per line (blank lines and lines \
-             starting with # are skipped)",
-            path.display()
-        );
+        bail!("{}", no_prompts(path));
     }
     Ok(jobs)
+}
+
+/// The error of a prompt file (`-`: stdin) without a prompt.
+pub fn no_prompts(path: &Path) -> String {
+    format!(
+        "the prompt file {} has no prompts — write one per line (blank lines and lines \
+         starting with # are skipped)",
+        path.display()
+    )
+}
+
+/// The longest line `--prompt-file -` takes: stdin is read a line at a time, so a line is
+/// capped on its own (before it is held in memory) rather than the whole stream.
+pub const MAX_STDIN_LINE_BYTES: usize = 1 << 20;
+
+/// The prompts of `--prompt-file -`, each job as soon as its line arrives. A thread reads
+/// stdin, so that the caller can notice a signal (SIGINT is restarted, not delivered as an
+/// error, while a read waits) and stop between lines; it reads at most a few lines ahead.
+pub struct StdinPrompts {
+    lines: std::sync::mpsc::Receiver<Result<(usize, String)>>,
+}
+
+impl StdinPrompts {
+    /// Starts reading stdin; on a terminal, first says so.
+    pub fn start(reporter: &Reporter) -> Self {
+        if std::io::stdin().is_terminal() {
+            reporter.info("reading prompts from stdin: one per line, Ctrl-D to finish");
+        }
+        let (send, lines) = std::sync::mpsc::sync_channel(4);
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            for number in 1.. {
+                let line = read_line(&mut stdin, number);
+                let end = !matches!(line, Ok(Some(_)));
+                if let Some(line) = line.transpose() {
+                    if send.send(line.map(|l| (number, l))).is_err() {
+                        return;
+                    }
+                }
+                if end {
+                    return;
+                }
+            }
+        });
+        Self { lines }
+    }
+
+    /// The next job (`None` at the end of stdin), its `line` set: blank lines and comments
+    /// are skipped as in a prompt file; a line that is not a prompt is an error naming it.
+    /// While no line comes, `cancel` is polled: once set, the error is
+    /// `pipeline::Cancelled` (its counts left for the caller to fill in).
+    pub fn next(&mut self, cancel: &Cancel) -> Result<Option<PromptJob>> {
+        use std::sync::mpsc::RecvTimeoutError;
+        loop {
+            let (number, text) = match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => line?,
+                Err(RecvTimeoutError::Disconnected) => return Ok(None),
+                Err(RecvTimeoutError::Timeout) => match cancel.reason() {
+                    Some(reason) => {
+                        return Err(Cancelled {
+                            finished: 0,
+                            total: 0,
+                            reason,
+                        }
+                        .into())
+                    }
+                    None => continue,
+                },
+            };
+            // A byte-order mark can only start the stream.
+            let text = match number {
+                1 => text.strip_prefix('\u{feff}').unwrap_or(&text),
+                _ => &text,
+            };
+            if let Some(job) =
+                parse_line(text, number).map_err(|e| anyhow!("stdin line {number}: {e}"))?
+            {
+                return Ok(Some(job));
+            }
+        }
+    }
+}
+
+/// Line `number` of `input` without its line break, at most [`MAX_STDIN_LINE_BYTES`] read
+/// (`None` at the end).
+fn read_line(input: &mut impl BufRead, number: usize) -> Result<Option<String>> {
+    let mut bytes = Vec::new();
+    let cap = MAX_STDIN_LINE_BYTES as u64 + 1;
+    let read = input
+        .take(cap)
+        .read_until(b'\n', &mut bytes)
+        .context("reading prompts from stdin")?;
+    if read == 0 {
+        return Ok(None);
+    }
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+    } else if bytes.len() > MAX_STDIN_LINE_BYTES {
+        bail!(
+            "stdin line {number} is longer than {} MiB — shorten the prompt",
+            MAX_STDIN_LINE_BYTES >> 20
+        );
+    }
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| anyhow!("stdin line {number} is not UTF-8 text — pipe in UTF-8"))
 }
 
 /// All of stdin as text; on a terminal, first a hint that it is waiting (`what` to type).
@@ -273,24 +371,9 @@ pub fn parse_prompt_lines(text: &str) -> Result<Vec<PromptJob>, (usize, String)>
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut jobs = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let line = line.trim_end();
-        let trimmed = line.trim_start();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
+        let Some(job) = parse_line(line, i + 1).map_err(|e| (i + 1, e))? else {
             continue;
-        }
-        let mut job = if let Some(literal) = trimmed.strip_prefix('\\') {
-            // The escape: the rest is the prompt as written (leading blanks kept).
-            let blanks = line.len() - trimmed.len();
-            PromptJob::plain(format!("{}{literal}", &line[..blanks]))
-        } else if trimmed.starts_with('{') {
-            let job: PromptJob =
-                serde_json::from_str(trimmed).map_err(|e| (i + 1, e.to_string()))?;
-            job.check().map_err(|e| (i + 1, e))?;
-            job
-        } else {
-            PromptJob::plain(line.to_string())
         };
-        job.line = Some(i + 1);
         if jobs.len() == MAX_IMAGES_PER_RUN {
             return Err((
                 i + 1,
@@ -300,6 +383,28 @@ pub fn parse_prompt_lines(text: &str) -> Result<Vec<PromptJob>, (usize, String)>
         jobs.push(job);
     }
     Ok(jobs)
+}
+
+/// The job of prompt-file line `number` (1-based; `None` for a blank line or a comment).
+pub fn parse_line(line: &str, number: usize) -> Result<Option<PromptJob>, String> {
+    let line = line.trim_end();
+    let trimmed = line.trim_start();
+    if trimmed.is_empty() || trimmed.starts_with('#') {
+        return Ok(None);
+    }
+    let mut job = if let Some(literal) = trimmed.strip_prefix('\\') {
+        // The escape: the rest is the prompt as written (leading blanks kept).
+        let blanks = line.len() - trimmed.len();
+        PromptJob::plain(format!("{}{literal}", &line[..blanks]))
+    } else if trimmed.starts_with('{') {
+        let job: PromptJob = serde_json::from_str(trimmed).map_err(|e| e.to_string())?;
+        job.check()?;
+        job
+    } else {
+        PromptJob::plain(line.to_string())
+    };
+    job.line = Some(number);
+    Ok(Some(job))
 }
 
 /// One image of a run.
@@ -424,6 +529,29 @@ mod tests {
             parse_prompt_lines("\u{feff}first").unwrap(),
             vec![plain("first", 1)]
         );
+    }
+
+    #[test]
+    fn stdin_lines_are_capped_before_they_are_held() {
+        let mut input = std::io::Cursor::new(b"a fox\r\nlast".to_vec());
+        assert_eq!(
+            read_line(&mut input, 1).unwrap().as_deref(),
+            Some("a fox\r")
+        );
+        assert_eq!(read_line(&mut input, 2).unwrap().as_deref(), Some("last"));
+        assert_eq!(read_line(&mut input, 3).unwrap(), None);
+        let mut long = vec![b'x'; MAX_STDIN_LINE_BYTES];
+        long.push(b'\n');
+        assert!(read_line(&mut std::io::Cursor::new(long.clone()), 1)
+            .unwrap()
+            .is_some_and(|l| l.len() == MAX_STDIN_LINE_BYTES));
+        long.insert(0, b'x');
+        let err = read_line(&mut std::io::Cursor::new(long), 4).unwrap_err();
+        assert!(err.to_string().contains("line 4 is longer"), "{err}");
+        let err = read_line(&mut std::io::Cursor::new(b"\xff\n".to_vec()), 2).unwrap_err();
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
+        assert_eq!(parse_line("  # c", 3), Ok(None));
+        assert_eq!(parse_line("fox ", 3), Ok(Some(plain("fox", 3))));
     }
 
     #[test]

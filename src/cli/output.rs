@@ -5,6 +5,7 @@
 //! The format rule and the atomic write are the library's (`image_io::OutputFormat`,
 //! `image_io::save_image`, `image_io::create_temp_file`).
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -16,16 +17,32 @@ use super::progress::Reporter;
 /// The placeholders of an `--output` template.
 const PLACEHOLDERS: [&str; 2] = ["{seed}", "{index}"];
 
+/// The default output name of a single image.
+const SINGLE_DEFAULT: &str = "flux2-klein-{seed}.png";
+/// The default output name of the images of a batch.
+const BATCH_DEFAULT: &str = "flux2-klein-{index}-{seed}.png";
+
 /// The output path of image `index` (0-based) of `total`: `--output` with `{seed}` and
 /// `{index}` (1-based, zero-padded to the width of `total`) replaced, or the default name
 /// (`flux2-klein-{seed}.png`, in batches `flux2-klein-{index}-{seed}.png`).
 pub fn output_path(arg: Option<&Path>, seed: u64, index: usize, total: usize) -> PathBuf {
     let default = if total > 1 {
-        "flux2-klein-{index}-{seed}.png"
+        BATCH_DEFAULT
     } else {
-        "flux2-klein-{seed}.png"
+        SINGLE_DEFAULT
     };
-    let width = total.max(1).to_string().len();
+    filled(arg, default, seed, index, total.max(1).to_string().len())
+}
+
+/// The output path of image `index` (0-based) of a run whose total is not known (prompts
+/// streamed from stdin): `{index}` not zero-padded, and the batch's default name.
+pub fn streamed_output_path(arg: Option<&Path>, seed: u64, index: usize) -> PathBuf {
+    filled(arg, BATCH_DEFAULT, seed, index, 1)
+}
+
+/// `arg` (else `default`) with its placeholders replaced, `{index}` 1-based and zero-padded
+/// to `width` digits.
+fn filled(arg: Option<&Path>, default: &str, seed: u64, index: usize, width: usize) -> PathBuf {
     let fill = |s: &str| {
         s.replace("{seed}", &seed.to_string())
             .replace("{index}", &format!("{:0width$}", index + 1))
@@ -41,73 +58,120 @@ pub fn output_path(arg: Option<&Path>, seed: u64, index: usize, total: usize) ->
 
 /// The output paths of a run, one per image in order, from each image's `--output` template
 /// (or none) and seed; an error, before any work, when two images would get the same file
-/// (compared as the file system resolves them, see [`resolved`]).
-pub fn output_paths(images: &[(Option<&Path>, u64)]) -> Result<Vec<PathBuf>> {
+/// (compared as the file system resolves them, see [`resolved`]). Unknown `{…}`
+/// placeholders, kept as written, are `warn`ed about.
+pub fn output_paths(
+    images: &[(Option<&Path>, u64)],
+    warn: &mut dyn FnMut(&str),
+) -> Result<Vec<PathBuf>> {
     let total = images.len();
-    let paths: Vec<PathBuf> = images
+    let mut names = OutputNames::default();
+    images
         .iter()
         .enumerate()
-        .map(|(i, &(template, seed))| output_path(template, seed, i, total))
-        .collect();
-    let mut seen = std::collections::HashMap::new();
-    for (i, p) in paths.iter().enumerate() {
-        if let Some(first) = seen.insert(resolved(p), i) {
-            if paths[first] != *p {
+        .map(|(i, &(template, seed))| {
+            let path = output_path(template, seed, i, total);
+            let inserted = names.insert(i, &path, template, Some(total));
+            names.take_warnings().iter().for_each(|w| warn(w));
+            inserted.map(|()| path)
+        })
+        .collect()
+}
+
+/// The output files of a run so far, for telling, image by image, when two would be one
+/// file (a stream of prompts is checked as it comes).
+#[derive(Default)]
+pub struct OutputNames {
+    /// By the file as the file system resolves it: the first image's 0-based index, its
+    /// path and its template.
+    seen: HashMap<PathBuf, (usize, PathBuf, Option<PathBuf>)>,
+    /// The templates seen (each warned about once).
+    templates: HashSet<PathBuf>,
+    /// Warnings not yet reported ([`OutputNames::take_warnings`]).
+    warnings: Vec<String>,
+}
+
+impl OutputNames {
+    /// Adds image `index`'s `path`, made from `template` (`None`: the default name), of a run
+    /// of `total` images (`None`: not known); an error when an earlier image has that file.
+    /// The first time a template comes, warns about unknown `{…}` placeholders in it (kept
+    /// as written).
+    pub fn insert(
+        &mut self,
+        index: usize,
+        path: &Path,
+        template: Option<&Path>,
+        total: Option<usize>,
+    ) -> Result<()> {
+        if let Some(t) = template {
+            if self.templates.insert(t.to_path_buf()) {
+                if let Some(unknown) = unknown_placeholder(t) {
+                    self.warnings.push(format!(
+                        "--output {} has the unknown placeholder {unknown}, written as is (the \
+                         placeholders are {{seed}} and {{index}})",
+                        t.display()
+                    ));
+                }
+            }
+        }
+        let of_total = total.map(|t| format!(" of {t}")).unwrap_or_default();
+        let file = resolved(path);
+        if let Some((first, first_path, first_template)) = self.seen.get(&file) {
+            if first_path != path {
                 bail!(
-                    "images {} and {} of {total} would both be written to {}: {} and {} are the \
+                    "images {} and {}{of_total} would both be written to {}: {} and {} are the \
                      same file — give them different outputs",
                     first + 1,
-                    i + 1,
-                    resolved(p).display(),
-                    paths[first].display(),
-                    p.display()
+                    index + 1,
+                    file.display(),
+                    first_path.display(),
+                    path.display()
                 );
             }
-            let template = images[i]
-                .0
-                .or(images[first].0)
+            let template = template
+                .or(first_template.as_deref())
                 .map(|t| t.display().to_string())
                 .unwrap_or_default();
             bail!(
-                "output {template} gives the same file ({}) to images {} and {} of {total} — put \
+                "output {template} gives the same file ({}) to images {} and {}{of_total} — put \
                  {{index}} in it, e.g. --output out-{{index}}.png",
-                p.display(),
+                path.display(),
                 first + 1,
-                i + 1
+                index + 1
             );
         }
+        self.seen.insert(
+            file,
+            (index, path.to_path_buf(), template.map(Path::to_path_buf)),
+        );
+        Ok(())
     }
-    Ok(paths)
+
+    /// The warnings about templates gathered since the last call.
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
+    }
 }
 
-/// The output paths of a run's images, in order, after every cheap check of every one of
-/// them, before any work: distinct files, a known format, not a directory, a writable
-/// directory (probed once per directory), no output that would overwrite one of `inputs`
-/// (the reference images). Temp files an earlier, killed run left for these outputs are
-/// removed. Warns about unknown `{…}` placeholders, which are kept as written.
-pub fn check_outputs(
-    images: &[Planned],
-    inputs: &[&Path],
-    reporter: &mut Reporter,
-) -> Result<Vec<PathBuf>> {
+/// The output paths of a run's images, in order (distinct files, see [`output_paths`]),
+/// warning about unknown `{…}` placeholders, which are kept as written.
+pub fn plan_outputs(images: &[Planned], reporter: &mut Reporter) -> Result<Vec<PathBuf>> {
     let templates: Vec<(Option<&Path>, u64)> =
         images.iter().map(|im| (im.output, im.seed)).collect();
-    for template in templates.iter().filter_map(|t| t.0) {
-        if let Some(unknown) = unknown_placeholder(template) {
-            reporter.warn(&format!(
-                "--output {} has the unknown placeholder {unknown}, written as is (the \
-                 placeholders are {{seed}} and {{index}})",
-                template.display()
-            ));
-        }
-    }
-    let outputs = output_paths(&templates)?;
+    output_paths(&templates, &mut |w| reporter.warn(w))
+}
+
+/// Every cheap check of the outputs a run will write, before any work: a known format, not a
+/// directory, a writable directory (probed once per directory), no output that would
+/// overwrite one of `inputs` (the reference and init images). Temp files an earlier, killed
+/// run left for these outputs are removed.
+pub fn check_written(outputs: &[&Path], inputs: &[&Path], reporter: &mut Reporter) -> Result<()> {
     let inputs: Vec<(PathBuf, &Path)> = inputs
         .iter()
         .filter_map(|p| Some((p.canonicalize().ok()?, *p)))
         .collect();
-    let mut checked_dirs = std::collections::HashSet::new();
-    for path in &outputs {
+    let mut checked_dirs = HashSet::new();
+    for &path in outputs {
         // The format and kind of every name; the directory probe once per directory.
         OutputFormat::from_path(path)?;
         check_not_directory(path)?;
@@ -131,7 +195,7 @@ pub fn check_outputs(
             }
         }
     }
-    Ok(outputs)
+    Ok(())
 }
 
 /// `path` as the file system resolves it, for telling whether two paths name one file
@@ -295,9 +359,9 @@ mod tests {
         );
         // Batches need names that differ.
         let seeded = Some(Path::new("x-{seed}.png"));
-        assert!(output_paths(&[(seeded, 5), (seeded, 5)]).is_err());
+        assert!(output_paths(&[(seeded, 5), (seeded, 5)], &mut |_| {}).is_err());
         let fixed = Some(Path::new("x.png"));
-        let err = output_paths(&[(fixed, 1), (fixed, 2)])
+        let err = output_paths(&[(fixed, 1), (fixed, 2)], &mut |_| {})
             .unwrap_err()
             .to_string();
         assert!(
@@ -305,13 +369,41 @@ mod tests {
             "{err}"
         );
         assert_eq!(
-            output_paths(&[(seeded, 1), (seeded, 2)]).unwrap(),
+            output_paths(&[(seeded, 1), (seeded, 2)], &mut |_| {}).unwrap(),
             vec![PathBuf::from("x-1.png"), PathBuf::from("x-2.png")]
         );
-        assert_eq!(output_paths(&[(None, 5), (None, 5)]).unwrap().len(), 2);
+        assert_eq!(
+            output_paths(&[(None, 5), (None, 5)], &mut |_| {})
+                .unwrap()
+                .len(),
+            2
+        );
+        // A stream's names: the total is not known.
+        assert_eq!(
+            streamed_output_path(None, 7, 11),
+            PathBuf::from("flux2-klein-12-7.png")
+        );
+        assert_eq!(
+            streamed_output_path(Some(Path::new("o/{index}.png")), 7, 0),
+            PathBuf::from("o/1.png")
+        );
+        let mut names = OutputNames::default();
+        names.insert(0, Path::new("s-1.png"), seeded, None).unwrap();
+        names.insert(1, Path::new("s-2.png"), seeded, None).unwrap();
+        let err = names
+            .insert(2, Path::new("./s-1.png"), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("images 1 and 3 would both"), "{err}");
+        let odd = Some(Path::new("{nope}-{index}.png"));
+        names.insert(3, Path::new("a.png"), odd, None).unwrap();
+        names.insert(4, Path::new("b.png"), odd, None).unwrap();
+        let warnings = names.take_warnings();
+        assert_eq!(warnings.len(), 1, "once per template: {warnings:?}");
+        assert!(warnings[0].contains("{nope}"), "{warnings:?}");
         // Per-image templates (prompt-file lines) may differ.
         assert_eq!(
-            output_paths(&[(fixed, 5), (Some(Path::new("y.png")), 5)]).unwrap(),
+            output_paths(&[(fixed, 5), (Some(Path::new("y.png")), 5)], &mut |_| {}).unwrap(),
             vec![PathBuf::from("x.png"), PathBuf::from("y.png")]
         );
     }
