@@ -36,7 +36,10 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
         None => (jobs::read(&args.prompt, reporter)?, args, None),
     };
     super::limits::check_jobs(&jobs, args)?;
-    if let Some(job) = jobs.iter().find(|j| random_seed_of(j, args)) {
+    if let Some(job) = jobs
+        .iter()
+        .find(|j| args.skip_existing && random_seed_of(j, args))
+    {
         bail!("{}", needs_fixed_seeds(job));
     }
     let first_seed = args.fixed_seed().unwrap_or_else(random_seed);
