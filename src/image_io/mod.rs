@@ -90,8 +90,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// [`load_image`] on the file's bytes.
-fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
+/// [`load_image`] on a file's bytes (the server's uploads): the same decoders, size checks and
+/// EXIF orientation.
+pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
     let mut reader = image::ImageReader::new(Cursor::new(bytes)).with_guessed_format()?;
     // The header is read without limits (no pixel buffer yet), so that the size check below
     // can name the size; the decode then runs under the limits.
@@ -417,13 +418,35 @@ pub fn save_image_with_quality(
     metadata: &[(String, String)],
     jpeg_quality: u8,
 ) -> Result<()> {
-    use image::ImageEncoder;
     let path = path.as_ref();
+    let format = OutputFormat::from_path(path)?;
+    let bytes = encode_image(
+        img,
+        format,
+        metadata,
+        jpeg_quality,
+        &path.display().to_string(),
+    )
+    .with_context(|| format!("encoding {}", path.display()))?;
+    write_atomically(path, &bytes)
+}
+
+/// `img` encoded in memory as [`save_image_with_quality`] writes it (the server's responses
+/// are these bytes). `name` names the image in the warning about metadata that does not fit
+/// a JPEG.
+pub fn encode_image(
+    img: &RgbImage,
+    format: OutputFormat,
+    metadata: &[(String, String)],
+    jpeg_quality: u8,
+    name: &str,
+) -> Result<Vec<u8>> {
+    use image::ImageEncoder;
     if !(1..=100).contains(&jpeg_quality) {
         bail!("JPEG quality {jpeg_quality} is outside 1-100");
     }
     let exif = (!metadata.is_empty()).then(|| exif_with_settings(metadata));
-    let bytes = match OutputFormat::from_path(path)? {
+    match format {
         OutputFormat::Png => encode_png(img, metadata),
         OutputFormat::Jpeg => {
             let mut buf = Vec::new();
@@ -431,9 +454,8 @@ pub fn save_image_with_quality(
                 image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, jpeg_quality);
             match exif {
                 Some(exif) if exif.len() > MAX_JPEG_EXIF_BYTES => crate::ops::warn(format!(
-                    "{}: the settings ({} KiB) do not fit a JPEG's EXIF segment (64 KiB) and are \
-                     not recorded — write a PNG to keep them",
-                    path.display(),
+                    "{name}: the settings ({} KiB) do not fit a JPEG's EXIF segment (64 KiB) and \
+                     are not recorded — write a PNG to keep them",
                     exif.len() >> 10
                 )),
                 Some(exif) => enc.set_exif_metadata(exif)?,
@@ -464,8 +486,6 @@ pub fn save_image_with_quality(
             .map_err(anyhow::Error::from)
         }
     }
-    .with_context(|| format!("encoding {}", path.display()))?;
-    write_atomically(path, &bytes)
 }
 
 fn encode_png(img: &RgbImage, metadata: &[(String, String)]) -> Result<Vec<u8>> {
