@@ -155,9 +155,8 @@ impl Adapters {
         specs: impl IntoIterator<Item = &'a flux2_klein::lora::LoraSpec>,
         reporter: &mut Reporter,
     ) -> Result<()> {
-        let out = self;
         for spec in specs {
-            if out.by_source.contains_key(&spec.source) {
+            if self.by_source.contains_key(&spec.source) {
                 continue;
             }
             let lora = pipeline.load_lora(&spec.source)?;
@@ -170,7 +169,7 @@ impl Adapters {
                 lora.format.name(),
                 lora.modules().count()
             ));
-            out.by_source
+            self.by_source
                 .insert(spec.source.clone(), std::sync::Arc::new(lora));
         }
         Ok(())

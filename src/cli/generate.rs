@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use flux2_klein::image_io::save_image_with_quality;
 use flux2_klein::limits::MAX_IMAGES_PER_RUN;
-use flux2_klein::pipeline::{uses_cfg, Cancelled, Generated, Pipeline, Request};
+use flux2_klein::pipeline::{uses_cfg, Cancelled, Generated, Pipeline, PipelineOptions, Request};
 
 use super::args::GenerateArgs;
 use super::common::{floor_side, floored, load_pipeline, print_stdout, warn_many_refs};
@@ -36,11 +36,8 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
         None => (jobs::read(&args.prompt, reporter)?, args, None),
     };
     super::limits::check_jobs(&jobs, args)?;
-    if let Some(job) = jobs
-        .iter()
-        .find(|j| args.skip_existing && random_seed_of(j, args))
-    {
-        bail!("{}", needs_fixed_seeds(job));
+    if let Some(e) = jobs.iter().find_map(|j| needs_fixed_seeds(j, args)) {
+        bail!("{e}");
     }
     let first_seed = args.fixed_seed().unwrap_or_else(random_seed);
     let images = jobs::expand(&jobs, args.count, first_seed, args.output.as_deref());
@@ -155,11 +152,11 @@ pub fn run(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
 fn run_streamed(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
     let first_seed = args.fixed_seed().unwrap_or_else(random_seed);
     let size = floored_size(args, reporter);
-    let mut options = Some(pipeline_options(&args.model, true)?);
     let cancel = super::signals::install();
-    if let Some(o) = &mut options {
-        o.cancel = cancel.clone();
-    }
+    let mut options = Some(PipelineOptions {
+        cancel: cancel.clone(),
+        ..pipeline_options(&args.model, true)?
+    });
     let mut pipeline: Option<(Pipeline, RunInfo)> = None;
     let mut adapters = super::common::Adapters::default();
     let mut adapter_files = std::collections::BTreeSet::new();
@@ -206,8 +203,8 @@ fn run_streamed(args: &GenerateArgs, reporter: &mut Reporter) -> Result<()> {
                 flux2_klein::limits::MAX_ADAPTER_FILES_PER_RUN
             );
         }
-        if random_seed_of(&job, args) && args.skip_existing {
-            bail!("stdin line {line}: {}", needs_fixed_seeds(&job));
+        if let Some(e) = needs_fixed_seeds(&job, args) {
+            bail!("stdin line {line}: {e}");
         }
         // Every line's names are checked, also those of other shards (as in a file's run).
         let template = job.output.as_deref().or(args.output.as_deref());
@@ -298,16 +295,20 @@ fn random_seed_of(job: &PromptJob, args: &GenerateArgs) -> bool {
     args.fixed_seed().is_none() && job.seed.is_none()
 }
 
-/// The error of `--skip-existing` with random seeds (`job` has one).
-fn needs_fixed_seeds(job: &PromptJob) -> String {
+/// The error of `--skip-existing` when `job` gets a random seed (`None` without
+/// `--skip-existing`, or with a fixed seed).
+fn needs_fixed_seeds(job: &PromptJob, args: &GenerateArgs) -> Option<String> {
+    if !args.skip_existing || !random_seed_of(job, args) {
+        return None;
+    }
     let which = match job.line {
         Some(line) => format!(" (line {line} has no \"seed\")"),
         None => String::new(),
     };
-    format!(
+    Some(format!(
         "--skip-existing needs fixed seeds: pass --seed N, or a \"seed\" on every prompt-file \
          line{which}; with random seeds the names and images change from run to run"
-    )
+    ))
 }
 
 /// "skipped 3 existing images", when any were.
@@ -364,9 +365,7 @@ impl Inputs {
         for init in inits.iter().flatten() {
             init_images.add(init)?;
         }
-        for &job in jobs {
-            super::limits::check_sizes(std::slice::from_ref(job), args, &references)?;
-        }
+        super::limits::check_sizes(jobs, args, &references)?;
         Ok(Self {
             references,
             inits: init_images,

@@ -62,9 +62,9 @@ pub fn check_jobs(jobs: &[PromptJob], args: &GenerateArgs) -> Result<()> {
 
 /// Each job's output size (as the pipeline resolves it: the job's, else `-W/-H`, else the
 /// first reference's prepared size, else 1024², floored to 16) against `--max-area`.
-pub fn check_sizes(jobs: &[PromptJob], args: &GenerateArgs, references: &Loaded) -> Result<()> {
+pub fn check_sizes(jobs: &[&PromptJob], args: &GenerateArgs, references: &Loaded) -> Result<()> {
     let max_area = args.sampling.max_area_px();
-    for job in jobs {
+    for &job in jobs {
         // An init image sets the size (shrunk to at most 1024², checked by the pipeline).
         if job.init_image.is_some() || args.inpaint.init_image.is_some() {
             continue;
