@@ -472,40 +472,30 @@ fn unwritable_stderr_does_not_abort_a_run() {
 fn readme_batch_example_creates_its_output_directory() {
     let dir = TempDir::new("limits-readme");
     let m = tiny().display().to_string();
-    let mut child = command_in(
-        dir.path(),
-        &[
-            "-q",
-            "generate",
-            "--prompt-file",
-            "-",
-            "-n",
-            "2",
-            "--seed",
-            "100",
-            "-o",
-            "out/{index}-{seed}.png",
-            "-m",
-            &m,
-            "-W",
-            "64",
-            "-H",
-            "64",
-        ],
-    )
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"a red fox in snow\na lighthouse at dusk\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = common::output_with_stdin(
+        &mut command_in(
+            dir.path(),
+            &[
+                "-q",
+                "generate",
+                "--prompt-file",
+                "-",
+                "-n",
+                "2",
+                "--seed",
+                "100",
+                "-o",
+                "out/{index}-{seed}.png",
+                "-m",
+                &m,
+                "-W",
+                "64",
+                "-H",
+                "64",
+            ],
+        ),
+        b"a red fox in snow\na lighthouse at dusk\n",
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let mut made: Vec<String> = std::fs::read_dir(dir.join("out"))
         .unwrap()

@@ -280,21 +280,12 @@ fn streamed_prompts_are_made_as_they_arrive() {
     // A bad line stops the run after the images before it; a stream of comments has no
     // prompts; shards and --skip-existing count the lines read.
     let stream = |input: &str, args: &[&str]| {
-        let mut child = generate(args)
-            .args(["--prompt-file", "-", "--seed", "5", "-o"])
-            .arg(out.join("{index}-{seed}.png"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let o = child.wait_with_output().unwrap();
+        let o = common::output_with_stdin(
+            generate(args)
+                .args(["--prompt-file", "-", "--seed", "5", "-o"])
+                .arg(out.join("{index}-{seed}.png")),
+            input.as_bytes(),
+        );
         (
             o.status.code(),
             String::from_utf8_lossy(&o.stdout).into_owned(),
