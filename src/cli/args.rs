@@ -79,6 +79,72 @@ pub enum Command {
     Fetch(FetchArgs),
     /// Print the settings recorded in an image flux2-klein wrote (PNG, JPEG or WebP).
     Info(InfoArgs),
+    /// Serve the models warm over HTTP: the OpenAI Images API (/v1/images/generations,
+    /// /v1/images/edits, /v1/models), /v1/generate (a prompt-file line in, the image out),
+    /// /health and /metrics. One device worker runs the requests from a bounded queue.
+    Serve(ServeArgs),
+}
+
+/// The default port of `serve` (Gradio's and sd-webui's, where clients look first).
+pub const DEFAULT_PORT: u16 = 7860;
+
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "Examples:\n  \
+    flux2-klein serve --model ./klein-4b\n  \
+    curl -s localhost:7860/v1/images/generations -H 'Content-Type: application/json' \\\n    \
+      -d '{\"prompt\": \"a red fox in snow\", \"size\": \"512x512\", \"seed\": 7}'\n  \
+    FLUX2_KLEIN_API_KEY=secret flux2-klein serve --host 0.0.0.0\n\n\
+    The first line on stdout is \"listening on http://HOST:PORT\" (with --port 0 the port the \
+    system chose); each request is logged on stderr. SIGINT/SIGTERM stop accepting, finish \
+    the running images and exit 0.")]
+pub struct ServeArgs {
+    /// Address to listen on. Anything but a loopback address (127.0.0.1, ::1, localhost)
+    /// needs --api-key (or FLUX2_KLEIN_API_KEY), unless --insecure-no-auth is given.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on (0 = one the system picks, printed at start).
+    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+
+    /// Require `Authorization: Bearer KEY` on the /v1 routes (/health and /metrics stay
+    /// open for probes and scrapers).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "FLUX2_KLEIN_API_KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+
+    /// Serve a non-loopback --host without an API key (anyone who can reach the port can
+    /// use the GPU).
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+
+    /// Requests waiting for the device worker before new ones get 429 Too Many Requests
+    /// (with Retry-After).
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_queue: u32,
+
+    /// Largest request body in MiB (uploaded images included); larger ones get 413.
+    #[arg(long, value_name = "MIB", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_body_mib: u32,
+
+    /// Most images one request may ask for (`n`).
+    #[arg(long, value_name = "N", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_n: u32,
+
+    /// The requests' defaults (a request's `steps` / `guidance` win); --lora applies to
+    /// every request; --max-area caps every request's size.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -594,7 +660,7 @@ fn parse_shard(s: &str) -> Result<Shard, String> {
     Ok(Shard { k, n })
 }
 
-fn parse_size(s: &str) -> Result<Size, String> {
+pub fn parse_size(s: &str) -> Result<Size, String> {
     let (w, h) = s
         .split_once(['x', 'X', '×'])
         .ok_or_else(|| format!("expected WIDTHxHEIGHT such as 1024x1024, got {s:?}"))?;

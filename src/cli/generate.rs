@@ -373,6 +373,19 @@ impl Inputs {
     }
 }
 
+impl Inputs {
+    /// The content hash of the input named `name` (a reference, init image or mask of these
+    /// jobs).
+    fn sha256(&self, name: &str) -> String {
+        let hashes = [&self.references.sha256, &self.inits.sha256];
+        hashes
+            .iter()
+            .find_map(|h| h.get(name))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
 /// The request of one image of `job`.
 fn request(
     job: &PromptJob,
@@ -425,7 +438,7 @@ fn write_images(
         &mut |e| reporter.borrow_mut().event(e),
         &mut |i, generated| {
             let (path, request) = (&part.outputs[i], &part.requests[i]);
-            let recorded = run.recorded(request, &generated, &part.inputs);
+            let recorded = run.recorded(request, &generated, &|n| part.inputs.sha256(n));
             super::output::create_parent(path)?;
             save_image_with_quality(
                 path,
@@ -556,7 +569,7 @@ fn plural(n: usize, noun: &str) -> String {
 }
 
 /// What every image of a run shares, for its metadata.
-struct RunInfo {
+pub(super) struct RunInfo {
     /// Whether the checkpoint is distilled (see `pipeline::uses_cfg`).
     distilled: bool,
     model: String,
@@ -567,14 +580,18 @@ struct RunInfo {
     vae_dtype: Option<&'static str>,
     /// Only when given (`--vae-tile`).
     vae_tile: Option<u32>,
-    jpeg_quality: u8,
+    pub(super) jpeg_quality: u8,
     /// `--transformer` as given and its file's SHA-256.
     transformer: Option<(String, String)>,
     quantize: Option<&'static str>,
 }
 
 impl RunInfo {
-    fn of(pipeline: &Pipeline, transformer: Option<&str>, jpeg_quality: u8) -> Result<Self> {
+    pub(super) fn of(
+        pipeline: &Pipeline,
+        transformer: Option<&str>,
+        jpeg_quality: u8,
+    ) -> Result<Self> {
         let o = &pipeline.options;
         let transformer = match (transformer, &o.transformer_file) {
             (Some(name), Some(path)) => Some((
@@ -599,8 +616,13 @@ impl RunInfo {
     }
 
     /// The settings that reproduce the image (the PNG's metadata, the `--json` record);
-    /// `inputs` holds its references' and init images' hashes.
-    fn recorded(&self, request: &Request, generated: &Generated, inputs: &Inputs) -> Recorded {
+    /// `sha256` gives the content hash of each of its references, init image and mask by name.
+    pub(super) fn recorded(
+        &self,
+        request: &Request,
+        generated: &Generated,
+        sha256: &dyn Fn(&str) -> String,
+    ) -> Recorded {
         let names: Vec<String> = request.references.iter().map(|r| r.name.clone()).collect();
         let init = request.init.as_ref();
         let mask = init.and_then(|i| i.mask.as_ref());
@@ -616,15 +638,12 @@ impl RunInfo {
             model: Some(self.model.clone()),
             revision: self.revision.clone(),
             // Content hashes, so a golden image records exactly which inputs made it.
-            references_sha256: names
-                .iter()
-                .map(|n| inputs.references.sha256[n].clone())
-                .collect(),
+            references_sha256: names.iter().map(|n| sha256(n)).collect(),
             references: names,
             init_image: init.map(|i| i.name.clone()),
-            init_image_sha256: init.map(|i| inputs.inits.sha256[&i.name].clone()),
+            init_image_sha256: init.map(|i| sha256(&i.name)),
             mask: mask.map(|m| m.name.clone()),
-            mask_sha256: mask.map(|m| inputs.inits.sha256[&m.name].clone()),
+            mask_sha256: mask.map(|m| sha256(&m.name)),
             strength: init.map(|i| i.strength),
             padding_mask_crop: init.and_then(|i| i.padding_mask_crop),
             transformer: self.transformer.as_ref().map(|(name, _)| name.clone()),

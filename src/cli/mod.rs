@@ -27,6 +27,7 @@ mod output;
 mod progress;
 mod references;
 mod remake;
+mod serve;
 mod signals;
 
 use anyhow::Result;
@@ -87,6 +88,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Compare(a) => compare::run(a),
         Command::Fetch(a) => fetch::run(a, &mut reporter),
         Command::Info(a) => info::run(a),
+        Command::Serve(a) => serve::run(a, &mut reporter),
     };
     // Clear any live display before main prints the error line.
     reporter.finish();
