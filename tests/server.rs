@@ -547,7 +547,12 @@ fn mask_png() -> Vec<u8> {
 fn alpha_mask_png() -> Vec<u8> {
     let mask = image::RgbaImage::from_fn(64, 64, |x, y| {
         let inside = (16..48).contains(&x) && (16..48).contains(&y);
-        image::Rgba([(x * 4) as u8, 200, (y * 4) as u8, if inside { 0 } else { 255 }])
+        image::Rgba([
+            (x * 4) as u8,
+            200,
+            (y * 4) as u8,
+            if inside { 0 } else { 255 },
+        ])
     });
     png(DynamicImage::ImageRgba8(mask))
 }

@@ -679,7 +679,7 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("bogus"));
         let param = |body: &[u8]| {
             let params = ImageParams::from_json(body).unwrap();
-            prepare_generation(params, &config()).unwrap_err().param
+            prepare_generation(params, &config()).err().unwrap().param
         };
         assert_eq!(param(br#"{"n":1}"#).as_deref(), Some("prompt"));
         assert_eq!(param(br#"{"prompt":"x","n":5}"#).as_deref(), Some("n"));
