@@ -75,6 +75,51 @@ fn generate_text_to_image_equals_diffusers() {
     assert!(max <= 1, "t2i_64x64: max per-pixel difference {max} > 1");
 }
 
+/// A resident pipeline (a server's, a stream's) keeps the last prompt's embeddings: the same
+/// prompt in the next call skips the text encoder and gives diffusers' image again; another
+/// prompt is encoded.
+#[test]
+fn a_resident_pipeline_encodes_a_repeated_prompt_once() {
+    let dir = ModelDir::open_local(&common::model("tiny-w0")).unwrap();
+    let options = PipelineOptions {
+        keep_resident: true,
+        ..PipelineOptions::for_device(Device::Cpu)
+    };
+    let mut pipeline = Pipeline::open(dir, options).unwrap();
+    let mut request = Request::new(GIFU, 0);
+    request.width = Some(64);
+    request.height = Some(64);
+    let mut run = |pipeline: &mut Pipeline, request: &Request| {
+        let mut stages = Vec::new();
+        let out = pipeline
+            .generate(request, &mut |e| {
+                if let Event::StageStart(s) = e {
+                    stages.push(s)
+                }
+            })
+            .unwrap();
+        (out, stages.contains(&Stage::EncodePrompt))
+    };
+    let (first, encoded) = run(&mut pipeline, &request);
+    assert!(encoded);
+    let (again, encoded) = run(&mut pipeline, &request);
+    assert!(!encoded, "the repeated prompt was encoded again");
+    assert_eq!(again.timings.text_encode, std::time::Duration::ZERO);
+    assert_eq!(again.image, first.image);
+    let max = max_diff(&again.image, &golden("t2i_64x64"));
+    assert!(
+        max <= 1,
+        "t2i_64x64 from the kept embeddings: max difference {max} > 1"
+    );
+    request.prompt = "a red fox".into();
+    let (other, encoded) = run(&mut pipeline, &request);
+    assert!(encoded, "another prompt must be encoded");
+    assert!(
+        max_diff(&other.image, &first.image) > 1,
+        "another prompt, another image"
+    );
+}
+
 /// An edit and a text-to-image request in one batch: each equals diffusers' image, and the
 /// edit's references are what changes the image (the test can fail).
 #[test]

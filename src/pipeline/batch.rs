@@ -43,7 +43,7 @@ pub const BATCH_CHUNK: usize = 16;
 type Prepared = Arc<Vec<image::RgbImage>>;
 
 /// (prompt, negative prompt when CFG runs)
-type PromptKey = (String, Option<String>);
+pub(super) type PromptKey = (String, Option<String>);
 
 /// One request on its way through the stages.
 pub(super) struct Job<'r> {
@@ -168,7 +168,10 @@ fn run_chunks(
     let cancel = pipeline.options.cancel.clone();
     let resident = pipeline.options.keep_resident;
     let chunk_len = if resident { 1 } else { BATCH_CHUNK };
-    let mut reuse = Reuse::default();
+    let mut reuse = Reuse {
+        prompt: pipeline.last_prompt.clone(),
+        ..Reuse::default()
+    };
     for (c, requests) in requests.chunks(chunk_len).enumerate() {
         let first = c * chunk_len;
         let indices = first..first + requests.len();
@@ -365,6 +368,9 @@ fn encode_prompt(
         Ok(embeds)
     })?;
     job.timings.total += t_job.elapsed();
+    if pipeline.options.keep_resident {
+        pipeline.last_prompt = Some((key.clone(), embeds.clone()));
+    }
     reuse.prompt = Some((key, embeds.clone()));
     job.prompt_embeds = Some(embeds);
     Ok(())

@@ -373,6 +373,10 @@ pub struct Pipeline {
     transformer_adapters: Vec<AppliedLora>,
     /// Warnings of [`Pipeline::open`], not yet delivered.
     pending_warnings: Vec<String>,
+    /// With `keep_resident`: the last prompt's embeddings, which the next batch reuses when
+    /// its first request has the same prompt (a server's or a stream's repeated prompt pays
+    /// the text encoder once, as the images of one batch do).
+    last_prompt: Option<(batch::PromptKey, stages::PromptEmbeds)>,
 }
 
 impl Pipeline {
@@ -424,6 +428,7 @@ impl Pipeline {
             vae_decoder: None,
             transformer_adapters: Vec::new(),
             pending_warnings,
+            last_prompt: None,
         })
     }
 
