@@ -89,7 +89,7 @@ fn a_resident_pipeline_encodes_a_repeated_prompt_once() {
     let mut request = Request::new(GIFU, 0);
     request.width = Some(64);
     request.height = Some(64);
-    let mut run = |pipeline: &mut Pipeline, request: &Request| {
+    let run = |pipeline: &mut Pipeline, request: &Request| {
         let mut stages = Vec::new();
         let out = pipeline
             .generate(request, &mut |e| {
