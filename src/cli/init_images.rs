@@ -134,12 +134,9 @@ impl InitImages {
                 anyhow::anyhow!("{what} {name}: {} ({from})", e.root_cause())
             }
         })?;
-        if what == "init image" && (image.width() < 64 || image.height() < 64) {
-            anyhow::bail!(
-                "init image {name} is {}x{} px: both sides must be at least 64 px — upscale it first",
-                image.width(),
-                image.height()
-            );
+        if what == "init image" {
+            flux2_klein::pipeline::inpaint::check_init_size(image.width(), image.height())
+                .map_err(|e| anyhow::anyhow!("init image {name} is {e} — upscale it first"))?;
         }
         self.sha256.insert(name.clone(), hash);
         self.by_path.insert(

@@ -42,6 +42,19 @@ pub fn check_strength(strength: f64) -> Result<()> {
     Ok(())
 }
 
+/// The smallest side of an init image in pixels: its latents must cover at least one
+/// 64 px square (diffusers' inpainting examples; [`prepare_init`] refuses less after the
+/// resize). Front ends check the image as given, before any work.
+pub const MIN_INIT_SIDE: u32 = 64;
+
+/// Checks an init image's size as given (`MIN_INIT_SIDE` on both sides).
+pub fn check_init_size(width: u32, height: u32) -> Result<()> {
+    if width < MIN_INIT_SIDE || height < MIN_INIT_SIDE {
+        bail!("{width}x{height} px: both sides must be at least {MIN_INIT_SIDE} px");
+    }
+    Ok(())
+}
+
 /// `get_timesteps`: `init_timestep = min(steps · strength, steps)`,
 /// `t_start = int(max(steps − init_timestep, 0))` (Python floats, truncation). The first
 /// schedule index that runs; an error when no step is left.

@@ -364,17 +364,12 @@ fn prepare(
             )
         })?;
         let image = decode(&upload, "image", i, &mut hashes)?;
-        if image.image.width() < 64 || image.image.height() < 64 {
-            return Err(ApiError::bad(
+        inpaint::check_init_size(image.image.width(), image.image.height()).map_err(|e| {
+            ApiError::bad(
                 Some("image"),
-                format!(
-                    "the image to edit is {}x{} px: both sides must be at least 64 px — send \
-                     a larger image",
-                    image.image.width(),
-                    image.image.height()
-                ),
-            ));
-        }
+                format!("the image to edit is {e} — send a larger image"),
+            )
+        })?;
         let mask = mask
             .map(|m| decode(&m, "mask", 0, &mut hashes).map(openai_mask))
             .transpose()?;
@@ -509,25 +504,16 @@ fn check_and_seed(
     n: u32,
     config: &Config,
 ) -> Result<Vec<Request>, ApiError> {
-    if request.steps == Some(0) {
-        return Err(ApiError::bad(Some("steps"), "\"steps\" must be at least 1"));
+    // The pipeline's own checks (`pipeline::check_request`), each blaming its field.
+    let bad =
+        |param: &'static str| move |e: anyhow::Error| ApiError::bad(Some(param), e.to_string());
+    if let Some(steps) = request.steps {
+        limits::check_steps(steps).map_err(bad("steps"))?;
     }
-    if let Some(g) = request.guidance {
-        if !g.is_finite() || g < 0.0 {
-            return Err(ApiError::bad(
-                Some("guidance"),
-                format!("\"guidance\" must be a number ≥ 0, got {g}"),
-            ));
-        }
+    if let Some(guidance) = request.guidance {
+        limits::check_guidance(guidance).map_err(bad("guidance"))?;
     }
-    pipeline::check_request(&request).map_err(|e| {
-        let param = if request.steps.is_some_and(|s| s > limits::MAX_STEPS) {
-            "steps"
-        } else {
-            "guidance"
-        };
-        ApiError::bad(Some(param), e.to_string())
-    })?;
+    limits::check_reference_count(request.references.len()).map_err(bad("image"))?;
     if request.init.is_none() {
         let first = request.references.first().map(|r| {
             let (w, h) = image_io::prepared_reference_size(r.image.width(), r.image.height());
