@@ -178,13 +178,11 @@ async fn generations(
     let started = Instant::now();
     let body = body.map_err(|e| body_rejection(e.status(), e.body_text(), &shared))?;
     let params = ImageParams::from_json(&body)?;
-    let s = shared.clone();
-    let prepared = blocking(move || api::prepare_generation(params, &s.config)).await?;
-    let output = prepared.output;
-    let images = run(&shared, prepared).await?;
-    let response = openai_response(images, output);
-    shared.metrics.observe(started.elapsed());
-    Ok(response)
+    let (images, output) = run(&shared, started, move |c| {
+        api::prepare_generation(params, c)
+    })
+    .await?;
+    Ok(openai_response(images, output))
 }
 
 async fn edits(
@@ -229,13 +227,9 @@ async fn edits(
         }
     }
     let params = ImageParams::from_form(fields)?;
-    let s = shared.clone();
-    let prepared = blocking(move || api::prepare_edit(params, images, mask, &s.config)).await?;
-    let output = prepared.output;
-    let images = run(&shared, prepared).await?;
-    let response = openai_response(images, output);
-    shared.metrics.observe(started.elapsed());
-    Ok(response)
+    let prepare = move |c: &api::Config| api::prepare_edit(params, images, mask, c);
+    let (images, output) = run(&shared, started, prepare).await?;
+    Ok(openai_response(images, output))
 }
 
 /// `POST /v1/generate`: a prompt-file line in; the image (PNG with the CLI's metadata, or
@@ -264,25 +258,30 @@ async fn generate(
     let output = api::output(Some(format), None, None)?;
     let line = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::bad(None, "the body is not UTF-8 text"))?;
-    let s = shared.clone();
-    let prepared = blocking(move || api::prepare_line(&line, output, &s.config)).await?;
-    let images = run(&shared, prepared).await?;
-    let response = if json {
+    let (images, output) = run(&shared, started, move |c| {
+        api::prepare_line(&line, output, c)
+    })
+    .await?;
+    Ok(if json {
         openai_response(images, output)
     } else {
         let (bytes, _) = images.into_iter().next().expect("one image");
         ([(header::CONTENT_TYPE, output.mime())], bytes).into_response()
-    };
-    shared.metrics.observe(started.elapsed());
-    Ok(response)
+    })
 }
 
-/// Queues the request's images, waits for them and encodes them (with the metadata the CLI
-/// records): each image's bytes and what made it.
+/// An image request from its arrival (`started`) to its images: checks and decodes it
+/// (`prepare`, off the async threads), queues its images, waits for them, encodes them with
+/// the metadata the CLI records and records the latency. Each image's bytes and what made
+/// it, and how they are to be sent.
 async fn run(
     shared: &Arc<Shared>,
-    prepared: Prepared,
-) -> Result<Vec<(Vec<u8>, Generated)>, ApiError> {
+    started: Instant,
+    prepare: impl FnOnce(&api::Config) -> Result<Prepared, ApiError> + Send + 'static,
+) -> Result<(Vec<(Vec<u8>, Generated)>, Output), ApiError> {
+    let s = shared.clone();
+    let prepared = blocking(move || prepare(&s.config)).await?;
+    let output = prepared.output;
     let (reply, answer) = oneshot::channel();
     let job = Job {
         requests: prepared.requests.clone(),
@@ -306,8 +305,7 @@ async fn run(
         }
     };
     let s = shared.clone();
-    blocking(move || {
-        let output = prepared.output;
+    let encoded = blocking(move || {
         let hash = |name: &str| prepared.hashes.get(name).cloned().unwrap_or_default();
         let encoded = prepared
             .requests
@@ -331,7 +329,9 @@ async fn run(
         }
         encoded
     })
-    .await
+    .await?;
+    shared.metrics.observe(started.elapsed());
+    Ok((encoded, output))
 }
 
 /// The Images API's answer: `{created, data: [{b64_json | url, seed}], output_format, size}`.
