@@ -58,6 +58,15 @@ queue=$((requests > 64 ? requests : 64))
     >"$work/stdout" 2>"$work/stderr" &
 server_pid=$!
 
+# Stops the benchmark, with the server's log, when the server has exited ($1: when).
+exit_if_gone() {
+    if ! kill -0 "$server_pid" 2>/dev/null; then
+        echo "error: the server exited $1:" >&2
+        printf '%s\n' "$(<"$work/stderr")" >&2
+        exit 1
+    fi
+}
+
 # The first stdout line is "listening on http://127.0.0.1:PORT" (printed once bound; `read`
 # succeeds only on a whole line, so a half-written port is never taken).
 line=
@@ -66,11 +75,7 @@ for ((i = 0; i < 1200; i++)); do
         break
     fi
     line=
-    if ! kill -0 "$server_pid" 2>/dev/null; then
-        echo "error: the server exited before listening:" >&2
-        printf '%s\n' "$(<"$work/stderr")" >&2
-        exit 1
-    fi
+    exit_if_gone "before listening"
     sleep 0.1
 done
 if [[ $line != listening\ on\ http://*:* ]]; then
@@ -88,11 +93,7 @@ for ((i = 0; i < 6000; i++)); do
         ready=1
         break
     fi
-    if ! kill -0 "$server_pid" 2>/dev/null; then
-        echo "error: the server exited while loading:" >&2
-        printf '%s\n' "$(<"$work/stderr")" >&2
-        exit 1
-    fi
+    exit_if_gone "while loading"
     sleep 0.1
 done
 if [[ -z $ready ]]; then
