@@ -50,13 +50,6 @@ fn png_text(path: &Path) -> Vec<(String, String)> {
     flux2_klein::image_io::read_png_text(path).unwrap()
 }
 
-fn key<'a>(chunks: &'a [(String, String)], k: &str) -> Option<&'a str> {
-    chunks
-        .iter()
-        .find(|(key, _)| key == k)
-        .map(|(_, v)| v.as_str())
-}
-
 #[test]
 fn inpaint_equals_diffusers_and_records_its_inputs() {
     let dir = TempDir::new("cli-inpaint");
@@ -94,18 +87,21 @@ fn inpaint_equals_diffusers_and_records_its_inputs() {
     assert!(d <= 1, "max per-pixel difference {d} > 1");
 
     let chunks = png_text(&out);
-    assert_eq!(key(&chunks, "init_image"), Some(init.as_str()));
-    assert_eq!(key(&chunks, "mask"), Some(mask.as_str()));
-    assert_eq!(key(&chunks, "strength"), Some("0.7"));
     assert_eq!(
-        key(&chunks, "init_image_sha256").map(str::to_string),
+        common::text_chunk(&chunks, "init_image"),
+        Some(init.as_str())
+    );
+    assert_eq!(common::text_chunk(&chunks, "mask"), Some(mask.as_str()));
+    assert_eq!(common::text_chunk(&chunks, "strength"), Some("0.7"));
+    assert_eq!(
+        common::text_chunk(&chunks, "init_image_sha256").map(str::to_string),
         Some(flux2_klein::image_io::sha256_file(&init).unwrap())
     );
     assert_eq!(
-        key(&chunks, "mask_sha256").map(str::to_string),
+        common::text_chunk(&chunks, "mask_sha256").map(str::to_string),
         Some(flux2_klein::image_io::sha256_file(&mask).unwrap())
     );
-    assert_eq!(key(&chunks, "size"), Some("64x64"));
+    assert_eq!(common::text_chunk(&chunks, "size"), Some("64x64"));
 
     // The recorded settings make the same image again.
     let again = dir.join("again.png");
@@ -158,8 +154,8 @@ fn image_to_image_from_a_prompt_file_line() {
     let d = max_diff(&image::open(&out).unwrap().to_rgb8(), &golden("i2i_s05"));
     assert!(d <= 1, "max per-pixel difference {d} > 1");
     let chunks = png_text(&out);
-    assert_eq!(key(&chunks, "strength"), Some("0.5"));
-    assert_eq!(key(&chunks, "mask"), None);
+    assert_eq!(common::text_chunk(&chunks, "strength"), Some("0.5"));
+    assert_eq!(common::text_chunk(&chunks, "mask"), None);
 }
 
 #[test]
@@ -199,7 +195,7 @@ fn padding_mask_crop_with_count() {
     let second = image::open(dir.join("crop-1.png")).unwrap().to_rgb8();
     assert_ne!(first, second, "seed 1 gives another image");
     let chunks = png_text(&dir.join("crop-1.png"));
-    assert_eq!(key(&chunks, "padding_mask_crop"), Some("8"));
+    assert_eq!(common::text_chunk(&chunks, "padding_mask_crop"), Some("8"));
 }
 
 /// One `error:` line, the exit status, nothing on stdout, nothing written.

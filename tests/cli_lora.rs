@@ -34,13 +34,6 @@ fn max_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
     flux2_klein::image_io::compare_images(a, b).unwrap().max
 }
 
-fn key<'a>(chunks: &'a [(String, String)], k: &str) -> Option<&'a str> {
-    chunks
-        .iter()
-        .find(|(key, _)| key == k)
-        .map(|(_, v)| v.as_str())
-}
-
 /// `generate` on tiny-w0 at 64×64, 4 steps, seed 0, with `extra` arguments.
 fn generate(dir: &Path, extra: &[&str]) -> std::process::Output {
     let model = model();
@@ -78,9 +71,15 @@ fn lora_equals_diffusers_and_round_trips_through_metadata() {
 
     let chunks = flux2_klein::image_io::read_png_text(dir.join("out.png")).unwrap();
     let sha = flux2_klein::image_io::sha256_file(dir.join("style.safetensors")).unwrap();
-    assert_eq!(key(&chunks, "loras"), Some("style.safetensors"));
-    assert_eq!(key(&chunks, "loras_sha256"), Some(sha.as_str()));
-    assert_eq!(key(&chunks, "lora_scales"), Some("0.8"));
+    assert_eq!(
+        common::text_chunk(&chunks, "loras"),
+        Some("style.safetensors")
+    );
+    assert_eq!(
+        common::text_chunk(&chunks, "loras_sha256"),
+        Some(sha.as_str())
+    );
+    assert_eq!(common::text_chunk(&chunks, "lora_scales"), Some("0.8"));
 
     // The recorded adapter is applied again: the same image, bit for bit.
     let o = generate(
@@ -312,7 +311,10 @@ fn hub_files_come_from_the_cache() {
         assert!(d <= 1, "{spec}: max diff {d} from diffusers' image");
     }
     let chunks = flux2_klein::image_io::read_png_text(dir.join("a.png")).unwrap();
-    assert_eq!(key(&chunks, "loras"), Some("test/loras/style.safetensors"));
+    assert_eq!(
+        common::text_chunk(&chunks, "loras"),
+        Some("test/loras/style.safetensors")
+    );
     let o = generate(
         dir.path(),
         &["-p", "x", "--lora", "test/loras/other.safetensors"],

@@ -561,14 +561,6 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// A PNG text chunk's value.
-fn key<'a>(chunks: &'a [(String, String)], k: &str) -> Option<&'a str> {
-    chunks
-        .iter()
-        .find(|(key, _)| key == k)
-        .map(|(_, v)| v.as_str())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Requests and the CLI
 
@@ -748,20 +740,24 @@ fn edits_equal_the_cli() {
     let (init_path, mask_path) = (inputs.join("init.png"), inputs.join("mask.png"));
     std::fs::write(&init_path, &init).unwrap();
     std::fs::write(&mask_path, &mask).unwrap();
-    let r = post_multipart(
-        server.port,
-        EDITS,
-        &[
-            Part::Text("prompt", "a red fox"),
-            Part::Text("steps", "2"),
-            Part::Text("seed", "5"),
-            Part::Text("strength", "0.8"),
-            Part::File("image", "init.png", &init),
-            Part::File("mask", "mask.png", &mask),
-        ],
-        &[],
-    );
-    let v = ok_json(&r);
+    // The same edit with a given mask.
+    let inpaint = |mask: &[u8]| {
+        let r = post_multipart(
+            server.port,
+            EDITS,
+            &[
+                Part::Text("prompt", "a red fox"),
+                Part::Text("steps", "2"),
+                Part::Text("seed", "5"),
+                Part::Text("strength", "0.8"),
+                Part::File("image", "init.png", &init),
+                Part::File("mask", "mask.png", mask),
+            ],
+            &[],
+        );
+        ok_json(&r)
+    };
+    let v = inpaint(&mask);
     assert_eq!(v["size"], "64x64", "the init image's size: {v}");
     let inpainted = images_of(&v);
     assert_eq!(inpainted.len(), 1);
@@ -789,20 +785,7 @@ fn edits_equal_the_cli() {
 
     // OpenAI's mask convention: an alpha channel, transparent where to repaint. The same
     // square as the CLI's white one gives the same image.
-    let r = post_multipart(
-        server.port,
-        EDITS,
-        &[
-            Part::Text("prompt", "a red fox"),
-            Part::Text("steps", "2"),
-            Part::Text("seed", "5"),
-            Part::Text("strength", "0.8"),
-            Part::File("image", "init.png", &init),
-            Part::File("mask", "mask.png", &alpha_mask_png()),
-        ],
-        &[],
-    );
-    let openai = images_of(&ok_json(&r));
+    let openai = images_of(&inpaint(&alpha_mask_png()));
     assert_same(
         &openai[0].1,
         &inpainted[0].1,
@@ -1149,8 +1132,12 @@ fn generate_route_returns_png_with_metadata() {
         "the PNG has no text chunks"
     );
     let chunks = flux2_klein::image_io::png_text_chunks(&r.body).unwrap();
-    assert_eq!(key(&chunks, "prompt"), Some("a fox"), "{chunks:?}");
-    assert_eq!(key(&chunks, "seed"), Some("3"), "{chunks:?}");
+    assert_eq!(
+        common::text_chunk(&chunks, "prompt"),
+        Some("a fox"),
+        "{chunks:?}"
+    );
+    assert_eq!(common::text_chunk(&chunks, "seed"), Some("3"), "{chunks:?}");
 
     let args = [
         "-p", "a fox", "--seed", "3", "-W", "64", "-H", "64", "--steps", "2",
@@ -1162,8 +1149,8 @@ fn generate_route_returns_png_with_metadata() {
     let cli_chunks = flux2_klein::image_io::png_text_chunks(&files[0]).unwrap();
     for k in ["prompt", "seed", "steps", "size"] {
         assert_eq!(
-            key(&chunks, k),
-            key(&cli_chunks, k),
+            common::text_chunk(&chunks, k),
+            common::text_chunk(&cli_chunks, k),
             "metadata {k}: server {chunks:?}, CLI {cli_chunks:?}"
         );
     }

@@ -147,3 +147,11 @@ impl Drop for TempDir {
         }
     }
 }
+
+/// The value of text chunk `k` among a PNG's `chunks` (`image_io::png_text_chunks`).
+pub fn text_chunk<'a>(chunks: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    chunks
+        .iter()
+        .find(|(key, _)| key == k)
+        .map(|(_, v)| v.as_str())
+}
