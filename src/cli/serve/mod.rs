@@ -48,6 +48,13 @@ pub struct Shared {
     log: Box<dyn Fn(&str) + Send + Sync>,
 }
 
+/// Seconds since the Unix epoch (OpenAI's `created`).
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn sha256(bytes: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(bytes).into()
 }
@@ -108,9 +115,7 @@ pub fn run(args: &ServeArgs, reporter: &mut Reporter) -> Result<()> {
         run_info,
         key_sha256: key.map(|k| sha256(k.as_bytes())),
         shutting_down: AtomicBool::new(false),
-        started: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        started: unix_now(),
         log: Box::new(move |line: &str| {
             if !quiet || line.starts_with("warning:") || line.starts_with("error:") {
                 super::log_line(line);

@@ -159,14 +159,9 @@ fn log_event(event: Event, log: &dyn Fn(&str)) {
 /// one bad request cannot fail the others.
 fn run_batch(pipeline: &mut Pipeline, jobs: Vec<Job>, metrics: &Metrics, log: &dyn Fn(&str)) {
     let requests: Vec<Request> = jobs.iter().flat_map(|j| j.requests.clone()).collect();
-    // The job of each image, and each job's first image.
-    let owner: Vec<usize> = jobs
-        .iter()
-        .enumerate()
-        .flat_map(|(j, job)| std::iter::repeat_n(j, job.requests.len()))
-        .collect();
     let mut images: Vec<Vec<Option<Generated>>> =
         jobs.iter().map(|j| vec![None; j.requests.len()]).collect();
+    // Each job's first image (its images follow in order).
     let first: Vec<usize> = jobs
         .iter()
         .scan(0, |start, j| {
@@ -185,7 +180,7 @@ fn run_batch(pipeline: &mut Pipeline, jobs: Vec<Job>, metrics: &Metrics, log: &d
         &requests,
         &mut |e| log_event(e, log),
         &mut |i, generated| {
-            let j = owner[i];
+            let j = first.partition_point(|&f| f <= i) - 1;
             images[j][i - first[j]] = Some(generated);
             metrics.images.fetch_add(1, Ordering::Relaxed);
             if images[j].iter().all(Option::is_some) {

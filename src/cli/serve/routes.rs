@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::multipart::{Multipart, MultipartRejection};
@@ -354,11 +354,8 @@ fn openai_response(images: Vec<(Vec<u8>, Generated)>, output: Output) -> Respons
             }
         })
         .collect();
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     Json(serde_json::json!({
-        "created": created,
+        "created": super::unix_now(),
         "data": data,
         "output_format": output.name(),
         "size": size,
